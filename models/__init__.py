@@ -1,0 +1,6 @@
+"""Native model implementations and loaders (installed as ``specdec.models``)."""
+
+from specdec.models.llama import LlamaModel
+from specdec.models.loading import REGISTRY, as_native, load, register
+
+__all__ = ["LlamaModel", "REGISTRY", "as_native", "load", "register"]

@@ -1,0 +1,188 @@
+"""A compact Llama-family decoder (Llama incl. llama3 RoPE, Mistral, Qwen2, SmolLM2) that owns its KV cache.
+
+One forward serves prefill, plain decode and verification: it takes a ragged batch of new tokens
+with their positions, writes their keys and values into the cache at slot == position, and returns
+logits. Padding tokens carry position -1: they write to the cache's trash slot and are never attended.
+
+Parameter names mirror transformers' ``LlamaForCausalLM`` so that a checkpoint's state dict loads as
+it is, and a transformers model converts by sharing its tensors (no copy).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from specdec.cache import KVCache
+
+#: model_type of a transformers config -> whether q/k/v projections carry a bias (o_proj never does there)
+ARCHITECTURES = {"llama": None, "mistral": False, "qwen2": True}
+
+
+def _qkv_bias(config: PretrainedConfig) -> bool:
+    fixed = ARCHITECTURES[config.model_type]
+    return bool(getattr(config, "attention_bias", False)) if fixed is None else fixed
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):  # [batch, T, dim]
+        # Normalise in float32 and scale in the model's dtype, as transformers does: in bfloat16 the
+        # order of the two roundings decides near-ties, and greedy equivalence rests on them.
+        # (transformers does this even for float64 models; the same ops keep the two within 1e-10 there.)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: PretrainedConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        bias = _qkv_bias(config)
+        out_bias = bool(getattr(config, "attention_bias", False)) and config.model_type == "llama"
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=out_bias)
+
+    def forward(self, x, cos, sin, slots, mask, cache: KVCache):
+        # x [batch, T, hidden]; cos, sin [batch, 1, T, head_dim]; slots [batch, T]; mask [batch, 1, T, S]
+        batch, T, _ = x.shape
+        q = self.q_proj(x).view(batch, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        keys, values = cache.write(self.layer_idx, slots, k, v, mask.shape[-1])  # [batch, kv_heads, S, head_dim]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, T, -1))
+
+
+def _rotate(x, cos, sin):  # x [batch, heads, T, head_dim]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class MLP(nn.Module):
+    def __init__(self, config: PretrainedConfig):
+        super().__init__()
+        hidden, inner = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: PretrainedConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, slots, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, slots, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Body(nn.Module):
+    """transformers' ``model.model``: embeddings, layers, final norm."""
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaModel(nn.Module):
+    """Native Llama-family causal LM. Build with ``LlamaModel(config)`` from a transformers config."""
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__()
+        if config.model_type not in ARCHITECTURES:
+            raise ValueError(
+                f"config.model_type={config.model_type!r} has no native implementation "
+                f"(supported: {sorted(ARCHITECTURES)})"
+            )
+        self.config = config
+        self.model = Body(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        rope = dict(getattr(config, "rope_parameters", None) or {})
+        rope_type = rope.get("rope_type", "default")
+        if rope_type == "default":
+            head_dim = self.model.layers[0].self_attn.head_dim
+            base = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+            scaling = 1.0
+        else:  # llama3, yarn, linear, ...: transformers' own initialisers, so the frequencies match exactly
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+        # RoPE angles stay in float32 for every model dtype, as in transformers (float64 models included).
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.rope_scaling = float(scaling)
+        self.generation_config = None  # set by the loaders
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        attn = self.model.layers[0].self_attn
+        return KVCache(
+            num_layers=len(self.model.layers), batch_size=batch_size, num_kv_heads=attn.num_kv_heads,
+            head_dim=attn.head_dim, max_len=max_len, dtype=self.dtype, device=self.device,
+        )
+
+    def forward(self, input_ids, positions, cache: KVCache, logits_index=None):
+        """Run new tokens through the model and append them to the cache.
+
+        input_ids     [batch, T]  new tokens (any padding has position -1)
+        positions     [batch, T]  position of each new token == its cache slot; -1 for padding
+        cache         KVCache     holds slots 0..position-1 of each row; its lengths advance here
+        logits_index  [batch, n]  optional: only these of the T new tokens get logits
+        returns       [batch, T or n, vocab] logits in float32 (float64 for float64 models)
+        """
+        x = self.model.embed_tokens(input_ids)  # [batch, T, hidden]
+        span = int(positions.max()) + 1  # keys attended: slots 0..span-1 (one host sync per forward)
+        cache.check_room(span)
+        angles = positions.clamp(min=0).float()[..., None] * self.inv_freq  # [batch, T, head_dim / 2]
+        angles = torch.cat((angles, angles), dim=-1)[:, None]  # [batch, 1, T, head_dim]
+        cos = (angles.cos() * self.rope_scaling).to(x.dtype)
+        sin = (angles.sin() * self.rope_scaling).to(x.dtype)
+        # Slot j is visible to the query at position p iff j <= p: the cache is compact (slot == position),
+        # so stale entries past a row's length — rolled-back drafts, other rows' tails — are never seen.
+        # A padding query (-1) sees slot 0 only, which keeps its softmax finite; its output is discarded.
+        slots = torch.arange(span, device=x.device)
+        mask = (slots <= positions.clamp(min=0)[..., None])[:, None]  # [batch, 1, T, S]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, positions, mask, cache)
+        cache.advance(positions)
+        if logits_index is not None:
+            x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))
+        logits = self.lm_head(self.model.norm(x))
+        return logits if logits.dtype == torch.float64 else logits.float()

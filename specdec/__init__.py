@@ -1,0 +1,13 @@
+"""specdec: speculative decoding that generates exactly what the target model would, faster."""
+
+from specdec.cache import KVCache
+from specdec.generate import GenerateOutput, generate
+from specdec.proposers import DraftModelProposer, Proposer
+from specdec.sampling import SamplingConfig
+from specdec.stats import SpecStats
+from specdec import kernels, models  # noqa: E402  (installed from the top-level folders kernels/, models/)
+from specdec.models.loading import load
+
+
+__all__ = ["GenerateOutput", "DraftModelProposer", "KVCache", "Proposer", "SamplingConfig", "SpecStats",
+           "generate", "kernels", "load", "models"]

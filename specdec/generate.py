@@ -1,0 +1,260 @@
+"""generate(): a drop-in for transformers' ``model.generate()``, plain or speculative.
+
+Plain decoding is the speculative step with k = 0: one loop, one mechanism.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from specdec.proposers import DraftModelProposer, Proposer
+from specdec.sampling import SamplingConfig, verify
+from specdec.state import DecodeState
+from specdec.stats import SpecStats, predicted_speedup
+
+MAX_AUTO_DRAFT_TOKENS = 8
+
+
+@dataclass
+class GenerateOutput:
+    sequences: torch.Tensor  # [batch, prompt_len + new_tokens]
+    stats: SpecStats
+
+
+def speculative_step(target, cache, proposer, state: DecodeState, num_drafts):
+    """One round: draft, verify all drafts in one target pass, roll back, commit.
+
+    num_drafts [batch] drafts wanted per row (0 = plain step)
+    returns emitted [batch, k + 1] and num_accepted [batch] (row b emits num_accepted[b] + 1 tokens)
+    """
+    k = int(num_drafts.max())
+    tick = time.perf_counter()
+    if k > 0:
+        drafts, draft_probs = proposer.propose(state, k)  # [batch, k], [batch, k, vocab] or None
+    else:
+        drafts, draft_probs = state.tokens.new_zeros(state.batch_size, 0), None
+    _sync(state.tokens)
+    tock = time.perf_counter()
+    # One target pass over the pending token and the k drafts: k + 1 positions, one read of the weights.
+    input_ids, positions, num_unseen = state.unseen(cache.lengths, drafts, num_drafts)
+    logits_index = ((num_unseen - 1).clamp(min=0)[:, None] + torch.arange(k + 1, device=positions.device))
+    logits_index = logits_index.clamp(max=positions.shape[1] - 1)  # [batch, k + 1]
+    logits = target(input_ids, positions, cache, logits_index=logits_index)  # [batch, k + 1, vocab]
+    emitted, num_accepted = verify(drafts, draft_probs, logits, num_drafts, state.sampling, state.generator)
+    # Keep the pending token and the accepted drafts; the recovered/bonus token becomes the new pending one.
+    cache.rollback(torch.where(state.active, state.num_tokens + num_accepted, cache.lengths))
+    _sync(state.tokens)
+    stats = state.stats
+    if state.stats.target_passes > 0:  # the first pass is the prefill: keep it out of the cost ratio
+        stats.draft_seconds += tock - tick
+        stats.target_seconds += time.perf_counter() - tock
+        stats.timed_draft_passes += k
+        stats.timed_target_passes += 1
+    return emitted, num_accepted
+
+
+def _sync(t):
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+
+
+def _commit(state: DecodeState, emitted, num_accepted, num_drafts, eos, max_new_tokens):
+    """Append each active row's emitted tokens, cut after an EOS; retire finished rows.
+
+    returns counts [batch] of tokens appended
+    """
+    k1 = emitted.shape[1]
+    j = torch.arange(k1, device=emitted.device)
+    counts = torch.where(state.active, num_accepted + 1, 0)  # [batch]
+    is_eos = torch.isin(emitted, eos) & (j < counts[:, None])  # [batch, k + 1]
+    hit = is_eos.any(dim=1)
+    counts = torch.where(hit, is_eos.int().argmax(dim=1) + 1, counts)
+    trash = state.tokens.shape[1] - 1
+    columns = torch.where(j < counts[:, None], state.num_tokens[:, None] + j, trash)
+    state.tokens.scatter_(1, columns, emitted)
+    rows = state.active.clone()
+    state.num_tokens += counts
+    done = hit | (state.num_tokens - state.prompt_lengths >= max_new_tokens)
+    state.active &= ~done
+    # statistics, one host transfer per step
+    i = torch.arange(k1 - 1, device=emitted.device)  # draft positions
+    reached = ((num_drafts[:, None] > i) & (num_accepted[:, None] >= i) & rows[:, None]).sum(0)
+    accepted = ((num_accepted[:, None] > i) & rows[:, None]).sum(0)
+    summary = torch.cat((torch.stack((num_drafts[rows].sum(), counts.sum(), rows.sum())), reached, accepted))
+    values = summary.tolist()
+    n = len(i)
+    state.stats.record(values[0], values[3:3 + n], values[3 + n:], emitted=values[1], rows=values[2],
+                       k=k1 - 1)
+    return counts
+
+
+class DraftLength:
+    """Picks k each step: fixed, or "auto" — the k in 0..8 maximising E / (k c + 1) from this call's own
+    measured acceptance rate and draft cost ratio (k = 0, a plain step, when speculation does not pay)."""
+
+    def __init__(self, num_draft_tokens):
+        self.auto = num_draft_tokens == "auto"
+        self.k = MAX_AUTO_DRAFT_TOKENS if self.auto else num_draft_tokens
+
+    def next(self, stats: SpecStats) -> int:
+        if not self.auto:
+            return self.k
+        if stats.cost_ratio is None:  # nothing measured yet: a middle k to measure with
+            return 4
+        # Laplace prior: two pseudo-drafts, one accepted, so early steps neither hope nor despair too much.
+        alpha = (stats.accepted + 1) / (stats.proposed + 2)
+        return max(range(self.k + 1), key=lambda k: predicted_speedup(alpha, k, stats.cost_ratio))
+
+
+def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_draft_tokens=4, max_new_tokens=None,
+             do_sample=None, temperature=None, top_k=None, top_p=None, eos_token_id=None, pad_token_id=None,
+             generator=None, streamer=None, return_dict_in_generate=False):
+    """Generate like transformers' ``model.generate()``; with ``draft_model``, speculatively and losslessly.
+
+    input_ids       [batch, prompt_len] LongTensor; left padding allowed with attention_mask [batch, prompt_len]
+    draft_model     None (plain) | causal LM (native or transformers) | a Proposer
+    returns         [batch, prompt_len + new_tokens] as transformers lays it out (finished rows padded with
+                    pad_token_id), or GenerateOutput(sequences, stats) with return_dict_in_generate=True
+    """
+    from specdec.models.loading import as_native  # models imports specdec: import at call time
+
+    target = as_native(model, "model")
+    config = target.generation_config
+    input_ids, attention_mask = _check_inputs(input_ids, attention_mask, target)
+    sampling = _sampling_config(config, do_sample, temperature, top_k, top_p)
+    max_new_tokens = _max_new_tokens(config, max_new_tokens, input_ids.shape[1])
+    eos = _token_ids("eos_token_id", eos_token_id if eos_token_id is not None else config.eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    if num_draft_tokens != "auto" and (not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool)
+                                       or num_draft_tokens < 1):
+        raise ValueError(f"num_draft_tokens must be an integer >= 1 or 'auto', got num_draft_tokens={num_draft_tokens!r}")
+    proposer = _proposer(draft_model, target)
+    if streamer is not None and input_ids.shape[0] != 1:
+        raise ValueError(f"streamer needs batch size 1, got input_ids of shape {tuple(input_ids.shape)}")
+    device = target.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+
+    batch, prompt_len = input_ids.shape
+    prompt_lengths = attention_mask.sum(dim=1)  # [batch]
+    # Compact each row (drop padding, keep order): slot == position in every cache.
+    order = torch.sort(attention_mask, dim=1, descending=True, stable=True).indices
+    capacity = prompt_len + max_new_tokens
+    tokens = torch.zeros(batch, capacity + 1, dtype=torch.long, device=device)
+    tokens[:, :prompt_len] = input_ids.gather(1, order)
+    length = DraftLength(num_draft_tokens)
+    state = DecodeState(
+        tokens=tokens, num_tokens=prompt_lengths.clone(), prompt_lengths=prompt_lengths,
+        active=torch.ones(batch, dtype=torch.bool, device=device), sampling=sampling, generator=generator,
+        vocab_size=target.vocab_size, max_len=capacity + length.k + 1,
+    )
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    start = time.perf_counter()
+    with torch.inference_mode():
+        cache = target.new_cache(batch, state.max_len)
+        while bool(state.active.any()):
+            k = length.next(state.stats) if proposer is not None else 0
+            remaining = max_new_tokens - (state.num_tokens - prompt_lengths)
+            num_drafts = torch.where(state.active, (remaining - 1).clamp(min=0, max=k), 0)  # [batch]
+            emitted, num_accepted = speculative_step(target, cache, proposer, state, num_drafts)
+            counts = _commit(state, emitted, num_accepted, num_drafts, eos_ids, max_new_tokens)
+            if streamer is not None:
+                streamer.put(emitted[0, : int(counts[0])].cpu())
+    if streamer is not None:
+        streamer.end()
+    state.stats.wall_seconds = time.perf_counter() - start
+
+    generated = state.num_tokens - prompt_lengths  # [batch]
+    width = int(generated.max())
+    j = torch.arange(width, device=device)
+    new = state.tokens.gather(1, (prompt_lengths[:, None] + j).clamp(max=capacity))
+    new = torch.where(j < generated[:, None], new, pad_token_id)
+    sequences = torch.cat((input_ids, new), dim=1)
+    return GenerateOutput(sequences, state.stats) if return_dict_in_generate else sequences
+
+
+def _check_inputs(input_ids, attention_mask, target):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ValueError("input_ids must be a LongTensor [batch, prompt_len], got "
+                         f"{type(input_ids).__name__} {getattr(input_ids, 'shape', '')} {getattr(input_ids, 'dtype', '')}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}; a prompt needs at least one token")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = torch.as_tensor(attention_mask).long()
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 and 1")
+    if bool((attention_mask.sum(dim=1) == 0).any()):
+        raise ValueError("attention_mask: a row has no token (empty prompt)")
+    real = input_ids[attention_mask.bool()]
+    bad = real[(real < 0) | (real >= target.vocab_size)]
+    if bad.numel():
+        raise ValueError(f"input_ids holds id {int(bad[0])} outside the vocabulary 0..{target.vocab_size - 1}")
+    return input_ids, attention_mask
+
+
+def _sampling_config(config, do_sample, temperature, top_k, top_p):
+    def pick(value, name, default):
+        if value is not None:
+            return value
+        found = getattr(config, name, None)
+        return default if found is None else found
+
+    do_sample = bool(pick(do_sample, "do_sample", False))
+    if not do_sample:  # as transformers: the sampling knobs are inert in greedy mode, but still validated
+        SamplingConfig(False, *(v for v in (pick(temperature, "temperature", 1.0), pick(top_k, "top_k", 0),
+                                              pick(top_p, "top_p", 1.0))))
+        return SamplingConfig(do_sample=False)
+    return SamplingConfig(True, pick(temperature, "temperature", 1.0), pick(top_k, "top_k", 0), pick(top_p, "top_p", 1.0))
+
+
+def _max_new_tokens(config, max_new_tokens, prompt_len):
+    if max_new_tokens is None:
+        max_new_tokens = getattr(config, "max_new_tokens", None)
+        if max_new_tokens is None:  # transformers' rule: max_length (default 20) counts the prompt
+            max_new_tokens = (getattr(config, "max_length", None) or 20) - prompt_len
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got max_new_tokens={max_new_tokens!r}")
+    return max_new_tokens
+
+
+def _token_ids(name, value) -> list[int]:
+    if value is None:
+        return []
+    values = [value] if isinstance(value, int) else list(torch.as_tensor(value).flatten().tolist())
+    if any((not isinstance(v, int)) or v < 0 for v in values):
+        raise ValueError(f"{name} must be token ids >= 0, got {name}={value!r}")
+    return values
+
+
+def _proposer(draft_model, target):
+    from specdec.models.loading import as_native
+
+    if draft_model is None:
+        return None
+    if isinstance(draft_model, str):
+        raise ValueError(f"draft_model={draft_model!r} is not a known proposer")
+    if isinstance(draft_model, Proposer) and not isinstance(draft_model, torch.nn.Module):
+        return draft_model
+    draft = as_native(draft_model, "draft_model")
+    check_vocab(draft.vocab_size, target.vocab_size)
+    if draft.device != target.device:
+        raise ValueError(f"draft_model is on {draft.device} but the target is on {target.device}: move one of them")
+    return DraftModelProposer(draft)
+
+
+def check_vocab(draft_vocab: int, target_vocab: int) -> None:
+    """Sizes may differ only by alignment padding of the embedding (e.g. 151936 vs 152064: both are the
+    same tokenizer padded to a multiple of 64/128); anything else is another tokenizer."""
+    small, large = sorted((draft_vocab, target_vocab))
+    if small == large or (large % 64 == 0 and large - small < 1024 and small > 1024):
+        return
+    raise ValueError(f"draft_model vocabulary size {draft_vocab} does not match the target's {target_vocab}")

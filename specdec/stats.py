@@ -1,0 +1,114 @@
+"""SpecStats: the figures of one generate() call, in DESIGN.md's vocabulary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """E = (1 - alpha^(k+1)) / (1 - alpha): expected tokens emitted per target pass with k drafts."""
+    if alpha >= 1.0:
+        return k + 1.0
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+def predicted_speedup(alpha: float, k: int, cost_ratio: float) -> float:
+    """Leviathan et al. 2023: E / (k * c + 1)."""
+    return expected_tokens(alpha, k) / (k * cost_ratio + 1.0)
+
+
+@dataclass
+class SpecStats:
+    proposed: int = 0  # draft tokens offered to the target
+    accepted: int = 0  # draft tokens the target kept
+    emitted: int = 0  # tokens appended to the output (accepted + recovered/bonus, cut at EOS and max_new_tokens)
+    target_passes: int = 0  # target forwards, prefill excluded
+    draft_passes: int = 0  # draft forwards, its prefill and catch-up included
+    target_seconds: float = 0.0  # spent in target passes after the first (the prefill is not a decode step)
+    draft_seconds: float = 0.0  # spent drafting in those same steps
+    timed_target_passes: int = 0
+    timed_draft_passes: int = 0
+    wall_seconds: float = 0.0
+    steps_by_k: dict[int, int] = field(default_factory=dict)  # how often each k was used (auto mode)
+    reached_at: list[int] = field(default_factory=list)  # [k] drafts at position i whose predecessors were all accepted
+    accepted_at: list[int] = field(default_factory=list)  # [k] drafts accepted at position i
+    row_passes: int = 0  # (row, target pass) pairs: the denominator of tokens per target forward
+
+    def record(self, proposed: int, reached_at: list[int], accepted_at: list[int], emitted: int, rows: int,
+               k: int) -> None:
+        grow = len(reached_at) - len(self.reached_at)
+        if grow > 0:
+            self.reached_at += [0] * grow
+            self.accepted_at += [0] * grow
+        for i, (r, a) in enumerate(zip(reached_at, accepted_at)):
+            self.reached_at[i] += r
+            self.accepted_at[i] += a
+        self.proposed += proposed
+        self.accepted += sum(accepted_at)
+        self.emitted += emitted
+        self.row_passes += rows
+        self.target_passes += 1
+        self.steps_by_k[k] = self.steps_by_k.get(k, 0) + 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_target_forward(self) -> float:
+        """Emitted tokens per (sequence, target pass); plain decoding scores exactly 1.0."""
+        return self.emitted / self.row_passes if self.row_passes else 0.0
+
+    @property
+    def per_position_acceptance(self) -> list[float]:
+        """P(position i accepted | positions < i accepted)."""
+        return [a / r if r else 0.0 for r, a in zip(self.reached_at, self.accepted_at)]
+
+    @property
+    def mean_k(self) -> float:
+        return self.proposed / self.row_passes if self.row_passes else 0.0
+
+    @property
+    def cost_ratio(self) -> float | None:
+        """c = seconds per draft forward / seconds per target forward (measured; None without a draft)."""
+        if not self.timed_draft_passes or not self.timed_target_passes or not self.target_seconds:
+            return None
+        return (self.draft_seconds / self.timed_draft_passes) / (self.target_seconds / self.timed_target_passes)
+
+    @property
+    def predicted_speedup(self) -> float | None:
+        c = self.cost_ratio
+        if c is None:
+            return None
+        return predicted_speedup(self.acceptance_rate, round(self.mean_k), c)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.emitted / self.wall_seconds if self.wall_seconds else 0.0
+
+    def to_dict(self) -> dict:
+        fields = dict(self.__dict__)
+        fields["steps_by_k"] = {str(k): v for k, v in self.steps_by_k.items()}
+        for name in ("acceptance_rate", "tokens_per_target_forward", "per_position_acceptance", "mean_k",
+                     "cost_ratio", "predicted_speedup", "tokens_per_second"):
+            fields[name] = getattr(self, name)
+        return fields
+
+    def __str__(self) -> str:
+        def fmt(x):
+            return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+        rows = [
+            ("emitted tokens", self.emitted),
+            ("target passes", self.target_passes),
+            ("tokens per target forward", self.tokens_per_target_forward),
+            ("proposed / accepted", f"{self.proposed} / {self.accepted}"),
+            ("acceptance rate", self.acceptance_rate if self.proposed else None),
+            ("per-position acceptance", " ".join(f"{r:.2f}" for r in self.per_position_acceptance) or "-"),
+            ("draft passes", self.draft_passes),
+            ("draft cost ratio c", self.cost_ratio),
+            ("predicted speedup", self.predicted_speedup),
+            ("tokens/s", self.tokens_per_second),
+        ]
+        width = max(len(name) for name, _ in rows)
+        return "\n".join(f"{name:<{width}}  {fmt(value)}" for name, value in rows)
