@@ -110,6 +110,16 @@ class Body(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+def _rope_frequencies(config: PretrainedConfig, head_dim: int):
+    """inv_freq [head_dim / 2] and the cos/sin scale, exactly as transformers computes them."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":  # llama3, yarn, linear, ...: transformers' own initialisers
+        return ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    base = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)), 1.0
+
+
 class LlamaModel(nn.Module):
     """Native Llama-family causal LM. Build with ``LlamaModel(config)`` from a transformers config."""
 
@@ -125,15 +135,8 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        rope = dict(getattr(config, "rope_parameters", None) or {})
-        rope_type = rope.get("rope_type", "default")
-        if rope_type == "default":
-            head_dim = self.model.layers[0].self_attn.head_dim
-            base = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
-            scaling = 1.0
-        else:  # llama3, yarn, linear, ...: transformers' own initialisers, so the frequencies match exactly
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+        with torch.device("cpu"):  # real numbers even while the weights are built on the meta device
+            inv_freq, scaling = _rope_frequencies(config, self.model.layers[0].self_attn.head_dim)
         # RoPE angles stay in float32 for every model dtype, as in transformers (float64 models included).
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.rope_scaling = float(scaling)

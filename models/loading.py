@@ -7,6 +7,7 @@ turned into a native ``LlamaModel`` (or, for architectures without one, the tran
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.metadata
 import os
 import shutil
@@ -136,6 +137,7 @@ def load_gguf(path, dtype=None, device=None):
 
 def _convert_gguf(path: Path, out: Path) -> None:
     from gguf import GGUFReader
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
@@ -145,12 +147,18 @@ def _convert_gguf(path: Path, out: Path) -> None:
         raise ValueError(f"GGUF file {path.name!r} has architecture {arch!r}, which transformers cannot read")
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    hf.config.quantization_config = None  # the saved weights are dequantized float32
-    if hasattr(hf.config, "quantization_config"):
-        del hf.config.quantization_config
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    hf.save_pretrained(tmp)
+    tmp.mkdir(parents=True)
+    # transformers refuses save_pretrained() on a GGUF-loaded model; the weights are plain float32 by now,
+    # so write the checkpoint ourselves (tied lm_head left out, as transformers does).
+    tied = hf.config.tie_word_embeddings
+    state = {k: v.contiguous() for k, v in hf.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+    config = hf.config.to_dict()
+    config.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    hf.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, out)  # atomic: a half-written cache is never taken for a whole one
 

@@ -219,8 +219,9 @@ def _sampling_config(config, do_sample, temperature, top_k, top_p):
 def _max_new_tokens(config, max_new_tokens, prompt_len):
     if max_new_tokens is None:
         max_new_tokens = getattr(config, "max_new_tokens", None)
-        if max_new_tokens is None:  # transformers' rule: max_length (default 20) counts the prompt
-            max_new_tokens = (getattr(config, "max_length", None) or 20) - prompt_len
+        if max_new_tokens is None:  # transformers' rule: a set max_length counts the prompt, else 20 new tokens
+            max_length = getattr(config, "max_length", None)
+            max_new_tokens = 20 if max_length is None else max_length - prompt_len
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got max_new_tokens={max_new_tokens!r}")
     return max_new_tokens

@@ -101,5 +101,5 @@ def verify(drafts, draft_probs, target_logits, num_drafts, sampling: SamplingCon
     # to the target there, which keeps multinomial away from an all-zero row (no NaN).
     residual = torch.where(total > 0, residual, target_probs.gather(1, at).squeeze(1))
     last = sample(residual, generator)  # [batch]
-    emitted = torch.cat((drafts, drafts[:, :1]), dim=1).scatter(1, num_accepted[:, None], last[:, None])
+    emitted = torch.cat((drafts, last[:, None]), dim=1).scatter(1, num_accepted[:, None], last[:, None])
     return emitted, num_accepted

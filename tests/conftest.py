@@ -1,0 +1,70 @@
+"""Tiny random models of every supported architecture, built once per test session."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+settings.register_profile("default", deadline=None, max_examples=20,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("thorough", deadline=None, max_examples=200,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+VOCAB = 101  # odd on purpose: nothing may assume a multiple of anything
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+ARCHS = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, tie_word_embeddings=False)),
+    "llama3": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, tie_word_embeddings=False, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    "llama-bias": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, attention_bias=True)),
+    "smollm2": lambda: LlamaForCausalLM(LlamaConfig(**{**COMMON, "num_key_value_heads": 1}, tie_word_embeddings=True)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**COMMON, head_dim=16, tie_word_embeddings=False)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON, tie_word_embeddings=False)),
+}
+FALLBACK_ARCHS = {
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=512,
+                                               bos_token_id=1, eos_token_id=2, pad_token_id=0)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0):
+    """A random transformers model; the same object for the same arguments (so its native twin is cached)."""
+    torch.manual_seed(seed)
+    factory = {**ARCHS, **FALLBACK_ARCHS}[arch]
+    model = factory().to(dtype).eval()
+    # Random init gives near-uniform logits; sharper ones make greedy paths and EOS hits realistic.
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    model.generation_config.do_sample = False
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def perturbed_copy(arch: str, scale: float = 0.02):
+    """The target with noise on every weight: a draft that agrees often but not always."""
+    import copy
+
+    target = tiny_model(arch)
+    draft = copy.deepcopy(target)
+    draft.__dict__.pop("_specdec_native", None)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale * p.std())
+    return draft
+
+
+@pytest.fixture(params=sorted(ARCHS))
+def arch(request):
+    return request.param

@@ -1,0 +1,71 @@
+"""Native models against transformers: same logits for prefill and for single-token decode steps."""
+
+import pytest
+import torch
+from conftest import ARCHS, tiny_model
+
+from specdec.models import LlamaModel, as_native
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def _relative(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_logits_match_transformers_prefill_and_decode(arch, dtype):
+    hf = tiny_model(arch, dtype)
+    native = as_native(hf)
+    assert isinstance(native, LlamaModel)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 11), generator=gen)
+    prompt, steps = 7, ids.shape[1] - 7
+    cache = native.new_cache(2, 32)
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = native(ids[:, :prompt], torch.arange(prompt).expand(2, -1), cache)
+        assert _relative(got, expected[:, :prompt]) < TOLERANCE[dtype]
+        for t in range(prompt, prompt + steps):  # one token at a time through the cache
+            got = native(ids[:, t:t + 1], torch.full((2, 1), t), cache)
+            assert _relative(got[:, 0], expected[:, t]) < TOLERANCE[dtype]
+    assert cache.lengths.tolist() == [11, 11]
+
+
+def test_bfloat16_runs_and_tracks_float32(arch):
+    hf = tiny_model(arch, torch.float32)
+    native32 = as_native(hf)
+    native16 = as_native(tiny_model(arch, torch.bfloat16))
+    ids = torch.randint(0, hf.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(9)[None]
+    with torch.no_grad():
+        a = native32(ids, pos, native32.new_cache(1, 16))
+        b = native16(ids, pos, native16.new_cache(1, 16))
+    assert b.dtype == torch.float32  # logits come back in float32 for sampling
+    # bfloat16 keeps 8 bits of mantissa: ~0.4% per rounding, a few percent through two layers
+    assert _relative(b, a) < 0.05
+
+
+def test_ragged_batch_equals_rows_alone():
+    """Right-padded ragged input (positions -1) gives each row the logits it gets alone."""
+    native = as_native(tiny_model("llama"))
+    ids = torch.randint(3, 90, (3, 6), generator=torch.Generator().manual_seed(1))
+    lengths = [6, 2, 4]
+    positions = torch.tensor([[p if p < n else -1 for p in range(6)] for n in lengths])
+    with torch.no_grad():
+        batched = native(ids, positions, native.new_cache(3, 16))
+        for row, n in enumerate(lengths):
+            alone = native(ids[row:row + 1, :n], torch.arange(n)[None], native.new_cache(1, 16))
+            assert torch.allclose(batched[row, :n], alone[0], rtol=0, atol=1e-12)
+
+
+def test_unsupported_architecture_is_refused_by_native_class():
+    from conftest import FALLBACK_ARCHS
+
+    config = tiny_model(next(iter(FALLBACK_ARCHS))).config
+    with pytest.raises(ValueError, match="model_type='gpt2'"):
+        LlamaModel(config)
+
+
+def test_native_architectures_listed():
+    assert {tiny_model(a).config.model_type for a in ARCHS} == {"llama", "mistral", "qwen2"}
