@@ -126,13 +126,19 @@ def load_checkpoint(folder, dtype=None, device=None):
 def load_gguf(path, dtype=None, device=None):
     """A GGUF file: dequantized once by transformers' GGUF reader, then cached as a safetensors
     checkpoint under the user cache directory (a 2-core CPU takes ~16 s to dequantize, ~1 s to reload)."""
+    cached = converted_gguf(path)
+    return load_checkpoint(cached, dtype=dtype, device=device), AutoTokenizer.from_pretrained(cached)
+
+
+def converted_gguf(path) -> Path:
+    """The checkpoint folder a GGUF file is dequantized into (made on first use)."""
     path = Path(path)
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     cached = cache_dir() / f"{path.stem}-{key}"
     if not (cached / "config.json").exists():
         _convert_gguf(path, cached)
-    return load_checkpoint(cached, dtype=dtype, device=device), AutoTokenizer.from_pretrained(cached)
+    return cached
 
 
 def _convert_gguf(path: Path, out: Path) -> None:

@@ -1,7 +1,7 @@
 """specdec: speculative decoding that generates exactly what the target model would, faster."""
 
 from specdec.cache import KVCache
-from specdec.generate import GenerateOutput, generate
+from specdec.speculative import GenerateOutput, generate
 from specdec.proposers import DraftModelProposer, Proposer
 from specdec.sampling import SamplingConfig
 from specdec.stats import SpecStats

@@ -1,0 +1,73 @@
+"""Shared pieces of the benchmarks: machine description, memory bandwidth, the default model, prompts."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a hash table works and when it is a poor choice.",
+    "Write a Python function that merges two sorted lists, with a docstring.",
+    "Rewrite in plain English: The aforementioned party shall indemnify the other party against all losses.",
+]
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def bandwidth_gbs(megabytes: int = 1024, repeats: int = 5) -> float:
+    """Copy bandwidth, counted as bytes read + bytes written, median of repeats."""
+    src = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads (tied embeddings counted once: lm_head reads them)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def load_pair(dtype):
+    """specdec's native model and transformers' model over the same float32 weights, cast to ``dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    import specdec
+    from specdec.models.loading import REGISTRY, converted_gguf
+
+    model, tokenizer = specdec.load("smollm2-135m-instruct", dtype=dtype)
+    hf = AutoModelForCausalLM.from_pretrained(converted_gguf(REGISTRY["smollm2-135m-instruct"]()),
+                                              dtype=dtype).eval()
+    return model, hf, tokenizer
+
+
+def chat_ids(tokenizer, prompt):
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)["input_ids"]
+
+
+def median(xs):
+    return statistics.median(xs)

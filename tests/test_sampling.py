@@ -1,0 +1,148 @@
+"""The sampler: constructed logits with exact expectations, and the distribution proved statistically."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import specdec
+import specdec.speculative as generate_module
+from specdec.sampling import SamplingConfig, verify
+
+GREEDY = SamplingConfig()
+SAMPLE = SamplingConfig(do_sample=True)
+NEG = -1e9
+
+
+def _logits(*rows):  # rows of per-position argmax ids over a vocab of 5 -> [1, len, 5]
+    out = torch.full((1, len(rows), 5), NEG, dtype=torch.float64)
+    for i, t in enumerate(rows):
+        out[0, i, t] = 0.0
+    return out
+
+
+def test_greedy_perfect_match_takes_all_and_the_bonus():
+    emitted, n = verify(torch.tensor([[1, 2, 3]]), None, _logits(1, 2, 3, 4), torch.tensor([3]), GREEDY)
+    assert n.tolist() == [3] and emitted[0].tolist() == [1, 2, 3, 4]
+
+
+def test_greedy_first_position_mismatch_takes_the_targets_token():
+    emitted, n = verify(torch.tensor([[0, 2, 3]]), None, _logits(1, 2, 3, 4), torch.tensor([3]), GREEDY)
+    assert n.tolist() == [0] and emitted[0, 0].item() == 1
+
+
+def test_empty_draft_gives_only_the_bonus_token():
+    for sampling in (GREEDY, SAMPLE):
+        emitted, n = verify(torch.zeros(1, 0, dtype=torch.long), None, _logits(4), torch.tensor([0]), sampling,
+                            torch.Generator().manual_seed(0))
+        assert n.tolist() == [0] and emitted[0].tolist() == [4]
+
+
+def test_drafts_past_a_rows_count_are_ignored():
+    emitted, n = verify(torch.tensor([[1, 2, 3], [1, 2, 3]]), None, torch.cat([_logits(1, 2, 3, 4)] * 2),
+                        torch.tensor([3, 1]), GREEDY)
+    assert n.tolist() == [3, 1] and emitted[1, :2].tolist() == [1, 2]
+
+
+def test_draft_equal_to_target_is_always_accepted_and_zero_residual_gives_no_nan():
+    target = torch.log_softmax(torch.randn(64, 3, 7, generator=torch.Generator().manual_seed(0),
+                                           dtype=torch.float64), -1)
+    draft_probs = target[:, :2].exp()
+    gen = torch.Generator().manual_seed(1)
+    drafts = torch.multinomial(draft_probs.reshape(-1, 7), 1, generator=gen).reshape(64, 2)
+    emitted, n = verify(drafts, draft_probs, target, torch.full((64,), 2), SAMPLE, gen)
+    assert n.tolist() == [2] * 64 and torch.equal(emitted[:, :2], drafts)
+    # one-hot target and a deterministic proposer that guessed it: residual is exactly zero, still no NaN
+    emitted, n = verify(torch.tensor([[3]]), None, _logits(3, 1), torch.tensor([1]), SAMPLE, gen)
+    assert n.tolist() == [1] and emitted[0].tolist() == [3, 1]
+
+
+def test_top_k_one_is_greedy_even_on_ties():
+    logits = torch.zeros(1, 2, 5, dtype=torch.float64)  # every token tied
+    sampling = SamplingConfig(do_sample=True, top_k=1)
+    assert sampling.greedy
+    emitted, _ = verify(torch.tensor([[0]]), None, logits, torch.tensor([1]), sampling, torch.Generator())
+    assert emitted[0].tolist() == [0, 0]  # argmax picks the first of tied tokens, as greedy does
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Statistical test: the first two tokens of speculative sampling follow the target's exact distribution.
+# Bound per outcome: |count - N p| <= 6 sqrt(N p (1 - p)) + 5. With ~V^2 = 49 outcomes, a 6-sigma normal
+# tail (2e-9 each) makes a false alarm about 1e-7 per test; the +5 absorbs the discreteness at tiny N p.
+# ---------------------------------------------------------------------------------------------------------
+TOY_VOCAB, N = 7, 50_000
+PROMPT = [3, 1, 4]
+
+
+def _toy(seed, scale):
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=TOY_VOCAB, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         bos_token_id=None, eos_token_id=None, pad_token_id=None)).double().eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    return model
+
+
+def _exact_two_token_distribution(model, sampling):
+    """P(t1, t2) by enumeration of the target's processed distributions. -> [V, V]"""
+    native = specdec.models.as_native(model)
+    probs = torch.zeros(TOY_VOCAB, TOY_VOCAB, dtype=torch.float64)
+    with torch.no_grad():
+        for t1 in range(TOY_VOCAB):
+            ids = torch.tensor([PROMPT + [t1]])
+            logits = native(ids, torch.arange(ids.shape[1])[None], native.new_cache(1, 8))  # [1, 4, V]
+            p = sampling.probs(logits[0])
+            probs[t1] = p[-2, t1] * p[-1]
+    return probs
+
+
+def _empirical(target, draft, k, kwargs, seed=0):
+    out = specdec.generate(target, torch.tensor([PROMPT] * N), max_new_tokens=2, eos_token_id=[], do_sample=True,
+                           draft_model=draft, num_draft_tokens=k, generator=torch.Generator().manual_seed(seed),
+                           **kwargs)
+    pairs = out[:, len(PROMPT)] * TOY_VOCAB + out[:, len(PROMPT) + 1]
+    return torch.bincount(pairs, minlength=TOY_VOCAB ** 2).reshape(TOY_VOCAB, TOY_VOCAB).double()
+
+
+def _violations(counts, probs):
+    expected = N * probs
+    bound = 6 * torch.sqrt(expected * (1 - probs)) + 5
+    return int(((counts - expected).abs() > bound).sum()), int(counts[probs == 0].sum())
+
+
+SETTINGS = [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.7, top_k=4, top_p=1.0),
+            dict(temperature=1.3, top_k=0, top_p=0.8), dict(temperature=0.9, top_k=5, top_p=0.9)]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("knobs", SETTINGS, ids=lambda d: "-".join(f"{k}{v}" for k, v in d.items()))
+def test_speculative_sampling_matches_the_targets_distribution(k, knobs):
+    target, draft = _toy(0, 4.0), _toy(1, 4.0)  # an unrelated draft: plenty of rejections and residuals
+    probs = _exact_two_token_distribution(target, SamplingConfig(do_sample=True, **knobs))
+    counts = _empirical(target, draft, k, knobs)
+    bad, impossible = _violations(counts, probs)
+    assert impossible == 0, "a token of probability zero appeared"
+    assert bad == 0, f"{bad} outcomes outside the bound"
+
+
+def test_the_statistical_test_catches_a_broken_sampler(monkeypatch):
+    """The classic bug: on rejection, resample from the target instead of the residual. It must fail."""
+    real_verify = generate_module.verify
+
+    def broken(drafts, draft_probs, target_logits, num_drafts, sampling, generator=None):
+        target_probs = sampling.probs(target_logits)
+        emitted, n = real_verify(drafts, draft_probs, target_logits, num_drafts, sampling, generator)
+        at = n[:, None, None].expand(-1, 1, target_probs.shape[-1])
+        resampled = torch.multinomial(target_probs.gather(1, at).squeeze(1), 1, generator=generator)
+        return emitted.scatter(1, n[:, None], resampled), n
+
+    monkeypatch.setattr(generate_module, "verify", broken)
+    knobs = SETTINGS[0]
+    target, draft = _toy(0, 4.0), _toy(1, 4.0)
+    probs = _exact_two_token_distribution(target, SamplingConfig(do_sample=True, **knobs))
+    bad, _ = _violations(_empirical(target, draft, 1, knobs), probs)
+    assert bad > 0

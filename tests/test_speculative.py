@@ -1,0 +1,220 @@
+"""The promise: speculative greedy decoding emits exactly the tokens of plain greedy decoding."""
+
+import pytest
+import torch
+from conftest import ARCHS, FALLBACK_ARCHS, perturbed_copy, tiny_model
+from hypothesis import given
+from hypothesis import strategies as st
+
+import specdec
+from specdec.models import as_native
+
+
+def _draft(kind, arch):
+    if kind == "self":
+        return tiny_model(arch)  # everything accepted
+    if kind == "perturbed":
+        return perturbed_copy(arch)  # partial acceptance
+    return tiny_model("smollm2", seed=7)  # an unrelated random model: almost everything rejected
+
+
+@st.composite
+def batches(draw, vocab):
+    batch = draw(st.integers(1, 4))
+    lengths = [draw(st.integers(1, 9)) for _ in range(batch)]
+    width = max(lengths)
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, width - n:] = torch.tensor(draw(st.lists(st.integers(3, vocab - 1), min_size=n, max_size=n)))
+        mask[b, width - n:] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS) + sorted(FALLBACK_ARCHS))
+@given(data=st.data())
+def test_greedy_speculative_equals_plain_equals_transformers(arch, data):
+    target = tiny_model(arch)
+    ids, mask = data.draw(batches(target.config.vocab_size), label="prompts")
+    k = data.draw(st.integers(1, 8), label="k")
+    max_new = data.draw(st.integers(1, 40), label="max_new_tokens")
+    kind = data.draw(st.sampled_from(["self", "perturbed", "random"]), label="draft")
+    if arch in FALLBACK_ARCHS and kind != "self":
+        kind = data.draw(st.sampled_from(["self", "llama-as-draft"]), label="fallback draft")
+    draft = tiny_model("llama", seed=3) if kind == "llama-as-draft" else _draft(kind, arch)
+    plain = specdec.generate(target, ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=[])
+    # an EOS id that does occur: one of the tokens plain decoding produced (or none)
+    produced = plain[:, ids.shape[1]:].flatten().tolist()
+    eos = data.draw(st.sampled_from(produced + [None]), label="eos")
+    eos_ids = [] if eos is None else eos
+    want = target.generate(ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                           eos_token_id=eos, pad_token_id=0)
+    plain = specdec.generate(target, ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=eos_ids,
+                             pad_token_id=0)
+    spec = specdec.generate(target, ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=eos_ids,
+                            pad_token_id=0, draft_model=draft, num_draft_tokens=k)
+    assert torch.equal(plain, want)
+    assert torch.equal(spec, want)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_target_as_its_own_draft_emits_k_plus_one_per_pass(k):
+    target = tiny_model("llama")
+    ids = torch.tensor([[3, 4, 5, 6]])
+    max_new = 3 * (k + 1)  # k + 1 per pass, no remainder: every pass is a full one
+    out = specdec.generate(target, ids, max_new_tokens=max_new, eos_token_id=[], draft_model=target,
+                           num_draft_tokens=k, return_dict_in_generate=True)
+    s = out.stats
+    assert s.emitted == max_new and s.target_passes == 3
+    assert s.tokens_per_target_forward == k + 1
+    assert s.acceptance_rate == 1.0 and s.per_position_acceptance == [1.0] * k
+
+
+def test_near_the_end_drafting_stops_short():
+    target = tiny_model("llama")
+    out = specdec.generate(target, torch.tensor([[3, 4]]), max_new_tokens=6, eos_token_id=[], draft_model=target,
+                           num_draft_tokens=4, return_dict_in_generate=True)
+    assert out.sequences.shape[1] == 2 + 6
+    # 5 tokens from the first pass (4 drafts + bonus), then 1 left: a plain step, no drafts
+    assert out.stats.proposed == 4 and out.stats.target_passes == 2
+
+
+def test_random_draft_stats_and_table():
+    target, draft = tiny_model("llama"), _draft("random", "llama")
+    out = specdec.generate(target, torch.tensor([[3, 4, 5]] * 2), max_new_tokens=20, eos_token_id=[],
+                           draft_model=draft, num_draft_tokens=4, return_dict_in_generate=True)
+    s = out.stats
+    assert s.emitted == 40 and s.accepted <= s.proposed
+    assert s.tokens_per_target_forward == pytest.approx(s.emitted / s.row_passes)
+    assert 0 <= s.acceptance_rate < 0.5
+    assert s.cost_ratio is not None and s.cost_ratio > 0
+    assert s.draft_passes > 0
+    d = s.to_dict()
+    assert d["proposed"] == s.proposed and "per_position_acceptance" in d
+    text = str(s)
+    assert "tokens per target forward" in text and "acceptance rate" in text
+
+
+def test_auto_k_stays_exact_and_picks_plain_for_a_useless_draft():
+    target, draft = tiny_model("llama"), _draft("random", "llama")
+    ids = torch.tensor([[3, 4, 5]])
+    plain = specdec.generate(target, ids, max_new_tokens=40, eos_token_id=[])
+    out = specdec.generate(target, ids, max_new_tokens=40, eos_token_id=[], draft_model=draft,
+                           num_draft_tokens="auto", return_dict_in_generate=True)
+    assert torch.equal(out.sequences, plain)
+    assert out.stats.steps_by_k.get(0, 0) > 0  # speculation did not pay: plain steps were chosen
+
+
+def test_auto_k_drafts_long_with_a_perfect_free_draft():
+    """An oracle that proposes plain decoding's own tokens at no cost: auto must pick large k."""
+    target = tiny_model("llama")
+    ids = torch.tensor([[3, 4, 5]])
+    plain = specdec.generate(target, ids, max_new_tokens=60, eos_token_id=[])
+
+    class Oracle:
+        def propose(self, state, k):
+            start = int(state.num_tokens[0])
+            return plain[:, start:start + k], None
+
+    out = specdec.generate(target, ids, max_new_tokens=60, eos_token_id=[], draft_model=Oracle(),
+                           num_draft_tokens="auto", return_dict_in_generate=True)
+    assert torch.equal(out.sequences, plain)
+    assert max(out.stats.steps_by_k) == 8 and out.stats.tokens_per_target_forward > 5
+
+
+def test_auto_k_with_the_target_as_draft_sees_that_it_cannot_pay():
+    """c is about 1 when the draft is the target itself: E / (k + 1) <= 1, so plain steps win."""
+    target = tiny_model("llama")
+    out = specdec.generate(target, torch.tensor([[3, 4, 5]]), max_new_tokens=40, eos_token_id=[],
+                           draft_model=target, num_draft_tokens="auto", return_dict_in_generate=True)
+    assert out.stats.steps_by_k.get(0, 0) > out.stats.target_passes // 2
+
+
+def test_eos_as_first_draft_token_truncates():
+    target = tiny_model("llama")
+    ids = torch.tensor([[3, 4, 5]])
+    first = int(specdec.generate(target, ids, max_new_tokens=1, eos_token_id=[])[0, -1])
+    out = specdec.generate(target, ids, max_new_tokens=10, eos_token_id=first, draft_model=target,
+                           num_draft_tokens=4, pad_token_id=0)
+    assert out.tolist() == [[3, 4, 5, first]]
+
+
+def test_rows_finish_at_different_steps():
+    target = tiny_model("llama")
+    ids = torch.tensor([[3, 4, 5], [9, 10, 11], [20, 21, 22]])
+    plain = specdec.generate(target, ids, max_new_tokens=16, eos_token_id=[])
+    eos = int(plain[1, 3 + 4])
+    want = target.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    got = specdec.generate(target, ids, max_new_tokens=16, eos_token_id=eos, pad_token_id=0,
+                           draft_model=perturbed_copy("llama"), num_draft_tokens=3)
+    assert torch.equal(got, want)
+
+
+def test_prompt_of_one_token_and_one_new_token():
+    target = tiny_model("qwen2")
+    for max_new in (1, 2):
+        want = target.generate(torch.tensor([[5]]), max_new_tokens=max_new, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)
+        got = specdec.generate(target, torch.tensor([[5]]), max_new_tokens=max_new, eos_token_id=[],
+                               draft_model=target, num_draft_tokens=4)
+        assert torch.equal(got, want)
+
+
+def test_seeded_speculative_sampling_reproduces():
+    target, draft = tiny_model("llama"), perturbed_copy("llama")
+    ids = torch.tensor([[3, 4, 5]] * 3)
+    def run(seed):
+        return specdec.generate(target, ids, max_new_tokens=20, do_sample=True, temperature=0.9, top_p=0.9,
+                                draft_model=draft, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(run(4), run(4)) and not torch.equal(run(4), run(5))
+
+
+def test_vocab_mismatch_is_refused_naming_both_sizes():
+    target = tiny_model("llama")
+    other = tiny_model("llama", seed=1)
+    native = as_native(other)
+    import copy
+    bad = copy.copy(native)
+    bad.config = copy.copy(native.config)
+    bad.config.vocab_size = 57
+    with pytest.raises(ValueError, match=r"57.*101"):
+        specdec.generate(target, torch.tensor([[3]]), max_new_tokens=2, draft_model=bad)
+
+
+def test_padding_only_vocab_difference_is_masked():
+    from specdec.speculative import check_vocab
+    check_vocab(151936, 152064)  # Qwen2 0.5B vs 7B: the same tokenizer, padded embeddings
+    with pytest.raises(ValueError):
+        check_vocab(32000, 128256)
+
+
+def test_exception_inside_a_step_leaves_models_usable():
+    target, draft = tiny_model("llama"), perturbed_copy("llama")
+    ids = torch.tensor([[3, 4, 5]])
+    want = specdec.generate(target, ids, max_new_tokens=8, draft_model=draft)
+
+    class Exploding:
+        calls = 0
+
+        def propose(self, state, k):
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("boom")
+            return state.tokens.new_full((state.batch_size, k), 3), None
+
+    with pytest.raises(RuntimeError, match="boom"):
+        specdec.generate(target, ids, max_new_tokens=8, draft_model=Exploding())
+    assert torch.equal(specdec.generate(target, ids, max_new_tokens=8, draft_model=draft), want)
+
+
+def test_a_custom_proposer_is_used_losslessly():
+    """A deterministic proposer (no draft_probs) that always offers the same token: greedy stays exact."""
+    target = tiny_model("llama")
+
+    class Constant:
+        def propose(self, state, k):
+            return state.tokens.new_full((state.batch_size, k), 24), None
+
+    ids = torch.tensor([[3, 4, 5]])
+    assert torch.equal(specdec.generate(target, ids, max_new_tokens=15, draft_model=Constant()),
+                       specdec.generate(target, ids, max_new_tokens=15))
