@@ -4,8 +4,8 @@ One forward serves prefill, plain decode and verification: it takes a ragged bat
 with their positions, writes their keys and values into the cache at slot == position, and returns
 logits. Padding tokens carry position -1: they write to the cache's trash slot and are never attended.
 
-Parameter names mirror transformers' ``LlamaForCausalLM`` so that a checkpoint's state dict loads as
-it is, and a transformers model converts by sharing its tensors (no copy).
+Parameter names follow transformers' ``LlamaForCausalLM`` except that q/k/v and gate/up are fused into
+one matrix each (``fuse_state_dict`` maps a transformers state dict onto them).
 """
 
 from __future__ import annotations
@@ -49,20 +49,21 @@ class Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        bias = _qkv_bias(config)
         out_bias = bool(getattr(config, "attention_bias", False)) and config.model_type == "llama"
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.split = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                      self.num_kv_heads * self.head_dim)
+        # q, k and v in one matrix: one matmul call instead of three (SmolLM2: 90 fewer calls per token)
+        self.qkv_proj = nn.Linear(hidden, sum(self.split), bias=_qkv_bias(config))
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=out_bias)
 
     def forward(self, x, cos, sin, slots, mask, cache: KVCache):
         # x [batch, T, hidden]; cos, sin [batch, 1, T, head_dim]; slots [batch, T]; mask [batch, 1, T, S]
         batch, T, _ = x.shape
-        q = self.q_proj(x).view(batch, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(batch, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         keys, values = cache.write(self.layer_idx, slots, k, v, mask.shape[-1])  # [batch, kv_heads, S, head_dim]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
@@ -79,12 +80,12 @@ class MLP(nn.Module):
     def __init__(self, config: PretrainedConfig):
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(hidden, inner, bias=False)
-        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.gate_up_proj = nn.Linear(hidden, 2 * inner, bias=False)  # gate and up: one matmul call
         self.down_proj = nn.Linear(inner, hidden, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -108,6 +109,22 @@ class Body(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def fuse_state_dict(state: dict, num_layers: int) -> dict:
+    """transformers' names -> the native model's: concatenate q/k/v and gate/up of every layer."""
+    state = dict(state)
+    for i in range(num_layers):
+        for fused, parts in FUSED.items():
+            for kind in ("weight", "bias"):
+                names = [f"model.layers.{i}.{part}.{kind}" for part in parts]
+                if names[0] in state:
+                    state[f"model.layers.{i}.{fused}.{kind}"] = torch.cat([state.pop(n) for n in names])
+    return state
 
 
 def _rope_frequencies(config: PretrainedConfig, head_dim: int):

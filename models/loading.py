@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedModel
 
-from specdec.models.llama import ARCHITECTURES, LlamaModel
+from specdec.models.llama import ARCHITECTURES, FUSED, LlamaModel, fuse_state_dict
 
 #: registered names -> a function returning a local path (a GGUF file or a checkpoint folder)
 REGISTRY = {}
@@ -74,10 +74,28 @@ def from_transformers(hf_model: PreTrainedModel):
     if config.model_type not in ARCHITECTURES:
         from specdec.models.hf_fallback import TransformersModel
         return TransformersModel(hf_model)
+    native = _native(config, hf_model.state_dict())
+    # The fused matrices are new tensors; point transformers' own parameters at slices of them so that the
+    # weights live once in memory (the Parameter objects stay the same, only their storage moves).
+    for i, layer in enumerate(native.model.layers):
+        hf_layer = hf_model.model.layers[i]
+        for fused, parts in FUSED.items():
+            whole = layer.get_submodule(fused)
+            offset = 0
+            for part in parts:
+                linear = hf_layer.get_submodule(part)
+                rows = linear.weight.shape[0]
+                linear.weight.data = whole.weight.data[offset:offset + rows]
+                if linear.bias is not None:
+                    linear.bias.data = whole.bias.data[offset:offset + rows]
+                offset += rows
+    return _finish(native, hf_model.generation_config, device=hf_model.device)
+
+
+def _native(config, state: dict) -> LlamaModel:
     with torch.device("meta"):
         native = LlamaModel(config)
-    native.load_state_dict(hf_model.state_dict(), strict=False, assign=True)
-    _finish(native, hf_model.generation_config, device=hf_model.device)
+    native.load_state_dict(fuse_state_dict(state, config.num_hidden_layers), strict=False, assign=True)
     return native
 
 
@@ -113,9 +131,7 @@ def load_checkpoint(folder, dtype=None, device=None):
     state = {}
     for f in files:
         state.update(load_file(f, device=str(device or "cpu")))
-    with torch.device("meta"):
-        native = LlamaModel(config)
-    native.load_state_dict(state, strict=False, assign=True)
+    native = _native(config, state)
     try:
         generation_config = GenerationConfig.from_pretrained(folder)
     except OSError:

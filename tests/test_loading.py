@@ -12,8 +12,12 @@ def test_transformers_model_converts_once_and_shares_weights():
     hf = tiny_model("qwen2")
     native = as_native(hf)
     assert as_native(hf) is native
-    assert native.model.layers[0].self_attn.q_proj.weight.data_ptr() == \
-        hf.model.layers[0].self_attn.q_proj.weight.data_ptr()
+    fused = native.model.layers[0].self_attn.qkv_proj.weight
+    hf_attn = hf.model.layers[0].self_attn
+    # q, k, v of transformers' model are now slices of the native fused matrix: one copy in memory
+    assert hf_attn.q_proj.weight.data_ptr() == fused.data_ptr()
+    assert hf_attn.k_proj.weight.data_ptr() == fused[hf_attn.q_proj.weight.shape[0]:].data_ptr()
+    assert native.model.embed_tokens.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
     assert "_specdec_native" not in hf.state_dict()
 
 

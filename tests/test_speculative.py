@@ -122,12 +122,21 @@ def test_auto_k_drafts_long_with_a_perfect_free_draft():
     assert max(out.stats.steps_by_k) == 8 and out.stats.tokens_per_target_forward > 5
 
 
-def test_auto_k_with_the_target_as_draft_sees_that_it_cannot_pay():
-    """c is about 1 when the draft is the target itself: E / (k + 1) <= 1, so plain steps win."""
-    target = tiny_model("llama")
-    out = specdec.generate(target, torch.tensor([[3, 4, 5]]), max_new_tokens=40, eos_token_id=[],
-                           draft_model=target, num_draft_tokens="auto", return_dict_in_generate=True)
-    assert out.stats.steps_by_k.get(0, 0) > out.stats.target_passes // 2
+@pytest.mark.parametrize("accepted,proposed,c,want", [
+    (900, 1000, 1.0, 0),  # a draft as costly as the target never pays: E / (k + 1) <= 1
+    (0, 1000, 0.01, 0),  # nothing accepted: nothing gained
+    (900, 1000, 0.05, 8),  # alpha 0.9, cheap draft: E/(kc+1) still rises at k = 8
+    (600, 1000, 0.05, 4),  # alpha 0.6: 1.52 at k=1, 1.78, 1.89, 1.92 at k=4, 1.91 at k=5
+])
+def test_auto_k_controller_maximises_predicted_speedup(accepted, proposed, c, want):
+    from specdec.speculative import DraftLength
+    from specdec.stats import SpecStats
+
+    stats = SpecStats(accepted=accepted, proposed=proposed, target_seconds=1.0, timed_target_passes=100,
+                      draft_seconds=c, timed_draft_passes=100)
+    assert stats.cost_ratio == pytest.approx(c)
+    assert DraftLength("auto").next(stats) == want
+    assert DraftLength(5).next(stats) == 5
 
 
 def test_eos_as_first_draft_token_truncates():
