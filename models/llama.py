@@ -10,6 +10,8 @@ one matrix each (``fuse_state_dict`` maps a transformers state dict onto them).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +27,36 @@ ARCHITECTURES = {"llama": None, "mistral": False, "qwen2": True}
 def _qkv_bias(config: PretrainedConfig) -> bool:
     fixed = ARCHITECTURES[config.model_type]
     return bool(getattr(config, "attention_bias", False)) if fixed is None else fixed
+
+
+@functools.cache
+def _onednn_bf16() -> bool:
+    mkldnn = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")
+            and bool(mkldnn._is_mkldnn_bf16_supported()))
+
+
+class Linear(nn.Linear):
+    """nn.Linear that runs bfloat16 inference on the CPU through oneDNN with a prepacked weight.
+
+    Measured on a 2-core AVX-512/AMX CPU over SmolLM2's weight shapes: the default bfloat16 path moves
+    ~8 GB/s at 1 row and slows to ~5 GB/s at 9 rows; the prepacked one ~11-13 GB/s at 1 row and stays
+    within 1.2x of that up to 5 rows, which is what verification of k + 1 tokens needs. float32 gains
+    nothing (MKL's sgemm is faster at 1 row), so it keeps the default path. The packed copy is made on
+    first use and remade whenever the weight changes (its version counter moves).
+    """
+
+    _packed = None
+    _packed_key = None
+
+    def forward(self, x):
+        w = self.weight
+        if w.dtype != torch.bfloat16 or w.device.type != "cpu" or torch.is_grad_enabled() or not _onednn_bf16():
+            return super().forward(x)
+        key = (w.data_ptr(), w._version)
+        if self._packed_key != key:
+            self._packed, self._packed_key = torch.ops.mkldnn._reorder_linear_weight(w, 1), key
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
 
 
 class RMSNorm(nn.Module):
@@ -54,8 +86,8 @@ class Attention(nn.Module):
         self.split = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
                       self.num_kv_heads * self.head_dim)
         # q, k and v in one matrix: one matmul call instead of three (SmolLM2: 90 fewer calls per token)
-        self.qkv_proj = nn.Linear(hidden, sum(self.split), bias=_qkv_bias(config))
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=out_bias)
+        self.qkv_proj = Linear(hidden, sum(self.split), bias=_qkv_bias(config))
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=out_bias)
 
     def forward(self, x, cos, sin, slots, mask, cache: KVCache):
         # x [batch, T, hidden]; cos, sin [batch, 1, T, head_dim]; slots [batch, T]; mask [batch, 1, T, S]
@@ -80,8 +112,8 @@ class MLP(nn.Module):
     def __init__(self, config: PretrainedConfig):
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
-        self.gate_up_proj = nn.Linear(hidden, 2 * inner, bias=False)  # gate and up: one matmul call
-        self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.gate_up_proj = Linear(hidden, 2 * inner, bias=False)  # gate and up: one matmul call
+        self.down_proj = Linear(inner, hidden, bias=False)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -149,7 +181,7 @@ class LlamaModel(nn.Module):
             )
         self.config = config
         self.model = Body(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         with torch.device("cpu"):  # real numbers even while the weights are built on the meta device

@@ -1,0 +1,102 @@
+"""Speculative decoding on SmolLM2-135M-Instruct: the cost of verifying k + 1 tokens, the target as its own
+draft (acceptance 1: tokens per target forward must be k + 1), and a random small draft (acceptance ~0:
+the overhead floor).
+
+    python bench/speculative.py [--tokens 64] [--repeats 3] [--dtypes float32 bfloat16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PROMPTS, chat_ids, machine, median  # noqa: E402
+
+import specdec  # noqa: E402
+
+KS = range(1, 9)
+
+
+def verification_cost(model, repeats: int, context: int = 200) -> dict[int, float]:
+    """Seconds of one target pass over T = k + 1 new tokens / seconds of a T = 1 pass, at `context` cached
+    tokens; passes alternate between the T values so that drift hits all alike."""
+    cache = model.new_cache(1, context + 16)
+    with torch.inference_mode():
+        model(torch.arange(1, context + 1)[None], torch.arange(context)[None], cache)
+        times = {t: [] for t in [1, *[k + 1 for k in KS]]}
+        for _ in range(repeats):
+            for t in times:
+                ids, pos = torch.full((1, t), 7), torch.arange(context, context + t)[None]
+                start = time.perf_counter()
+                model(ids, pos, cache, logits_index=torch.arange(t)[None])
+                times[t].append(time.perf_counter() - start)
+                cache.rollback(torch.tensor([context]))
+    plain = median(times[1])
+    return {t - 1: median(ts) / plain for t, ts in times.items() if t > 1}
+
+
+def random_draft(target):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=target.config.vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).to(target.dtype).eval()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    report = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
+    for dtype_name in args.dtypes:
+        model, tokenizer = specdec.load("smollm2-135m-instruct", dtype=getattr(torch, dtype_name))
+        cost = verification_cost(model, repeats=15)
+        print(f"\n## {dtype_name}\n\nverification pass of k + 1 tokens / plain step (context 200, median of 15):")
+        print("| k | " + " | ".join(str(k) for k in KS) + " |\n|---|" + "---|" * len(KS))
+        print("| cost | " + " | ".join(f"{cost[k]:.2f}" for k in KS) + " |")
+        ids = chat_ids(tokenizer, PROMPTS[0])
+        drafts = {"self": model, "random": random_draft(model)}
+        configs = [("plain", None, 0)] + [(name, d, k) for name, d in drafts.items() for k in KS]
+        specdec.generate(model, ids, max_new_tokens=4, eos_token_id=[])  # warm-up
+        seconds = {c[:1] + (c[2],): [] for c in configs}
+        stats = {}
+        plain = None
+        for _ in tqdm(range(args.repeats), desc=f"speculative {dtype_name}", file=sys.stderr):
+            for name, draft, k in configs:  # alternate every configuration each repeat
+                out = specdec.generate(model, ids, max_new_tokens=args.tokens, eos_token_id=[], draft_model=draft,
+                                       num_draft_tokens=max(k, 1), return_dict_in_generate=True)
+                seconds[(name, k)].append(out.stats.wall_seconds)
+                stats[(name, k)] = out.stats
+                if name == "plain":
+                    plain = out.sequences
+                elif not torch.equal(out.sequences, plain):
+                    print(f"\x1b[31mMISMATCH\x1b[0m {name} k={k}: speculative output differs from plain", file=sys.stderr)
+        base = args.tokens / median(seconds[("plain", 0)])
+        print(f"\n| draft | k | tokens/s | vs plain | tokens/target fwd | acceptance | c | predicted |")
+        print("|---|---|---|---|---|---|---|---|")
+        for (name, k), ts in seconds.items():
+            s, tps = stats[(name, k)], args.tokens / median(ts)
+            c = "-" if s.cost_ratio is None else f"{s.cost_ratio:.2f}"
+            pred = "-" if s.predicted_speedup is None else f"{s.predicted_speedup:.2f}"
+            acc = "-" if not s.proposed else f"{s.acceptance_rate:.2f}"
+            print(f"| {name} | {k} | {tps:.1f} | {tps / base:.2f}x | {s.tokens_per_target_forward:.2f} | {acc} | {c} | {pred} |")
+            report["runs"].append({"dtype": dtype_name, "draft": name, "k": k, "tokens_per_s": tps,
+                                   "speedup_vs_plain": tps / base, "stats": s.to_dict()})
+        report["runs"].append({"dtype": dtype_name, "verification_cost": cost})
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
