@@ -229,10 +229,11 @@ class LlamaModel(nn.Module):
         # Slot j is visible to the query at position p iff j <= p: the cache is compact (slot == position),
         # so stale entries past a row's length — rolled-back drafts, other rows' tails — are never seen.
         # A padding query (-1) sees slot 0 only, which keeps its softmax finite; its output is discarded.
-        slots = torch.arange(span, device=x.device)
-        mask = (slots <= positions.clamp(min=0)[..., None])[:, None]  # [batch, 1, T, S]
+        keys = torch.arange(span, device=x.device)
+        mask = (keys <= positions.clamp(min=0)[..., None])[:, None]  # [batch, 1, T, S]
+        slots = cache.slots(positions)  # [batch, T]
         for layer in self.model.layers:
-            x = layer(x, cos, sin, positions, mask, cache)
+            x = layer(x, cos, sin, slots, mask, cache)
         cache.advance(positions)
         if logits_index is not None:
             x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))

@@ -58,13 +58,15 @@ class KVCache(SequenceLengths):
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # [batch]
         self._rows = torch.arange(batch_size, device=device)[:, None]  # [batch, 1]
 
-    def write(self, layer: int, positions, k, v, span: int):
-        """Store new keys/values at slot == position and return slots 0..span-1 of this layer.
+    def slots(self, positions):
+        """Where new tokens go: slot == position, padding (-1) to the trash slot. [batch, T] -> [batch, T]"""
+        return torch.where(positions < 0, self.max_len, positions)
 
-        positions [batch, T] (-1 = padding); k, v [batch, kv_heads, T, head_dim]
-        returns keys, values [batch, kv_heads, span, head_dim]
+    def write(self, layer: int, slots, k, v, span: int):
+        """Store new keys/values at ``slots`` (from ``slots()``) and return slots 0..span-1 of this layer.
+
+        slots [batch, T]; k, v [batch, kv_heads, T, head_dim] -> keys, values [batch, kv_heads, span, head_dim]
         """
-        slots = torch.where(positions < 0, self.max_len, positions)  # [batch, T]
         self.keys[layer][self._rows, :, slots] = k.transpose(1, 2)
         self.values[layer][self._rows, :, slots] = v.transpose(1, 2)
         return self.keys[layer, :, :, :span], self.values[layer, :, :, :span]
