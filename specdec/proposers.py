@@ -37,6 +37,9 @@ class DraftModelProposer:
         # Catch up on what the draft has not seen: the pending token, plus the last draft after a round
         # where all k were accepted (it was proposed but never fed), plus the whole prompt on the first call.
         input_ids, positions, num_new = state.unseen(cache.lengths)
+        # A target with a padded vocabulary may emit ids the draft has no embedding for (untrained padding
+        # rows; real models practically never do): the draft reads id 0 there. Only its guesses suffer.
+        input_ids = input_ids.masked_fill(input_ids >= self.model.vocab_size, 0)
         last = (num_new - 1).clamp(min=0)[:, None]  # [batch, 1]
         drafts, probs = [], []
         for _ in range(k):

@@ -227,3 +227,36 @@ def test_a_custom_proposer_is_used_losslessly():
     ids = torch.tensor([[3, 4, 5]])
     assert torch.equal(specdec.generate(target, ids, max_new_tokens=15, draft_model=Constant()),
                        specdec.generate(target, ids, max_new_tokens=15))
+
+
+@pytest.mark.parametrize("draft_vocab", [1088, 1216])
+def test_vocab_sizes_that_differ_by_padding_stay_exact(draft_vocab):
+    """Target 1152 ids (a multiple of 64), draft 1088 or 1216: the same tokenizer, padded differently."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def model(vocab, seed):
+        torch.manual_seed(seed)
+        m = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         eos_token_id=None, bos_token_id=None, pad_token_id=None)).double().eval()
+        with torch.no_grad():
+            m.lm_head.weight.mul_(8)
+        return m
+
+    target, draft = model(1152, 0), model(draft_vocab, 0)
+    with torch.no_grad():  # a draft that agrees on the shared ids often: same weights where the shapes meet
+        shared = min(1152, draft_vocab)
+        for p, q in zip(draft.parameters(), target.parameters()):
+            if p.shape == q.shape:
+                p.copy_(q)
+            else:
+                p[:shared].copy_(q[:shared])
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    plain = specdec.generate(target, ids, max_new_tokens=20, pad_token_id=0)
+    out = specdec.generate(target, ids, max_new_tokens=20, pad_token_id=0, draft_model=draft, num_draft_tokens=3,
+                           return_dict_in_generate=True)
+    assert torch.equal(out.sequences, plain)
+    assert out.stats.accepted > 0
+    sampled = specdec.generate(target, ids, max_new_tokens=20, pad_token_id=0, draft_model=draft, do_sample=True,
+                               generator=torch.Generator().manual_seed(0))
+    assert int(sampled.max()) < 1152
