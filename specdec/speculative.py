@@ -116,7 +116,9 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
     """Generate like transformers' ``model.generate()``; with ``draft_model``, speculatively and losslessly.
 
     input_ids       [batch, prompt_len] LongTensor; left padding allowed with attention_mask [batch, prompt_len]
-    draft_model     None (plain) | causal LM (native or transformers) | a Proposer
+    draft_model     None (plain) | causal LM (native or transformers) | a Proposer. A draft model must be on
+                    the target's device (ValueError otherwise) but may have another dtype: a bfloat16 draft
+                    for a float32 target is fine, both distributions are compared in float32.
     returns         [batch, prompt_len + new_tokens] as transformers lays it out (finished rows padded with
                     pad_token_id), or GenerateOutput(sequences, stats) with return_dict_in_generate=True
     """
