@@ -12,7 +12,7 @@ import inspect
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from specdec.cache import SequenceLengths
+from specdec.cache import SequenceLengths, select
 
 
 class TransformersCache(SequenceLengths):
@@ -38,7 +38,7 @@ class TransformersModel:
     is_specdec_model = True
 
     def __init__(self, hf_model: PreTrainedModel):
-        self.hf_model = hf_model.eval()
+        self.hf_model = hf_model
         self.config = hf_model.config
         self.generation_config = hf_model.generation_config
         # transformers renamed past_key_values to cache (deprecated from 5.2x on); use what this version takes
@@ -62,7 +62,7 @@ class TransformersModel:
 
     def __call__(self, input_ids, positions, cache: TransformersCache, logits_index=None):
         """Same contract as ``LlamaModel.forward``: input_ids, positions [batch, T]; -1 = padding."""
-        cache.check_room(int(positions.max()) + 1)
+        cache.check_room(positions)
         slot_positions = torch.cat((cache.slot_positions, positions), dim=1)  # [batch, slots + T]
         out = self.hf_model(
             input_ids=input_ids, position_ids=positions.clamp(min=0), attention_mask=(slot_positions >= 0).long(),
@@ -70,7 +70,4 @@ class TransformersModel:
         )
         cache.slot_positions = slot_positions
         cache.advance(positions)
-        logits = out.logits
-        if logits_index is not None:
-            logits = logits.gather(1, logits_index[..., None].expand(-1, -1, logits.shape[-1]))
-        return logits if logits.dtype == torch.float64 else logits.float()
+        return select(out.logits, logits_index)

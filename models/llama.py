@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from specdec.cache import KVCache
+from specdec.cache import KVCache, select
 
 #: model_type of a transformers config -> whether q/k/v projections carry a bias (o_proj never does there)
 ARCHITECTURES = {"llama": None, "mistral": False, "qwen2": True}
@@ -43,11 +43,12 @@ class Linear(nn.Linear):
     ~8 GB/s at 1 row and slows to ~5 GB/s at 9 rows; the prepacked one ~11-13 GB/s at 1 row and stays
     within 1.2x of that up to 5 rows, which is what verification of k + 1 tokens needs. float32 gains
     nothing (MKL's sgemm is faster at 1 row), so it keeps the default path. The packed copy is made on
-    first use and remade whenever the weight changes (its version counter moves).
+    first use and remade whenever the weight changes (its version counter moves); it is a second copy
+    of the weight in memory (bfloat16 on the CPU only).
     """
 
-    _packed = None
-    _packed_key = None
+    _packed = None  # oneDNN's blocked layout of weight [out, in]; opaque
+    _packed_key = None  # (data_ptr, version) of the weight it was made from
 
     def forward(self, x):
         w = self.weight
@@ -220,8 +221,7 @@ class LlamaModel(nn.Module):
         returns       [batch, T or n, vocab] logits in float32 (float64 for float64 models)
         """
         x = self.model.embed_tokens(input_ids)  # [batch, T, hidden]
-        span = int(positions.max()) + 1  # keys attended: slots 0..span-1 (one host sync per forward)
-        cache.check_room(span)
+        span = cache.check_room(positions)  # keys attended: slots 0..span-1
         angles = positions.clamp(min=0).float()[..., None] * self.inv_freq  # [batch, T, head_dim / 2]
         angles = torch.cat((angles, angles), dim=-1)[:, None]  # [batch, 1, T, head_dim]
         cos = (angles.cos() * self.rope_scaling).to(x.dtype)
@@ -235,7 +235,6 @@ class LlamaModel(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, slots, mask, cache)
         cache.advance(positions)
-        if logits_index is not None:
+        if logits_index is not None:  # the vocabulary projection only where logits are wanted
             x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))
-        logits = self.lm_head(self.model.norm(x))
-        return logits if logits.dtype == torch.float64 else logits.float()
+        return select(self.lm_head(self.model.norm(x)))

@@ -50,10 +50,6 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def is_native(model) -> bool:
-    return isinstance(model, LlamaModel) or hasattr(model, "new_cache") and callable(model)
-
-
 def as_native(model, argument: str = "model"):
     """A model specdec can drive: native models pass through; a transformers model is converted once
     (the result is cached on the object and shares its weight tensors)."""
@@ -61,11 +57,17 @@ def as_native(model, argument: str = "model"):
         return model
     if not isinstance(model, PreTrainedModel):
         raise ValueError(f"{argument} must be a transformers causal LM or a specdec model, got {type(model).__name__}")
-    native = model.__dict__.get(_NATIVE_ATTR)
-    if native is None:
+    # The conversion is valid while transformers' weights still live where it put them: after
+    # model.to(other device or dtype) they have new storage, and the conversion is made again.
+    weights = tuple(p.data_ptr() for p in model.parameters())
+    key = (model.device, model.dtype, weights)
+    cached = model.__dict__.get(_NATIVE_ATTR)
+    if cached is None or cached[0] != key:
         native = from_transformers(model)
-        model.__dict__[_NATIVE_ATTR] = native  # not a submodule: keeps model.state_dict() unchanged
-    return native
+        weights = tuple(p.data_ptr() for p in model.parameters())  # re-pointed at the fused matrices
+        cached = ((model.device, model.dtype, weights), native)
+        model.__dict__[_NATIVE_ATTR] = cached  # not a submodule: keeps model.state_dict() unchanged
+    return cached[1]
 
 
 def from_transformers(hf_model: PreTrainedModel):

@@ -2,12 +2,12 @@
 
 from specdec.cache import KVCache
 from specdec.speculative import GenerateOutput, generate
-from specdec.proposers import DraftModelProposer, Proposer
+from specdec.proposers import DraftModelProposer, NGramProposer, Proposer
 from specdec.sampling import SamplingConfig
 from specdec.stats import SpecStats
 from specdec import kernels, models  # noqa: E402  (installed from the top-level folders kernels/, models/)
 from specdec.models.loading import load
 
 
-__all__ = ["GenerateOutput", "DraftModelProposer", "KVCache", "Proposer", "SamplingConfig", "SpecStats",
+__all__ = ["GenerateOutput", "DraftModelProposer", "NGramProposer", "KVCache", "Proposer", "SamplingConfig", "SpecStats",
            "generate", "kernels", "load", "models"]

@@ -19,16 +19,22 @@ class SequenceLengths:
     def batch_size(self) -> int:
         return self.lengths.shape[0]
 
-    def check_room(self, span: int) -> None:
+    def check_room(self, positions) -> int:
+        """positions [batch, T] -> span: slots 0..span-1 cover them (one host sync); refuses overflow."""
+        span = int(positions.max()) + 1
         if span > self.max_len:
             raise ValueError(f"positions up to {span - 1} do not fit a KV cache of max_len={self.max_len}")
+        return span
 
     def advance(self, positions) -> None:
-        """After a forward: each row's length covers the new tokens it was given."""
+        """After a forward: each row's length covers the new tokens it was given. positions [batch, T]"""
         self.lengths = torch.maximum(self.lengths, positions.amax(dim=1) + 1)
 
     def rollback(self, lengths) -> None:
-        """Keep the first ``lengths[b]`` slots of each row; the rest is overwritten by the next append."""
+        """Keep the first ``lengths[b]`` slots of each row; the rest is overwritten by the next append.
+
+        lengths [batch] (or a scalar for all rows)
+        """
         lengths = torch.as_tensor(lengths, dtype=torch.long, device=self.lengths.device).expand(self.batch_size)
         if bool(((lengths < 0) | (lengths > self.lengths)).any()):
             raise ValueError(f"rollback lengths={lengths.tolist()} must lie in 0..{self.lengths.tolist()}")
@@ -70,3 +76,10 @@ class KVCache(SequenceLengths):
         self.keys[layer][self._rows, :, slots] = k.transpose(1, 2)
         self.values[layer][self._rows, :, slots] = v.transpose(1, 2)
         return self.keys[layer, :, :, :span], self.values[layer, :, :, :span]
+
+
+def select(logits, logits_index=None):
+    """logits [batch, T, vocab] -> the rows at logits_index [batch, n] (all if None), float32 or float64."""
+    if logits_index is not None:
+        logits = logits.gather(1, logits_index[..., None].expand(-1, -1, logits.shape[-1]))
+    return logits if logits.dtype == torch.float64 else logits.float()

@@ -56,3 +56,35 @@ class DraftModelProposer:
             last = torch.zeros_like(last)
         state.stats.draft_passes += k
         return torch.stack(drafts, dim=1), (torch.stack(probs, dim=1) if probs else None)
+
+
+class NGramProposer:
+    """Prompt lookup: find the most recent earlier occurrence of each row's last n tokens (n from
+    ``max_ngram`` down to ``min_ngram``, longest first) in its prompt + output, and propose the tokens that
+    followed it. No match: no proposal (that row takes a plain step). Never proposes past an EOS.
+    Deterministic, so ``draft_probs`` is None: one-hot distributions keep sampling lossless."""
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        if not (isinstance(min_ngram, int) and isinstance(max_ngram, int) and 1 <= min_ngram <= max_ngram):
+            raise ValueError(f"n-gram sizes need 1 <= min_ngram <= max_ngram, got {min_ngram=}, {max_ngram=}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, state: DecodeState, k: int):
+        tokens, known = state.tokens[:, :-1], state.num_tokens[:, None]  # [batch, L], [batch, 1]
+        length = tokens.shape[1]
+        start = torch.full_like(known, -1)  # [batch, 1] where the proposed continuation starts
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            if length <= n:
+                continue
+            suffix = tokens.gather(1, (known - n + torch.arange(n, device=tokens.device)).clamp(min=0))  # [batch, n]
+            i = torch.arange(length - n + 1, device=tokens.device)  # window starts
+            # an earlier occurrence (not the suffix itself) whose next token is already known: i + n < known
+            hit = (tokens.unfold(1, n, 1) == suffix[:, None]).all(dim=-1) & (i + n < known) & (known > n)
+            latest = torch.where(hit, i, -1).amax(dim=1, keepdim=True)
+            start = torch.where((start < 0) & (latest >= 0), latest + n, start)
+        where = start + torch.arange(k, device=tokens.device)  # [batch, k]
+        drafts = tokens.gather(1, where.clamp(0, length - 1))
+        valid = (start >= 0) & (where < known)
+        is_eos = torch.isin(drafts, state.eos) & valid
+        valid &= (is_eos.long().cumsum(dim=1) - is_eos.long()) == 0  # keep an EOS, drop what follows it
+        return torch.where(valid, drafts, -1), None

@@ -23,12 +23,12 @@ class SamplingConfig:
 
     def __post_init__(self):
         t = self.temperature
-        if not isinstance(t, (int, float)) or math.isnan(t) or t < 0:
-            raise ValueError(f"temperature must be a number >= 0, got temperature={t!r}")
+        if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got temperature={t!r}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0, got top_k={self.top_k!r}")
         p = self.top_p
-        if not isinstance(p, (int, float)) or math.isnan(p) or not 0 < p <= 1:
+        if not isinstance(p, (int, float)) or not 0 < p <= 1:  # NaN fails the comparison too
             raise ValueError(f"top_p must lie in (0, 1], got top_p={p!r}")
 
     @property

@@ -5,13 +5,12 @@ Plain decoding is the speculative step with k = 0: one loop, one mechanism.
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from specdec.proposers import DraftModelProposer, Proposer
+from specdec.proposers import DraftModelProposer, NGramProposer
 from specdec.sampling import SamplingConfig, verify
 from specdec.state import DecodeState
 from specdec.stats import SpecStats, predicted_speedup
@@ -29,12 +28,17 @@ def speculative_step(target, cache, proposer, state: DecodeState, num_drafts):
     """One round: draft, verify all drafts in one target pass, roll back, commit.
 
     num_drafts [batch] drafts wanted per row (0 = plain step)
-    returns emitted [batch, k + 1] and num_accepted [batch] (row b emits num_accepted[b] + 1 tokens)
+    returns emitted [batch, k + 1], num_accepted [batch] (row b emits num_accepted[b] + 1 tokens) and
+            num_drafts [batch] as offered (a proposer may offer fewer)
     """
     k = int(num_drafts.max())
     tick = time.perf_counter()
     if k > 0:
         drafts, draft_probs = proposer.propose(state, k)  # [batch, k], [batch, k, vocab] or None
+        _check_proposal(drafts, draft_probs, state, k)
+        # A proposer offers a row fewer than k tokens by padding with -1 (n-gram lookup without a match).
+        num_drafts = torch.minimum(num_drafts, (drafts >= 0).long().cumprod(dim=1).sum(dim=1))
+        drafts = drafts.clamp(min=0)
     else:
         drafts, draft_probs = state.tokens.new_zeros(state.batch_size, 0), None
     _sync(state.tokens)
@@ -54,7 +58,19 @@ def speculative_step(target, cache, proposer, state: DecodeState, num_drafts):
         stats.target_seconds += time.perf_counter() - tock
         stats.timed_draft_passes += k
         stats.timed_target_passes += 1
-    return emitted, num_accepted
+    return emitted, num_accepted, num_drafts
+
+
+def _check_proposal(drafts, draft_probs, state: DecodeState, k: int) -> None:
+    want = (state.batch_size, k)
+    if not isinstance(drafts, torch.Tensor) or tuple(drafts.shape) != want or drafts.dtype != torch.long:
+        raise ValueError(f"draft_model proposed {getattr(drafts, 'dtype', type(drafts).__name__)} "
+                         f"{tuple(getattr(drafts, 'shape', ()))}; a Proposer must return a LongTensor {want}")
+    if bool(((drafts < -1) | (drafts >= state.vocab_size)).any()):
+        raise ValueError(f"draft_model proposed ids outside -1..{state.vocab_size - 1}")
+    if draft_probs is not None and tuple(draft_probs.shape) != (*want, state.vocab_size):
+        raise ValueError(f"draft_model returned draft_probs of shape {tuple(draft_probs.shape)}, "
+                         f"expected {(*want, state.vocab_size)}")
 
 
 def _sync(t):
@@ -62,7 +78,7 @@ def _sync(t):
         torch.cuda.synchronize(t.device)
 
 
-def _commit(state: DecodeState, emitted, num_accepted, num_drafts, eos, max_new_tokens):
+def _commit(state: DecodeState, emitted, num_accepted, num_drafts):
     """Append each active row's emitted tokens, cut after an EOS; retire finished rows.
 
     returns counts [batch] of tokens appended
@@ -70,7 +86,7 @@ def _commit(state: DecodeState, emitted, num_accepted, num_drafts, eos, max_new_
     k1 = emitted.shape[1]
     j = torch.arange(k1, device=emitted.device)
     counts = torch.where(state.active, num_accepted + 1, 0)  # [batch]
-    is_eos = torch.isin(emitted, eos) & (j < counts[:, None])  # [batch, k + 1]
+    is_eos = torch.isin(emitted, state.eos) & (j < counts[:, None])  # [batch, k + 1]
     hit = is_eos.any(dim=1)
     counts = torch.where(hit, is_eos.int().argmax(dim=1) + 1, counts)
     trash = state.tokens.shape[1] - 1
@@ -78,13 +94,13 @@ def _commit(state: DecodeState, emitted, num_accepted, num_drafts, eos, max_new_
     state.tokens.scatter_(1, columns, emitted)
     rows = state.active.clone()
     state.num_tokens += counts
-    done = hit | (state.num_tokens - state.prompt_lengths >= max_new_tokens)
+    done = hit | (state.num_tokens - state.prompt_lengths >= state.max_new_tokens)
     state.active &= ~done
     # statistics, one host transfer per step
     i = torch.arange(k1 - 1, device=emitted.device)  # draft positions
     reached = ((num_drafts[:, None] > i) & (num_accepted[:, None] >= i) & rows[:, None]).sum(0)
     accepted = ((num_accepted[:, None] > i) & rows[:, None]).sum(0)
-    summary = torch.cat((torch.stack((num_drafts[rows].sum(), counts.sum(), rows.sum())), reached, accepted))
+    summary = torch.cat((torch.stack((num_drafts.sum(), counts.sum(), rows.sum())), reached, accepted))
     values = summary.tolist()
     n = len(i)
     state.stats.record(values[0], values[3:3 + n], values[3 + n:], emitted=values[1], rows=values[2],
@@ -94,11 +110,16 @@ def _commit(state: DecodeState, emitted, num_accepted, num_drafts, eos, max_new_
 
 class DraftLength:
     """Picks k each step: fixed, or "auto" — the k in 0..8 maximising E / (k c + 1) from this call's own
-    measured acceptance rate and draft cost ratio (k = 0, a plain step, when speculation does not pay)."""
+    measured acceptance rate and draft cost ratio (k = 0, a plain step, when speculation does not pay).
+    After REPROBE plain steps in a row it drafts once with k = 1: text changes, and a plain step measures
+    nothing, so without a probe one unlucky estimate would hold for the rest of the call."""
+
+    REPROBE = 16
 
     def __init__(self, num_draft_tokens):
         self.auto = num_draft_tokens == "auto"
         self.k = MAX_AUTO_DRAFT_TOKENS if self.auto else num_draft_tokens
+        self.plain_steps = 0
 
     def next(self, stats: SpecStats) -> int:
         if not self.auto:
@@ -107,7 +128,11 @@ class DraftLength:
             return 4
         # Laplace prior: two pseudo-drafts, one accepted, so early steps neither hope nor despair too much.
         alpha = (stats.accepted + 1) / (stats.proposed + 2)
-        return max(range(self.k + 1), key=lambda k: predicted_speedup(alpha, k, stats.cost_ratio))
+        k = max(range(self.k + 1), key=lambda k: predicted_speedup(alpha, k, stats.cost_ratio))
+        self.plain_steps = self.plain_steps + 1 if k == 0 else 0
+        if self.plain_steps > self.REPROBE:
+            self.plain_steps, k = 0, 1
+        return k
 
 
 def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_draft_tokens=4, max_new_tokens=None,
@@ -132,6 +157,7 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
     eos = _token_ids("eos_token_id", eos_token_id if eos_token_id is not None else config.eos_token_id)
     if pad_token_id is None:
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    pad_token_id = _token_ids("pad_token_id", pad_token_id)[0]
     if num_draft_tokens != "auto" and (not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool)
                                        or num_draft_tokens < 1):
         raise ValueError(f"num_draft_tokens must be an integer >= 1 or 'auto', got num_draft_tokens={num_draft_tokens!r}")
@@ -153,8 +179,8 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
         tokens=tokens, num_tokens=prompt_lengths.clone(), prompt_lengths=prompt_lengths,
         active=torch.ones(batch, dtype=torch.bool, device=device), sampling=sampling, generator=generator,
         vocab_size=target.vocab_size, max_len=capacity + length.k + 1,
+        eos=torch.tensor(eos, dtype=torch.long, device=device), max_new_tokens=max_new_tokens,
     )
-    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     start = time.perf_counter()
@@ -164,8 +190,8 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
             k = length.next(state.stats) if proposer is not None else 0
             remaining = max_new_tokens - (state.num_tokens - prompt_lengths)
             num_drafts = torch.where(state.active, (remaining - 1).clamp(min=0, max=k), 0)  # [batch]
-            emitted, num_accepted = speculative_step(target, cache, proposer, state, num_drafts)
-            counts = _commit(state, emitted, num_accepted, num_drafts, eos_ids, max_new_tokens)
+            emitted, num_accepted, num_drafts = speculative_step(target, cache, proposer, state, num_drafts)
+            counts = _commit(state, emitted, num_accepted, num_drafts)
             if streamer is not None:
                 streamer.put(emitted[0, : int(counts[0])].cpu())
     if streamer is not None:
@@ -189,11 +215,12 @@ def _check_inputs(input_ids, attention_mask, target):
         raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}; a prompt needs at least one token")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    attention_mask = torch.as_tensor(attention_mask).long()
+    attention_mask = torch.as_tensor(attention_mask, device=input_ids.device)
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
     if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
         raise ValueError("attention_mask must hold only 0 and 1")
+    attention_mask = attention_mask.long()
     if bool((attention_mask.sum(dim=1) == 0).any()):
         raise ValueError("attention_mask: a row has no token (empty prompt)")
     real = input_ids[attention_mask.bool()]
@@ -210,12 +237,24 @@ def _sampling_config(config, do_sample, temperature, top_k, top_p):
         found = getattr(config, name, None)
         return default if found is None else found
 
-    do_sample = bool(pick(do_sample, "do_sample", False))
-    if not do_sample:  # as transformers: the sampling knobs are inert in greedy mode, but still validated
-        SamplingConfig(False, *(v for v in (pick(temperature, "temperature", 1.0), pick(top_k, "top_k", 0),
-                                              pick(top_p, "top_p", 1.0))))
-        return SamplingConfig(do_sample=False)
-    return SamplingConfig(True, pick(temperature, "temperature", 1.0), pick(top_k, "top_k", 0), pick(top_p, "top_p", 1.0))
+    for name, default in UNSUPPORTED.items():
+        value = getattr(config, name, None)
+        if value not in (None, default):
+            raise ValueError(f"generation_config.{name}={value!r} is not supported by specdec yet; set it to "
+                             f"{default!r} (or None) to generate with the remaining settings")
+    sampling = SamplingConfig(bool(pick(do_sample, "do_sample", False)), pick(temperature, "temperature", 1.0),
+                              pick(top_k, "top_k", 0), pick(top_p, "top_p", 1.0))
+    # as transformers: the sampling knobs are validated always, but inert in greedy mode
+    return sampling if sampling.do_sample else replace(sampling, temperature=1.0, top_k=0, top_p=1.0)
+
+
+#: generation_config fields that change what transformers generates and that specdec does not implement,
+#: with their neutral values: a model that sets one is refused rather than silently generating otherwise.
+UNSUPPORTED = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0, "min_length": 0,
+               "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None, "min_p": None,
+               "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beams": 1,
+               "forced_bos_token_id": None, "forced_eos_token_id": None, "sequence_bias": None,
+               "encoder_repetition_penalty": 1.0, "length_penalty": 1.0}
 
 
 def _max_new_tokens(config, max_new_tokens, prompt_len):
@@ -224,6 +263,9 @@ def _max_new_tokens(config, max_new_tokens, prompt_len):
         if max_new_tokens is None:  # transformers' rule: a set max_length counts the prompt, else 20 new tokens
             max_length = getattr(config, "max_length", None)
             max_new_tokens = 20 if max_length is None else max_length - prompt_len
+            if max_new_tokens < 1:
+                raise ValueError(f"generation_config.max_length={max_length} leaves no room after a prompt of "
+                                 f"{prompt_len} tokens; pass max_new_tokens")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got max_new_tokens={max_new_tokens!r}")
     return max_new_tokens
@@ -244,20 +286,30 @@ def _proposer(draft_model, target):
     if draft_model is None:
         return None
     if isinstance(draft_model, str):
-        raise ValueError(f"draft_model={draft_model!r} is not a known proposer")
-    if isinstance(draft_model, Proposer) and not isinstance(draft_model, torch.nn.Module):
+        if draft_model == "ngram":
+            return NGramProposer()
+        raise ValueError(f"draft_model={draft_model!r} is not a known proposer (known: 'ngram')")
+    if hasattr(draft_model, "propose"):  # any Proposer, whatever else it is
         return draft_model
     draft = as_native(draft_model, "draft_model")
-    check_vocab(draft.vocab_size, target.vocab_size)
+    check_vocab(draft, target)
     if draft.device != target.device:
         raise ValueError(f"draft_model is on {draft.device} but the target is on {target.device}: move one of them")
     return DraftModelProposer(draft)
 
 
-def check_vocab(draft_vocab: int, target_vocab: int) -> None:
+def check_vocab(draft, target) -> None:
     """Sizes may differ only by alignment padding of the embedding (e.g. 151936 vs 152064: both are the
-    same tokenizer padded to a multiple of 64/128); anything else is another tokenizer."""
+    same tokenizer padded to a multiple of 64/128), and then the special ids must agree too (GPT-2's 50257
+    against GPT-NeoX's 50304 looks like padding, but their EOS ids differ); anything else is another
+    tokenizer."""
+    draft_vocab, target_vocab = draft.vocab_size, target.vocab_size
     small, large = sorted((draft_vocab, target_vocab))
-    if small == large or (large % 64 == 0 and large - small < 1024 and small > 1024):
+    if small == large:
         return
-    raise ValueError(f"draft_model vocabulary size {draft_vocab} does not match the target's {target_vocab}")
+    padded = large % 64 == 0 and large - small < 1024 and small > 1024
+    special = [(getattr(draft.config, n, None), getattr(target.config, n, None)) for n in ("bos_token_id", "eos_token_id")]
+    if padded and all(a == b for a, b in special):
+        return
+    raise ValueError(f"draft_model vocabulary size {draft_vocab} does not match the target's {target_vocab}"
+                     + (f" (bos/eos ids differ: {special})" if padded else ""))

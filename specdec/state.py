@@ -20,6 +20,8 @@ class DecodeState:
     generator: torch.Generator | None
     vocab_size: int  # the target's; proposers return distributions over it
     max_len: int  # positions a cache must be able to hold
+    eos: torch.Tensor  # [n_eos] ids that end a row (may be empty)
+    max_new_tokens: int
     stats: SpecStats = field(default_factory=SpecStats)
     scratch: dict = field(default_factory=dict)  # per-call state of proposers (draft KV caches)
 

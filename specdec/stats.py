@@ -22,7 +22,7 @@ class SpecStats:
     proposed: int = 0  # draft tokens offered to the target
     accepted: int = 0  # draft tokens the target kept
     emitted: int = 0  # tokens appended to the output (accepted + recovered/bonus, cut at EOS and max_new_tokens)
-    target_passes: int = 0  # target forwards, prefill excluded
+    target_passes: int = 0  # target forwards; the first one also prefills the prompt
     draft_passes: int = 0  # draft forwards, its prefill and catch-up included
     target_seconds: float = 0.0  # spent in target passes after the first (the prefill is not a decode step)
     draft_seconds: float = 0.0  # spent drafting in those same steps

@@ -1,7 +1,5 @@
 """Plain decoding: transformers' generate() output, layout and defaults; bad input is refused cleanly."""
 
-import math
-
 import pytest
 import torch
 from conftest import FALLBACK_ARCHS, tiny_model
@@ -85,6 +83,10 @@ BAD = [
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(temperature=float("nan"), do_sample=True), "temperature"),
     (dict(temperature=-1.0, do_sample=True), "temperature"),
+    (dict(temperature=float("inf"), do_sample=True), "temperature"),
+    (dict(top_p=float("nan"), do_sample=True), "top_p"),
+    (dict(pad_token_id=-3), "pad_token_id"),
+    (dict(attention_mask=torch.tensor([[1.0, 0.5, 1.0]])), "attention_mask"),
     (dict(top_p=0.0, do_sample=True), "top_p"),
     (dict(top_p=1.5, do_sample=True), "top_p"),
     (dict(top_k=-1, do_sample=True), "top_k"),
@@ -102,10 +104,12 @@ def test_bad_input_names_the_argument_and_leaves_the_model_usable(kwargs, argume
     args.update(kwargs)
     if args.get("draft_model") == "self":
         args["draft_model"] = hf
-    before = specdec.generate(hf, torch.tensor([[3, 4, 5]]), max_new_tokens=4)
+    prompt = torch.tensor([[3, 4, 5]])
+    before = specdec.generate(hf, prompt, max_new_tokens=4)
     with pytest.raises(ValueError, match=argument):
         specdec.generate(hf, **args)
-    assert torch.equal(specdec.generate(hf, torch.tensor([[3, 4, 5]]), max_new_tokens=4), before)
+    assert torch.equal(specdec.generate(hf, prompt, max_new_tokens=4), before)
+    assert torch.equal(hf.generate(prompt, max_new_tokens=4, do_sample=False), before)  # the caller's model too
 
 
 def test_not_a_model_is_refused():
@@ -119,4 +123,25 @@ def test_temperature_zero_is_greedy():
     greedy = specdec.generate(hf, ids, max_new_tokens=10)
     assert torch.equal(specdec.generate(hf, ids, max_new_tokens=10, do_sample=True, temperature=0.0,
                                         generator=torch.Generator().manual_seed(0)), greedy)
-    assert not math.isnan(0.0)
+
+
+def test_generation_config_settings_specdec_does_not_implement_are_refused():
+    import copy
+
+    hf = copy.deepcopy(tiny_model("llama"))
+    hf.generation_config.repetition_penalty = 1.05  # as Qwen2.5-Instruct ships
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        specdec.generate(hf, torch.tensor([[3, 4]]), max_new_tokens=3)
+
+
+def test_conversion_follows_the_model_to_another_dtype():
+    import copy
+
+    hf = copy.deepcopy(tiny_model("qwen2", torch.float32))
+    ids = torch.tensor([[3, 4, 5]])
+    assert torch.equal(specdec.generate(hf, ids, max_new_tokens=8), hf.generate(ids, max_new_tokens=8, do_sample=False))
+    hf.to(torch.float64)
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(-1)  # in place, after the move: the conversion must see it
+    assert specdec.models.as_native(hf).dtype == torch.float64
+    assert torch.equal(specdec.generate(hf, ids, max_new_tokens=8), hf.generate(ids, max_new_tokens=8, do_sample=False))

@@ -1,8 +1,5 @@
 """The sampler: constructed logits with exact expectations, and the distribution proved statistically."""
 
-import itertools
-import math
-
 import pytest
 import torch
 from conftest import tiny_model
@@ -69,11 +66,14 @@ def test_top_k_one_is_greedy_even_on_ties():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Statistical test: the first two tokens of speculative sampling follow the target's exact distribution.
-# Bound per outcome: |count - N p| <= 6 sqrt(N p (1 - p)) + 5. With ~V^2 = 49 outcomes, a 6-sigma normal
-# tail (2e-9 each) makes a false alarm about 1e-7 per test; the +5 absorbs the discreteness at tiny N p.
+# Statistical test: the first three tokens of speculative sampling follow the target's exact joint
+# distribution. With max_new_tokens=3 and k=3 the first pass verifies 2 drafts (positions 0 and 1), so
+# acceptance after an accepted draft, the residual at position 1 and the bonus after two drafts are all in
+# play; later passes see rows with different draft counts (ragged). Bound per outcome:
+# |count - N p| <= 6 sqrt(N p (1 - p)) + 5. Over V^3 = 343 outcomes a 6-sigma normal tail (2e-9 each)
+# makes a false alarm about 7e-7 per test; the +5 absorbs the discreteness at tiny N p.
 # ---------------------------------------------------------------------------------------------------------
-TOY_VOCAB, N = 7, 50_000
+TOY_VOCAB, N, NEW = 7, 50_000, 3
 PROMPT = [3, 1, 4]
 
 
@@ -87,25 +87,28 @@ def _toy(seed, scale):
     return model
 
 
-def _exact_two_token_distribution(model, sampling):
-    """P(t1, t2) by enumeration of the target's processed distributions. -> [V, V]"""
+def _exact_distribution(model, sampling):
+    """P(t1, t2, t3) by enumeration of the target's processed distributions. -> [V, V, V]"""
     native = specdec.models.as_native(model)
-    probs = torch.zeros(TOY_VOCAB, TOY_VOCAB, dtype=torch.float64)
+    V, P = TOY_VOCAB, len(PROMPT)
+    pairs = torch.cartesian_prod(torch.arange(V), torch.arange(V))  # [V^2, 2]: every (t1, t2)
+    ids = torch.cat((torch.tensor(PROMPT).expand(V * V, -1), pairs), dim=1)  # [V^2, P + 2]
     with torch.no_grad():
-        for t1 in range(TOY_VOCAB):
-            ids = torch.tensor([PROMPT + [t1]])
-            logits = native(ids, torch.arange(ids.shape[1])[None], native.new_cache(1, 8))  # [1, 4, V]
-            p = sampling.probs(logits[0])
-            probs[t1] = p[-2, t1] * p[-1]
-    return probs
+        logits = native(ids, torch.arange(P + 2).expand(V * V, -1), native.new_cache(V * V, P + 2))
+    p = sampling.probs(logits).reshape(V, V, P + 2, V)
+    first = p[0, 0, P - 1]  # [V]          P(t1)
+    second = p[:, 0, P]  # [V, V]          P(t2 | t1)
+    third = p[:, :, P + 1]  # [V, V, V]    P(t3 | t1, t2)
+    return first[:, None, None] * second[:, :, None] * third
 
 
-def _empirical(target, draft, k, kwargs, seed=0):
-    out = specdec.generate(target, torch.tensor([PROMPT] * N), max_new_tokens=2, eos_token_id=[], do_sample=True,
+def _empirical(target, draft, k, knobs, seed=0):
+    out = specdec.generate(target, torch.tensor([PROMPT] * N), max_new_tokens=NEW, eos_token_id=[], do_sample=True,
                            draft_model=draft, num_draft_tokens=k, generator=torch.Generator().manual_seed(seed),
-                           **kwargs)
-    pairs = out[:, len(PROMPT)] * TOY_VOCAB + out[:, len(PROMPT) + 1]
-    return torch.bincount(pairs, minlength=TOY_VOCAB ** 2).reshape(TOY_VOCAB, TOY_VOCAB).double()
+                           **knobs)
+    new = out[:, len(PROMPT):]
+    cells = (new[:, 0] * TOY_VOCAB + new[:, 1]) * TOY_VOCAB + new[:, 2]
+    return torch.bincount(cells, minlength=TOY_VOCAB ** 3).reshape([TOY_VOCAB] * 3).double()
 
 
 def _violations(counts, probs):
@@ -122,14 +125,21 @@ SETTINGS = [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.7, top
 @pytest.mark.parametrize("knobs", SETTINGS, ids=lambda d: "-".join(f"{k}{v}" for k, v in d.items()))
 def test_speculative_sampling_matches_the_targets_distribution(k, knobs):
     target, draft = _toy(0, 4.0), _toy(1, 4.0)  # an unrelated draft: plenty of rejections and residuals
-    probs = _exact_two_token_distribution(target, SamplingConfig(do_sample=True, **knobs))
+    probs = _exact_distribution(target, SamplingConfig(do_sample=True, **knobs))
+    assert torch.isclose(probs.sum(), torch.tensor(1.0, dtype=torch.float64))
     counts = _empirical(target, draft, k, knobs)
     bad, impossible = _violations(counts, probs)
     assert impossible == 0, "a token of probability zero appeared"
     assert bad == 0, f"{bad} outcomes outside the bound"
 
 
-def test_the_statistical_test_catches_a_broken_sampler(monkeypatch):
+def test_plain_sampling_matches_too():
+    probs = _exact_distribution(_toy(0, 4.0), SamplingConfig(do_sample=True, **SETTINGS[3]))
+    bad, impossible = _violations(_empirical(_toy(0, 4.0), None, 1, SETTINGS[3]), probs)
+    assert bad == 0 and impossible == 0
+
+
+def test_the_statistical_test_catches_resampling_from_the_target(monkeypatch):
     """The classic bug: on rejection, resample from the target instead of the residual. It must fail."""
     real_verify = generate_module.verify
 
@@ -141,8 +151,24 @@ def test_the_statistical_test_catches_a_broken_sampler(monkeypatch):
         return emitted.scatter(1, n[:, None], resampled), n
 
     monkeypatch.setattr(generate_module, "verify", broken)
-    knobs = SETTINGS[0]
     target, draft = _toy(0, 4.0), _toy(1, 4.0)
-    probs = _exact_two_token_distribution(target, SamplingConfig(do_sample=True, **knobs))
-    bad, _ = _violations(_empirical(target, draft, 1, knobs), probs)
+    probs = _exact_distribution(target, SamplingConfig(do_sample=True, **SETTINGS[0]))
+    bad, _ = _violations(_empirical(target, draft, 3, SETTINGS[0]), probs)
+    assert bad > 0
+
+
+def test_the_statistical_test_catches_drafts_not_drawn_from_draft_probs(monkeypatch):
+    """transformers #32867 / vLLM #40149: the draft samples from one distribution and reports another."""
+    import specdec.proposers as proposers
+
+    real_sample = proposers.sample
+
+    def skewed(probs, generator):  # draws from probs**0.5, renormalised, but probs is what gets reported
+        flat = probs.sqrt()
+        return real_sample(flat / flat.sum(-1, keepdim=True), generator)
+
+    monkeypatch.setattr(proposers, "sample", skewed)
+    target, draft = _toy(0, 4.0), _toy(1, 4.0)
+    probs = _exact_distribution(target, SamplingConfig(do_sample=True, **SETTINGS[1]))
+    bad, _ = _violations(_empirical(target, draft, 3, SETTINGS[1]), probs)
     assert bad > 0

@@ -15,6 +15,8 @@ def _draft(kind, arch):
         return tiny_model(arch)  # everything accepted
     if kind == "perturbed":
         return perturbed_copy(arch)  # partial acceptance
+    if kind == "ngram":
+        return "ngram"  # prompt lookup: deterministic, ragged (rows without a match offer nothing)
     return tiny_model("smollm2", seed=7)  # an unrelated random model: almost everything rejected
 
 
@@ -38,8 +40,8 @@ def test_greedy_speculative_equals_plain_equals_transformers(arch, data):
     ids, mask = data.draw(batches(target.config.vocab_size), label="prompts")
     k = data.draw(st.integers(1, 8), label="k")
     max_new = data.draw(st.integers(1, 40), label="max_new_tokens")
-    kind = data.draw(st.sampled_from(["self", "perturbed", "random"]), label="draft")
-    if arch in FALLBACK_ARCHS and kind != "self":
+    kind = data.draw(st.sampled_from(["self", "perturbed", "random", "ngram"]), label="draft")
+    if arch in FALLBACK_ARCHS and kind in ("perturbed", "random"):
         kind = data.draw(st.sampled_from(["self", "llama-as-draft"]), label="fallback draft")
     draft = tiny_model("llama", seed=3) if kind == "llama-as-draft" else _draft(kind, arch)
     plain = specdec.generate(target, ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=[])
@@ -85,7 +87,8 @@ def test_random_draft_stats_and_table():
                            draft_model=draft, num_draft_tokens=4, return_dict_in_generate=True)
     s = out.stats
     assert s.emitted == 40 and s.accepted <= s.proposed
-    assert s.tokens_per_target_forward == pytest.approx(s.emitted / s.row_passes)
+    assert s.row_passes == 2 * s.target_passes  # both rows run every pass (neither finishes early)
+    assert s.tokens_per_target_forward == pytest.approx(40 / (2 * s.target_passes))
     assert 0 <= s.acceptance_rate < 0.5
     assert s.cost_ratio is not None and s.cost_ratio > 0
     assert s.draft_passes > 0
@@ -190,11 +193,19 @@ def test_vocab_mismatch_is_refused_naming_both_sizes():
         specdec.generate(target, torch.tensor([[3]]), max_new_tokens=2, draft_model=bad)
 
 
-def test_padding_only_vocab_difference_is_masked():
+def test_padding_only_vocab_difference_is_accepted_and_other_tokenizers_are_not():
+    from types import SimpleNamespace
+
     from specdec.speculative import check_vocab
-    check_vocab(151936, 152064)  # Qwen2 0.5B vs 7B: the same tokenizer, padded embeddings
-    with pytest.raises(ValueError):
-        check_vocab(32000, 128256)
+
+    def m(vocab, eos):
+        return SimpleNamespace(vocab_size=vocab, config=SimpleNamespace(bos_token_id=None, eos_token_id=eos))
+
+    check_vocab(m(151936, 151643), m(152064, 151643))  # Qwen2 0.5B vs 7B: one tokenizer, padded embeddings
+    with pytest.raises(ValueError, match="32000.*128256"):
+        check_vocab(m(32000, 2), m(128256, 2))
+    with pytest.raises(ValueError, match="50257.*50304.*differ"):  # GPT-2 vs GPT-NeoX: close sizes, other tokenizer
+        check_vocab(m(50257, 50256), m(50304, 0))
 
 
 def test_exception_inside_a_step_leaves_models_usable():
@@ -257,6 +268,61 @@ def test_vocab_sizes_that_differ_by_padding_stay_exact(draft_vocab):
                            return_dict_in_generate=True)
     assert torch.equal(out.sequences, plain)
     assert out.stats.accepted > 0
-    sampled = specdec.generate(target, ids, max_new_tokens=20, pad_token_id=0, draft_model=draft, do_sample=True,
-                               generator=torch.Generator().manual_seed(0))
-    assert int(sampled.max()) < 1152
+
+
+def test_per_position_acceptance_counted_by_hand():
+    """A proposer that is right for the first `good` positions, then wrong: the counts are known exactly."""
+    target = tiny_model("llama")
+    ids = torch.tensor([[3, 4, 5]])
+    plain = specdec.generate(target, ids, max_new_tokens=40, eos_token_id=[])
+
+    class RightThenWrong:
+        good = 2
+
+        def propose(self, state, k):
+            start = int(state.num_tokens[0])
+            right = plain[:, start:start + k]
+            wrong = (right + 1) % target.config.vocab_size
+            return torch.where(torch.arange(k) < self.good, right, wrong), None
+
+    out = specdec.generate(target, ids, max_new_tokens=40, eos_token_id=[], draft_model=RightThenWrong(),
+                           num_draft_tokens=4, return_dict_in_generate=True)
+    s = out.stats
+    assert torch.equal(out.sequences, plain)
+    # every pass: positions 0, 1 accepted, position 2 reached and rejected, position 3 never reached; 3 tokens
+    # a pass, so 12 passes with k = 4 and one with k = 3 (4 tokens left) emit 39, and one plain step the 40th
+    assert s.steps_by_k == {4: 12, 3: 1, 0: 1} and s.target_passes == 14
+    assert s.proposed == 12 * 4 + 3 and s.accepted == 13 * 2 and s.emitted == 40
+    assert s.reached_at == [13, 13, 13, 0] and s.per_position_acceptance == [1.0, 1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("bad", ["shape", "dtype", "range", "probs"])
+def test_a_proposer_returning_garbage_is_refused(bad):
+    class Garbage:
+        def propose(self, state, k):
+            tokens = state.tokens.new_full((state.batch_size, k), 3)
+            probs = None
+            if bad == "shape":
+                tokens = tokens[:, :-1]
+            elif bad == "dtype":
+                tokens = tokens.float()
+            elif bad == "range":
+                tokens[0, 0] = 10_000
+            else:
+                probs = torch.ones(state.batch_size, k, 7)
+            return tokens, probs
+
+    with pytest.raises(ValueError, match="draft_model"):
+        specdec.generate(tiny_model("llama"), torch.tensor([[3, 4]]), max_new_tokens=5, draft_model=Garbage(),
+                         num_draft_tokens=3)
+
+
+def test_a_proposer_that_is_also_a_module_is_used_as_a_proposer():
+    class ModuleProposer(torch.nn.Module):
+        def propose(self, state, k):
+            return state.tokens.new_full((state.batch_size, k), 3), None
+
+    target = tiny_model("llama")
+    ids = torch.tensor([[3, 4]])
+    assert torch.equal(specdec.generate(target, ids, max_new_tokens=6, draft_model=ModuleProposer()),
+                       specdec.generate(target, ids, max_new_tokens=6))
