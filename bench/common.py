@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -71,3 +72,20 @@ def chat_ids(tokenizer, prompt):
 
 def median(xs):
     return statistics.median(xs)
+
+
+NEAR_TIE = 0.5  # logit gap under which a bfloat16 departure counts as a near-tie flip (tests/test_real_model.py)
+
+
+def compare(model, reference, candidate, label: str) -> str:
+    """'exact', 'N near-tie flips' or a red MISMATCH line (printed to stderr), never hidden."""
+    from specdec.checks import departures
+
+    found = departures(model, reference, candidate)
+    if not found:
+        return "exact"
+    real = [d for d in found if abs(d.gap) > NEAR_TIE]
+    if real:
+        print(f"\x1b[31mMISMATCH\x1b[0m {label}: {real}", file=sys.stderr)
+        return f"MISMATCH x{len(real)}"
+    return f"{len(found)} near-tie flip(s), gap <= {max(abs(d.gap) for d in found):.3f}"

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PROMPTS, chat_ids, machine, median  # noqa: E402
+from common import PROMPTS, chat_ids, compare, machine, median  # noqa: E402
 
 import specdec  # noqa: E402
 
@@ -67,32 +67,34 @@ def main(argv=None):
         print("| cost | " + " | ".join(f"{cost[k]:.2f}" for k in KS) + " |")
         ids = chat_ids(tokenizer, PROMPTS[0])
         drafts = {"self": model, "random": random_draft(model)}
-        configs = [("plain", None, 0)] + [(name, d, k) for name, d in drafts.items() for k in KS]
+        configs = [("plain", None, 0)] + [(name, d, k) for name, d in drafts.items() for k in [*KS, "auto"]]
         specdec.generate(model, ids, max_new_tokens=4, eos_token_id=[])  # warm-up
         seconds = {c[:1] + (c[2],): [] for c in configs}
-        stats = {}
+        stats, checks = {}, {}
         plain = None
         for _ in tqdm(range(args.repeats), desc=f"speculative {dtype_name}", file=sys.stderr):
             for name, draft, k in configs:  # alternate every configuration each repeat
                 out = specdec.generate(model, ids, max_new_tokens=args.tokens, eos_token_id=[], draft_model=draft,
-                                       num_draft_tokens=max(k, 1), return_dict_in_generate=True)
+                                       num_draft_tokens=k or 1, return_dict_in_generate=True)
                 seconds[(name, k)].append(out.stats.wall_seconds)
                 stats[(name, k)] = out.stats
                 if name == "plain":
                     plain = out.sequences
-                elif not torch.equal(out.sequences, plain):
-                    print(f"\x1b[31mMISMATCH\x1b[0m {name} k={k}: speculative output differs from plain", file=sys.stderr)
+                else:
+                    checks[(name, k)] = compare(model, plain, out.sequences, f"{dtype_name} {name} k={k}")
         base = args.tokens / median(seconds[("plain", 0)])
-        print(f"\n| draft | k | tokens/s | vs plain | tokens/target fwd | acceptance | c | predicted |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("\n| draft | k | tokens/s | vs plain | tokens/target fwd | acceptance | c | predicted | tokens vs plain |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for (name, k), ts in seconds.items():
             s, tps = stats[(name, k)], args.tokens / median(ts)
             c = "-" if s.cost_ratio is None else f"{s.cost_ratio:.2f}"
             pred = "-" if s.predicted_speedup is None else f"{s.predicted_speedup:.2f}"
             acc = "-" if not s.proposed else f"{s.acceptance_rate:.2f}"
-            print(f"| {name} | {k} | {tps:.1f} | {tps / base:.2f}x | {s.tokens_per_target_forward:.2f} | {acc} | {c} | {pred} |")
+            print(f"| {name} | {k} | {tps:.1f} | {tps / base:.2f}x | {s.tokens_per_target_forward:.2f} | {acc} | {c} "
+                  f"| {pred} | {checks.get((name, k), '')} |")
             report["runs"].append({"dtype": dtype_name, "draft": name, "k": k, "tokens_per_s": tps,
-                                   "speedup_vs_plain": tps / base, "stats": s.to_dict()})
+                                   "speedup_vs_plain": tps / base, "tokens_vs_plain": checks.get((name, k), ""),
+                                   "stats": s.to_dict()})
         report["runs"].append({"dtype": dtype_name, "verification_cost": cost})
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

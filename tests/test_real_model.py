@@ -86,3 +86,35 @@ def test_missing_path_and_bad_names_are_clear():
         specdec.load("no-such-model")
     with pytest.raises(ValueError, match="dtype"):
         specdec.load("smollm2-135m-instruct", dtype="int3")
+
+
+# bfloat16 keeps 8 mantissa bits: SmolLM2's top logits lie in [16, 64), where one bfloat16 step is 0.125 to
+# 0.25, and a (k + 1)-row verification pass rounds differently from a one-row plain step. Where speculative
+# bfloat16 output departs from plain bfloat16 output, the target's two candidates must be within 0.5 of
+# each other (two steps at the top of that range): a near-tie flip, nothing more.
+NEAR_TIE = 0.5
+
+
+def test_bfloat16_speculative_departs_from_plain_only_at_near_ties():
+    from specdec.checks import departures
+
+    model, tokenizer = specdec.load("smollm2-135m-instruct", dtype=torch.bfloat16)
+    draft, _ = specdec.load("smollm2-135m-instruct", dtype=torch.bfloat16)
+    for prompt in PROMPTS[:3]:
+        ids = _chat(tokenizer, prompt)
+        plain = specdec.generate(model, ids, max_new_tokens=48, eos_token_id=[])
+        spec = specdec.generate(model, ids, max_new_tokens=48, eos_token_id=[], draft_model=draft, num_draft_tokens=4)
+        for d in departures(model, plain, spec):
+            assert abs(d.gap) <= NEAR_TIE, d
+
+
+def test_the_near_tie_check_catches_a_real_departure(models):
+    from specdec.checks import departures
+
+    model, tokenizer, _ = models
+    ids = _chat(tokenizer, PROMPTS[0])
+    plain = specdec.generate(model, ids, max_new_tokens=8)
+    wrong = plain.clone()
+    wrong[0, ids.shape[1] + 2] = 100  # a token the model does not favour there
+    (d,) = departures(model, plain, wrong)
+    assert d.position == ids.shape[1] + 2 and d.gap > NEAR_TIE
