@@ -15,8 +15,6 @@ def _generate(args) -> int:
 
     import specdec
 
-    if args.max_new_tokens < 1:
-        raise SystemExit(f"specdec generate: --max-new-tokens must be >= 1, got {args.max_new_tokens}")
     model, tokenizer = specdec.load(args.model, dtype=args.dtype)
     draft = None
     if args.draft:
@@ -27,7 +25,11 @@ def _generate(args) -> int:
                                             return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    k = args.num_draft_tokens if args.num_draft_tokens == "auto" else int(args.num_draft_tokens)
+    k = args.num_draft_tokens
+    if k != "auto":
+        if not k.isdigit():
+            raise ValueError(f"-k/--num-draft-tokens must be an integer >= 1 or 'auto', got {k!r}")
+        k = int(k)
     out = specdec.generate(
         model, ids, draft_model=draft, num_draft_tokens=k, max_new_tokens=args.max_new_tokens,
         do_sample=args.temperature > 0, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
