@@ -1,6 +1,7 @@
 """Logits processing and the acceptance rule: greedy matching and lossless rejection sampling.
 
-Both are pure functions of their tensors; randomness comes only from the caller's torch.Generator.
+The rule itself lives in ``kernels/rejection_sample.py`` (Triton on CUDA, its PyTorch reference elsewhere);
+``verify`` draws the random numbers from the caller's torch.Generator and calls it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from specdec.kernels.rejection_sample import greedy_accept, rejection_sample
 
 
 @dataclass(frozen=True)
@@ -70,36 +73,15 @@ def verify(drafts, draft_probs, target_logits, num_drafts, sampling: SamplingCon
                                          proposer (one-hot); ignored when greedy
     target_logits  [batch, k + 1, vocab] target logits after the pending token and after each draft
     num_drafts     [batch]               drafts that count in each row (<= k; the rest are padding)
-    returns emitted [batch, k + 1] (accepted drafts, then the recovered or bonus token; the tail is junk)
+    returns emitted [batch, k + 1] (accepted drafts, then the recovered or bonus token, then -1)
             and num_accepted [batch] (row b emits num_accepted[b] + 1 tokens)
     """
-    k = drafts.shape[1]
-    in_row = torch.arange(k, device=drafts.device) < num_drafts[:, None]  # [batch, k]
     if sampling.greedy:
-        choice = target_logits.argmax(dim=-1)  # [batch, k + 1]
-        match = (drafts == choice[:, :k]) & in_row
-        num_accepted = match.long().cumprod(dim=1).sum(dim=1)
-        return choice, num_accepted
-
+        return greedy_accept(drafts, target_logits, num_drafts)
     target_probs = sampling.probs(target_logits)  # [batch, k + 1, vocab]
-    if draft_probs is None:
-        draft_probs = torch.nn.functional.one_hot(drafts, target_probs.shape[-1]).to(target_probs.dtype)
-    # Position k (and any position past a row's own drafts) gets a zero draft distribution, so that the
-    # residual there is the target itself: the bonus token is the residual case, not a special case.
-    draft_probs = torch.cat((draft_probs * in_row[..., None], torch.zeros_like(target_probs[:, :1])), dim=1)
-    p_draft = draft_probs[:, :k].gather(-1, drafts[..., None]).squeeze(-1)  # [batch, k]
-    p_target = target_probs[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
-    u = torch.rand(p_draft.shape, generator=generator, device=p_draft.device, dtype=p_draft.dtype)
-    # Accept with probability min(1, p_target / p_draft), written without the division.
-    accept = (u * p_draft < p_target) & in_row
-    num_accepted = accept.long().cumprod(dim=1).sum(dim=1)  # [batch]
-
-    at = num_accepted[:, None, None].expand(-1, 1, target_probs.shape[-1])
-    residual = (target_probs.gather(1, at) - draft_probs.gather(1, at)).clamp(min=0).squeeze(1)  # [batch, vocab]
-    total = residual.sum(dim=-1, keepdim=True)
-    # A zero residual happens only where the draft equals the target and so was accepted surely; fall back
-    # to the target there, which keeps multinomial away from an all-zero row (no NaN).
-    residual = torch.where(total > 0, residual, target_probs.gather(1, at).squeeze(1))
-    last = sample(residual, generator)  # [batch]
-    emitted = torch.cat((drafts, last[:, None]), dim=1).scatter(1, num_accepted[:, None], last[:, None])
-    return emitted, num_accepted
+    batch, vocab = target_probs.shape[0], target_probs.shape[-1]
+    uniforms = torch.rand(drafts.shape, generator=generator, device=drafts.device, dtype=target_probs.dtype)
+    exponentials = torch.empty(batch, vocab, device=drafts.device, dtype=target_probs.dtype)
+    # Exp(1) variates for the race that draws the recovered/bonus token; never exactly 0 (0/0 is NaN)
+    exponentials = exponentials.exponential_(generator=generator).clamp_(min=torch.finfo(target_probs.dtype).tiny)
+    return rejection_sample(drafts, draft_probs, target_probs, num_drafts, uniforms, exponentials)

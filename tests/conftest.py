@@ -5,9 +5,13 @@ from __future__ import annotations
 import functools
 import os
 
-import pytest
 import torch
-from hypothesis import HealthCheck, settings
+
+if not torch.cuda.is_available():  # Triton kernels run on CPU tensors in Triton's interpreter; set before
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # any kernel module is imported (decoration reads it)
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
