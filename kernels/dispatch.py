@@ -1,6 +1,8 @@
 """Which implementation runs: Triton kernels for CUDA tensors, PyTorch references everywhere else.
 
 SPECDEC_REFERENCE_KERNELS=1 forces the references on CUDA too (for debugging a kernel against its oracle).
+SPECDEC_TRITON_ON_CPU=1 sends CPU tensors to the kernels as well: with TRITON_INTERPRET=1 that is how the
+tests run a whole model through the kernels on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ def triton_available() -> bool:
     return True
 
 
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
 def use_triton(tensor: torch.Tensor) -> bool:
-    return (tensor.is_cuda and os.environ.get("SPECDEC_REFERENCE_KERNELS", "") in ("", "0")
-            and triton_available())
+    on_device = tensor.is_cuda or _flag("SPECDEC_TRITON_ON_CPU")
+    return on_device and not _flag("SPECDEC_REFERENCE_KERNELS") and triton_available()

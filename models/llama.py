@@ -11,6 +11,7 @@ one matrix each (``fuse_state_dict`` maps a transformers state dict onto them).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,8 @@ from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from specdec.cache import KVCache, select
+from specdec.kernels.dispatch import use_triton
+from specdec.kernels.verify_attention import verify_attention
 
 #: model_type of a transformers config -> whether q/k/v projections carry a bias (o_proj never does there)
 ARCHITECTURES = {"llama": None, "mistral": False, "qwen2": True}
@@ -60,6 +63,19 @@ class Linear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
 
 
+@dataclass
+class Step:
+    """What every layer needs to know about this forward's tokens."""
+
+    cos: torch.Tensor  # [batch, 1, T, head_dim]
+    sin: torch.Tensor  # [batch, 1, T, head_dim]
+    slots: torch.Tensor  # [batch, T] cache slot of each new token (padding: the trash slot)
+    mask: torch.Tensor  # [batch, 1, T, S] slot j visible to a query at position p iff j <= p
+    kernel: bool = False  # attention through kernels/verify_attention.py (CUDA)
+    context_lens: torch.Tensor | None = None  # [batch] for the kernel: cached tokens before the new ones
+    query_lens: torch.Tensor | None = None  # [batch] for the kernel: new tokens per row
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -90,17 +106,22 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(hidden, sum(self.split), bias=_qkv_bias(config))
         self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=out_bias)
 
-    def forward(self, x, cos, sin, slots, mask, cache: KVCache):
-        # x [batch, T, hidden]; cos, sin [batch, 1, T, head_dim]; slots [batch, T]; mask [batch, 1, T, S]
+    def forward(self, x, step: "Step", cache: KVCache):
+        # x [batch, T, hidden]
         batch, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = q.view(batch, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        keys, values = cache.write(self.layer_idx, slots, k, v, mask.shape[-1])  # [batch, kv_heads, S, head_dim]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, T, -1))
+        q, k = _rotate(q, step.cos, step.sin), _rotate(k, step.cos, step.sin)
+        keys, values = cache.write(self.layer_idx, step.slots, k, v, step.mask.shape[-1])  # [batch, kv_heads, S, hd]
+        if step.kernel:  # CUDA: the Triton kernel reads the whole cache as one block per sequence
+            out = verify_attention(q.transpose(1, 2), cache.keys[self.layer_idx].transpose(1, 2),
+                                   cache.values[self.layer_idx].transpose(1, 2), cache.block_table,
+                                   step.context_lens, step.query_lens)  # [batch, T, heads, head_dim]
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True).transpose(1, 2)
+        return self.o_proj(out.reshape(batch, T, -1))
 
 
 def _rotate(x, cos, sin):  # x [batch, heads, T, head_dim]
@@ -129,8 +150,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, slots, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, slots, mask, cache)
+    def forward(self, x, step: "Step", cache):
+        x = x + self.self_attn(self.input_layernorm(x), step, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -230,10 +251,18 @@ class LlamaModel(nn.Module):
         # so stale entries past a row's length — rolled-back drafts, other rows' tails — are never seen.
         # A padding query (-1) sees slot 0 only, which keeps its softmax finite; its output is discarded.
         keys = torch.arange(span, device=x.device)
-        mask = (keys <= positions.clamp(min=0)[..., None])[:, None]  # [batch, 1, T, S]
-        slots = cache.slots(positions)  # [batch, T]
+        step = Step(cos=cos, sin=sin, slots=cache.slots(positions),
+                    mask=(keys <= positions.clamp(min=0)[..., None])[:, None],
+                    kernel=use_triton(x) and isinstance(cache, KVCache))
+        if step.kernel:  # the kernel's view of the same batch: new tokens right-padded after each row's cache
+            step.context_lens = positions[:, 0].clamp(min=0)
+            step.query_lens = (positions >= 0).sum(dim=1)
+            expected = step.context_lens[:, None] + torch.arange(positions.shape[1], device=x.device)
+            # generate() always feeds rows this way; a left-padded prefill would need the SDPA path
+            torch._assert_async(((positions < 0) | (positions == expected)).all(),
+                                "the attention kernel needs each row's new tokens right-padded and contiguous")
         for layer in self.model.layers:
-            x = layer(x, cos, sin, slots, mask, cache)
+            x = layer(x, step, cache)
         cache.advance(positions)
         if logits_index is not None:  # the vocabulary projection only where logits are wanted
             x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))

@@ -63,6 +63,8 @@ class KVCache(SequenceLengths):
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # [batch]
         self._rows = torch.arange(batch_size, device=device)[:, None]  # [batch, 1]
+        # for the attention kernel, which reads paged pools: here one block (the whole row) per sequence
+        self.block_table = self._rows.to(torch.int32)  # [batch, 1]
 
     def slots(self, positions):
         """Where new tokens go: slot == position, padding (-1) to the trash slot. [batch, T] -> [batch, T]"""

@@ -1,0 +1,117 @@
+"""Verification attention: T = k + 1 new queries per sequence over its cached keys, through a block table.
+
+Row b has context_lens[b] cached tokens and query_lens[b] new ones at positions L .. L + T - 1, whose keys
+and values are already in the pool; query t attends to keys 0 .. L + t (causal over the new ones). Keys
+live in a paged pool [num_blocks, block_size, kv_heads, head_dim] (any strides) addressed through
+block_table [batch, max_blocks]; a contiguous per-sequence cache is the special case of one block per
+sequence (block_table[b] = [b], block_size = its capacity). GQA: query head h reads kv head h // group.
+The kernel is flash-style: one pass over the keys with an online softmax in float32 accumulators, so each
+key and value is read once per (sequence, head) instead of materialising a [T, L + T] score matrix. Inputs
+of any float dtype are upcast to float32 and multiplied in IEEE float32: with T <= 16 queries a tile the
+pass is bound by reading the cache, not by arithmetic, so tensor-core precision buys nothing here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specdec.kernels.dispatch import triton_available, use_triton
+
+
+def verify_attention(q, k_pool, v_pool, block_table, context_lens, query_lens, scale=None):
+    """q [batch, T, heads, head_dim] (rows t >= query_lens[b] are padding); k_pool, v_pool
+    [num_blocks, block_size, kv_heads, head_dim]; block_table [batch, max_blocks] int; context_lens,
+    query_lens [batch] -> out [batch, T, heads, head_dim] (zeros in padding rows)"""
+    if use_triton(q):
+        return verify_attention_triton(q, k_pool, v_pool, block_table, context_lens, query_lens, scale)
+    return verify_attention_reference(q, k_pool, v_pool, block_table, context_lens, query_lens, scale)
+
+
+def verify_attention_reference(q, k_pool, v_pool, block_table, context_lens, query_lens, scale=None,
+                               causal_offset=0):
+    """The oracle: gather each row's keys through its block table, softmax in float32.
+    causal_offset exists only for the test that a wrong mask is caught (query t sees keys <= L + t + offset)."""
+    batch, _, heads, head_dim = q.shape
+    block_size, group = k_pool.shape[1], heads // k_pool.shape[2]
+    scale = head_dim ** -0.5 if scale is None else scale
+    out = torch.zeros_like(q)
+    for b in range(batch):
+        L, n = int(context_lens[b]), int(query_lens[b])
+        if n == 0:
+            continue
+        j = torch.arange(L + n, device=q.device)  # key positions
+        blocks = block_table[b, j // block_size].long()
+        k = k_pool[blocks, j % block_size].float().repeat_interleave(group, dim=1)  # [L + n, heads, head_dim]
+        v = v_pool[blocks, j % block_size].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("thd,shd->hts", q[b, :n].float(), k) * scale  # [heads, n, L + n]
+        visible = j[None, None, :] <= (L + causal_offset + torch.arange(n, device=q.device))[None, :, None]
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+        out[b, :n] = torch.einsum("hts,shd->thd", probs, v).to(q.dtype)
+    return out
+
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _verify_attention_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr,  # q, out [batch, T, heads, D]; k, v pools [blocks, block_size, kv_heads, D]
+        table_ptr, ctx_ptr, qlen_ptr,  # block table [batch, max_blocks]; context_lens, query_lens [batch]
+        sq_b, sq_t, sq_h, sq_d, sk_b, sk_s, sk_h, sk_d, sv_b, sv_s, sv_h, sv_d, so_b, so_t, so_h, so_d,
+        st_b, block_size, group, scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        b, h, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        L = tl.load(ctx_ptr + b).to(tl.int64)
+        n = tl.load(qlen_ptr + b).to(tl.int64)
+        t = mb * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows of this program
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptr + b * sq_b + t[:, None] * sq_t + h * sq_h + d[None, :] * sq_d,
+                    mask=t[:, None] < n, other=0.0).to(tl.float32)  # [BLOCK_M, HEAD_DIM]
+        kv_head = h // group
+        # keys up to the last valid query of this tile; none at all when the tile is padding
+        end = tl.where(mb * BLOCK_M < n, L + tl.minimum(n, (mb + 1) * BLOCK_M), 0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        for start in range(0, end, BLOCK_N):
+            j = start + tl.arange(0, BLOCK_N)  # key positions
+            block = tl.load(table_ptr + b * st_b + j // block_size, mask=j < end, other=0).to(tl.int64)
+            slot = j % block_size
+            kv_mask = j[:, None] < end
+            k = tl.load(k_ptr + block[:, None] * sk_b + slot[:, None] * sk_s + kv_head * sk_h + d[None, :] * sk_d,
+                        mask=kv_mask, other=0.0).to(tl.float32)  # [BLOCK_N, HEAD_DIM]
+            v = tl.load(v_ptr + block[:, None] * sv_b + slot[:, None] * sv_s + kv_head * sv_h + d[None, :] * sv_d,
+                        mask=kv_mask, other=0.0).to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BLOCK_M, BLOCK_N]
+            visible = (j[None, :] <= L + t[:, None]) & (j[None, :] < end)
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            m_i = m_new
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + b * so_b + t[:, None] * so_t + h * so_h + d[None, :] * so_d,
+                 out, mask=t[:, None] < n)
+
+
+def verify_attention_triton(q, k_pool, v_pool, block_table, context_lens, query_lens, scale=None,
+                            block_m=16, block_n=16, out_dtype=None):
+    batch, T, heads, head_dim = q.shape
+    # float32 out, rounded by torch at the end: Triton's interpreter truncates float32 -> bfloat16 stores,
+    # which would put a whole unit in the last place between the CPU test and the GPU; the extra write is
+    # [batch, T, heads, head_dim], nothing next to the cache reads
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    scale = head_dim ** -0.5 if scale is None else scale
+    grid = (batch, heads, triton.cdiv(T, block_m))
+    _verify_attention_kernel[grid](
+        q, k_pool, v_pool, out, block_table, context_lens, query_lens,
+        *q.stride(), *k_pool.stride(), *v_pool.stride(), *out.stride(), block_table.stride(0),
+        k_pool.shape[1], heads // k_pool.shape[2], scale,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+    )
+    return out.to(out_dtype or q.dtype)

@@ -1,0 +1,109 @@
+"""Verification attention (Triton, under TRITON_INTERPRET=1 on the CPU) against its reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from specdec.kernels.dispatch import triton_available
+from specdec.kernels.verify_attention import verify_attention_reference, verify_attention_triton
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 2e-3}
+BLOCK = 16
+
+
+def _paged_case(dtype, head_dim, contexts, query_lens, heads=4, kv_heads=2, seed=0):
+    """A pool whose blocks are handed out in a shuffled order; keys of the new tokens already written."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, T = len(contexts), max(query_lens)
+    need = [-(-(c + n) // BLOCK) for c, n in zip(contexts, query_lens)]
+    order = torch.randperm(sum(need) + 3, generator=gen)  # spare blocks, not in order
+    table = torch.zeros(batch, max(need), dtype=torch.int32)
+    used = 0
+    for b, m in enumerate(need):
+        table[b, :m] = order[used:used + m]
+        used += m
+    num_blocks = sum(need) + 3
+    k_pool = torch.randn(num_blocks, BLOCK, kv_heads, head_dim, generator=gen).to(dtype)
+    v_pool = torch.randn(num_blocks, BLOCK, kv_heads, head_dim, generator=gen).to(dtype)
+    q = torch.randn(batch, T, heads, head_dim, generator=gen).to(dtype)
+    return q, k_pool, v_pool, table, torch.tensor(contexts), torch.tensor(query_lens)
+
+
+def _relative(a, b):
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_kernel_matches_reference_on_ragged_paged_batches(dtype, head_dim):
+    # T = 1 (plain decode) and T = 9 (k = 8) side by side; contexts 0, 1, 17, 300
+    args = _paged_case(dtype, head_dim, contexts=[0, 1, 17, 300], query_lens=[9, 1, 9, 1])
+    q, k_pool, v_pool, *rest = args
+    # The oracle in float32 on the same (rounded) inputs, compared with the kernel's float32 result before
+    # the final cast: a bfloat16 output's own rounding is up to 2^-8 relative, larger than the bound, so the
+    # bound is on the accumulation; the cast itself is then checked to be torch's round-to-nearest.
+    want = verify_attention_reference(q.float(), k_pool.float(), v_pool.float(), *rest)
+    got32 = verify_attention_triton(*args, out_dtype=torch.float32)
+    assert _relative(got32, want) < TOLERANCE[dtype]
+    got = verify_attention_triton(*args)
+    assert got.dtype == dtype and torch.equal(got, got32.to(dtype))
+    assert (got[1, 1:] == 0).all() and (got[3, 1:] == 0).all()  # padding rows untouched
+
+
+def test_contiguous_cache_is_one_block_per_sequence():
+    """The native model's layout [batch, kv_heads, S, head_dim] viewed as a pool of one block per row."""
+    gen = torch.Generator().manual_seed(1)
+    batch, kv_heads, S, D = 3, 2, 40, 64
+    keys = torch.randn(batch, kv_heads, S, D, generator=gen)
+    values = torch.randn(batch, kv_heads, S, D, generator=gen)
+    q = torch.randn(batch, 5, 4, D, generator=gen)
+    contexts, qlens = torch.tensor([10, 0, 30]), torch.tensor([5, 3, 1])
+    table = torch.arange(batch, dtype=torch.int32)[:, None]
+    args = (q, keys.transpose(1, 2), values.transpose(1, 2), table, contexts, qlens)  # strided views, no copy
+    want = verify_attention_reference(*args)
+    assert _relative(verify_attention_triton(*args), want) < 1e-5
+    # and the reference is the attention the native model computes on the CPU (SDPA with slot <= position)
+    for b in range(batch):
+        L, n = int(contexts[b]), int(qlens[b])
+        mask = torch.arange(L + n)[None, :] <= (L + torch.arange(n))[:, None]
+        sdpa = F.scaled_dot_product_attention(q[b, :n].transpose(0, 1), keys[b, :, :L + n], values[b, :, :L + n],
+                                              attn_mask=mask, enable_gqa=True)
+        assert torch.allclose(sdpa.transpose(0, 1), want[b, :n], atol=1e-5)
+
+
+def test_a_wrong_mask_is_caught():
+    """A kernel that let each query see one key too many (its successor) must fail the comparison."""
+    args = _paged_case(torch.float32, 64, contexts=[5, 17], query_lens=[9, 4])
+    wrong = verify_attention_reference(*args, causal_offset=1)
+    assert _relative(verify_attention_triton(*args), wrong) > 1e-2
+
+
+def test_native_model_through_the_kernels_equals_the_cpu_path(monkeypatch):
+    """The whole speculative loop with both kernels (attention, sampler) in the interpreter: same tokens."""
+    from conftest import tiny_model
+
+    import specdec
+
+    target = tiny_model("llama", torch.float32)  # head_dim 16
+    draft = tiny_model("smollm2", torch.float32, seed=7)
+    ids = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    plain = specdec.generate(target, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
+    want = specdec.generate(target, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[], draft_model=draft,
+                            num_draft_tokens=3, do_sample=True, generator=torch.Generator().manual_seed(0))
+    native = specdec.models.as_native(target)
+    right = torch.tensor([[5, 6, 7, 0, 0], [3, 4, 5, 6, 7]])  # ragged, right-padded, as generate() feeds it
+    positions = torch.tensor([[0, 1, 2, -1, -1], [0, 1, 2, 3, 4]])
+    with torch.no_grad():
+        by_sdpa = native(right, positions, native.new_cache(2, 16))
+        monkeypatch.setenv("SPECDEC_TRITON_ON_CPU", "1")
+        by_kernel = native(right, positions, native.new_cache(2, 16))
+    valid = positions >= 0
+    assert torch.allclose(by_kernel[valid], by_sdpa[valid], rtol=0, atol=1e-4)
+    assert torch.equal(specdec.generate(target, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[],
+                                        draft_model=draft, num_draft_tokens=3), plain)
+    got = specdec.generate(target, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[], draft_model=draft,
+                           num_draft_tokens=3, do_sample=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got, want)  # the sampler kernel draws bit-identically from the same random numbers
