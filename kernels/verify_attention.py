@@ -6,7 +6,7 @@ live in a paged pool [num_blocks, block_size, kv_heads, head_dim] (any strides) 
 block_table [batch, max_blocks]; a contiguous per-sequence cache is the special case of one block per
 sequence (block_table[b] = [b], block_size = its capacity). GQA: query head h reads kv head h // group.
 The kernel is flash-style: one pass over the keys with an online softmax in float32 accumulators, so each
-key and value is read once per (sequence, head) instead of materialising a [T, L + T] score matrix. Inputs
+key and value is read once per (sequence, kv head) instead of materialising a [T, L + T] score matrix. Inputs
 of any float dtype are upcast to float32 and multiplied in IEEE float32: with T <= 16 queries a tile the
 pass is bound by reading the cache, not by arithmetic, so tensor-core precision buys nothing here.
 """
@@ -60,18 +60,25 @@ if triton_available():
         table_ptr, ctx_ptr, qlen_ptr,  # block table [batch, max_blocks]; context_lens, query_lens [batch]
         sq_b, sq_t, sq_h, sq_d, sk_b, sk_s, sk_h, sk_d, sv_b, sv_s, sv_h, sv_d, so_b, so_t, so_h, so_d,
         st_b, block_size, group, scale,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        b, h, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        # One program per (sequence, kv head, tile of BLOCK_T queries): its rows are every query head of the
+        # group times those queries (row r: head kv_head * group + r // BLOCK_T, query r % BLOCK_T), so each
+        # key and value tile is read once for the whole group — GQA's 4 query heads per kv head in Llama 3
+        # would otherwise read the cache 4 times.
+        b, kv_head, tb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         L = tl.load(ctx_ptr + b).to(tl.int64)
         n = tl.load(qlen_ptr + b).to(tl.int64)
-        t = mb * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows of this program
+        r = tl.arange(0, BLOCK_M)
+        g = r // BLOCK_T
+        t = tb * BLOCK_T + r % BLOCK_T  # query index of each row
+        head = kv_head * group + g
+        row_ok = (g < group) & (t < n)
         d = tl.arange(0, HEAD_DIM)
-        q = tl.load(q_ptr + b * sq_b + t[:, None] * sq_t + h * sq_h + d[None, :] * sq_d,
-                    mask=t[:, None] < n, other=0.0).to(tl.float32)  # [BLOCK_M, HEAD_DIM]
-        kv_head = h // group
+        q = tl.load(q_ptr + b * sq_b + t[:, None] * sq_t + head[:, None] * sq_h + d[None, :] * sq_d,
+                    mask=row_ok[:, None], other=0.0).to(tl.float32)  # [BLOCK_M, HEAD_DIM]
         # keys up to the last valid query of this tile; none at all when the tile is padding
-        end = tl.where(mb * BLOCK_M < n, L + tl.minimum(n, (mb + 1) * BLOCK_M), 0)
+        end = tl.where(tb * BLOCK_T < n, L + tl.minimum(n, (tb + 1) * BLOCK_T), 0)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -95,23 +102,27 @@ if triton_available():
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
             m_i = m_new
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(out_ptr + b * so_b + t[:, None] * so_t + h * so_h + d[None, :] * so_d,
-                 out, mask=t[:, None] < n)
+        tl.store(out_ptr + b * so_b + t[:, None] * so_t + head[:, None] * so_h + d[None, :] * so_d,
+                 out, mask=row_ok[:, None])
 
 
 def verify_attention_triton(q, k_pool, v_pool, block_table, context_lens, query_lens, scale=None,
-                            block_m=16, block_n=16, out_dtype=None):
+                            block_n=16, out_dtype=None):
     batch, T, heads, head_dim = q.shape
     # float32 out, rounded by torch at the end: Triton's interpreter truncates float32 -> bfloat16 stores,
     # which would put a whole unit in the last place between the CPU test and the GPU; the extra write is
     # [batch, T, heads, head_dim], nothing next to the cache reads
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     scale = head_dim ** -0.5 if scale is None else scale
-    grid = (batch, heads, triton.cdiv(T, block_m))
+    kv_heads = k_pool.shape[2]
+    group = heads // kv_heads
+    block_t = triton.next_power_of_2(min(T, 16))
+    block_m = max(16, triton.next_power_of_2(group) * block_t)  # tl.dot wants at least 16 rows
+    grid = (batch, kv_heads, triton.cdiv(T, block_t))
     _verify_attention_kernel[grid](
         q, k_pool, v_pool, out, block_table, context_lens, query_lens,
         *q.stride(), *k_pool.stride(), *v_pool.stride(), *out.stride(), block_table.stride(0),
-        k_pool.shape[1], heads // k_pool.shape[2], scale,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        k_pool.shape[1], group, scale,
+        HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_N=block_n,
     )
     return out.to(out_dtype or q.dtype)

@@ -8,6 +8,8 @@ from specdec.kernels.dispatch import triton_available
 from specdec.kernels.verify_attention import verify_attention_reference, verify_attention_triton
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+# on a GPU machine the same tests run the compiled kernels on CUDA (bench/gpu_check.py runs them there)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 2e-3}
 BLOCK = 16
@@ -28,7 +30,7 @@ def _paged_case(dtype, head_dim, contexts, query_lens, heads=4, kv_heads=2, seed
     k_pool = torch.randn(num_blocks, BLOCK, kv_heads, head_dim, generator=gen).to(dtype)
     v_pool = torch.randn(num_blocks, BLOCK, kv_heads, head_dim, generator=gen).to(dtype)
     q = torch.randn(batch, T, heads, head_dim, generator=gen).to(dtype)
-    return q, k_pool, v_pool, table, torch.tensor(contexts), torch.tensor(query_lens)
+    return tuple(t.to(DEVICE) for t in (q, k_pool, v_pool, table, torch.tensor(contexts), torch.tensor(query_lens)))
 
 
 def _relative(a, b):
@@ -61,13 +63,14 @@ def test_contiguous_cache_is_one_block_per_sequence():
     q = torch.randn(batch, 5, 4, D, generator=gen)
     contexts, qlens = torch.tensor([10, 0, 30]), torch.tensor([5, 3, 1])
     table = torch.arange(batch, dtype=torch.int32)[:, None]
+    q, keys, values, table, contexts, qlens = (t.to(DEVICE) for t in (q, keys, values, table, contexts, qlens))
     args = (q, keys.transpose(1, 2), values.transpose(1, 2), table, contexts, qlens)  # strided views, no copy
     want = verify_attention_reference(*args)
     assert _relative(verify_attention_triton(*args), want) < 1e-5
     # and the reference is the attention the native model computes on the CPU (SDPA with slot <= position)
     for b in range(batch):
         L, n = int(contexts[b]), int(qlens[b])
-        mask = torch.arange(L + n)[None, :] <= (L + torch.arange(n))[:, None]
+        mask = (torch.arange(L + n)[None, :] <= (L + torch.arange(n))[:, None]).to(DEVICE)
         sdpa = F.scaled_dot_product_attention(q[b, :n].transpose(0, 1), keys[b, :, :L + n], values[b, :, :L + n],
                                               attn_mask=mask, enable_gqa=True)
         assert torch.allclose(sdpa.transpose(0, 1), want[b, :n], atol=1e-5)
@@ -80,6 +83,7 @@ def test_a_wrong_mask_is_caught():
     assert _relative(verify_attention_triton(*args), wrong) > 1e-2
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="runs the kernels on CPU tensors in Triton's interpreter")
 def test_native_model_through_the_kernels_equals_the_cpu_path(monkeypatch):
     """The whole speculative loop with both kernels (attention, sampler) in the interpreter: same tokens."""
     from conftest import tiny_model
@@ -107,3 +111,9 @@ def test_native_model_through_the_kernels_equals_the_cpu_path(monkeypatch):
     got = specdec.generate(target, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[], draft_model=draft,
                            num_draft_tokens=3, do_sample=True, generator=torch.Generator().manual_seed(0))
     assert torch.equal(got, want)  # the sampler kernel draws bit-identically from the same random numbers
+
+
+def test_more_queries_than_one_tile_and_a_group_of_four():
+    """T = 20 spans two query tiles (a prefill); 8 query heads on 2 kv heads."""
+    args = _paged_case(torch.float32, 64, contexts=[3, 0], query_lens=[20, 7], heads=8, kv_heads=2, seed=4)
+    assert _relative(verify_attention_triton(*args), verify_attention_reference(*args)) < 1e-5

@@ -8,6 +8,8 @@ from specdec.kernels.rejection_sample import (greedy_accept_reference, greedy_ac
                                               rejection_sample_reference, rejection_sample_triton)
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+# on a GPU machine the same tests run the compiled kernels on CUDA (bench/gpu_check.py runs them there)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _case(batch, k, vocab, one_hot, seed):
@@ -22,7 +24,8 @@ def _case(batch, k, vocab, one_hot, seed):
     num_drafts = torch.tensor([k, max(k - 1, 0), 0][:batch] + [k] * max(0, batch - 3))
     uniforms = torch.rand(batch, k, generator=gen)
     exponentials = torch.empty(batch, vocab).exponential_(generator=gen)
-    return drafts, (None if one_hot else draft), target, num_drafts, uniforms, exponentials
+    return tuple(None if t is None else t.to(DEVICE)
+                 for t in (drafts, None if one_hot else draft, target, num_drafts, uniforms, exponentials))
 
 
 @pytest.mark.parametrize("vocab", [1000, 32003])
@@ -33,7 +36,7 @@ def test_rejection_sampler_is_bit_identical_to_the_reference(vocab, k, one_hot):
     want_tokens, want_n = rejection_sample_reference(*args)
     got_tokens, got_n = rejection_sample_triton(*args)
     assert torch.equal(got_n, want_n) and torch.equal(got_tokens, want_tokens)
-    assert ((got_tokens == -1) == (torch.arange(k + 1) > got_n[:, None])).all()
+    assert ((got_tokens == -1) == (torch.arange(k + 1, device=DEVICE) > got_n[:, None])).all()
 
 
 @pytest.mark.parametrize("vocab", [1000, 32003])
