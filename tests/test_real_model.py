@@ -118,3 +118,17 @@ def test_the_near_tie_check_catches_a_real_departure(models):
     wrong[0, ids.shape[1] + 2] = 100  # a token the model does not favour there
     (d,) = departures(model, plain, wrong)
     assert d.position == ids.shape[1] + 2 and d.gap > NEAR_TIE
+
+
+def test_ngram_greedy_equals_plain_on_the_real_model(models):
+    model, tokenizer, _ = models
+    rewriting = "Fix the spelling in this text and return it: The quick brwon fox jumpd over the lazzy dog."
+    total = 0
+    for prompt in PROMPTS + [rewriting]:
+        ids = _chat(tokenizer, prompt)
+        plain = specdec.generate(model, ids, max_new_tokens=48)
+        out = specdec.generate(model, ids, max_new_tokens=48, draft_model="ngram", num_draft_tokens=4,
+                               return_dict_in_generate=True)
+        assert torch.equal(out.sequences, plain), prompt
+        total += out.stats.accepted
+    assert total > 0  # lookup found something the target agreed with
