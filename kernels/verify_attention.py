@@ -18,36 +18,50 @@ import torch
 from specdec.kernels.dispatch import triton_available, use_triton
 
 
-def verify_attention(q, k_pool, v_pool, block_table, context_lens, query_lens, scale=None):
+def verify_attention(q, k_pool, v_pool, block_table, context_lens, query_lens, scale=None, span=None, mask=None):
     """q [batch, T, heads, head_dim] (rows t >= query_lens[b] are padding); k_pool, v_pool
-    [num_blocks, block_size, kv_heads, head_dim]; block_table [batch, max_blocks] int; context_lens,
-    query_lens [batch] -> out [batch, T, heads, head_dim] (zeros in padding rows)"""
+    [num_blocks, block_size, kv_heads, head_dim]; block_table [batch, max_blocks] int, or None for the
+    contiguous special case (row b's keys are k_pool[b]); context_lens, query_lens [batch]
+    -> out [batch, T, heads, head_dim] (zeros in padding rows)
+    span, mask: what the reference derives from the lengths (``attention_span_and_mask``), for a caller that
+    has them already — the native model makes them once per forward instead of once per layer"""
     if use_triton(q):
         return verify_attention_triton(q, k_pool, v_pool, block_table, context_lens, query_lens, scale)
-    return verify_attention_reference(q, k_pool, v_pool, block_table, context_lens, query_lens, scale)
+    return verify_attention_reference(q, k_pool, v_pool, block_table, context_lens, query_lens, scale,
+                                      span=span, mask=mask)
+
+
+def attention_span_and_mask(context_lens, query_lens, T: int, span=None, causal_offset=0):
+    """span: keys any row attends to (a host sync unless given); mask [batch, 1, T, span]: query t of row b
+    sees keys 0..L_b + t; padding rows see key 0 only, which keeps their softmax finite (they are dropped)."""
+    if span is None:
+        span = int((context_lens + query_lens).max())
+    j = torch.arange(span, device=context_lens.device)
+    t = torch.arange(T, device=context_lens.device)
+    row_ok = (t[None, :] < query_lens[:, None])[..., None]  # [batch, T, 1]
+    visible = j <= (context_lens[:, None] + t + causal_offset)[..., None]  # [batch, T, span]
+    return span, ((visible & row_ok) | (~row_ok & (j == 0)))[:, None]
 
 
 def verify_attention_reference(q, k_pool, v_pool, block_table, context_lens, query_lens, scale=None,
-                               causal_offset=0):
-    """The oracle: gather each row's keys through its block table, softmax in float32.
+                               span=None, mask=None, causal_offset=0):
+    """The CPU path and the oracle: gather keys through the block table, then SDPA with the causal mask.
     causal_offset exists only for the test that a wrong mask is caught (query t sees keys <= L + t + offset)."""
-    batch, _, heads, head_dim = q.shape
-    block_size, group = k_pool.shape[1], heads // k_pool.shape[2]
-    scale = head_dim ** -0.5 if scale is None else scale
-    out = torch.zeros_like(q)
-    for b in range(batch):
-        L, n = int(context_lens[b]), int(query_lens[b])
-        if n == 0:
-            continue
-        j = torch.arange(L + n, device=q.device)  # key positions
-        blocks = block_table[b, j // block_size].long()
-        k = k_pool[blocks, j % block_size].float().repeat_interleave(group, dim=1)  # [L + n, heads, head_dim]
-        v = v_pool[blocks, j % block_size].float().repeat_interleave(group, dim=1)
-        scores = torch.einsum("thd,shd->hts", q[b, :n].float(), k) * scale  # [heads, n, L + n]
-        visible = j[None, None, :] <= (L + causal_offset + torch.arange(n, device=q.device))[None, :, None]
-        probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
-        out[b, :n] = torch.einsum("hts,shd->thd", probs, v).to(q.dtype)
-    return out
+    batch, T, _, head_dim = q.shape
+    if mask is None:
+        span, mask = attention_span_and_mask(context_lens, query_lens, T, span, causal_offset)
+    j = torch.arange(span, device=q.device)  # [S] key positions
+    if block_table is None:  # contiguous: a view, no gather (the native model's cache on the CPU)
+        keys, values = k_pool[:batch, :span], v_pool[:batch, :span]  # [batch, S, kv_heads, head_dim]
+    else:
+        block_size = k_pool.shape[1]
+        blocks = block_table.long()[:, (j // block_size).clamp(max=block_table.shape[1] - 1)]  # [batch, S]
+        keys, values = k_pool[blocks, j % block_size], v_pool[blocks, j % block_size]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=scale,
+        enable_gqa=True)  # [batch, heads, T, head_dim]
+    row_ok = torch.arange(T, device=q.device) < query_lens[:, None]  # [batch, T]
+    return out.transpose(1, 2) * row_ok[..., None, None]  # zeros in padding rows, as the kernel leaves them
 
 
 if triton_available():
@@ -119,6 +133,8 @@ def verify_attention_triton(q, k_pool, v_pool, block_table, context_lens, query_
     block_t = triton.next_power_of_2(min(T, 16))
     block_m = max(16, triton.next_power_of_2(group) * block_t)  # tl.dot wants at least 16 rows
     grid = (batch, kv_heads, triton.cdiv(T, block_t))
+    if block_table is None:  # contiguous: row b is block b, as long as the row's capacity
+        block_table = torch.arange(batch, dtype=torch.int32, device=q.device)[:, None]
     _verify_attention_kernel[grid](
         q, k_pool, v_pool, out, block_table, context_lens, query_lens,
         *q.stride(), *k_pool.stride(), *v_pool.stride(), *out.stride(), block_table.stride(0),

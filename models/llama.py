@@ -20,8 +20,7 @@ from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from specdec.cache import KVCache, select
-from specdec.kernels.dispatch import use_triton
-from specdec.kernels.verify_attention import verify_attention
+from specdec.kernels.verify_attention import attention_span_and_mask, verify_attention
 
 #: model_type of a transformers config -> whether q/k/v projections carry a bias (o_proj never does there)
 ARCHITECTURES = {"llama": None, "mistral": False, "qwen2": True}
@@ -70,10 +69,10 @@ class Step:
     cos: torch.Tensor  # [batch, 1, T, head_dim]
     sin: torch.Tensor  # [batch, 1, T, head_dim]
     slots: torch.Tensor  # [batch, T] cache slot of each new token (padding: the trash slot)
-    mask: torch.Tensor  # [batch, 1, T, S] slot j visible to a query at position p iff j <= p
-    kernel: bool = False  # attention through kernels/verify_attention.py (CUDA)
-    context_lens: torch.Tensor | None = None  # [batch] for the kernel: cached tokens before the new ones
-    query_lens: torch.Tensor | None = None  # [batch] for the kernel: new tokens per row
+    context_lens: torch.Tensor  # [batch] cached tokens before the new ones
+    query_lens: torch.Tensor  # [batch] new tokens per row (the rest of T is padding)
+    span: int  # slots 0..span-1 hold every key any row attends to
+    mask: torch.Tensor  # [batch, 1, T, span] for the reference path (made once, used by every layer)
 
 
 class RMSNorm(nn.Module):
@@ -114,13 +113,12 @@ class Attention(nn.Module):
         k = k.view(batch, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = _rotate(q, step.cos, step.sin), _rotate(k, step.cos, step.sin)
-        keys, values = cache.write(self.layer_idx, step.slots, k, v, step.mask.shape[-1])  # [batch, kv_heads, S, hd]
-        if step.kernel:  # CUDA: the Triton kernel reads the whole cache as one block per sequence
-            out = verify_attention(q.transpose(1, 2), cache.keys[self.layer_idx].transpose(1, 2),
-                                   cache.values[self.layer_idx].transpose(1, 2), cache.block_table,
-                                   step.context_lens, step.query_lens)  # [batch, T, heads, head_dim]
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True).transpose(1, 2)
+        cache.write(self.layer_idx, step.slots, k, v)
+        # one call on every device: the Triton kernel for CUDA tensors, its PyTorch reference (SDPA) otherwise;
+        # the per-row cache is the paged pool's special case of one block per sequence
+        out = verify_attention(q.transpose(1, 2), cache.keys[self.layer_idx].transpose(1, 2),
+                               cache.values[self.layer_idx].transpose(1, 2), None, step.context_lens,
+                               step.query_lens, span=step.span, mask=step.mask)  # [batch, T, heads, head_dim]
         return self.o_proj(out.reshape(batch, T, -1))
 
 
@@ -236,31 +234,30 @@ class LlamaModel(nn.Module):
         """Run new tokens through the model and append them to the cache.
 
         input_ids     [batch, T]  new tokens (any padding has position -1)
-        positions     [batch, T]  position of each new token == its cache slot; -1 for padding
+        positions     [batch, T]  position of each new token == its cache slot: row b's tokens continue its
+                                  cache (lengths[b], lengths[b] + 1, ...), right-padded with -1
         cache         KVCache     holds slots 0..position-1 of each row; its lengths advance here
         logits_index  [batch, n]  optional: only these of the T new tokens get logits
         returns       [batch, T or n, vocab] logits in float32 (float64 for float64 models)
         """
         x = self.model.embed_tokens(input_ids)  # [batch, T, hidden]
-        span = cache.check_room(positions)  # keys attended: slots 0..span-1
+        span = cache.check_room(positions)  # keys attended: slots 0..span-1 (the forward's one host sync)
         angles = positions.clamp(min=0).float()[..., None] * self.inv_freq  # [batch, T, head_dim / 2]
         angles = torch.cat((angles, angles), dim=-1)[:, None]  # [batch, 1, T, head_dim]
         cos = (angles.cos() * self.rope_scaling).to(x.dtype)
         sin = (angles.sin() * self.rope_scaling).to(x.dtype)
-        # Slot j is visible to the query at position p iff j <= p: the cache is compact (slot == position),
-        # so stale entries past a row's length — rolled-back drafts, other rows' tails — are never seen.
-        # A padding query (-1) sees slot 0 only, which keeps its softmax finite; its output is discarded.
-        keys = torch.arange(span, device=x.device)
-        step = Step(cos=cos, sin=sin, slots=cache.slots(positions),
-                    mask=(keys <= positions.clamp(min=0)[..., None])[:, None],
-                    kernel=use_triton(x) and isinstance(cache, KVCache))
-        if step.kernel:  # the kernel's view of the same batch: new tokens right-padded after each row's cache
-            step.context_lens = positions[:, 0].clamp(min=0)
-            step.query_lens = (positions >= 0).sum(dim=1)
-            expected = step.context_lens[:, None] + torch.arange(positions.shape[1], device=x.device)
-            # generate() always feeds rows this way; a left-padded prefill would need the SDPA path
-            torch._assert_async(((positions < 0) | (positions == expected)).all(),
-                                "the attention kernel needs each row's new tokens right-padded and contiguous")
+        # The cache is compact (slot == position): the query at position p sees slots 0..p, and stale entries
+        # past a row's length — rolled-back drafts, other rows' tails — are never seen.
+        context_lens = positions[:, 0].clamp(min=0)  # [batch] each row's new tokens follow its cache
+        # generate() feeds every row right-padded and contiguous from its cache length; anything else would
+        # attend to the wrong keys, so it is refused rather than computed
+        expected = context_lens[:, None] + torch.arange(positions.shape[1], device=x.device)
+        torch._assert_async(((positions < 0) | (positions == expected)).all(),
+                            "positions must continue each row's cache, right-padded with -1")
+        query_lens = (positions >= 0).sum(dim=1)
+        _, mask = attention_span_and_mask(context_lens, query_lens, positions.shape[1], span)
+        step = Step(cos=cos, sin=sin, slots=cache.slots(positions), context_lens=context_lens,
+                    query_lens=query_lens, span=span, mask=mask)
         for layer in self.model.layers:
             x = layer(x, step, cache)
         cache.advance(positions)

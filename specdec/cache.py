@@ -63,21 +63,15 @@ class KVCache(SequenceLengths):
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # [batch]
         self._rows = torch.arange(batch_size, device=device)[:, None]  # [batch, 1]
-        # for the attention kernel, which reads paged pools: here one block (the whole row) per sequence
-        self.block_table = self._rows.to(torch.int32)  # [batch, 1]
 
     def slots(self, positions):
         """Where new tokens go: slot == position, padding (-1) to the trash slot. [batch, T] -> [batch, T]"""
         return torch.where(positions < 0, self.max_len, positions)
 
-    def write(self, layer: int, slots, k, v, span: int):
-        """Store new keys/values at ``slots`` (from ``slots()``) and return slots 0..span-1 of this layer.
-
-        slots [batch, T]; k, v [batch, kv_heads, T, head_dim] -> keys, values [batch, kv_heads, span, head_dim]
-        """
+    def write(self, layer: int, slots, k, v) -> None:
+        """Store new keys/values at ``slots`` (from ``slots()``). slots [batch, T]; k, v [batch, kv_heads, T, head_dim]"""
         self.keys[layer][self._rows, :, slots] = k.transpose(1, 2)
         self.values[layer][self._rows, :, slots] = v.transpose(1, 2)
-        return self.keys[layer, :, :, :span], self.values[layer, :, :, :span]
 
 
 def select(logits, logits_index=None):
