@@ -105,8 +105,10 @@ if triton_available():
             else:
                 d = tl.where(v == tl.where(has_draft, one_hot_token, -1), 1.0, 0.0)
             e = tl.load(exp_row + v, mask=valid, other=1.0)
-            r = tl.where(valid, tl.maximum(t - d, 0.0) / e, -1.0)
-            s = tl.where(valid, t / e, -1.0)
+            # div_rn: IEEE round-to-nearest division, as torch and numpy divide (a plain `/` compiles to an
+            # approximate division on NVIDIA GPUs, which could break bit-identity at near-ties)
+            r = tl.where(valid, tl.math.div_rn(tl.maximum(t - d, 0.0), e), -1.0)
+            s = tl.where(valid, tl.math.div_rn(t, e), -1.0)
             r_max = tl.max(r, axis=0)
             r_id = start + tl.argmax(r, axis=0)  # first maximum within the tile
             s_max = tl.max(s, axis=0)
@@ -132,7 +134,7 @@ if triton_available():
         k, vocab,
         HAS_DRAFT_PROBS: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # offsets like (b * (k + 1) + j) * vocab pass 2^31 at large batches
         nd = tl.load(num_drafts_ptr + b)
         n = tl.full((), 0, tl.int64)
         going = nd > 0
@@ -170,7 +172,7 @@ if triton_available():
         k, vocab,
         BLOCK_V: tl.constexpr,
     ):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)
         nd = tl.load(num_drafts_ptr + b)
         n = tl.full((), 0, tl.int64)
         going = True

@@ -7,8 +7,11 @@ block_table [batch, max_blocks]; a contiguous per-sequence cache is the special 
 sequence (block_table[b] = [b], block_size = its capacity). GQA: query head h reads kv head h // group.
 The kernel is flash-style: one pass over the keys with an online softmax in float32 accumulators, so each
 key and value is read once per (sequence, kv head) instead of materialising a [T, L + T] score matrix. Inputs
-of any float dtype are upcast to float32 and multiplied in IEEE float32: with T <= 16 queries a tile the
-pass is bound by reading the cache, not by arithmetic, so tensor-core precision buys nothing here.
+of any float dtype are upcast to float32 and multiplied in IEEE float32, because that is what Triton's CPU
+interpreter (the only place CI can run it) computes correctly: its bfloat16 dot returns garbage. On a GPU
+that costs tensor-core throughput (a 64-row tile is ~64 flop per byte of cache); bfloat16 dots with float32
+accumulation, and splitting long contexts across programs (flash-decoding) so that batch 1 fills the GPU,
+are the next steps, to be measured with bench/gpu_check.py.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ def verify_attention(q, k_pool, v_pool, block_table, context_lens, query_lens, s
     -> out [batch, T, heads, head_dim] (zeros in padding rows)
     span, mask: what the reference derives from the lengths (``attention_span_and_mask``), for a caller that
     has them already — the native model makes them once per forward instead of once per layer"""
-    if use_triton(q):
+    if use_triton(q) and q.dtype != torch.float64:  # the kernel computes in float32
         return verify_attention_triton(q, k_pool, v_pool, block_table, context_lens, query_lens, scale)
     return verify_attention_reference(q, k_pool, v_pool, block_table, context_lens, query_lens, scale,
                                       span=span, mask=mask)
@@ -80,7 +83,7 @@ if triton_available():
         # group times those queries (row r: head kv_head * group + r // BLOCK_T, query r % BLOCK_T), so each
         # key and value tile is read once for the whole group — GQA's 4 query heads per kv head in Llama 3
         # would otherwise read the cache 4 times.
-        b, kv_head, tb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        b, kv_head, tb = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2)
         L = tl.load(ctx_ptr + b).to(tl.int64)
         n = tl.load(qlen_ptr + b).to(tl.int64)
         r = tl.arange(0, BLOCK_M)

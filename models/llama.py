@@ -20,6 +20,7 @@ from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from specdec.cache import KVCache, select
+from specdec.kernels.dispatch import use_triton
 from specdec.kernels.verify_attention import attention_span_and_mask, verify_attention
 
 #: model_type of a transformers config -> whether q/k/v projections carry a bias (o_proj never does there)
@@ -72,7 +73,7 @@ class Step:
     context_lens: torch.Tensor  # [batch] cached tokens before the new ones
     query_lens: torch.Tensor  # [batch] new tokens per row (the rest of T is padding)
     span: int  # slots 0..span-1 hold every key any row attends to
-    mask: torch.Tensor  # [batch, 1, T, span] for the reference path (made once, used by every layer)
+    mask: torch.Tensor | None  # [batch, 1, T, span] for the reference path (made once, used by every layer)
 
 
 class RMSNorm(nn.Module):
@@ -255,7 +256,9 @@ class LlamaModel(nn.Module):
         torch._assert_async(((positions < 0) | (positions == expected)).all(),
                             "positions must continue each row's cache, right-padded with -1")
         query_lens = (positions >= 0).sum(dim=1)
-        _, mask = attention_span_and_mask(context_lens, query_lens, positions.shape[1], span)
+        mask = None  # the kernel builds its own
+        if not use_triton(x):
+            mask = attention_span_and_mask(context_lens, query_lens, positions.shape[1], span)[1]
         step = Step(cos=cos, sin=sin, slots=cache.slots(positions), context_lens=context_lens,
                     query_lens=query_lens, span=span, mask=mask)
         for layer in self.model.layers:
