@@ -64,7 +64,7 @@ def main(argv=None):
     copy_s = _bench(lambda: big.clone(), device, repeats=10)
     bandwidth = 2 * big.numel() * 4 / copy_s / 1e9
     report["copy_bandwidth_gbs"] = bandwidth
-    del big
+    big = None  # free the buffer before the attention shapes
 
     # Llama-3-8B attention layout: 32 query heads, 8 kv heads, head_dim 128, bfloat16, pool blocks of 16
     heads, kv_heads, head_dim, block = (32, 8, 128, 16) if device == "cuda" else (4, 2, 64, 16)
@@ -91,7 +91,7 @@ def main(argv=None):
         row = {"batch": batch, "context": context, "T": T, "kernel_us": kernel_s * 1e6, "sdpa_us": sdpa_s * 1e6,
                "kernel_gbs": nbytes / kernel_s / 1e9, "fraction_of_bandwidth": nbytes / kernel_s / 1e9 / bandwidth}
         report["attention"].append(row)
-        del k_pool, v_pool, k_dense, v_dense
+        k_pool = v_pool = k_dense = v_dense = None  # free before the next shape
 
     for vocab in ((32000, 128256) if device == "cuda" else (1000,)):
         batch, k = (32, 4) if device == "cuda" else (2, 2)

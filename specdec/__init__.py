@@ -9,5 +9,5 @@ from specdec import kernels, models  # noqa: E402  (installed from the top-level
 from specdec.models.loading import load
 
 
-__all__ = ["GenerateOutput", "DraftModelProposer", "NGramProposer", "KVCache", "Proposer", "SamplingConfig", "SpecStats",
-           "generate", "kernels", "load", "models"]
+__all__ = ["GenerateOutput", "DraftModelProposer", "NGramProposer", "KVCache", "Proposer", "SamplingConfig",
+           "SpecStats", "generate", "kernels", "load", "models"]

@@ -69,7 +69,10 @@ class KVCache(SequenceLengths):
         return torch.where(positions < 0, self.max_len, positions)
 
     def write(self, layer: int, slots, k, v) -> None:
-        """Store new keys/values at ``slots`` (from ``slots()``). slots [batch, T]; k, v [batch, kv_heads, T, head_dim]"""
+        """Store new keys/values at ``slots`` (from ``slots()``).
+
+        slots [batch, T]; k, v [batch, kv_heads, T, head_dim]
+        """
         self.keys[layer][self._rows, :, slots] = k.transpose(1, 2)
         self.values[layer][self._rows, :, slots] = v.transpose(1, 2)
 

@@ -160,7 +160,8 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
     pad_token_id = _token_ids("pad_token_id", pad_token_id)[0]
     if num_draft_tokens != "auto" and (not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool)
                                        or num_draft_tokens < 1):
-        raise ValueError(f"num_draft_tokens must be an integer >= 1 or 'auto', got num_draft_tokens={num_draft_tokens!r}")
+        raise ValueError(f"num_draft_tokens must be an integer >= 1 or 'auto', "
+                         f"got num_draft_tokens={num_draft_tokens!r}")
     proposer = _proposer(draft_model, target)
     if streamer is not None and input_ids.shape[0] != 1:
         raise ValueError(f"streamer needs batch size 1, got input_ids of shape {tuple(input_ids.shape)}")
@@ -210,14 +211,16 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
 def _check_inputs(input_ids, attention_mask, target):
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError("input_ids must be a LongTensor [batch, prompt_len], got "
-                         f"{type(input_ids).__name__} {getattr(input_ids, 'shape', '')} {getattr(input_ids, 'dtype', '')}")
+                         f"{type(input_ids).__name__} {getattr(input_ids, 'shape', '')} "
+                         f"{getattr(input_ids, 'dtype', '')}")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}; a prompt needs at least one token")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     attention_mask = torch.as_tensor(attention_mask, device=input_ids.device)
     if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != "
+                         f"input_ids shape {tuple(input_ids.shape)}")
     if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
         raise ValueError("attention_mask must hold only 0 and 1")
     attention_mask = attention_mask.long()
@@ -308,7 +311,8 @@ def check_vocab(draft, target) -> None:
     if small == large:
         return
     padded = large % 64 == 0 and large - small < 1024 and small > 1024
-    special = [(getattr(draft.config, n, None), getattr(target.config, n, None)) for n in ("bos_token_id", "eos_token_id")]
+    special = [(getattr(draft.config, n, None), getattr(target.config, n, None))
+               for n in ("bos_token_id", "eos_token_id")]
     if padded and all(a == b for a, b in special):
         return
     raise ValueError(f"draft_model vocabulary size {draft_vocab} does not match the target's {target_vocab}"

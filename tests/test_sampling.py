@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import specdec
