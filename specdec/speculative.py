@@ -13,7 +13,7 @@ import torch
 from specdec.proposers import DraftModelProposer, NGramProposer
 from specdec.sampling import SamplingConfig, verify
 from specdec.state import DecodeState
-from specdec.stats import SpecStats, predicted_speedup
+from specdec.stats import SpecStats, expected_tokens
 
 MAX_AUTO_DRAFT_TOKENS = 8
 
@@ -52,12 +52,8 @@ def speculative_step(target, cache, proposer, state: DecodeState, num_drafts):
     # Keep the pending token and the accepted drafts; the recovered/bonus token becomes the new pending one.
     cache.rollback(torch.where(state.active, state.num_tokens + num_accepted, cache.lengths))
     _sync(state.tokens)
-    stats = state.stats
-    if state.stats.target_passes > 0:  # the first pass is the prefill: keep it out of the cost ratio
-        stats.draft_seconds += tock - tick
-        stats.target_seconds += time.perf_counter() - tock
-        stats.timed_draft_passes += k
-        stats.timed_target_passes += 1
+    if state.stats.target_passes > 0:  # the first pass is the prefill: keep it out of the timings
+        state.stats.record_pass(k, target_seconds=time.perf_counter() - tock, draft_seconds=tock - tick)
     return emitted, num_accepted, num_drafts
 
 
@@ -109,12 +105,21 @@ def _commit(state: DecodeState, emitted, num_accepted, num_drafts):
 
 
 class DraftLength:
-    """Picks k each step: fixed, or "auto" — the k in 0..8 maximising E / (k c + 1) from this call's own
-    measured acceptance rate and draft cost ratio (k = 0, a plain step, when speculation does not pay).
-    After REPROBE plain steps in a row it drafts once with k = 1: text changes, and a plain step measures
-    nothing, so without a probe one unlucky estimate would hold for the rest of the call."""
+    """Picks k each step: fixed, or "auto" — the k in 0..8 with the most expected tokens per second,
+
+        E(alpha, k) / (k * c + v(k)),   E = (1 - alpha^(k+1)) / (1 - alpha)
+
+    with alpha this call's acceptance rate, c a draft step and v(k) a verification pass of k + 1 tokens, both
+    in units of a plain target step and both measured in this call. v(k) is Leviathan et al.'s "1" made
+    honest: on a CPU a 9-row pass costs 1.4-1.9 plain steps (bench/RESULTS.md), and a draft that pays at
+    v = 1 can lose at the real v. Unmeasured k take v linear in k through the nearest measured one.
+    Schedule: two probing steps with k = 4 (the first is the prefill, untimed), one plain step (the unit),
+    then the argmax, k = 0 included; after REPROBE plain steps in a row one step with k = 1, since a plain
+    step measures nothing and the text may change.
+    """
 
     REPROBE = 16
+    PROBE = 4
 
     def __init__(self, num_draft_tokens):
         self.auto = num_draft_tokens == "auto"
@@ -124,11 +129,23 @@ class DraftLength:
     def next(self, stats: SpecStats) -> int:
         if not self.auto:
             return self.k
-        if stats.cost_ratio is None:  # nothing measured yet: a middle k to measure with
-            return 4
-        # Laplace prior: two pseudo-drafts, one accepted, so early steps neither hope nor despair too much.
-        alpha = (stats.accepted + 1) / (stats.proposed + 2)
-        k = max(range(self.k + 1), key=lambda k: predicted_speedup(alpha, k, stats.cost_ratio))
+        if not stats.timed_draft_passes:
+            return self.PROBE
+        plain = stats.pass_seconds(0)
+        if plain is None:
+            return 0
+        # Jeffreys prior (half a pseudo-draft each way): two rejections already say "alpha is small".
+        alpha = (stats.accepted + 0.5) / (stats.proposed + 1)
+        draft = stats.draft_seconds / stats.timed_draft_passes / plain
+        measured = sorted(k for k in stats.passes_by_k if k > 0)
+
+        def verify_cost(k: int) -> float:
+            if k == 0:
+                return 1.0
+            near = min(measured, key=lambda m: abs(m - k))
+            return 1.0 + (stats.pass_seconds(near) / plain - 1.0) * k / near
+
+        k = max(range(self.k + 1), key=lambda k: expected_tokens(alpha, k) / (k * draft + verify_cost(k)))
         self.plain_steps = self.plain_steps + 1 if k == 0 else 0
         if self.plain_steps > self.REPROBE:
             self.plain_steps, k = 0, 1

@@ -28,6 +28,8 @@ class SpecStats:
     draft_seconds: float = 0.0  # spent drafting in those same steps
     timed_target_passes: int = 0
     timed_draft_passes: int = 0
+    pass_seconds_by_k: dict[int, float] = field(default_factory=dict)  # timed target passes, summed per k
+    passes_by_k: dict[int, int] = field(default_factory=dict)  # how many of them
     wall_seconds: float = 0.0
     steps_by_k: dict[int, int] = field(default_factory=dict)  # how often each k was used (auto mode)
     reached_at: list[int] = field(default_factory=list)  # [k] drafts at position i whose predecessors were all accepted
@@ -49,6 +51,19 @@ class SpecStats:
         self.row_passes += rows
         self.target_passes += 1
         self.steps_by_k[k] = self.steps_by_k.get(k, 0) + 1
+
+    def record_pass(self, k: int, target_seconds: float, draft_seconds: float) -> None:
+        """Timing of one decode step (not the prefill) that drafted k tokens."""
+        self.target_seconds += target_seconds
+        self.draft_seconds += draft_seconds
+        self.timed_target_passes += 1
+        self.timed_draft_passes += k
+        self.pass_seconds_by_k[k] = self.pass_seconds_by_k.get(k, 0.0) + target_seconds
+        self.passes_by_k[k] = self.passes_by_k.get(k, 0) + 1
+
+    def pass_seconds(self, k: int) -> float | None:
+        """Mean seconds of a timed target pass that verified k drafts (None if none was timed)."""
+        return self.pass_seconds_by_k[k] / self.passes_by_k[k] if self.passes_by_k.get(k) else None
 
     @property
     def acceptance_rate(self) -> float:
@@ -88,7 +103,8 @@ class SpecStats:
 
     def to_dict(self) -> dict:
         fields = dict(self.__dict__)
-        fields["steps_by_k"] = {str(k): v for k, v in self.steps_by_k.items()}
+        for name in ("steps_by_k", "pass_seconds_by_k", "passes_by_k"):
+            fields[name] = {str(k): v for k, v in getattr(self, name).items()}
         for name in ("acceptance_rate", "tokens_per_target_forward", "per_position_acceptance", "mean_k",
                      "cost_ratio", "predicted_speedup", "tokens_per_second"):
             fields[name] = getattr(self, name)

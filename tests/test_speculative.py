@@ -125,21 +125,36 @@ def test_auto_k_drafts_long_with_a_perfect_free_draft():
     assert max(out.stats.steps_by_k) == 8 and out.stats.tokens_per_target_forward > 5
 
 
-@pytest.mark.parametrize("accepted,proposed,c,want", [
-    (900, 1000, 1.0, 0),  # a draft as costly as the target never pays: E / (k + 1) <= 1
-    (0, 1000, 0.01, 0),  # nothing accepted: nothing gained
-    (900, 1000, 0.05, 8),  # alpha 0.9, cheap draft: E/(kc+1) still rises at k = 8
-    (600, 1000, 0.05, 4),  # alpha 0.6: 1.52 at k=1, 1.78, 1.89, 1.92 at k=4, 1.91 at k=5
+@pytest.mark.parametrize("accepted,proposed,c,growth,want", [
+    (900, 1000, 1.0, 0.0, 0),  # a draft as costly as the target never pays: E / (k + 1) <= 1
+    (0, 1000, 0.01, 0.0, 0),  # nothing accepted: nothing gained
+    (900, 1000, 0.05, 0.0, 8),  # alpha 0.9, cheap draft, flat verification: E/(kc+1) still rises at k = 8
+    (600, 1000, 0.05, 0.0, 4),  # alpha 0.6: 1.52 at k=1, 1.78, 1.89, 1.92 at k=4, 1.91 at k=5
+    (600, 1000, 0.05, 0.1, 2),  # the same, but each draft adds 10% to the verification pass: 1.39, 1.51, 1.50
 ])
-def test_auto_k_controller_maximises_predicted_speedup(accepted, proposed, c, want):
+def test_auto_k_controller_maximises_measured_speedup(accepted, proposed, c, growth, want):
     from specdec.speculative import DraftLength
     from specdec.stats import SpecStats
 
-    stats = SpecStats(accepted=accepted, proposed=proposed, target_seconds=1.0, timed_target_passes=100,
-                      draft_seconds=c, timed_draft_passes=100)
-    assert stats.cost_ratio == pytest.approx(c)
+    stats = SpecStats(accepted=accepted, proposed=proposed)
+    stats.record_pass(0, target_seconds=1.0, draft_seconds=0.0)  # a plain step: the unit
+    stats.record_pass(4, target_seconds=1.0 + 4 * growth, draft_seconds=4 * c)  # a measured step with k = 4
     assert DraftLength("auto").next(stats) == want
     assert DraftLength(5).next(stats) == 5
+
+
+def test_auto_k_probes_then_measures_a_plain_step_first():
+    from specdec.speculative import DraftLength
+    from specdec.stats import SpecStats
+
+    stats, length = SpecStats(), DraftLength("auto")
+    assert length.next(stats) == DraftLength.PROBE  # nothing timed yet
+    stats.record_pass(4, target_seconds=1.2, draft_seconds=0.2)
+    assert length.next(stats) == 0  # no plain step timed: take one, it is the unit of every cost
+    stats.record_pass(0, target_seconds=1.0, draft_seconds=0.0)
+    stats.accepted, stats.proposed = 0, 8
+    # eight rejections: alpha = 0.5 / 9, E(k=1) = 1.06 against a cost of 0.05 (draft) + 1.05 (verification)
+    assert length.next(stats) == 0
 
 
 def test_eos_as_first_draft_token_truncates():
