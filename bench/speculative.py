@@ -56,6 +56,7 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument("--ks", nargs="+", default=[*map(str, KS), "auto"], help="k values to run, or 'auto'")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     report = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
@@ -67,7 +68,8 @@ def main(argv=None):
         print("| cost | " + " | ".join(f"{cost[k]:.2f}" for k in KS) + " |")
         ids = chat_ids(tokenizer, PROMPTS[0])
         drafts = {"self": model, "random": random_draft(model)}
-        configs = [("plain", None, 0)] + [(name, d, k) for name, d in drafts.items() for k in [*KS, "auto"]]
+        ks = [k if k == "auto" else int(k) for k in args.ks]
+        configs = [("plain", None, 0)] + [(name, d, k) for name, d in drafts.items() for k in ks]
         specdec.generate(model, ids, max_new_tokens=4, eos_token_id=[])  # warm-up
         seconds = {c[:1] + (c[2],): [] for c in configs}
         stats, checks = {}, {}
