@@ -54,6 +54,17 @@ def tiny_model(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0):
     return model
 
 
+def one_layer_llama(vocab: int, hidden: int, seed: int, scale: float):
+    """A float64 one-layer Llama without special tokens; lm_head scaled by `scale` for sharper logits."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         bos_token_id=None, eos_token_id=None, pad_token_id=None)).double().eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    return model
+
+
 @functools.lru_cache(maxsize=None)
 def perturbed_copy(arch: str, scale: float = 0.02):
     """The target with noise on every weight: a draft that agrees often but not always."""

@@ -29,7 +29,8 @@ def test_checkpoint_folder_roundtrip(tmp_path, arch):
     hf = tiny_model(arch, torch.float32)
     hf.save_pretrained(tmp_path)
     vocab = {f"t{i}": i for i in range(hf.config.vocab_size)}
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0"))).save_pretrained(tmp_path)
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(tmp_path)
     model, tokenizer = specdec.load(tmp_path)
     assert isinstance(model, LlamaModel) and model.dtype == torch.float32
     ids = torch.tensor([[3, 4, 5, 6]])

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import one_layer_llama
 
 import specdec
 import specdec.speculative as generate_module
@@ -77,13 +77,7 @@ PROMPT = [3, 1, 4]
 
 
 def _toy(seed, scale):
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=TOY_VOCAB, hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                         bos_token_id=None, eos_token_id=None, pad_token_id=None)).double().eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(scale)
-    return model
+    return one_layer_llama(TOY_VOCAB, hidden=16, seed=seed, scale=scale)
 
 
 def _exact_distribution(model, sampling):

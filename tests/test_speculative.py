@@ -258,18 +258,9 @@ def test_a_custom_proposer_is_used_losslessly():
 @pytest.mark.parametrize("draft_vocab", [1088, 1216])
 def test_vocab_sizes_that_differ_by_padding_stay_exact(draft_vocab):
     """Target 1152 ids (a multiple of 64), draft 1088 or 1216: the same tokenizer, padded differently."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import one_layer_llama
 
-    def model(vocab, seed):
-        torch.manual_seed(seed)
-        m = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                         eos_token_id=None, bos_token_id=None, pad_token_id=None)).double().eval()
-        with torch.no_grad():
-            m.lm_head.weight.mul_(8)
-        return m
-
-    target, draft = model(1152, 0), model(draft_vocab, 0)
+    target, draft = one_layer_llama(1152, 32, seed=0, scale=8), one_layer_llama(draft_vocab, 32, seed=0, scale=8)
     with torch.no_grad():  # a draft that agrees on the shared ids often: same weights where the shapes meet
         shared = min(1152, draft_vocab)
         for p, q in zip(draft.parameters(), target.parameters()):
