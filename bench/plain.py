@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PROMPTS, bandwidth_gbs, chat_ids, compare, load_pair, machine, median, weight_bytes  # noqa: E402
+
+from specdec.bench.common import PROMPTS, bandwidth_gbs, chat_ids, compare, load_pair, machine, median, weight_bytes  # noqa: E402
 
 import specdec  # noqa: E402
 

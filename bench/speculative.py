@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PROMPTS, chat_ids, compare, machine, median  # noqa: E402
+
+from specdec.bench.common import PROMPTS, chat_ids, compare, machine, median  # noqa: E402
 
 import specdec  # noqa: E402
 

@@ -43,6 +43,22 @@ def _generate(args) -> int:
     return 0
 
 
+def _distill(args) -> int:
+    import dataclasses
+
+    from specdec.distill import DistillConfig, distill
+
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    config = DistillConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    report = distill(args.target, args.out, config, resume=args.resume)
+    per_k = report["tokens_per_target_forward"]
+    best = max(per_k, key=lambda k: per_k[k] / (k * report["cost_ratio_c"] + 1))
+    print(f"held-out greedy agreement {report['agreement']:.3f} over {report['answer_tokens']} answer tokens; "
+          f"c = {report['cost_ratio_c']:.3f}; tokens per target forward at k={best}: {per_k[best]:.2f}; "
+          f"draft saved in {args.out}", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="specdec", description="Speculative decoding, lossless and fast.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,9 +74,20 @@ def main(argv=None) -> int:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
     gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    dis = sub.add_parser("distill", help="train a draft for a target by distillation on the target's own answers")
+    dis.add_argument("--target", default=DEFAULT_MODEL, help="registered name, checkpoint folder or .gguf file")
+    dis.add_argument("--out", required=True, help="output folder (must not exist unless --resume)")
+    dis.add_argument("--resume", action="store_true", help="continue the run in --out")
+    for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "num_prompts",
+                 "eval_prompts", "max_new_tokens", "gen_batch", "teacher_top_k", "steps", "batch_size",
+                 "warmup", "checkpoint_every", "seed"):
+        dis.add_argument("--" + name.replace("_", "-"), type=int, dest=name)
+    dis.add_argument("--lr", type=float)
+    dis.add_argument("--sample-fraction", type=float, dest="sample_fraction")
+    dis.add_argument("--dtype", choices=["float32", "bfloat16"], help="of the saved weights (default bfloat16)")
     args = parser.parse_args(argv)
     try:
-        return {"generate": _generate}[args.command](args)
+        return {"generate": _generate, "distill": _distill}[args.command](args)
     except (ValueError, FileNotFoundError) as err:
         print(f"specdec {args.command}: {err}", file=sys.stderr)
         return 2
