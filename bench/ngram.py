@@ -11,12 +11,10 @@ import sys
 from pathlib import Path
 
 import torch
+from specdec.bench.common import chat_ids, compare, machine, median
 from tqdm import tqdm
 
-
-from specdec.bench.common import chat_ids, compare, machine, median  # noqa: E402
-
-import specdec  # noqa: E402
+import specdec
 
 PROMPTS = Path(__file__).resolve().parent / "prompts"
 

@@ -15,12 +15,19 @@ import time
 from pathlib import Path
 
 import torch
+from specdec.bench.common import (
+    PROMPTS,
+    bandwidth_gbs,
+    chat_ids,
+    compare,
+    load_pair,
+    machine,
+    median,
+    weight_bytes,
+)
 from tqdm import tqdm
 
-
-from specdec.bench.common import PROMPTS, bandwidth_gbs, chat_ids, compare, load_pair, machine, median, weight_bytes  # noqa: E402
-
-import specdec  # noqa: E402
+import specdec
 
 
 def main(argv=None):

@@ -14,12 +14,10 @@ import time
 from pathlib import Path
 
 import torch
+from specdec.bench.common import PROMPTS, chat_ids, compare, machine, median
 from tqdm import tqdm
 
-
-from specdec.bench.common import PROMPTS, chat_ids, compare, machine, median  # noqa: E402
-
-import specdec  # noqa: E402
+import specdec
 
 KS = range(1, 9)
 

@@ -59,6 +59,36 @@ def _distill(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from specdec.bench.harness import QUICK, BenchConfig, main
+
+    fields = {f.name for f in dataclasses.fields(BenchConfig)}
+    given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items()
+             if k in fields and v is not None}
+    if args.draft in ("none", ""):
+        given["draft"] = None
+    config = BenchConfig(**{**(QUICK if args.quick else {}), **given})
+    main(config, json_path=Path(args.json) if args.json else None, plot_dir=Path(args.plot) if args.plot else None)
+    return 0
+
+
+def _serve(args) -> int:
+    from specdec.server import serve
+
+    k = args.num_draft_tokens
+    if k != "auto":
+        if not k.isdigit() or int(k) < 1:
+            raise ValueError(f"-k/--num-draft-tokens must be an integer >= 1 or 'auto', got {k!r}")
+        k = int(k)
+    draft = None if args.draft in ("none", "") else args.draft
+    return serve(args.model, draft, host=args.host, port=args.port, num_draft_tokens=k,
+                 max_num_seqs=args.max_num_seqs, kv_blocks=args.kv_blocks, block_size=args.block_size,
+                 max_queued=args.max_queued, dtype=args.dtype, grace_seconds=args.grace)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="specdec", description="Speculative decoding, lossless and fast.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,9 +115,39 @@ def main(argv=None) -> int:
     dis.add_argument("--lr", type=float)
     dis.add_argument("--sample-fraction", type=float, dest="sample_fraction")
     dis.add_argument("--dtype", choices=["float32", "bfloat16"], help="of the saved weights (default bfloat16)")
+    ben = sub.add_parser("bench", help="specdec against transformers and the memory roofline, side by side")
+    ben.add_argument("--model", help=f"target (default {DEFAULT_MODEL})")
+    ben.add_argument("--draft", help="draft model for hf-assisted/draft/auto ('none': no draft)")
+    ben.add_argument("--methods", nargs="+", help="hf hf-assisted hf-lookup plain draft auto ngram synthetic")
+    ben.add_argument("--ks", nargs="+", type=int, help="k values for the draft (1..16)")
+    ben.add_argument("--modes", nargs="+", help="greedy and/or sampling (temperature 0.7, top_p 0.9)")
+    ben.add_argument("--batch-sizes", nargs="+", type=int, dest="batch_sizes")
+    ben.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
+    ben.add_argument("--repeats", type=int)
+    ben.add_argument("--prompts-per-category", type=int, dest="prompts_per_category")
+    ben.add_argument("--categories", nargs="+")
+    ben.add_argument("--dtype", choices=["float32", "bfloat16", "float64"])
+    ben.add_argument("--synthetic-rates", nargs="+", type=float, dest="synthetic_rates")
+    ben.add_argument("--synthetic-k", type=int, dest="synthetic_k")
+    ben.add_argument("--seed", type=int)
+    ben.add_argument("--json", help="write every figure and the machine description to this file")
+    ben.add_argument("--plot", help="write PNG plots into this folder")
+    ben.add_argument("--quick", action="store_true", help="a small run: under 5 minutes on a 2-core CPU")
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server: continuous batching + speculation")
+    srv.add_argument("--model", default=DEFAULT_MODEL, help="registered name, checkpoint folder or .gguf file")
+    srv.add_argument("--draft", default="ngram", help="'ngram' (default), 'none', or a draft model name/folder/.gguf")
+    srv.add_argument("-k", "--num-draft-tokens", default="auto", help="drafts per step, or 'auto' (default)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-num-seqs", type=int, default=32, help="requests running at once")
+    srv.add_argument("--max-queued", type=int, default=64, help="requests waiting beyond those (more: 429)")
+    srv.add_argument("--kv-blocks", type=int, default=1024, help="KV pool blocks (of --block-size positions)")
+    srv.add_argument("--block-size", type=int, default=16)
+    srv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
+    srv.add_argument("--grace", type=float, default=10.0, help="seconds running requests get after SIGTERM")
     args = parser.parse_args(argv)
     try:
-        return {"generate": _generate, "distill": _distill}[args.command](args)
+        return {"generate": _generate, "distill": _distill, "bench": _bench, "serve": _serve}[args.command](args)
     except (ValueError, FileNotFoundError) as err:
         print(f"specdec {args.command}: {err}", file=sys.stderr)
         return 2

@@ -280,7 +280,7 @@ def evaluate(draft, target, records: list[dict], pad: int, max_k: int = 8) -> di
     draft.eval()
     runs, agreed, total = [], 0, 0
     for start in range(0, len(records), 8):
-        ids, mask, where, values, indices = _batch(records[start:start + 8], pad)
+        ids, mask, where, _, indices = _batch(records[start:start + 8], pad)
         hidden = draft.model(input_ids=ids, attention_mask=mask).last_hidden_state.flatten(0, 1)[where]
         hits = draft.lm_head(hidden).argmax(-1) == indices[:, 0]  # [N]
         agreed += hits.sum().item()

@@ -61,6 +61,20 @@ class SpecStats:
         self.pass_seconds_by_k[k] = self.pass_seconds_by_k.get(k, 0.0) + target_seconds
         self.passes_by_k[k] = self.passes_by_k.get(k, 0) + 1
 
+    def merge(self, other: SpecStats) -> None:
+        """Add another call's figures to these (a benchmark sums the calls of one configuration)."""
+        for name, value in other.__dict__.items():
+            mine = getattr(self, name)
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    mine[k] = mine.get(k, 0) + v
+            elif isinstance(value, list):
+                mine += [0] * (len(value) - len(mine))
+                for i, v in enumerate(value):
+                    mine[i] += v
+            else:
+                setattr(self, name, mine + value)
+
     def pass_seconds(self, k: int) -> float | None:
         """Mean seconds of a timed target pass that verified k drafts (None if none was timed)."""
         return self.pass_seconds_by_k[k] / self.passes_by_k[k] if self.passes_by_k.get(k) else None

@@ -1,0 +1,160 @@
+"""The benchmark harness: its arithmetic on constructed inputs, a small run on tiny random models that writes
+valid JSON and PNGs, and a deliberately wrong speculative output reported as a mismatch."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import perturbed_copy, tiny_model
+from specdec.bench.harness import (
+    Bench,
+    BenchConfig,
+    Run,
+    SyntheticProposer,
+    break_even,
+    median_rate,
+    plan,
+    plots,
+    roofline,
+    table,
+)
+
+from specdec.cli import main as cli
+
+
+def test_roofline_arithmetic():
+    # 10 tok/s, 2 tokens per forward, batch 1: 5 forwards/s, each reading 100 + 3 * 10 bytes
+    r = roofline(10.0, 2.0, 1, target_bytes=100, draft_bytes=10, mean_k=3, bandwidth=1300.0)
+    assert r["weight_bytes_per_s"] == pytest.approx(650.0)
+    assert r["bandwidth_fraction"] == pytest.approx(0.5)
+    assert r["ceiling_tokens_per_s"] == pytest.approx(1300.0 * 2.0 / 130.0)
+    # batch 4: one forward serves four rows, so the same tokens/s needs a quarter of the reads
+    r4 = roofline(10.0, 2.0, 4, target_bytes=100, draft_bytes=10, mean_k=3, bandwidth=1300.0)
+    assert r4["weight_bytes_per_s"] == pytest.approx(650.0 / 4)
+    assert r4["ceiling_tokens_per_s"] == pytest.approx(4 * r["ceiling_tokens_per_s"])
+
+
+def test_median_and_break_even():
+    assert median_rate([10, 20, 30], [1.0, 1.0, 2.0]) == 15.0  # rates 10, 20, 15
+    assert break_even([0.0, 0.5, 1.0], [0.8, 0.9, 1.3]) == pytest.approx(0.5 + 0.1 / 0.4 * 0.5)
+    assert break_even([0.0, 1.0], [0.5, 0.9]) is None
+    assert break_even([0.2, 0.0], [1.1, 1.05]) == 0.0  # unsorted input; pays from the start
+
+
+def test_plan_runs_plain_first_and_skips_what_transformers_refuses():
+    runs = plan(BenchConfig(methods=("hf-assisted", "draft", "synthetic"), ks=(1, 2), batch_sizes=(1, 4),
+                            modes=("greedy", "sampling"), synthetic_rates=(0.5,)))
+    greedy4 = [r for r in runs if r.mode == "greedy" and r.batch == 4]
+    assert greedy4[0] == Run("plain", "greedy", 4)
+    assert not any(r.method == "hf-assisted" for r in greedy4)  # batch > 1: transformers refuses
+    assert not any(r.method == "synthetic" for r in runs if r.mode == "sampling")
+    assert [r.k for r in greedy4 if r.method == "draft"] == [1, 2]
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(methods=("plain", "medusa")), "medusa"), (dict(ks=(0,)), "ks"), (dict(ks=(17,)), "ks"),
+    (dict(modes=("beam",)), "modes"), (dict(batch_sizes=(0,)), "batch_sizes"), (dict(synthetic_rates=(1.5,)), "rates"),
+    (dict(draft=None), "draft"),
+])
+def test_bad_config(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        BenchConfig(**kwargs)
+
+
+@pytest.mark.parametrize("args, word", [
+    (["--methods", "plain", "spec-magic"], "spec-magic"), (["--ks", "0"], "ks"), (["--ks", "17"], "ks"),
+    (["--json", "/proc/no/such/dir/out.json"], "--json"), (["--draft", "/no/such/model"], "no such"),
+])
+def test_cli_refuses_bad_input_before_loading(args, word, capsys, monkeypatch):
+    from specdec.bench import harness
+
+    monkeypatch.setattr(harness, "load_models", lambda *a: pytest.fail("a model was loaded"))
+    assert cli(["bench", *args]) == 2
+    assert word in capsys.readouterr().err
+
+
+def test_cli_refuses_draft_with_other_vocabulary(tmp_path, capsys, monkeypatch):
+    from specdec.bench import harness
+
+    for name, arch in (("target", "llama"), ("draft", "gpt2")):
+        tiny_model(arch).save_pretrained(tmp_path / name)
+    monkeypatch.setattr(harness, "load_models", lambda *a: pytest.fail("a model was loaded"))
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(tmp_path / "draft")
+    cfg.vocab_size = 200
+    cfg.save_pretrained(tmp_path / "draft")
+    assert cli(["bench", "--model", str(tmp_path / "target"), "--draft", str(tmp_path / "draft")]) == 2
+    assert "vocabulary" in capsys.readouterr().err
+
+
+def _prompts():
+    gen = torch.Generator().manual_seed(3)
+    return [torch.randint(3, 101, (n,), generator=gen).tolist() for n in (5, 9, 7)]
+
+
+def test_small_run_writes_json_and_plots(tmp_path):
+    config = BenchConfig(ks=(1, 3), modes=("greedy", "sampling"), batch_sizes=(1, 2), max_new_tokens=12, repeats=2,
+                         synthetic_rates=(0.0, 1.0), synthetic_k=3)
+    report = Bench(config, tiny_model("llama"), perturbed_copy("llama"), _prompts(), progress=False).run()
+    text = json.dumps(report)  # every figure serialises
+    assert json.loads(text)["mismatches"] == 0
+    runs = report["runs"]
+    methods = {r["method"] for r in runs}
+    assert methods == {"hf", "hf-assisted", "hf-lookup", "plain", "draft", "auto", "ngram", "synthetic"}
+    for r in runs:
+        assert r["tokens_per_s"] > 0 and math.isfinite(r["tokens_per_s"])
+        if r["mode"] == "greedy" and r["method"] != "plain":
+            assert r["check"] in ("exact",), r  # float64: exact, no near-ties
+    plain = next(r for r in runs if r["method"] == "plain" and r["batch"] == 1 and r["mode"] == "greedy")
+    assert plain["tokens_per_target_forward"] == 1.0 and plain["vs_plain"] == 1.0
+    # synthetic rate 1.0 with k=3: every draft accepted, so 4 tokens per forward except at the end of a row
+    full = next(r for r in runs if r["method"] == "synthetic" and r["rate"] == 1.0 and r["batch"] == 1)
+    zero = next(r for r in runs if r["method"] == "synthetic" and r["rate"] == 0.0 and r["batch"] == 1)
+    assert full["acceptance_rate"] == 1.0 and full["tokens_per_target_forward"] > 2.5
+    assert zero["acceptance_rate"] == 0.0 and zero["tokens_per_target_forward"] == 1.0
+    assert set(report["synthetic"]) == {"batch=1", "batch=2"}
+    assert "| draft | greedy | 1 | 3 |" in table(report)
+    written = plots(report, tmp_path / "plots")
+    assert len(written) == 4
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_wrong_speculative_output_is_reported(capsys):
+    class Corrupting(Bench):
+        def call(self, run, work, reference, seed):
+            got, secs, stats = super().call(run, work, reference, seed)
+            if run.method == "ngram":
+                got[0] = got[0].clone()
+                got[0][1] = (got[0][1] + 1) % 101  # a token plain greedy decoding would not choose
+            return got, secs, stats
+
+    config = BenchConfig(methods=("plain", "ngram", "synthetic"), batch_sizes=(1,), modes=("greedy",),
+                         max_new_tokens=8, repeats=1, synthetic_rates=(0.5,))
+    report = Corrupting(config, tiny_model("llama"), None, _prompts(), progress=False).run()
+    ngram = next(r for r in report["runs"] if r["method"] == "ngram")
+    assert ngram["check"].startswith("MISMATCH") and ngram["mismatches"] == 3
+    assert report["mismatches"] == 3
+    assert "\x1b[31mMISMATCH" in table(report)
+    assert "MISMATCH" in capsys.readouterr().err
+
+
+def test_synthetic_proposer_accepts_at_its_rate():
+    """rate r: each proposed token is the reference token with probability r (binomial: 4000 draws,
+    3 sigma = 0.024 at r = 0.5); the companion rate 0 proposes no reference token at all."""
+    from types import SimpleNamespace
+
+    reference = [torch.arange(10, 5010)]
+    state = SimpleNamespace(batch_size=1, num_tokens=torch.tensor([10]), vocab_size=6000)
+    drafts, probs = SyntheticProposer(reference, 0.5, torch.Generator().manual_seed(0)).propose(state, 4000)
+    assert probs is None
+    hits = (drafts[0] == reference[0][10:4010]).float().mean().item()
+    assert abs(hits - 0.5) < 0.024
+    drafts, _ = SyntheticProposer(reference, 0.0, torch.Generator().manual_seed(0)).propose(state, 4000)
+    assert not (drafts[0] == reference[0][10:4010]).any()
+    state.num_tokens = torch.tensor([4998])  # near the end: fewer drafts (-1)
+    drafts, _ = SyntheticProposer(reference, 1.0, torch.Generator().manual_seed(0)).propose(state, 4)
+    assert drafts[0].tolist() == [5008, 5009, -1, -1]
