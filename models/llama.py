@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from specdec.cache import KVCache, select
+from specdec.cache import KVCache, KVPool, select
 from specdec.kernels.dispatch import use_triton
 from specdec.kernels.verify_attention import attention_span_and_mask, verify_attention
 
@@ -116,9 +116,9 @@ class Attention(nn.Module):
         q, k = _rotate(q, step.cos, step.sin), _rotate(k, step.cos, step.sin)
         cache.write(self.layer_idx, step.slots, k, v)
         # one call on every device: the Triton kernel for CUDA tensors, its PyTorch reference (SDPA) otherwise;
-        # the per-row cache is the paged pool's special case of one block per sequence
-        out = verify_attention(q.transpose(1, 2), cache.keys[self.layer_idx].transpose(1, 2),
-                               cache.values[self.layer_idx].transpose(1, 2), None, step.context_lens,
+        # the per-row cache is the paged pool's special case of one block per sequence (block table None)
+        k_pool, v_pool, block_table = cache.pools(self.layer_idx)
+        out = verify_attention(q.transpose(1, 2), k_pool, v_pool, block_table, step.context_lens,
                                step.query_lens, span=step.span, mask=step.mask)  # [batch, T, heads, head_dim]
         return self.o_proj(out.reshape(batch, T, -1))
 
@@ -231,6 +231,14 @@ class LlamaModel(nn.Module):
             head_dim=attn.head_dim, max_len=max_len, dtype=self.dtype, device=self.device,
         )
 
+    def new_pool(self, num_blocks: int, block_size: int) -> KVPool:
+        """A paged pool for the engine: ``num_blocks`` blocks of ``block_size`` positions, shared by sequences."""
+        attn = self.model.layers[0].self_attn
+        return KVPool(
+            num_layers=len(self.model.layers), num_blocks=num_blocks, block_size=block_size,
+            num_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim, dtype=self.dtype, device=self.device,
+        )
+
     def forward(self, input_ids, positions, cache: KVCache, logits_index=None):
         """Run new tokens through the model and append them to the cache.
 
@@ -238,6 +246,7 @@ class LlamaModel(nn.Module):
         positions     [batch, T]  position of each new token == its cache slot: row b's tokens continue its
                                   cache (lengths[b], lengths[b] + 1, ...), right-padded with -1
         cache         KVCache     holds slots 0..position-1 of each row; its lengths advance here
+                                  (or a PagedKVCache: the same through a block table per row)
         logits_index  [batch, n]  optional: only these of the T new tokens get logits
         returns       [batch, T or n, vocab] logits in float32 (float64 for float64 models)
         """

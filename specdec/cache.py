@@ -1,4 +1,5 @@
-"""The KV cache: preallocated, compact (slot == position), one length per sequence.
+"""The KV cache: preallocated, compact (slot == position), one length per sequence; and the engine's
+paged pool (fixed-size blocks shared by all sequences, one block table per sequence).
 
 Rollback only sets lengths: the next append overwrites the rejected slots, and attention never looks
 past a query's own position, so stale entries are invisible. Nothing is reallocated while decoding.
@@ -75,6 +76,104 @@ class KVCache(SequenceLengths):
         """
         self.keys[layer][self._rows, :, slots] = k.transpose(1, 2)
         self.values[layer][self._rows, :, slots] = v.transpose(1, 2)
+
+    def pools(self, layer: int):
+        """What attention reads: the paged pool's special case of one block per row, no block table.
+
+        returns keys, values [batch, max_len + 1, kv_heads, head_dim] (views) and None
+        """
+        return self.keys[layer].transpose(1, 2), self.values[layer].transpose(1, 2), None
+
+
+class KVPool:
+    """Fixed-size blocks of keys and values for one model, shared by every sequence the engine runs.
+
+    A sequence owns a list of block ids (its block table); position p lives in block table[p // block_size]
+    at offset p % block_size. One extra block past ``num_blocks`` is the trash block: padding tokens write
+    there and short block tables are padded with it; it is never handed out, and what it holds is never
+    attended (the mask stops at each row's length).
+    """
+
+    def __init__(self, *, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"KVPool needs num_blocks >= 1 and block_size >= 1, got {num_blocks=}, {block_size=}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.trash = num_blocks
+        shape = (num_layers, num_blocks + 1, block_size, num_kv_heads, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [layers, blocks + 1, block_size, kv_heads, head_dim]
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        # a stack: the most recently freed block is reused first (its memory is the likeliest to be cached)
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def blocks_for(self, num_positions: int) -> int:
+        """Blocks that hold positions 0..num_positions-1."""
+        return -(-num_positions // self.block_size)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise ValueError(f"KVPool: {n} blocks wanted, {len(self._free)} free")
+        taken, self._free = self._free[len(self._free) - n:], self._free[:len(self._free) - n]
+        return taken[::-1]
+
+    def release(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+class PagedKVCache(SequenceLengths):
+    """A batch of sequences over a shared KVPool: the cache one engine step hands to the model.
+
+    block_tables  one list of block ids per row (owned by the engine, which sized them for this step)
+    lengths       [batch] cached positions per row
+    The rows' blocks are disjoint, so writes never collide; the engine reads ``lengths`` back after the step.
+    """
+
+    def __init__(self, pool: KVPool, block_tables: list[list[int]], lengths):
+        self.pool = pool
+        width = max(1, max(len(t) for t in block_tables))
+        table = [t + [pool.trash] * (width - len(t)) for t in block_tables]
+        device = pool.keys.device
+        self.block_table = torch.tensor(table, dtype=torch.long, device=device)  # [batch, max_blocks]
+        self.capacity = torch.tensor([len(t) * pool.block_size for t in block_tables], device=device)  # [batch]
+        self.lengths = torch.as_tensor(lengths, dtype=torch.long, device=device).clone()  # [batch]
+        self.max_len = width * pool.block_size
+
+    def check_room(self, positions) -> int:
+        span = super().check_room(positions)
+        # a position past a row's own blocks would land in the trash block and be silently lost
+        if bool((positions >= self.capacity[:, None]).any()):
+            raise ValueError(f"positions {positions.amax(dim=1).tolist()} overflow the blocks held "
+                             f"({self.capacity.tolist()} positions per row)")
+        return span
+
+    def slots(self, positions):
+        """Flat slot (block * block_size + offset) of each new token; padding to the trash block.
+
+        positions [batch, T] -> [batch, T]
+        """
+        bs = self.pool.block_size
+        p = positions.clamp(min=0)
+        slots = self.block_table.gather(1, p // bs) * bs + p % bs
+        return torch.where(positions < 0, self.pool.trash * bs, slots)
+
+    def write(self, layer: int, slots, k, v) -> None:
+        """slots [batch, T] from ``slots()``; k, v [batch, kv_heads, T, head_dim]"""
+        flat = slots.reshape(-1)
+        keys, values = self.pool.keys[layer], self.pool.values[layer]
+        keys.view(-1, *keys.shape[2:])[flat] = k.transpose(1, 2).reshape(flat.shape[0], *keys.shape[2:])
+        values.view(-1, *values.shape[2:])[flat] = v.transpose(1, 2).reshape(flat.shape[0], *values.shape[2:])
+
+    def pools(self, layer: int):
+        """keys, values [num_blocks + 1, block_size, kv_heads, head_dim] and block_table [batch, max_blocks]"""
+        return self.pool.keys[layer], self.pool.values[layer], self.block_table
 
 
 def select(logits, logits_index=None):

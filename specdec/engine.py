@@ -1,0 +1,447 @@
+"""Engine: continuous batching of speculative decoding over a paged KV pool.
+
+Requests join and leave between steps. Each step runs ``speculative_step`` and ``_commit`` — the very
+functions generate() runs — over the sequences it schedules: the proposer drafts for all of them at once
+and the target verifies all of them in one forward over a ragged batch, so one read of the target's weights
+serves every running request and every accepted draft. Batching and speculation multiply: batching
+amortizes a weight read across requests, speculation across the tokens of one request.
+
+Memory is a pool of fixed-size blocks per model (``KVPool``), shared by all sequences; a sequence holds the
+blocks that cover its cached positions plus this step's drafts, and gives back the ones past its accepted
+length after every step. Admission waits for free blocks; when the pool runs dry mid-generation the youngest
+sequence is preempted (its blocks freed, its tokens kept) and recomputed from its prompt and output when
+it is readmitted, so its output is unchanged.
+
+Scheduling: a step is either a prefill step (the newly admitted or readmitted sequences, with their first
+drafts) or a decode step (every running sequence). Mixing them would pad every decode row to the longest
+prompt: a 500-token prompt beside 31 one-token rows costs 32 x 500 positions of compute instead of 500 + 31.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from specdec.cache import PagedKVCache
+from specdec.proposers import DraftModelProposer
+from specdec.sampling import SamplingConfig, verify
+from specdec.speculative import DraftLength, _commit, _proposer, _token_ids, speculative_step
+from specdec.state import DecodeState
+from specdec.stats import SpecStats
+
+GREEDY = SamplingConfig()
+
+
+@dataclass(frozen=True)
+class RequestParams:
+    """Per-request generation settings. temperature 0 (the default) is greedy decoding."""
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
+    seed: int | None = None  # seeds this request's own generator (None: a fresh random seed)
+
+    def __post_init__(self):
+        m = self.max_new_tokens
+        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got max_new_tokens={m!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            raise ValueError(f"seed must be an integer >= 0 or None, got seed={self.seed!r}")
+        # SamplingConfig validates temperature, top_k and top_p and names the offending one
+        SamplingConfig(True, self.temperature, self.top_k, self.top_p)
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        if self.temperature == 0:
+            return GREEDY
+        return SamplingConfig(True, float(self.temperature), self.top_k, float(self.top_p))
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]  # emitted this step (accepted drafts + recovered/bonus token, cut at EOS)
+    finished: bool
+    finish_reason: str | None  # "stop" (an EOS id), "length" (max_new_tokens), None while running
+    num_prompt_tokens: int
+    num_output_tokens: int  # emitted so far, this step's included
+
+
+@dataclass
+class StepInfo:
+    """The figures of the last step, for metrics."""
+
+    num_rows: int
+    k: int
+    prefill: bool
+    emitted: list[int]  # [rows] tokens emitted per row
+    seconds: float
+
+
+@dataclass
+class _Sequence:
+    request_id: str
+    arrival: int  # admission order: the youngest has the largest
+    tokens: list[int]  # prompt, then output; the last one is pending (not yet in the target's cache)
+    prompt_len: int
+    params: RequestParams
+    sampling: SamplingConfig
+    generator: torch.Generator | None
+    blocks: list[int] = field(default_factory=list)  # target block table
+    draft_blocks: list[int] = field(default_factory=list)
+    cached: int = 0  # positions in the target's cache
+    draft_cached: int = 0
+    preemptions: int = 0
+
+    @property
+    def num_output(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+class _RowSampling:
+    """``state.sampling`` for a batch whose rows have their own settings (read by the draft proposer)."""
+
+    def __init__(self, configs: list[SamplingConfig]):
+        self.configs = configs
+        self.greedy = all(c.greedy for c in configs)
+
+    def probs(self, logits):
+        """logits [batch, vocab] -> probabilities [batch, vocab]; a greedy row gets the one-hot argmax."""
+        rows = [torch.nn.functional.one_hot(row.argmax(), row.shape[-1]).to(row.dtype) if c.greedy else c.probs(row)
+                for c, row in zip(self.configs, logits)]
+        return torch.stack(rows)
+
+
+def _row_verifier(seqs: list[_Sequence]):
+    """``verify`` with each request's own sampling settings and generator.
+
+    Greedy rows are verified together; each sampled row alone, on its own drafts only, with its own
+    generator: the random numbers a request draws depend on nothing but the request (with a deterministic
+    proposer and a fixed k, a seeded request samples the same tokens whatever else is running).
+    """
+    greedy = [i for i, s in enumerate(seqs) if s.sampling.greedy]
+    sampled = [i for i, s in enumerate(seqs) if not s.sampling.greedy]
+
+    def run(drafts, draft_probs, logits, num_drafts, sampling, generator):
+        if not sampled:
+            return verify(drafts, None, logits, num_drafts, GREEDY)
+        k = drafts.shape[1]
+        emitted = drafts.new_full((drafts.shape[0], k + 1), -1)  # [batch, k + 1]
+        num_accepted = drafts.new_zeros(drafts.shape[0])  # [batch]
+        if greedy:
+            g = torch.tensor(greedy, device=drafts.device)
+            emitted[g], num_accepted[g] = verify(drafts[g], None, logits[g], num_drafts[g], GREEDY)
+        for i in sampled:
+            n = int(num_drafts[i])
+            probs = None if draft_probs is None else draft_probs[i:i + 1, :n]
+            e, a = verify(drafts[i:i + 1, :n], probs, logits[i:i + 1, :n + 1], num_drafts[i:i + 1],
+                          seqs[i].sampling, seqs[i].generator)
+            emitted[i, :n + 1], num_accepted[i] = e[0], a[0]
+        return emitted, num_accepted
+
+    return run
+
+
+class Engine:
+    """Continuous batching with speculative decoding.
+
+    target            native model (or a transformers Llama-family model, converted)
+    draft             None (plain) | "ngram" | a causal LM sharing the tokenizer | a Proposer
+    num_draft_tokens  k >= 1 or "auto": a DraftLength controller per batch-size class (1, 2, 4, ... rows),
+                      since what a verification pass costs, and so the k that pays, depends on the batch
+    max_num_seqs      sequences running at once
+    kv_blocks         blocks in the target's pool (and the draft's); default max_num_seqs * 32
+    block_size        positions per block
+    max_model_len     prompt + max_new_tokens limit; default the target's max_position_embeddings
+
+    ``add_request`` queues a request, ``step`` runs one step and returns what each scheduled request emitted,
+    ``abort`` drops a request and frees its blocks. Not thread-safe: drive it from one thread.
+    """
+
+    def __init__(self, target, draft=None, num_draft_tokens=4, max_num_seqs: int = 32, kv_blocks: int | None = None,
+                 block_size: int = 16, *, max_model_len: int | None = None, eos_token_id=None):
+        from specdec.models.loading import as_native
+
+        self.target = as_native(target, "target")
+        if not hasattr(self.target, "new_pool"):
+            raise ValueError(f"target: the engine needs a native model (Llama family) for its paged cache, got "
+                             f"{type(self.target).__name__}")
+        if num_draft_tokens != "auto" and (not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool)
+                                           or num_draft_tokens < 1):
+            raise ValueError(f"num_draft_tokens must be an integer >= 1 or 'auto', got {num_draft_tokens=!r}")
+        for name, value in (("max_num_seqs", max_num_seqs), ("block_size", block_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}")
+        if kv_blocks is None:
+            kv_blocks = max_num_seqs * 32
+        if not isinstance(kv_blocks, int) or isinstance(kv_blocks, bool) or kv_blocks < 1:
+            raise ValueError(f"kv_blocks must be an integer >= 1, got kv_blocks={kv_blocks!r}")
+        self.proposer = _proposer(draft, self.target)
+        draft_model = self.proposer.model if isinstance(self.proposer, DraftModelProposer) else None
+        if draft_model is not None and not hasattr(draft_model, "new_pool"):
+            raise ValueError(f"draft: the engine needs a native draft model for its paged cache, got "
+                             f"{type(draft_model).__name__}")
+        self.num_draft_tokens = num_draft_tokens if self.proposer is not None else 0
+        self.max_num_seqs = max_num_seqs
+        config = self.target.config
+        self.max_model_len = max_model_len or getattr(config, "max_position_embeddings", None) or 2048
+        gen = self.target.generation_config
+        eos = _token_ids("eos_token_id", eos_token_id if eos_token_id is not None
+                         else getattr(gen, "eos_token_id", None))
+        self.eos_token_ids = eos
+        device = self.target.device
+        self._eos = torch.tensor(eos, dtype=torch.long, device=device)
+        with torch.inference_mode():
+            self.pool = self.target.new_pool(kv_blocks, block_size)
+            self.draft_pool = draft_model.new_pool(kv_blocks, block_size) if draft_model is not None else None
+        # drafts are sampled with the engine's generator; each request's own generator decides its tokens
+        self._draft_generator = torch.Generator(device=device)
+        self._draft_generator.seed()
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._ids: dict[str, _Sequence] = {}
+        self._arrivals = 0
+        self._control: dict[int, tuple[DraftLength, SpecStats]] = {}  # batch-size class -> controller, its stats
+        self._prefill_stats = SpecStats()
+        self._last_k = DraftLength.PROBE if num_draft_tokens == "auto" else self.num_draft_tokens
+        self.last_step: StepInfo | None = None
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def check_request(self, prompt_ids, params: RequestParams | None = None) -> tuple[list[int], RequestParams]:
+        """Validate a request without touching the engine (safe from any thread); returns (ids, params)."""
+        if params is None:
+            params = RequestParams()
+        if not isinstance(params, RequestParams):
+            raise ValueError(f"params must be a RequestParams, got {type(params).__name__}")  # noqa: TRY004
+        if isinstance(prompt_ids, torch.Tensor):
+            if prompt_ids.dim() != 1:
+                raise ValueError(f"prompt_ids must be 1-D, got shape {tuple(prompt_ids.shape)}")
+            prompt_ids = prompt_ids.tolist()
+        if not isinstance(prompt_ids, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt_ids):
+            raise ValueError("prompt_ids must be a list of token ids")
+        if not prompt_ids:
+            raise ValueError("prompt_ids is empty; a prompt needs at least one token")
+        vocab = self.target.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_ids holds id {bad[0]} outside the vocabulary 0..{vocab - 1}")
+        total = len(prompt_ids) + params.max_new_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = "
+                             f"{total} exceeds the context of {self.max_model_len} tokens")
+        need = self.pool.blocks_for(total)
+        if need > self.pool.num_blocks:
+            raise ValueError(f"prompt + max_new_tokens = {total} tokens need {need} KV blocks; the pool has "
+                             f"{self.pool.num_blocks} (block_size {self.pool.block_size})")
+        return list(prompt_ids), params
+
+    def add_request(self, prompt_ids, params: RequestParams | None = None, request_id: str | None = None) -> str:
+        """Queue a request; it joins the running batch at a step boundary. Returns its id."""
+        prompt_ids, params = self.check_request(prompt_ids, params)
+        if request_id is None:
+            request_id = f"req-{self._arrivals}"
+        if not isinstance(request_id, str) or request_id in self._ids:
+            raise ValueError(f"request_id must be a new string, got request_id={request_id!r}")
+        sampling = params.sampling
+        generator = None
+        if not sampling.greedy:
+            generator = torch.Generator(device=self.target.device)
+            if params.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(params.seed)
+        seq = _Sequence(request_id, self._arrivals, list(prompt_ids), len(prompt_ids), params, sampling, generator)
+        self._arrivals += 1
+        self._ids[request_id] = seq
+        self._waiting.append(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request, waiting or running, and free its blocks now. False if it is unknown or finished."""
+        seq = self._ids.pop(request_id, None)
+        if seq is None:
+            return False
+        if seq in self._running:
+            self._running.remove(seq)
+        else:
+            self._waiting.remove(seq)
+        self._free(seq)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def stats(self) -> SpecStats:
+        """All steps so far, in generate()'s vocabulary (a new object on every call)."""
+        total = SpecStats()
+        for stats in [self._prefill_stats] + [s for _, s in self._control.values()]:
+            for name in ("proposed", "accepted", "emitted", "target_passes", "draft_passes", "row_passes",
+                         "target_seconds", "draft_seconds", "timed_target_passes", "timed_draft_passes"):
+                setattr(total, name, getattr(total, name) + getattr(stats, name))
+            grow = len(stats.reached_at) - len(total.reached_at)
+            if grow > 0:
+                total.reached_at += [0] * grow
+                total.accepted_at += [0] * grow
+            for i, (r, a) in enumerate(zip(stats.reached_at, stats.accepted_at)):
+                total.reached_at[i] += r
+                total.accepted_at[i] += a
+            for k, n in stats.steps_by_k.items():
+                total.steps_by_k[k] = total.steps_by_k.get(k, 0) + n
+        return total
+
+    # ------------------------------------------------------------------------------------------ the step
+
+    def step(self) -> list[RequestOutput]:
+        """Admit what fits, run one step (prefill or decode), and report what each scheduled request emitted."""
+        self._admit()
+        if not self._running:
+            self.last_step = None
+            return []
+        prefill = [s for s in self._running if s.cached == 0]
+        seqs = prefill or list(self._running)
+        if self.proposer is None:
+            k, control = 0, None
+        elif prefill:
+            k, control = self._last_k, None
+        else:
+            control = self._controller(len(seqs))
+            k = self._last_k = control[0].next(control[1])
+        seqs = self._reserve(seqs, k)
+        if not seqs:  # everything scheduled was preempted for the older sequences
+            return []
+        start = time.perf_counter()
+        device = self.target.device
+        n = [len(s.tokens) for s in seqs]
+        tokens = torch.zeros(len(seqs), max(n) + k + 2, dtype=torch.long)  # [batch, capacity + 1]
+        for i, s in enumerate(seqs):
+            tokens[i, : n[i]] = torch.tensor(s.tokens)
+        num_tokens = torch.tensor(n, device=device)
+        prompt_lengths = torch.tensor([s.prompt_len for s in seqs], device=device)
+        max_new = torch.tensor([s.params.max_new_tokens for s in seqs], device=device)
+        state = DecodeState(
+            tokens=tokens.to(device), num_tokens=num_tokens, prompt_lengths=prompt_lengths,
+            active=torch.ones(len(seqs), dtype=torch.bool, device=device),
+            sampling=_RowSampling([s.sampling for s in seqs]), generator=self._draft_generator,
+            vocab_size=self.target.vocab_size, max_len=tokens.shape[1], eos=self._eos, max_new_tokens=max_new,
+            stats=control[1] if control is not None else self._prefill_stats,
+        )
+        cache = PagedKVCache(self.pool, [s.blocks for s in seqs], [s.cached for s in seqs])
+        draft_cache = None
+        if self.draft_pool is not None:
+            draft_cache = PagedKVCache(self.draft_pool, [s.draft_blocks for s in seqs], [s.draft_cached for s in seqs])
+            state.scratch[self.proposer] = draft_cache
+        remaining = max_new - (num_tokens - prompt_lengths)
+        num_drafts = (remaining - 1).clamp(min=0, max=k)  # [batch] as generate() asks
+        with torch.inference_mode():
+            emitted, num_accepted, num_drafts = speculative_step(self.target, cache, self.proposer, state, num_drafts,
+                                                                 verifier=_row_verifier(seqs))
+            counts = _commit(state, emitted, num_accepted, num_drafts)
+        counts, lengths, active = counts.tolist(), cache.lengths.tolist(), state.active.tolist()
+        draft_lengths = draft_cache.lengths.tolist() if draft_cache is not None else [0] * len(seqs)
+        emitted = emitted.tolist()
+        outputs = []
+        for i, s in enumerate(seqs):
+            new = emitted[i][: counts[i]]
+            s.tokens.extend(new)
+            # the draft's cache past the target's holds drafts that may be rejected: drop them now
+            s.cached, s.draft_cached = lengths[i], min(draft_lengths[i], lengths[i])
+            finished = not active[i]
+            reason = None
+            if finished:
+                reason = "stop" if new and new[-1] in self.eos_token_ids else "length"
+                self._ids.pop(s.request_id, None)
+                self._running.remove(s)
+                self._free(s)
+            else:
+                self._trim(s)
+            outputs.append(RequestOutput(s.request_id, new, finished, reason, s.prompt_len, s.num_output))
+        self.last_step = StepInfo(len(seqs), k, prefill=bool(prefill), emitted=counts,
+                                  seconds=time.perf_counter() - start)
+        return outputs
+
+    def _controller(self, rows: int):
+        size = 1 << (rows - 1).bit_length()  # 1, 2, 4, 8, ...: a verification pass costs more with more rows
+        if size not in self._control:
+            self._control[size] = (DraftLength(self.num_draft_tokens), SpecStats())
+        return self._control[size]
+
+    def _admit(self) -> None:
+        """FIFO: the oldest waiting request joins if a slot is free and its prompt fits with one block of
+        headroom per running sequence (the watermark that keeps a fresh admission from forcing a preemption)."""
+        free = self.pool.num_free
+        while self._waiting and len(self._running) < self.max_num_seqs:
+            seq = self._waiting[0]
+            need = self.pool.blocks_for(len(seq.tokens) + max(self._last_k, 1))
+            if self._running and free - need < len(self._running):
+                break
+            free -= need
+            self._running.append(self._waiting.popleft())
+
+    def _reserve(self, seqs: list[_Sequence], k: int) -> list[_Sequence]:
+        """Give each scheduled sequence the blocks this step writes, oldest first; when the pool is dry,
+        preempt the youngest running sequence. Returns the sequences still scheduled."""
+        scheduled = sorted(seqs, key=lambda s: s.arrival)
+        for seq in list(scheduled):
+            if seq not in scheduled:  # preempted for an older one
+                continue
+            remaining = seq.params.max_new_tokens - seq.num_output
+            # target: the pending token and this row's drafts; draft model: pending + k - 1 drafts for every row
+            want = self.pool.blocks_for(len(seq.tokens) + min(k, remaining - 1)) - len(seq.blocks)
+            want_draft = 0
+            if self.draft_pool is not None and k > 0:
+                want_draft = self.draft_pool.blocks_for(len(seq.tokens) + k - 1) - len(seq.draft_blocks)
+            while self.pool.num_free < want or (self.draft_pool is not None and self.draft_pool.num_free < want_draft):
+                victim = max(self._running, key=lambda s: s.arrival)
+                self._preempt(victim)
+                if victim in scheduled:
+                    scheduled.remove(victim)
+                if victim is seq:
+                    break
+            if seq in scheduled:
+                seq.blocks += self.pool.allocate(max(want, 0))
+                if want_draft > 0:
+                    seq.draft_blocks += self.draft_pool.allocate(want_draft)
+        order = {id(s): i for i, s in enumerate(seqs)}
+        return sorted(scheduled, key=lambda s: order[id(s)])
+
+    def _preempt(self, seq: _Sequence) -> None:
+        """Free the sequence's blocks and queue it first: readmitted, it is recomputed from its tokens."""
+        self._running.remove(seq)
+        self._free(seq)
+        seq.preemptions += 1
+        self.num_preemptions += 1
+        self._waiting.appendleft(seq)
+
+    def _free(self, seq: _Sequence) -> None:
+        self.pool.release(seq.blocks)
+        if self.draft_pool is not None:
+            self.draft_pool.release(seq.draft_blocks)
+        seq.blocks, seq.draft_blocks, seq.cached, seq.draft_cached = [], [], 0, 0
+
+    def _trim(self, seq: _Sequence) -> None:
+        """Rollback gives back the blocks past the accepted length."""
+        keep = self.pool.blocks_for(seq.cached)
+        self.pool.release(seq.blocks[keep:])
+        del seq.blocks[keep:]
+        if self.draft_pool is not None:
+            keep = self.draft_pool.blocks_for(seq.draft_cached)
+            self.draft_pool.release(seq.draft_blocks[keep:])
+            del seq.draft_blocks[keep:]

@@ -1,0 +1,233 @@
+"""The engine: continuous batching over a paged pool emits exactly what single-request generate() emits."""
+
+import functools
+
+import pytest
+import torch
+from conftest import perturbed_copy, tiny_model
+from hypothesis import given
+from hypothesis import strategies as st
+
+import specdec
+from specdec.cache import PagedKVCache
+from specdec.engine import Engine, RequestParams
+from specdec.models import as_native
+
+VOCAB = 101
+
+
+@functools.cache
+def single(prompt: tuple, max_new: int, arch: str = "llama") -> list[int]:
+    """What one request alone gets from generate(): the oracle."""
+    out = specdec.generate(tiny_model(arch), torch.tensor([prompt]), max_new_tokens=max_new)
+    return out[0, len(prompt):].tolist()  # batch 1: no padding, exactly the generated tokens
+
+
+def run(engine: Engine, requests, arrivals=None, abort_at=None):
+    """Drive the engine: request i is added before step arrivals[i]; returns tokens and finish reasons."""
+    arrivals = arrivals or [0] * len(requests)
+    tokens, reasons, step = {}, {}, 0
+    pending = sorted(range(len(requests)), key=lambda i: arrivals[i])
+    while pending or engine.has_unfinished():
+        while pending and arrivals[pending[0]] <= step:
+            i = pending.pop(0)
+            prompt, params = requests[i]
+            engine.add_request(list(prompt), params, f"r{i}")
+            tokens[f"r{i}"] = []
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            assert out.num_output_tokens == len(tokens[out.request_id])
+            if out.finished:
+                reasons[out.request_id] = out.finish_reason
+        step += 1
+        assert step < 2000, "the engine made no progress"
+    return tokens, reasons
+
+
+def draft_of(kind):
+    return {"none": None, "ngram": "ngram", "perturbed": perturbed_copy("llama"), "self": tiny_model("llama")}[kind]
+
+
+@given(data=st.data())
+def test_engine_equals_single_request_generate(data):
+    """Random arrival steps, prompt lengths, max_new_tokens, k, drafts, block sizes and pool sizes (down to
+    pools so small that sequences are preempted): every output equals its single-request run, and when all
+    is done no block is held."""
+    n = data.draw(st.integers(1, 6), label="requests")
+    requests = [(tuple(data.draw(st.lists(st.integers(3, VOCAB - 1), min_size=1, max_size=12), label="prompt")),
+                 RequestParams(max_new_tokens=data.draw(st.integers(1, 20), label="max_new"))) for _ in range(n)]
+    arrivals = [data.draw(st.integers(0, 8), label="arrival") for _ in range(n)]
+    kind = data.draw(st.sampled_from(["none", "ngram", "perturbed", "self"]), label="draft")
+    k = data.draw(st.one_of(st.integers(1, 6), st.just("auto")), label="k")
+    block_size = data.draw(st.sampled_from([1, 2, 3, 4, 16]), label="block_size")
+    # the smallest legal pool fits the largest request alone: anything beyond that is headroom
+    least = max(-(-(len(p) + r.max_new_tokens) // block_size) for p, r in requests)
+    kv_blocks = data.draw(st.integers(least, least * n + 4), label="kv_blocks")
+    engine = Engine(tiny_model("llama"), draft_of(kind), num_draft_tokens=k,
+                    max_num_seqs=data.draw(st.integers(1, 5), label="max_num_seqs"), kv_blocks=kv_blocks,
+                    block_size=block_size)
+    tokens, reasons = run(engine, requests, arrivals)
+    for i, (prompt, params) in enumerate(requests):
+        want = single(prompt, params.max_new_tokens)
+        assert tokens[f"r{i}"] == want, f"request {i}"
+        assert reasons[f"r{i}"] == ("stop" if want[-1] == 2 else "length")  # 2: the tiny models' EOS
+    assert engine.pool.num_used == 0
+    assert engine.draft_pool is None or engine.draft_pool.num_used == 0
+    assert not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("kind", ["none", "perturbed"])
+def test_pool_too_small_preempts_and_outputs_are_unchanged(kind):
+    requests = [(tuple(range(3 + i, 13 + i)), RequestParams(max_new_tokens=24)) for i in range(6)]
+    # each request needs up to 34 positions = 9 blocks of 4; 12 blocks cannot hold even two of them grown
+    engine = Engine(tiny_model("llama"), draft_of(kind), num_draft_tokens=3, max_num_seqs=6, kv_blocks=12,
+                    block_size=4)
+    tokens, _ = run(engine, requests)
+    assert engine.num_preemptions > 0
+    for i, (prompt, params) in enumerate(requests):
+        assert tokens[f"r{i}"] == single(prompt, params.max_new_tokens)
+    assert engine.pool.num_used == 0 and (engine.draft_pool is None or engine.draft_pool.num_used == 0)
+
+
+def test_one_target_forward_per_step_over_the_whole_batch():
+    target = as_native(tiny_model("llama"))
+    calls = []
+    original = target.forward
+
+    def counting(input_ids, positions, cache, logits_index=None):
+        calls.append(input_ids.shape[0])
+        return original(input_ids, positions, cache, logits_index=logits_index)
+
+    target.forward = counting
+    try:
+        engine = Engine(target, "ngram", num_draft_tokens=3, max_num_seqs=8, kv_blocks=64, block_size=4)
+        for i in range(5):
+            engine.add_request([3 + i, 4, 5, 6, 3 + i, 4], RequestParams(max_new_tokens=20), f"r{i}")
+        steps = 0
+        engine.step()  # the prefill step admits all five
+        assert calls == [5]
+        while engine.has_unfinished():
+            before = len(calls)
+            running = engine.num_running
+            engine.step()
+            steps += 1
+            assert len(calls) == before + 1 and calls[-1] == running  # every running sequence, one forward
+    finally:
+        del target.forward
+    assert engine.stats.target_passes == steps + 1
+
+
+def test_rollback_returns_blocks_past_the_accepted_length():
+    engine = Engine(tiny_model("llama"), tiny_model("smollm2", seed=7), num_draft_tokens=8, max_num_seqs=1,
+                    kv_blocks=20, block_size=2)  # an unrelated draft: almost everything rejected
+    engine.add_request([3, 4, 5], RequestParams(max_new_tokens=30), "r")
+    while engine.has_unfinished():
+        engine.step()
+        if engine.has_unfinished():
+            seq = engine._running[0]
+            # blocks cover the accepted positions only, not the 8 drafts the step wrote
+            assert len(seq.blocks) == -(-seq.cached // 2)
+            assert engine.pool.num_used == len(seq.blocks)
+    assert engine.pool.num_used == 0 and engine.draft_pool.num_used == 0
+
+
+def test_abort_frees_blocks_at_once_and_others_are_unaffected():
+    engine = Engine(tiny_model("llama"), "ngram", num_draft_tokens=2, max_num_seqs=4, kv_blocks=40, block_size=4)
+    prompts = [(3, 4, 5, 6), (7, 8, 9), (10, 11, 12, 13, 14)]
+    for i, p in enumerate(prompts):
+        engine.add_request(list(p), RequestParams(max_new_tokens=25), f"r{i}")
+    tokens = {f"r{i}": [] for i in range(3)}
+    for _ in range(3):
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+    held = len(engine._ids["r1"].blocks)
+    used = engine.pool.num_used
+    assert engine.abort("r1") and not engine.abort("r1") and not engine.abort("nope")
+    assert engine.pool.num_used == used - held
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+    assert tokens["r0"] == single(prompts[0], 25) and tokens["r2"] == single(prompts[2], 25)
+    assert engine.pool.num_used == 0
+    engine.add_request([5, 6], RequestParams(max_new_tokens=3), "w")
+    assert engine.abort("w") and not engine.has_unfinished()  # a waiting request is dropped too
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch():
+    """Each request samples with its own generator on its own row: alone or among others, the same seed
+    gives the same tokens (deterministic proposer, fixed k)."""
+    params = RequestParams(max_new_tokens=15, temperature=0.8, top_p=0.9, seed=123)
+
+    def alone():
+        engine = Engine(tiny_model("llama"), "ngram", num_draft_tokens=3, max_num_seqs=4, kv_blocks=64, block_size=4)
+        return run(engine, [((3, 4, 5, 3, 4), params)])[0]["r0"]
+
+    engine = Engine(tiny_model("llama"), "ngram", num_draft_tokens=3, max_num_seqs=4, kv_blocks=64, block_size=4)
+    others = [((9, 8, 7), RequestParams(max_new_tokens=12)), ((5, 6), RequestParams(max_new_tokens=9, temperature=1.3))]
+    mixed = run(engine, [((3, 4, 5, 3, 4), params)] + others, arrivals=[1, 0, 0])[0]
+    assert mixed["r0"] == alone()
+    assert mixed["r1"] == single((9, 8, 7), 12)  # a greedy row beside sampled ones stays greedy
+
+
+def test_sampled_rows_with_a_draft_model_are_valid_and_free_their_blocks():
+    engine = Engine(tiny_model("llama"), perturbed_copy("llama"), num_draft_tokens=4, max_num_seqs=3, kv_blocks=30,
+                    block_size=4)
+    requests = [((3, 4, 5), RequestParams(max_new_tokens=16, temperature=t, top_k=top_k, seed=i))
+                for i, (t, top_k) in enumerate([(0.7, 0), (1.0, 5), (0.0, 0)])]
+    tokens, _ = run(engine, requests)
+    assert all(0 <= t < VOCAB for out in tokens.values() for t in out)
+    assert tokens["r2"] == single((3, 4, 5), 16)
+    assert engine.stats.proposed > 0 and engine.pool.num_used == 0 and engine.draft_pool.num_used == 0
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
+def test_paged_batched_logits_match_a_contiguous_single_run(dtype, tol):
+    """Batch invariance in numbers: the same sequence through the paged pool in a ragged batch of four and
+    alone through the contiguous cache. float64 agrees to ~1e-15 (the tests of exact token identity run
+    there); float32 to ~1e-6 — near-ties can flip a greedy token in float32, as for any batched server."""
+    target = as_native(tiny_model("llama", dtype=dtype))
+    prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15], [16]]
+    pool = target.new_pool(num_blocks=16, block_size=3)
+    tables = [pool.allocate(pool.blocks_for(len(p))) for p in prompts]
+    with torch.inference_mode():
+        width = max(map(len, prompts))
+        ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
+        positions = torch.tensor([list(range(len(p))) + [-1] * (width - len(p)) for p in prompts])
+        batched = target(ids, positions, PagedKVCache(pool, tables, [0] * 4))
+        for b, p in enumerate(prompts):
+            cache = target.new_cache(1, 16)
+            alone = target(torch.tensor([p]), torch.arange(len(p))[None], cache)
+            assert (batched[b, : len(p)] - alone[0]).abs().max() < tol
+
+
+BAD = [
+    (lambda e: e.add_request([], None), "prompt_ids is empty"),
+    (lambda e: e.add_request([3, VOCAB], None), "outside the vocabulary"),
+    (lambda e: e.add_request("hello", None), "prompt_ids must be a list"),
+    (lambda e: e.add_request([3], RequestParams(max_new_tokens=600)), "exceeds the context"),
+    (lambda e: e.add_request([3] * 10, RequestParams(max_new_tokens=500)), "KV blocks"),
+    (lambda e: e.add_request([3], {"max_new_tokens": 3}), "params must be a RequestParams"),
+    (lambda e: e.add_request([3], None, "dup"), "request_id must be a new string"),
+    (lambda e: RequestParams(temperature=float("nan")), "temperature"),
+    (lambda e: RequestParams(temperature=-1.0), "temperature"),
+    (lambda e: RequestParams(top_p=0.0), "top_p"),
+    (lambda e: RequestParams(top_p=1.5), "top_p"),
+    (lambda e: RequestParams(top_k=-2), "top_k"),
+    (lambda e: RequestParams(max_new_tokens=0), "max_new_tokens"),
+    (lambda e: RequestParams(seed=-1), "seed"),
+    (lambda e: Engine(tiny_model("llama"), num_draft_tokens=0), "num_draft_tokens"),
+    (lambda e: Engine(tiny_model("llama"), max_num_seqs=0), "max_num_seqs"),
+    (lambda e: Engine(tiny_model("llama"), kv_blocks=0), "kv_blocks"),
+    (lambda e: Engine(tiny_model("llama"), block_size=0), "block_size"),
+    (lambda e: Engine(tiny_model("gpt2")), "native model"),
+]
+
+
+@pytest.mark.parametrize("call, message", BAD, ids=[m for _, m in BAD])
+def test_bad_input_raises_value_error_and_leaves_the_engine_usable(call, message):
+    engine = Engine(tiny_model("llama"), "ngram", max_num_seqs=2, kv_blocks=20, block_size=16)
+    engine.add_request([3, 4, 5], RequestParams(max_new_tokens=5), "dup")
+    with pytest.raises(ValueError, match=message):
+        call(engine)
+    run(engine, [])  # the queued request still runs to completion
+    assert engine.pool.num_used == 0
