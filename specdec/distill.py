@@ -362,7 +362,9 @@ def distill(target, out, config: DistillConfig = DistillConfig(), resume: bool =
     report = evaluate(draft, model, held_out, pad)
     report["cost_ratio_c"] = cost_ratio(draft, model)
     report["train_seconds_this_run"] = time.perf_counter() - started
-    report["final_loss"] = history[-1][1] if history else None
+    losses = [loss for _, loss, _ in history]
+    report["initial_loss"] = sum(losses[:10]) / max(1, len(losses[:10]))  # means of the first and last 10 steps
+    report["final_loss"] = sum(losses[-10:]) / max(1, len(losses[-10:]))
     report["parameters"] = sum(p.numel() for p in draft.parameters())
     save_draft(draft, tokenizer, out, config)
     (out / "eval.json").write_text(json.dumps(report, indent=2))

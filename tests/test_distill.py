@@ -1,0 +1,120 @@
+"""``specdec distill`` on a tiny random target with a tiny tokenizer: the loss goes down, the result is a
+transformers checkpoint, runs resume, and bad input is refused without overwriting anything."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from specdec.distill import DistillConfig, distill, make_draft, train
+from specdec.prompts import training_prompts
+
+SMALL = DistillConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                      num_prompts=40, eval_prompts=8, max_new_tokens=16, gen_batch=8, teacher_top_k=8, steps=80,
+                      batch_size=8, warmup=5, lr=1e-2, checkpoint_every=20)
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(training_prompts(300, seed=5), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def target_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-target")
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True))
+    with torch.no_grad():  # sharper than random init: the teacher has something to teach
+        model.lm_head.weight.mul_(6.0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_distill_reduces_loss_and_saves_a_transformers_checkpoint(target_folder, tmp_path):
+    out = tmp_path / "draft"
+    report = distill(str(target_folder), out, SMALL, progress=False)
+    assert report["final_loss"] < report["initial_loss"] - 0.5, report
+    assert 0.0 <= report["agreement"] <= 1.0 and report["answer_tokens"] > 0
+    per_k = report["tokens_per_target_forward"]
+    assert all(1.0 <= per_k[k] <= k + 1 for k in per_k) and per_k[8] >= per_k[1]
+    assert report["cost_ratio_c"] > 0
+    assert json.loads((out / "eval.json").read_text())["final_loss"] == report["final_loss"]
+    draft = AutoModelForCausalLM.from_pretrained(out)  # a plain transformers checkpoint
+    assert draft.config.vocab_size == json.loads((target_folder / "config.json").read_text())["vocab_size"]
+    assert draft.dtype == torch.bfloat16
+    prompts = json.loads((out / "prompts.json").read_text())
+    assert not set(prompts["train"]) & set(prompts["eval"])  # the evaluation is held out
+
+    # resume of a finished run: nothing is generated or trained again
+    chunks = {p: p.stat().st_mtime_ns for p in (out / "data").rglob("*.pt")}
+    again = distill(str(target_folder), out, SMALL, resume=True, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (out / "data").rglob("*.pt")} == chunks
+    assert again["agreement"] == pytest.approx(report["agreement"], abs=0.02)  # bfloat16 save/reload
+
+
+def test_training_resumes_from_its_checkpoint(target_folder, tmp_path):
+    from specdec.distill import _load_target, generate_data, load_data
+
+    model, tokenizer = _load_target(str(target_folder))
+    config = DistillConfig(**{**SMALL.__dict__, "steps": 10, "num_prompts": 8})
+    generate_data(model, tokenizer, training_prompts(8), tmp_path / "data", config, "answers")
+    records = load_data(tmp_path / "data")
+    first = train(make_draft(model, config), records, tmp_path, config, pad=2, resume=False, progress=False)
+    longer = DistillConfig(**{**config.__dict__, "steps": 16})
+    draft = make_draft(model, longer)
+    history = train(draft, records, tmp_path, longer, pad=2, resume=True, progress=False)
+    assert history[:10] == first and len(history) == 16  # continued at step 10, not restarted
+
+
+def test_bad_input_is_refused_and_nothing_overwritten(target_folder, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="out=.*exists.*resume"):
+        distill(str(target_folder), out, SMALL, progress=False)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (no_tokenizer / name).write_bytes((target_folder / name).read_bytes())
+    with pytest.raises(ValueError, match="tokenizer"):
+        distill(str(no_tokenizer), tmp_path / "new", SMALL, progress=False)
+    assert not (tmp_path / "new").exists()
+
+    with pytest.raises(FileNotFoundError, match="target="):
+        distill(str(tmp_path / "missing"), tmp_path / "new", SMALL, progress=False)
+    for bad in (dict(num_layers=0), dict(hidden_size=30, num_heads=4), dict(sample_fraction=1.5), dict(lr=-1.0)):
+        with pytest.raises(ValueError):
+            DistillConfig(**bad)
+
+
+def test_training_prompts_are_varied_and_held_out_from_the_benchmark():
+    from pathlib import Path
+
+    prompts = training_prompts(2000)
+    assert len(set(prompts)) == 2000
+    bench = Path(__file__).resolve().parents[1] / "bench" / "prompts"
+    evaluation = {p for f in bench.glob("*.json") for p in json.loads(f.read_text())}
+    assert evaluation and not evaluation & set(prompts)
+    with pytest.raises(ValueError, match="n="):
+        training_prompts(0)
