@@ -47,8 +47,10 @@ def main(argv=None):
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
     import torch.nn.functional as F
-
-    from specdec.kernels.rejection_sample import rejection_sample_reference, rejection_sample_triton
+    from specdec.kernels.rejection_sample import (
+        rejection_sample_reference,
+        rejection_sample_triton,
+    )
     from specdec.kernels.verify_attention import verify_attention_triton
 
     device = "cpu" if args.smoke else "cuda"
@@ -118,6 +120,17 @@ def main(argv=None):
     for r in report["sampler"]:
         print(f"| {r['vocab']} | {r['batch']} | {r['k']} | {r['kernel_us']:.0f} | {r['reference_us']:.0f} "
               f"| {r['speedup']:.1f}x | {r['bit_identical']} |")
+    # the benchmark's GPU mode: Llama-3-8B shape, random bfloat16 weights (bench/large_model.py)
+    from specdec.bench.large_model import report as large_model_report
+
+    big = large_model_report(device, "llama3-8b" if device == "cuda" else "tiny",
+                             torch.bfloat16 if device == "cuda" else torch.float32,
+                             **({} if device == "cuda" else dict(ks=(1, 2), batch_sizes=(1, 2), tokens=8)))
+    report["large_model"] = big
+    print(f"\n{big['preset']}: plain {big['plain_tokens_per_s']:.1f} tok/s = "
+          f"{100 * big['fraction_of_roofline']:.0f}% of the HBM roofline ({big['roofline_tokens_per_s']:.0f} tok/s)")
+    print("verification pass of k + 1 tokens / plain step: "
+          + ", ".join(f"k={k}: {v:.2f}" for k, v in big["verification_cost"].items()))
     out = Path(os.environ.get("OUT", ".")) / "gpu_check.json"
     out.write_text(json.dumps(report, indent=2))
 

@@ -174,18 +174,18 @@ class SyntheticProposer:
     measures is the system's own overhead."""
 
     def __init__(self, reference: list[torch.Tensor], rate: float, generator: torch.Generator):
-        self.reference = reference  # per row: [prompt_len + new] the plain greedy output, unpadded
+        # per row the plain greedy output, unpadded (prompt + new tokens), padded here with -1: [batch, L]
+        self.reference = torch.nn.utils.rnn.pad_sequence(list(reference), batch_first=True, padding_value=-1)
         self.rate, self.generator = rate, generator
 
     def propose(self, state, k: int):
-        batch = state.batch_size
-        drafts = torch.full((batch, k), -1, dtype=torch.long)  # [batch, k]
-        for row in range(batch):
-            start = int(state.num_tokens[row])
-            drafts[row, :max(0, len(self.reference[row]) - start)] = self.reference[row][start:start + k]
-        wrong = torch.rand((batch, k), generator=self.generator) >= self.rate
-        drafts = torch.where(wrong & (drafts >= 0), (drafts + 1) % state.vocab_size, drafts)
-        return drafts, None
+        device = state.num_tokens.device
+        reference = self.reference.to(device)
+        where = state.num_tokens[:, None] + torch.arange(k, device=device)  # [batch, k] next positions
+        drafts = reference.gather(1, where.clamp(max=reference.shape[1] - 1))
+        drafts = torch.where(where < reference.shape[1], drafts, -1)  # past the reference: fewer drafts
+        wrong = (torch.rand(drafts.shape, generator=self.generator) >= self.rate).to(device)
+        return torch.where(wrong & (drafts >= 0), (drafts + 1) % state.vocab_size, drafts), None
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -563,6 +563,10 @@ def main(config: BenchConfig, json_path: Path | None = None, plot_dir: Path | No
     ids = [chat_ids(tokenizer, p)[0].tolist() for texts in prompts.values() for p in texts]
     report = Bench(config, target, draft, ids, progress).run()
     report["prompts"] = prompts
+    if torch.cuda.is_available():  # GPU mode: the same questions at a realistic size (bench/large_model.py)
+        from specdec.bench.large_model import report as large_model_report
+
+        report["gpu"] = large_model_report("cuda", progress=progress)
     print(table(report))
     if report["mismatches"]:
         print(f"\x1b[31m{report['mismatches']} greedy call(s) departed from plain greedy output\x1b[0m",

@@ -158,3 +158,18 @@ def test_synthetic_proposer_accepts_at_its_rate():
     state.num_tokens = torch.tensor([4998])  # near the end: fewer drafts (-1)
     drafts, _ = SyntheticProposer(reference, 1.0, torch.Generator().manual_seed(0)).propose(state, 4)
     assert drafts[0].tolist() == [5008, 5009, -1, -1]
+
+
+def test_gpu_mode_runs_its_code_on_a_tiny_shape():
+    """The realistic-size section (Llama-3-8B shape on CUDA) runs the same code on the CPU with a tiny preset:
+    every synthetic run is checked against plain greedy inside, rate 1.0 must pay, verification costs exist."""
+    from specdec.bench.large_model import report
+
+    out = report("cpu", "tiny", torch.float32, ks=(1, 2), batch_sizes=(1, 2), rates=(0.0, 1.0), synthetic_k=3,
+                 tokens=12, prompt_len=6, progress=False)
+    assert set(out["verification_cost"]) == {1, 2} and all(v > 0 for v in out["verification_cost"].values())
+    assert out["plain_tokens_per_s"] > 0 and 0 < out["fraction_of_roofline"]
+    for batch in (1, 2):
+        curve = out["synthetic"]["curves"][batch]
+        assert len(curve["speedups"]) == 2
+    json.dumps(out)

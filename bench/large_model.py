@@ -1,0 +1,142 @@
+"""GPU mode of ``specdec bench``: a model of realistic size with random weights (Llama-3-8B shape, bfloat16).
+
+Three figures, each about the system rather than a draft's quality:
+- plain decode tokens/s against the HBM roofline (copy bandwidth measured in the same run / weight bytes);
+- the cost of one verification pass over k + 1 tokens relative to one plain step, k = 1..8 (the number that
+  decides whether speculation can pay: on a memory-bound step it stays near 1);
+- synthetic-acceptance speedup curves for batch 1..64: drafts that the target accepts with a chosen
+  probability and that cost nothing, so the curve is the best any draft of that acceptance could do, and
+  the batch size where it falls under 1.0 is where speculation stops paying.
+
+Random weights give near-uniform logits; greedy decoding of them is still deterministic, which is all the
+synthetic proposer needs (it replays the plain greedy output). On the CPU the ``tiny`` preset runs the same
+code in seconds (tests/test_bench.py).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+PRESETS = {
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, rope_parameters={"rope_type": "default",
+                                                                                     "rope_theta": 500000.0}),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
+}
+
+
+def random_model(preset: str, device, dtype):
+    """A native Llama of the preset's shape, weights ~ N(0, 0.02), made directly on ``device``."""
+    from specdec.models.llama import LlamaModel
+    from specdec.models.loading import _finish
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**PRESETS[preset], max_position_embeddings=8192, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    with torch.device(device):
+        model = LlamaModel(config).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02, generator=gen)
+    model.inv_freq = model.inv_freq.to(device).float()
+    return _finish(model, None, device=device)
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device, megabytes: int) -> float:
+    """bytes/s of a large copy (read + write), median of 5."""
+    src = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(6):
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / statistics.median(times[1:])
+
+
+@torch.inference_mode()
+def verification_cost(model, ks, context: int, repeats: int, device) -> dict[int, float]:
+    """Median seconds of a pass over k + 1 new tokens / median seconds of a one-token pass, at ``context``
+    cached tokens; the T values alternate so that drift hits all alike."""
+    cache = model.new_cache(1, context + max(ks) + 2)
+    model(torch.arange(1, context + 1, device=device)[None] % model.vocab_size,
+          torch.arange(context, device=device)[None], cache)
+    times = {t: [] for t in [1, *[k + 1 for k in ks]]}
+    for _ in range(repeats):
+        for t in times:
+            ids = torch.full((1, t), 7, device=device)
+            pos = torch.arange(context, context + t, device=device)[None]
+            _sync(device)
+            start = time.perf_counter()
+            model(ids, pos, cache)
+            _sync(device)
+            times[t].append(time.perf_counter() - start)
+            cache.rollback(context)
+    plain = statistics.median(times[1])
+    return {t - 1: statistics.median(ts) / plain for t, ts in times.items() if t > 1}
+
+
+def report(device="cuda", preset: str = "llama3-8b", dtype=torch.bfloat16, ks=range(1, 9),
+           batch_sizes=(1, 2, 4, 8, 16, 32, 64), rates=(0.5, 0.7, 0.9), synthetic_k: int = 4, tokens: int = 64,
+           prompt_len: int = 128, progress: bool = True) -> dict:
+    from specdec.bench.common import weight_bytes
+    from specdec.bench.harness import SyntheticProposer, break_even
+
+    import specdec
+
+    model = random_model(preset, device, dtype)
+    weights = weight_bytes(model)
+    bandwidth = copy_bandwidth(device, 1024 if torch.device(device).type == "cuda" else 64)
+    gen = torch.Generator().manual_seed(0)
+    out = {"preset": preset, "dtype": str(dtype).removeprefix("torch."), "weight_bytes": weights,
+           "bandwidth_gbs": bandwidth / 1e9, "device": torch.cuda.get_device_name() if torch.device(
+               device).type == "cuda" else "cpu"}
+
+    def timed(ids, draft=None, k=4):
+        _sync(device)
+        start = time.perf_counter()
+        res = specdec.generate(model, ids, draft_model=draft, num_draft_tokens=k, max_new_tokens=tokens,
+                               eos_token_id=[], do_sample=False, return_dict_in_generate=True)
+        _sync(device)
+        return res, time.perf_counter() - start
+
+    ids = torch.randint(3, model.vocab_size, (1, prompt_len), generator=gen).to(device)
+    timed(ids)  # warm-up: kernel compilation, allocator
+    plain = statistics.median(timed(ids)[1] for _ in range(3))
+    out["plain_tokens_per_s"] = tokens / plain
+    out["roofline_tokens_per_s"] = bandwidth / weights
+    out["fraction_of_roofline"] = out["plain_tokens_per_s"] / out["roofline_tokens_per_s"]
+    out["verification_cost"] = verification_cost(model, list(ks), context=512, repeats=10, device=device)
+
+    curves = {}
+    for batch in batch_sizes:
+        ids = torch.randint(3, model.vocab_size, (batch, prompt_len), generator=gen).to(device)
+        reference, plain_s = timed(ids)
+        rows = [seq for seq in reference.sequences]  # no padding: every prompt has prompt_len tokens
+        speedups = []
+        for rate in rates:
+            proposer = SyntheticProposer(rows, rate, torch.Generator().manual_seed(batch))
+            res, secs = timed(ids, proposer, synthetic_k)
+            if not torch.equal(res.sequences, reference.sequences):
+                raise AssertionError(f"synthetic run at batch {batch}, rate {rate} departed from plain greedy")
+            speedups.append(plain_s / secs)
+        curves[batch] = {"plain_tokens_per_s": batch * tokens / plain_s, "rates": list(rates),
+                         "speedups": speedups, "break_even_rate": break_even(list(rates), speedups)}
+        if progress:
+            print(f"batch {batch}: plain {batch * tokens / plain_s:.0f} tok/s, synthetic speedups "
+                  + ", ".join(f"{r:g}: {s:.2f}x" for r, s in zip(rates, speedups)), flush=True)
+    out["synthetic"] = {"k": synthetic_k, "curves": curves}
+    return out
