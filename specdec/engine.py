@@ -293,18 +293,7 @@ class Engine:
         """All steps so far, in generate()'s vocabulary (a new object on every call)."""
         total = SpecStats()
         for stats in [self._prefill_stats] + [s for _, s in self._control.values()]:
-            for name in ("proposed", "accepted", "emitted", "target_passes", "draft_passes", "row_passes",
-                         "target_seconds", "draft_seconds", "timed_target_passes", "timed_draft_passes"):
-                setattr(total, name, getattr(total, name) + getattr(stats, name))
-            grow = len(stats.reached_at) - len(total.reached_at)
-            if grow > 0:
-                total.reached_at += [0] * grow
-                total.accepted_at += [0] * grow
-            for i, (r, a) in enumerate(zip(stats.reached_at, stats.accepted_at)):
-                total.reached_at[i] += r
-                total.accepted_at[i] += a
-            for k, n in stats.steps_by_k.items():
-                total.steps_by_k[k] = total.steps_by_k.get(k, 0) + n
+            total.merge(stats)
         return total
 
     # ------------------------------------------------------------------------------------------ the step

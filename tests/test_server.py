@@ -1,0 +1,398 @@
+"""The OpenAI-compatible server, driven by the official openai client (and httpx for raw HTTP) on 127.0.0.1.
+
+The server runs in-process (uvicorn in a thread, on a free port) over a tiny float64 model and a
+character-level tokenizer, so every output can be checked exactly against specdec.generate.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from conftest import perturbed_copy, tiny_model
+
+import specdec
+from specdec.engine import Engine
+from specdec.server import ServerConfig, TextStream, create_app
+
+SPECIAL = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]  # ids 0..4; 2 is the tiny models' EOS
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def char_tokenizer():
+    """101 tokens, one per character (ASCII 32..126 and newline) after 5 special ones: the tiny models' vocab."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(SPECIAL + chars)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<pad>"))
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIAL)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        unk_token="<pad>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+TOKENIZER = char_tokenizer()
+
+
+class Server:
+    """uvicorn in a thread on a free loopback port; stopped by setting should_exit (no signals, no kill)."""
+
+    def __init__(self, engine: Engine, **config):
+        self.engine = engine
+        self.app = create_app(engine, TOKENIZER, ServerConfig(model_name="tiny", **config))
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+    def client(self, **kw):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, **kw)
+
+    def metric(self, name: str, labels: str = "") -> float:
+        for line in httpx.get(self.url + "/metrics").text.splitlines():
+            if not line.startswith("#") and line.rsplit(" ", 1)[0] == name + labels:
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name + labels)
+
+
+def greedy(prompt_ids: list[int], max_new: int) -> list[int]:
+    out = specdec.generate(tiny_model("llama"), torch.tensor([prompt_ids]), max_new_tokens=max_new)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def text_of(ids: list[int]) -> str:
+    return TOKENIZER.decode(ids, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def server():
+    engine = Engine(tiny_model("llama"), perturbed_copy("llama"), num_draft_tokens=3, max_num_seqs=32,
+                    kv_blocks=400, block_size=4)
+    with Server(engine, max_queued=8, max_body_bytes=4096) as s:
+        yield s
+
+
+PROMPTS = ["Hello there", "The sky is", "abc abc abc", "x"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions_equal_generate(server, stream):
+    client = server.client()
+    for prompt in PROMPTS:
+        ids = TOKENIZER(prompt)["input_ids"]
+        want = greedy(ids, 24)
+        if stream:
+            chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0,
+                                                    stream=True, stream_options={"include_usage": True}))
+            text = "".join(c.choices[0].text for c in chunks if c.choices)
+            reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+            usage = chunks[-1].usage
+        else:
+            out = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0)
+            text, reasons, usage = out.choices[0].text, [out.choices[0].finish_reason], out.usage
+        assert text == text_of(want)
+        assert reasons == ["stop" if want[-1] == 2 else "length"]
+        assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (
+            len(ids), len(want), len(ids) + len(want))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_equals_generate_through_the_chat_template(server, stream):
+    client = server.client()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}]
+    ids = TOKENIZER.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)["input_ids"]
+    want = greedy(list(ids), 20)
+    if stream:
+        chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True}))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        usage = chunks[-1].usage
+    else:
+        out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0)
+        assert out.choices[0].message.role == "assistant"
+        text, usage = out.choices[0].message.content, out.usage
+    assert text == text_of(want)
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(ids), len(want))
+
+
+def test_token_id_prompts_and_models_and_health(server):
+    client = server.client()
+    out = client.completions.create(model="tiny", prompt=[7, 8, 9, 10], max_tokens=12, temperature=0)
+    assert out.choices[0].text == text_of(greedy([7, 8, 9, 10], 12))
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
+def test_stop_strings_cut_the_text_and_nothing_after_them_leaks(server):
+    """A stop string that spans several tokens (and several tokens of one speculative step): the text ends
+    right before it, streamed or not, and usage counts the tokens up to the one that completed it."""
+    client = server.client()
+    prompt = "Hello there"
+    ids = TOKENIZER(prompt)["input_ids"]
+    full = greedy(ids, 40)
+    pieces = [TOKENIZER.decode([t], skip_special_tokens=True) for t in full]
+    full_text = "".join(pieces)
+    start = next(i for i in range(3, len(full_text) - 3) if full_text[i:i + 3].strip() == full_text[i:i + 3])
+    stop = full_text[start:start + 3]
+    cut = full_text.index(stop)
+    used = next(n for n in range(1, len(full) + 1) if stop in text_of(full[:n]))
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0, stop=[stop, "@@@"])
+    assert out.choices[0].text == full_text[:cut] and out.choices[0].finish_reason == "stop"
+    assert out.usage.completion_tokens == used
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0, stop=stop,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full_text[:cut]
+
+
+def test_text_stream_holds_back_partial_stops_and_incomplete_characters():
+    class Bytes:  # a byte-level tokenizer: id = one UTF-8 byte
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    stream = TextStream(Bytes(), ["END"])
+    out = stream.push(list(b"caf"))
+    out += stream.push(list("é".encode())[:1])  # half a character: held back
+    assert out == "caf"
+    out += stream.push(list("é".encode())[1:] + list(b"E"))  # "E" could start "END": held back
+    assert out == "café"
+    out += stream.push(list(b"ND and more"))
+    assert out == "café" and stream.stopped and stream.ids == list("café".encode()) + list(b"END")
+    stream = TextStream(Bytes(), ["END"])
+    assert stream.push(list(b"xE")) == "x" and stream.flush() == "E"
+
+
+def test_32_concurrent_streams_with_speculation_equal_single_requests(server):
+    prompts = [[3 + i % 7, 10 + i, 20 + (i * 7) % 50, 5] for i in range(32)]
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+    async def one(ids):
+        text, usage = "", None
+        stream = await client.completions.create(model="tiny", prompt=ids, max_tokens=24, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True})
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].text
+            if chunk.usage:
+                usage = chunk.usage
+        return text, usage
+
+    async def all_of_them():
+        try:
+            return await asyncio.gather(*(one(p) for p in prompts))
+        finally:
+            await client.close()
+
+    steps_before = server.metric("specdec_engine_steps_total")
+    results = asyncio.run(all_of_them())
+    for ids, (text, usage) in zip(prompts, results):
+        want = greedy(ids, 24)
+        assert text == text_of(want) and usage.completion_tokens == len(want)
+    deadline = time.time() + 5
+    while server.engine.pool.num_used or server.metric("specdec_kv_blocks_used"):
+        assert time.time() < deadline, "KV blocks still in use"
+        time.sleep(0.05)
+    assert server.engine.draft_pool.num_used == 0
+    assert server.metric("specdec_requests_running") == 0
+    # batched: far fewer engine steps than 32 requests x their tokens
+    assert server.metric("specdec_engine_steps_total") - steps_before < 32 * 24 / 4
+
+
+def test_metrics_are_prometheus_text(server):
+    server.client().completions.create(model="tiny", prompt="abc abc", max_tokens=8, temperature=0)
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("specdec_requests_running", "specdec_requests_waiting", "specdec_kv_blocks_used",
+                 "specdec_kv_blocks_free", "specdec_acceptance_rate", "specdec_tokens_per_target_forward_bucket",
+                 'specdec_position_acceptance{position="0"}', "specdec_time_to_first_token_seconds_count",
+                 "specdec_inter_token_latency_seconds_count", "specdec_generation_tokens_total"):
+        assert name in text, name
+    assert 0 < server.metric("specdec_acceptance_rate") <= 1
+    assert server.metric("specdec_kv_blocks_free") == 400 - server.metric("specdec_kv_blocks_used")
+
+
+def _post(url, body, **kw):
+    return httpx.post(url, content=body if isinstance(body, (bytes, str)) else json.dumps(body), timeout=30,
+                      headers={"content-type": "application/json"}, **kw)
+
+
+GOOD = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
+BAD_REQUESTS = [
+    ({**GOOD, "temperature": -0.5}, 400, "temperature"),
+    ('{"model": "tiny", "prompt": "hi", "temperature": NaN}', 400, "temperature"),
+    ({**GOOD, "top_p": 0}, 400, "top_p"),
+    ({**GOOD, "top_p": 1.5}, 400, "top_p"),
+    ({**GOOD, "top_k": -1}, 400, "top_k"),
+    ({**GOOD, "model": "gpt-4"}, 400, "model"),
+    ({**GOOD, "prompt": ""}, 400, "prompt"),
+    ({**GOOD, "prompt": [1, 500]}, 400, "prompt"),
+    ({**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({**GOOD, "stop": [""]}, 400, "stop"),
+    ({**GOOD, "max_tokens": 0}, 400, "max_tokens"),
+    ({**GOOD, "max_tokens": 600}, 400, "max_tokens"),  # the tiny models' context is 512
+    ({**GOOD, "max_tokens": "many"}, 400, "max_tokens"),
+    ({**GOOD, "n": 2}, 400, "n"),
+    ({**GOOD, "seed": -3}, 400, "seed"),
+    ({"model": "tiny"}, 400, "prompt"),
+    ("{not json", 400, "body"),
+    ({**GOOD, "prompt": "x" * 600}, 400, "context"),
+    ({**GOOD, "prompt": "x" * 5000}, 413, "exceeds"),
+]
+
+
+@pytest.mark.parametrize("body, status, field", BAD_REQUESTS, ids=[f"{f}-{i}" for i, (_, _, f) in enumerate(BAD_REQUESTS)])
+def test_bad_requests_get_a_status_and_a_message_naming_the_field(server, body, status, field):
+    response = _post(server.url + "/v1/completions", body)
+    assert response.status_code == status, response.text
+    assert field in response.json()["error"]["message"]
+
+
+def test_bad_chat_requests(server):
+    chat = server.url + "/v1/chat/completions"
+    assert _post(chat, {"model": "tiny", "messages": []}).status_code == 400
+    response = _post(chat, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": -1})
+    assert response.status_code == 400 and "temperature" in response.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], top_p=2)
+
+
+def test_beyond_running_and_queued_requests_429():
+    engine = Engine(tiny_model("llama"), None, max_num_seqs=1, kv_blocks=64, block_size=8, eos_token_id=[])
+    with Server(engine, max_queued=1, max_body_bytes=4096) as s:
+        with httpx.Client(timeout=30) as http:
+            body = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "temperature": 0, "stream": True}
+            with http.stream("POST", s.url + "/v1/completions", json=body) as first, \
+                    http.stream("POST", s.url + "/v1/completions", json=body) as second:
+                assert first.status_code == 200 and second.status_code == 200
+                third = _post(s.url + "/v1/completions", {**body, "stream": False})
+                assert third.status_code == 429 and "too many requests" in third.json()["error"]["message"]
+                with pytest.raises(openai.RateLimitError):
+                    s.client().completions.create(model="tiny", prompt="x", max_tokens=2)
+        deadline = time.time() + 10
+        while engine.has_unfinished() or engine.pool.num_used:  # both streams closed early: aborted
+            assert time.time() < deadline
+            time.sleep(0.05)
+
+
+def test_client_disconnect_aborts_the_request_and_frees_its_blocks():
+    engine = Engine(tiny_model("llama"), None, max_num_seqs=4, kv_blocks=200, block_size=4, eos_token_id=[])
+    with Server(engine) as s:
+        other_ids = [11, 12, 13]
+        result = {}
+
+        def other():
+            text = ""
+            for chunk in s.client().completions.create(model="tiny", prompt=other_ids, max_tokens=300, temperature=0,
+                                                       stream=True):
+                text += chunk.choices[0].text
+            result["text"] = text
+
+        worker = threading.Thread(target=other)
+        worker.start()
+        with httpx.Client(timeout=30) as http:
+            body = {"model": "tiny", "prompt": "goodbye", "max_tokens": 400, "temperature": 0, "stream": True}
+            with http.stream("POST", s.url + "/v1/completions", json=body) as response:
+                lines = response.iter_lines()
+                got = [line for line, _ in zip(lines, range(6))]
+                assert got[0].startswith("data: ")
+                while engine.num_running < 2:
+                    time.sleep(0.01)
+                blocks = engine.pool.num_used
+        # the connection is closed: within a step or so the request is gone and its blocks are back
+        deadline = time.time() + 5
+        while engine.num_running != 1:
+            assert time.time() < deadline, "the abandoned request still runs"
+            time.sleep(0.005)
+        assert "text" not in result, "the other stream should still be running"
+        assert engine.pool.num_used < blocks
+        worker.join(60)
+        assert result["text"] == text_of(greedy_no_eos(other_ids, 300))
+        assert engine.pool.num_used == 0
+        assert s.metric("specdec_requests_finished_total", '{finish_reason="abort"}') == 1
+
+
+def greedy_no_eos(ids, max_new):
+    out = specdec.generate(tiny_model("llama"), torch.tensor([ids]), max_new_tokens=max_new, eos_token_id=[])
+    return out[0, len(ids):].tolist()
+
+
+def test_sampling_parameters_reach_the_engine(server):
+    """temperature, top_p, seed and the top_k extension are accepted (their effect is tested on the engine)."""
+    out = server.client().completions.create(model="tiny", prompt="abc", max_tokens=16, temperature=0.9, top_p=0.8,
+                                             seed=5, extra_body={"top_k": 20})
+    assert 1 <= out.usage.completion_tokens <= 16 and out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_sigterm_stops_accepting_finishes_running_requests_and_exits_0(tmp_path):
+    """`specdec serve` as a subprocess (started here, signalled by its own PID): SIGTERM during a streaming
+    request lets it finish within the grace period, then the process exits 0."""
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    TOKENIZER.save_pretrained(folder)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "specdec.cli", "serve", "--model", str(folder), "--port", str(port),
+                             "--dtype", "float64", "--draft", "none", "--grace", "20", "--kv-blocks", "64"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "server did not come up"
+            time.sleep(0.2)
+        ids = [5, 6, 7]
+        body = {"model": str(folder), "prompt": ids, "max_tokens": 60, "temperature": 0, "stream": True}
+        with httpx.Client(timeout=60) as http, http.stream("POST", url + "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            first = next(lines)
+            assert first.startswith("data: ")
+            os.kill(proc.pid, signal.SIGTERM)
+            rest = [first] + list(lines)
+        assert "data: [DONE]" in rest
+        text = "".join(json.loads(line[6:])["choices"][0]["text"] for line in rest if line.startswith("data: {"))
+        assert text == text_of(greedy(ids, 60))
+        assert proc.wait(timeout=30) == 0
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url + "/health", timeout=1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
