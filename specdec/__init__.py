@@ -1,6 +1,7 @@
 """specdec: speculative decoding that generates exactly what the target model would, faster."""
 
 from specdec.cache import KVCache
+from specdec.engine import Engine, RequestParams
 from specdec.speculative import GenerateOutput, generate
 from specdec.proposers import DraftModelProposer, NGramProposer, Proposer
 from specdec.sampling import SamplingConfig
@@ -9,5 +10,5 @@ from specdec import kernels, models  # noqa: E402  (installed from the top-level
 from specdec.models.loading import load
 
 
-__all__ = ["GenerateOutput", "DraftModelProposer", "NGramProposer", "KVCache", "Proposer", "SamplingConfig",
-           "SpecStats", "generate", "kernels", "load", "models"]
+__all__ = ["Engine", "GenerateOutput", "DraftModelProposer", "NGramProposer", "KVCache", "Proposer", "RequestParams",
+           "SamplingConfig", "SpecStats", "generate", "kernels", "load", "models"]
