@@ -91,13 +91,17 @@ class Metrics:
                              buckets=latency, registry=r)
         self._seen = (0, 0)
 
-    def after_step(self, engine: Engine) -> None:
-        """Engine thread, after each step."""
+    def gauges(self, engine: Engine) -> None:
+        """Engine thread: the engine's state now."""
         self.running.set(engine.num_running)
         self.waiting.set(engine.num_waiting)
         self.kv_used.set(engine.pool.num_used)
         self.kv_free.set(engine.pool.num_free)
         self.preemptions.set(engine.num_preemptions)
+
+    def after_step(self, engine: Engine) -> None:
+        """Engine thread, after each step: the gauges, and the step's figures once."""
+        self.gauges(engine)
         info = engine.last_step
         if info is None:
             return
@@ -179,8 +183,8 @@ class EngineLoop:
         while not self._stopping:
             self._drain()
             if not self.engine.has_unfinished():
-                if self.metrics is not None:
-                    self.metrics.after_step(self.engine)
+                if self.metrics is not None:  # aborts and finishes change the gauges too
+                    self.metrics.gauges(self.engine)
                 self._wake.wait(0.1)
                 self._wake.clear()
                 continue

@@ -229,7 +229,13 @@ def test_32_concurrent_streams_with_speculation_equal_single_requests(server):
 
 
 def test_metrics_are_prometheus_text(server):
-    server.client().completions.create(model="tiny", prompt="abc abc", max_tokens=8, temperature=0)
+    before = server.metric("specdec_generation_tokens_total")
+    out = server.client().completions.create(model="tiny", prompt="abc abc", max_tokens=8, temperature=0)
+    time.sleep(0.3)  # idle: nothing may be counted twice
+    assert server.metric("specdec_generation_tokens_total") - before == out.usage.completion_tokens
+    steps = server.metric("specdec_engine_steps_total")
+    time.sleep(0.3)
+    assert server.metric("specdec_engine_steps_total") == steps
     text = httpx.get(server.url + "/metrics").text
     for name in ("specdec_requests_running", "specdec_requests_waiting", "specdec_kv_blocks_used",
                  "specdec_kv_blocks_free", "specdec_acceptance_rate", "specdec_tokens_per_target_forward_bucket",
