@@ -315,6 +315,7 @@ class Engine:
             k = self._last_k = control[0].next(control[1])
         seqs = self._reserve(seqs, k)
         if not seqs:  # everything scheduled was preempted for the older sequences
+            self.last_step = None
             return []
         start = time.perf_counter()
         device = self.target.device

@@ -1,0 +1,232 @@
+"""Load benchmark of the serving stack: throughput and latency percentiles against concurrency, with and
+without speculation, through the OpenAI-compatible HTTP API on loopback.
+
+The server (Engine + FastAPI app under uvicorn) runs in this process, on 127.0.0.1 and a free port; each
+concurrency level runs a closed loop of ``c`` clients, each sending streaming chat requests (greedy, the
+prompts of bench/prompts/ in turn) back to back, bounded by a request count and a duration per level.
+
+    python bench/load.py                          # SmolLM2-135M-Instruct, c = 1 4 16 32, plain / ngram k=4 / ngram auto
+    python bench/load.py --concurrency 1 4 --max-tokens 32 --level-seconds 20 --json out.json
+
+Reported per (mode, concurrency): aggregate completion tokens/s, time to first token and inter-token
+latency (per request: (last token time - first token time) / (tokens - 1)) at p50/p90/p99, the engine's
+tokens per target forward, acceptance rate and mean k per step (what the "auto" controller chose).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+HERE = Path(__file__).resolve().parent
+MODES = {"plain": (None, 1), "ngram-k4": ("ngram", 4), "ngram-auto": ("ngram", "auto")}
+
+
+def prompts() -> list[str]:
+    """Every held-out prompt, categories interleaved (chat, code, explanation, math, rewriting, chat, ...)."""
+    by_category = [json.loads(f.read_text()) for f in sorted((HERE / "prompts").glob("*.json"))]
+    return [p for group in zip(*by_category) for p in group]
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
+
+
+class InProcessServer:
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))  # loopback only
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+
+async def one_request(http: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first = last = None
+    text, tokens = "", 0
+    async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices", []):
+                content = choice.get("delta", {}).get("content")
+                if content:
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    text += content
+    end = time.perf_counter()
+    itl = (last - first) / (tokens - 1) if first is not None and tokens > 1 and last > first else None
+    return {"prompt": prompt, "text": text, "tokens": tokens, "ttft": (first or end) - start, "itl": itl,
+            "e2e": end - start}
+
+
+async def level(url: str, model: str, concurrency: int, requests: int, seconds: float, max_tokens: int,
+                pool: list[str]) -> tuple[list[dict], float]:
+    """A closed loop of ``concurrency`` clients until ``requests`` are sent or ``seconds`` have passed."""
+    issued = 0
+    results: list[dict] = []
+    deadline = time.perf_counter() + seconds
+
+    async def client(http):
+        nonlocal issued
+        while issued < requests and time.perf_counter() < deadline:
+            prompt = pool[issued % len(pool)]
+            issued += 1
+            results.append(await one_request(http, url, model, prompt, max_tokens))
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+    return results, time.perf_counter() - start
+
+
+def summary(results: list[dict], wall: float, before, after) -> dict:
+    tokens = sum(r["tokens"] for r in results)
+    steps = {k: after.steps_by_k.get(k, 0) - before.steps_by_k.get(k, 0) for k in after.steps_by_k}
+    n_steps = sum(steps.values())
+    proposed, accepted = after.proposed - before.proposed, after.accepted - before.accepted
+    emitted, rows = after.emitted - before.emitted, after.row_passes - before.row_passes
+    itl = [r["itl"] for r in results if r["itl"] is not None]
+    ttft = [r["ttft"] for r in results]
+    return {
+        "requests": len(results), "tokens": tokens, "seconds": wall, "tokens_per_second": tokens / wall,
+        "ttft_p50": percentile(ttft, 50), "ttft_p90": percentile(ttft, 90), "ttft_p99": percentile(ttft, 99),
+        "itl_p50": percentile(itl, 50), "itl_p90": percentile(itl, 90), "itl_p99": percentile(itl, 99),
+        "itl_mean": statistics.fmean(itl) if itl else None,
+        "e2e_p50": percentile([r["e2e"] for r in results], 50),
+        "engine_steps": n_steps, "mean_k": sum(k * n for k, n in steps.items()) / n_steps if n_steps else 0.0,
+        "steps_by_k": {str(k): n for k, n in sorted(steps.items()) if n},
+        "acceptance": accepted / proposed if proposed else None,
+        "tokens_per_target_forward": emitted / rows if rows else None,
+    }
+
+
+def fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 32])
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--requests-per-client", type=int, default=2, help="requests per level = this x concurrency")
+    parser.add_argument("--level-seconds", type=float, default=30.0, help="no new requests after this long")
+    parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--kv-blocks", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's). On a CPU shared with another busy process, 1 "
+                             "avoids OpenMP barriers waiting for a descheduled thread")
+    parser.add_argument("--json", help="write every figure here")
+    args = parser.parse_args(argv)
+    if any(c < 1 or c > 64 for c in args.concurrency) or args.max_tokens < 1 or args.level_seconds <= 0:
+        parser.error("concurrency must lie in 1..64, max-tokens >= 1, level-seconds > 0")
+
+    import specdec
+    from specdec.server import ServerConfig, create_app
+
+    from specdec.bench.common import machine
+
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    target, tokenizer = specdec.load(args.model, dtype=args.dtype)
+    pool = prompts()
+    report = {"machine": machine(), "args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "levels": []}
+    texts: dict[tuple, dict[str, str]] = {}
+    for mode in args.modes:
+        draft, k = MODES[mode]
+        engine = specdec.Engine(target, draft, num_draft_tokens=k, max_num_seqs=args.max_num_seqs,
+                                kv_blocks=args.kv_blocks, block_size=16)
+        app = create_app(engine, tokenizer, ServerConfig(model_name=args.model, max_queued=64))
+        with InProcessServer(app) as server:
+            asyncio.run(level(server.url, args.model, 1, 1, 60, 8, pool))  # warm-up: first-call costs
+            for c in args.concurrency:
+                before = engine.stats
+                results, wall = asyncio.run(level(server.url, args.model, c, args.requests_per_client * c,
+                                                  args.level_seconds, args.max_tokens, pool))
+                row = {"mode": mode, "concurrency": c, **summary(results, wall, before, engine.stats)}
+                report["levels"].append(row)
+                texts[(mode, c)] = {r["prompt"]: r["text"] for r in results}
+                print(f"{mode:>10} c={c:<3} {row['tokens_per_second']:7.1f} tok/s  ttft p50 {fmt(row['ttft_p50'])} s  "
+                      f"itl p50 {fmt(row['itl_p50'], '.3f')} s  mean k {row['mean_k']:.2f}  "
+                      f"tok/fwd {fmt(row['tokens_per_target_forward'])}  ({row['requests']} requests, "
+                      f"{wall:.1f} s)", file=sys.stderr, flush=True)
+                deadline = time.time() + 5  # every request has ended: within a step its blocks are back
+                while engine.pool.num_used and time.time() < deadline:
+                    time.sleep(0.05)
+                row["kv_blocks_used_after"] = engine.pool.num_used
+
+    # greedy outputs of speculative modes against plain at the same concurrency (float32 batching may flip
+    # near-ties; the float64 tests hold exact identity)
+    for row in report["levels"]:
+        plain = texts.get(("plain", row["concurrency"]), {})
+        mine = texts[(row["mode"], row["concurrency"])]
+        common = [p for p in mine if p in plain]
+        row["same_text_as_plain"] = f"{sum(mine[p] == plain[p] for p in common)}/{len(common)}" if common else "-"
+
+    print(table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def table(report: dict) -> str:
+    levels = report["levels"]
+    base = {r["concurrency"]: r for r in levels if r["mode"] == "plain"}
+    one = {r["mode"]: r for r in levels if r["concurrency"] == 1}
+    header = ("| mode | concurrency | requests | tokens/s | vs 1 client | vs plain | TTFT p50 / p90 / p99 (s) | "
+              "ITL p50 / p90 / p99 (ms) | tokens/target fwd | acceptance | mean k | same text as plain |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in levels:
+        c = r["concurrency"]
+        vs_one = r["tokens_per_second"] / one[r["mode"]]["tokens_per_second"] if r["mode"] in one else None
+        vs_plain = r["tokens_per_second"] / base[c]["tokens_per_second"] if c in base else None
+        ms = [None if r[f"itl_p{q}"] is None else 1000 * r[f"itl_p{q}"] for q in (50, 90, 99)]
+        lines.append(
+            f"| {r['mode']} | {c} | {r['requests']} | {r['tokens_per_second']:.1f} | {fmt(vs_one)}x | {fmt(vs_plain)}x | "
+            f"{fmt(r['ttft_p50'])} / {fmt(r['ttft_p90'])} / {fmt(r['ttft_p99'])} | "
+            f"{fmt(ms[0], '.0f')} / {fmt(ms[1], '.0f')} / {fmt(ms[2], '.0f')} | {fmt(r['tokens_per_target_forward'])} | "
+            f"{fmt(r['acceptance'])} | {r['mean_k']:.2f} | {r.get('same_text_as_plain', '-')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
