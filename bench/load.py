@@ -29,7 +29,8 @@ import httpx
 import uvicorn
 
 HERE = Path(__file__).resolve().parent
-MODES = {"plain": (None, 1), "ngram-k4": ("ngram", 4), "ngram-auto": ("ngram", "auto")}
+MODES = {"plain": (None, 1), "ngram-k4": ("ngram", 4), "ngram-auto": ("ngram", "auto"),
+         "draft-k4": ("model", 4), "draft-auto": ("model", "auto")}  # draft-*: the --draft model
 
 
 def prompts() -> list[str]:
@@ -142,7 +143,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=["plain", "ngram-k4", "ngram-auto"], choices=list(MODES))
+    parser.add_argument("--draft", help="draft model (name, folder or .gguf) for the draft-* modes")
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 32])
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--requests-per-client", type=int, default=2, help="requests per level = this x concurrency")
@@ -156,6 +158,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if any(c < 1 or c > 64 for c in args.concurrency) or args.max_tokens < 1 or args.level_seconds <= 0:
         parser.error("concurrency must lie in 1..64, max-tokens >= 1, level-seconds > 0")
+    if any(m.startswith("draft") for m in args.modes) and not args.draft:
+        parser.error("the draft-* modes need --draft")
 
     import specdec
     from specdec.server import ServerConfig, create_app
@@ -167,12 +171,14 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
     target, tokenizer = specdec.load(args.model, dtype=args.dtype)
+    draft_model = specdec.load(args.draft, dtype=args.dtype)[0] if args.draft else None
     pool = prompts()
     report = {"machine": machine(), "args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "levels": []}
     texts: dict[tuple, dict[str, str]] = {}
     for mode in args.modes:
         draft, k = MODES[mode]
+        draft = draft_model if draft == "model" else draft
         engine = specdec.Engine(target, draft, num_draft_tokens=k, max_num_seqs=args.max_num_seqs,
                                 kv_blocks=args.kv_blocks, block_size=16)
         app = create_app(engine, tokenizer, ServerConfig(model_name=args.model, max_queued=64))
