@@ -6,7 +6,7 @@ concurrency level runs a closed loop of ``c`` clients, each sending streaming ch
 prompts of bench/prompts/ in turn) back to back, bounded by a request count and a duration per level.
 
     python bench/load.py                          # SmolLM2-135M-Instruct, c = 1 4 16 32, plain / ngram k=4 / ngram auto
-    python bench/load.py --concurrency 1 4 --max-tokens 32 --level-seconds 20 --json out.json
+    python bench/load.py --concurrency 1 4 --max-tokens 32 --level-seconds 20 --threads 1 --json out.json
 
 Reported per (mode, concurrency): aggregate completion tokens/s, time to first token and inter-token
 latency (per request: (last token time - first token time) / (tokens - 1)) at p50/p90/p99, the engine's
@@ -147,7 +147,8 @@ def main(argv=None) -> int:
     parser.add_argument("--draft", help="draft model (name, folder or .gguf) for the draft-* modes")
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 32])
     parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--requests-per-client", type=int, default=2, help="requests per level = this x concurrency")
+    parser.add_argument("--min-requests", type=int, default=3,
+                        help="requests per level: max(this, concurrency) (one wave at high concurrency)")
     parser.add_argument("--level-seconds", type=float, default=30.0, help="no new requests after this long")
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--kv-blocks", type=int, default=512)
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
             asyncio.run(level(server.url, args.model, 1, 1, 60, 8, pool))  # warm-up: first-call costs
             for c in args.concurrency:
                 before = engine.stats
-                results, wall = asyncio.run(level(server.url, args.model, c, args.requests_per_client * c,
+                results, wall = asyncio.run(level(server.url, args.model, c, max(args.min_requests, c),
                                                   args.level_seconds, args.max_tokens, pool))
                 row = {"mode": mode, "concurrency": c, **summary(results, wall, before, engine.stats)}
                 report["levels"].append(row)

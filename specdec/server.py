@@ -298,7 +298,17 @@ class ChatRequest(_Common):
     messages: list[ChatMessage]
 
 
+#: OpenAI parameters this server does not implement: refused when set to anything but their neutral value,
+#: rather than silently generating something else than asked
+UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+               "suffix": (None, ""), "tools": (None, []), "response_format": (None, {"type": "text"})}
+
+
 def _params(body: _Common, prompt_len: int, max_model_len: int, config: ServerConfig, chat: bool) -> RequestParams:
+    for name, value in (body.model_extra or {}).items():
+        if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
+            raise ApiError(400, f"{name} is not supported by this server (got {name}={value!r})", name)
     if body.n != 1:
         raise ApiError(400, f"n must be 1, got n={body.n}", "n")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

@@ -268,6 +268,8 @@ BAD_REQUESTS = [
     ({**GOOD, "max_tokens": "many"}, 400, "max_tokens"),
     ({**GOOD, "n": 2}, 400, "n"),
     ({**GOOD, "seed": -3}, 400, "seed"),
+    ({**GOOD, "logprobs": 5}, 400, "logprobs"),
+    ({**GOOD, "presence_penalty": 0.5}, 400, "presence_penalty"),
     ({"model": "tiny"}, 400, "prompt"),
     ("{not json", 400, "body"),
     ({**GOOD, "prompt": "x" * 600}, 400, "context"),
