@@ -297,7 +297,7 @@ def test_beyond_running_and_queued_requests_429():
     engine = Engine(tiny_model("llama"), None, max_num_seqs=1, kv_blocks=64, block_size=8, eos_token_id=[])
     with Server(engine, max_queued=1, max_body_bytes=4096) as s:
         with httpx.Client(timeout=30) as http:
-            body = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "temperature": 0, "stream": True}
+            body = {"model": "tiny", "prompt": "hello", "max_tokens": 400, "temperature": 0, "stream": True}
             with http.stream("POST", s.url + "/v1/completions", json=body) as first, \
                     http.stream("POST", s.url + "/v1/completions", json=body) as second:
                 assert first.status_code == 200 and second.status_code == 200
@@ -319,7 +319,7 @@ def test_client_disconnect_aborts_the_request_and_frees_its_blocks():
 
         def other():
             text = ""
-            for chunk in s.client().completions.create(model="tiny", prompt=other_ids, max_tokens=300, temperature=0,
+            for chunk in s.client().completions.create(model="tiny", prompt=other_ids, max_tokens=450, temperature=0,
                                                        stream=True):
                 text += chunk.choices[0].text
             result["text"] = text
@@ -343,7 +343,7 @@ def test_client_disconnect_aborts_the_request_and_frees_its_blocks():
         assert "text" not in result, "the other stream should still be running"
         assert engine.pool.num_used < blocks
         worker.join(60)
-        assert result["text"] == text_of(greedy_no_eos(other_ids, 300))
+        assert result["text"] == text_of(greedy_no_eos(other_ids, 450))
         assert engine.pool.num_used == 0
         assert s.metric("specdec_requests_finished_total", '{finish_reason="abort"}') == 1
 
