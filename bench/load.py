@@ -200,6 +200,8 @@ def main(argv=None) -> int:
                 while engine.pool.num_used and time.time() < deadline:
                     time.sleep(0.05)
                 row["kv_blocks_used_after"] = engine.pool.num_used
+                if args.json:  # after every level: a run stopped by its time limit keeps what it measured
+                    Path(args.json).write_text(json.dumps(report, indent=2))
 
     # greedy outputs of speculative modes against plain at the same concurrency (float32 batching may flip
     # near-ties; the float64 tests hold exact identity)
