@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -439,7 +439,7 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig) -> FastAPI:
             raise ApiError(429, f"too many requests: {engine.max_num_seqs} running and {config.max_queued} queued "
                                 f"is the limit; retry later", None, "rate_limit_exceeded")
 
-    async def _run(request: Request, body: _Common, prompt_ids: list[int], chat: bool):
+    async def _run(body: _Common, prompt_ids: list[int], chat: bool):
         _check_model(body.model)
         if not prompt_ids:
             raise ApiError(400, "messages: the prompt is empty" if chat else "prompt: the prompt is empty",
@@ -576,7 +576,7 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig) -> FastAPI:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(body: CompletionRequest):
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
@@ -589,10 +589,10 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig) -> FastAPI:
             vocab = engine.target.vocab_size
             if any(not 0 <= t < vocab for t in ids):
                 raise ApiError(400, f"prompt: token ids must lie in 0..{vocab - 1}", "prompt")
-        return await _run(request, body, ids, chat=False)
+        return await _run(body, ids, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request):
+    async def chat_completions(body: ChatRequest):
         if not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, f"messages: model {config.model_name!r} has no chat template; use /v1/completions",
                            "messages")
@@ -600,7 +600,7 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig) -> FastAPI:
             raise ApiError(400, "messages: at least one message is needed", "messages")
         messages = [{"role": m.role, "content": _chat_text(m.content)} for m in body.messages]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-        return await _run(request, body, list(ids["input_ids"]), chat=True)
+        return await _run(body, list(ids["input_ids"]), chat=True)
 
     @app.get("/v1/models")
     async def models():
