@@ -44,6 +44,13 @@ def _smollm2_135m_instruct() -> Path:
     return Path(dist.locate_file(file))
 
 
+@register("smollm2-135m-instruct-draft")
+def _smollm2_135m_instruct_draft() -> Path:
+    """The draft trained for SmolLM2-135M-Instruct by ``specdec distill``, shipped in this package (model card:
+    models/smollm2-135m-instruct-draft/README.md); a plain transformers checkpoint."""
+    return Path(__file__).parent / "smollm2-135m-instruct-draft"
+
+
 def cache_dir() -> Path:
     root = os.environ.get("SPECDEC_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "specdec")
