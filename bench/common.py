@@ -30,16 +30,47 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
-def bandwidth_gbs(megabytes: int = 1024, repeats: int = 5) -> float:
-    """Copy bandwidth, counted as bytes read + bytes written, median of repeats."""
-    src = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+def sync(device) -> None:
+    """Wait for queued GPU work, so that host timers measure it (a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bandwidth_gbs(megabytes: int = 1024, repeats: int = 5, device="cpu") -> float:
+    """Copy bandwidth, counted as bytes read + bytes written, median of repeats (after one warm-up copy)."""
+    src = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
+    dst.copy_(src)
     times = []
     for _ in range(repeats):
+        sync(device)
         start = time.perf_counter()
         dst.copy_(src)
+        sync(device)
         times.append(time.perf_counter() - start)
     return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
+@torch.inference_mode()
+def verification_cost(model, ks, context: int, repeats: int, device="cpu") -> dict[int, float]:
+    """Median seconds of a pass over k + 1 new tokens / median seconds of a one-token pass, at ``context``
+    cached tokens; the T values alternate so that drift hits all alike."""
+    cache = model.new_cache(1, context + max(ks) + 2)
+    model(torch.arange(1, context + 1, device=device)[None] % model.vocab_size,
+          torch.arange(context, device=device)[None], cache)
+    times = {t: [] for t in [1, *[k + 1 for k in ks]]}
+    for _ in range(repeats):
+        for t in times:
+            ids = torch.full((1, t), 7, device=device)
+            pos = torch.arange(context, context + t, device=device)[None]
+            sync(device)
+            start = time.perf_counter()
+            model(ids, pos, cache)
+            sync(device)
+            times[t].append(time.perf_counter() - start)
+            cache.rollback(context)
+    plain = statistics.median(times[1])
+    return {t - 1: statistics.median(ts) / plain for t, ts in times.items() if t > 1}
 
 
 def weight_bytes(model) -> int:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from specdec.bench.common import bandwidth_gbs, machine, weight_bytes
+import specdec
 
 METHODS = ("hf", "hf-assisted", "hf-lookup", "plain", "draft", "auto", "ngram", "synthetic")
 CATEGORIES = ("chat", "explanation", "code", "rewriting", "math")
@@ -180,7 +181,7 @@ class SyntheticProposer:
 
     def propose(self, state, k: int):
         device = state.num_tokens.device
-        reference = self.reference.to(device)
+        reference = self.reference = self.reference.to(device)  # a copy on the first step only
         where = state.num_tokens[:, None] + torch.arange(k, device=device)  # [batch, k] next positions
         drafts = reference.gather(1, where.clamp(max=reference.shape[1] - 1))
         drafts = torch.where(where < reference.shape[1], drafts, -1)  # past the reference: fewer drafts
@@ -252,8 +253,6 @@ class Bench:
     def __init__(self, config: BenchConfig, target, draft, prompts: list[list[int]], progress: bool = True):
         from specdec.models.loading import as_native
 
-        import specdec
-
         self.config, self.target, self.draft = config, target, draft
         self.native = as_native(target)
         self.native_draft = as_native(draft, "draft") if draft is not None else None
@@ -262,7 +261,6 @@ class Bench:
         eos = gen.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.prompts, self.progress = prompts, progress
-        self.specdec = specdec
 
     def _sampling(self, run: Run) -> dict:
         if run.mode == "greedy":
@@ -295,7 +293,7 @@ class Bench:
         if run.method == "synthetic":
             draft = SyntheticProposer(reference, run.rate, torch.Generator().manual_seed(seed))
         start = time.perf_counter()
-        out = self.specdec.generate(self.native, work.input_ids, work.attention_mask, draft_model=draft,
+        out = specdec.generate(self.native, work.input_ids, work.attention_mask, draft_model=draft,
                                     num_draft_tokens=run.k if run.k is not None else 4,
                                     max_new_tokens=cfg.max_new_tokens, pad_token_id=self.pad,
                                     generator=torch.Generator().manual_seed(seed), return_dict_in_generate=True,
@@ -317,7 +315,7 @@ class Bench:
         checks = {r: [] for r in runs}
         # warm-up: first calls pay one-time costs (weight packing, allocator growth) that no run should carry
         warm = works[cfg.batch_sizes[0]][0]
-        self.specdec.generate(self.native, warm.input_ids[:1], warm.attention_mask[:1], max_new_tokens=2)
+        specdec.generate(self.native, warm.input_ids[:1], warm.attention_mask[:1], max_new_tokens=2)
         total = cfg.repeats * sum(len(works[r.batch]) for r in runs)
         bar = tqdm(total=total, desc="bench", unit="call", disable=not self.progress, file=sys.stderr)
         for repeat in range(cfg.repeats):
@@ -528,27 +526,28 @@ def check_draft_vocab(model: str, draft: str | None) -> None:
 
     from transformers import AutoConfig
 
-    from specdec.distill import _target_folder
+    from specdec.models.loading import checkpoint_folder
     from specdec.speculative import check_vocab
 
     if draft is None:
         return
-    configs = [AutoConfig.from_pretrained(_target_folder(name)) for name in (model, draft)]
+    configs = [AutoConfig.from_pretrained(checkpoint_folder(name, arg)) for name, arg in ((model, "--model"),
+                                                                                          (draft, "--draft"))]
     check_vocab(*(SimpleNamespace(vocab_size=c.vocab_size, config=c) for c in reversed(configs)))
 
 
 def load_models(config: BenchConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from specdec.distill import _target_folder
+    from specdec.models.loading import checkpoint_folder
 
     dtype = getattr(torch, config.dtype)
-    folder = _target_folder(config.model)
+    folder = checkpoint_folder(config.model)
     target = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     draft = None
     if config.draft is not None:
-        draft = AutoModelForCausalLM.from_pretrained(_target_folder(config.draft), dtype=dtype).eval()
+        draft = AutoModelForCausalLM.from_pretrained(checkpoint_folder(config.draft), dtype=dtype).eval()
     return target, draft, tokenizer
 
 

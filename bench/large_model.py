@@ -48,69 +48,28 @@ def random_model(preset: str, device, dtype):
     return _finish(model, None, device=device)
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def copy_bandwidth(device, megabytes: int) -> float:
-    """bytes/s of a large copy (read + write), median of 5."""
-    src = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(6):
-        _sync(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return 2 * src.numel() * 4 / statistics.median(times[1:])
-
-
-@torch.inference_mode()
-def verification_cost(model, ks, context: int, repeats: int, device) -> dict[int, float]:
-    """Median seconds of a pass over k + 1 new tokens / median seconds of a one-token pass, at ``context``
-    cached tokens; the T values alternate so that drift hits all alike."""
-    cache = model.new_cache(1, context + max(ks) + 2)
-    model(torch.arange(1, context + 1, device=device)[None] % model.vocab_size,
-          torch.arange(context, device=device)[None], cache)
-    times = {t: [] for t in [1, *[k + 1 for k in ks]]}
-    for _ in range(repeats):
-        for t in times:
-            ids = torch.full((1, t), 7, device=device)
-            pos = torch.arange(context, context + t, device=device)[None]
-            _sync(device)
-            start = time.perf_counter()
-            model(ids, pos, cache)
-            _sync(device)
-            times[t].append(time.perf_counter() - start)
-            cache.rollback(context)
-    plain = statistics.median(times[1])
-    return {t - 1: statistics.median(ts) / plain for t, ts in times.items() if t > 1}
-
-
 def report(device="cuda", preset: str = "llama3-8b", dtype=torch.bfloat16, ks=range(1, 9),
            batch_sizes=(1, 2, 4, 8, 16, 32, 64), rates=(0.5, 0.7, 0.9), synthetic_k: int = 4, tokens: int = 64,
            prompt_len: int = 128, progress: bool = True) -> dict:
-    from specdec.bench.common import weight_bytes
+    from specdec.bench.common import bandwidth_gbs, sync, verification_cost, weight_bytes
     from specdec.bench.harness import SyntheticProposer, break_even
 
     import specdec
 
     model = random_model(preset, device, dtype)
     weights = weight_bytes(model)
-    bandwidth = copy_bandwidth(device, 1024 if torch.device(device).type == "cuda" else 64)
+    bandwidth = 1e9 * bandwidth_gbs(1024 if torch.device(device).type == "cuda" else 64, device=device)
     gen = torch.Generator().manual_seed(0)
     out = {"preset": preset, "dtype": str(dtype).removeprefix("torch."), "weight_bytes": weights,
            "bandwidth_gbs": bandwidth / 1e9, "device": torch.cuda.get_device_name() if torch.device(
                device).type == "cuda" else "cpu"}
 
     def timed(ids, draft=None, k=4):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         res = specdec.generate(model, ids, draft_model=draft, num_draft_tokens=k, max_new_tokens=tokens,
                                eos_token_id=[], do_sample=False, return_dict_in_generate=True)
-        _sync(device)
+        sync(device)
         return res, time.perf_counter() - start
 
     ids = torch.randint(3, model.vocab_size, (1, prompt_len), generator=gen).to(device)

@@ -18,15 +18,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
-import uvicorn
 
 HERE = Path(__file__).resolve().parent
 MODES = {"plain": (None, 1), "ngram-k4": ("ngram", 4), "ngram-auto": ("ngram", "auto"),
@@ -44,26 +41,6 @@ def percentile(xs: list[float], q: float) -> float | None:
         return None
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
-
-
-class InProcessServer:
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))  # loopback only
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
 
 
 async def one_request(http: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
@@ -163,7 +140,7 @@ def main(argv=None) -> int:
         parser.error("the draft-* modes need --draft")
 
     import specdec
-    from specdec.server import ServerConfig, create_app
+    from specdec.server import InProcessServer, ServerConfig, create_app
 
     from specdec.bench.common import machine
 

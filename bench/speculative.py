@@ -10,34 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
-from specdec.bench.common import PROMPTS, chat_ids, compare, machine, median
+from specdec.bench.common import PROMPTS, chat_ids, compare, machine, median, verification_cost
 from tqdm import tqdm
 
 import specdec
 
 KS = range(1, 9)
-
-
-def verification_cost(model, repeats: int, context: int = 200) -> dict[int, float]:
-    """Seconds of one target pass over T = k + 1 new tokens / seconds of a T = 1 pass, at `context` cached
-    tokens; passes alternate between the T values so that drift hits all alike."""
-    cache = model.new_cache(1, context + 16)
-    with torch.inference_mode():
-        model(torch.arange(1, context + 1)[None], torch.arange(context)[None], cache)
-        times = {t: [] for t in [1, *[k + 1 for k in KS]]}
-        for _ in range(repeats):
-            for t in times:
-                ids, pos = torch.full((1, t), 7), torch.arange(context, context + t)[None]
-                start = time.perf_counter()
-                model(ids, pos, cache, logits_index=torch.arange(t)[None])
-                times[t].append(time.perf_counter() - start)
-                cache.rollback(torch.tensor([context]))
-    plain = median(times[1])
-    return {t - 1: median(ts) / plain for t, ts in times.items() if t > 1}
 
 
 def random_draft(target):
@@ -60,7 +41,7 @@ def main(argv=None):
     report = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
     for dtype_name in args.dtypes:
         model, tokenizer = specdec.load("smollm2-135m-instruct", dtype=getattr(torch, dtype_name))
-        cost = verification_cost(model, repeats=15)
+        cost = verification_cost(model, KS, context=200, repeats=15)
         print(f"\n## {dtype_name}\n\nverification pass of k + 1 tokens / plain step (context 200, median of 15):")
         print("| k | " + " | ".join(str(k) for k in KS) + " |\n|---|" + "---|" * len(KS))
         print("| cost | " + " | ".join(f"{cost[k]:.2f}" for k in KS) + " |")

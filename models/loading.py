@@ -148,15 +148,10 @@ def load_checkpoint(folder, dtype=None, device=None):
     return _finish(native, generation_config, device=device, dtype=dtype)
 
 
-def load_gguf(path, dtype=None, device=None):
-    """A GGUF file: dequantized once by transformers' GGUF reader, then cached as a safetensors
-    checkpoint under the user cache directory (a 2-core CPU takes ~16 s to dequantize, ~1 s to reload)."""
-    cached = converted_gguf(path)
-    return load_checkpoint(cached, dtype=dtype, device=device), AutoTokenizer.from_pretrained(cached)
-
-
 def converted_gguf(path) -> Path:
-    """The checkpoint folder a GGUF file is dequantized into (made on first use)."""
+    """The checkpoint folder a GGUF file is dequantized into: made on first use by transformers' GGUF reader
+    and cached as safetensors under the user cache directory (a 2-core CPU takes ~16 s to dequantize, ~1 s
+    to reload)."""
     path = Path(path)
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -203,12 +198,19 @@ def load(name_or_path, dtype=None, device=None):
         dtype = getattr(torch, dtype, None) if dtype in ("float32", "bfloat16", "float64", "float16") else dtype
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype must be a torch dtype or one of float32/bfloat16/float16/float64, got dtype={dtype!r}")
+    folder = checkpoint_folder(name_or_path)
+    return load_checkpoint(folder, dtype=dtype, device=device), AutoTokenizer.from_pretrained(folder)
+
+
+def checkpoint_folder(name_or_path, argument: str = "name_or_path") -> Path:
+    """The transformers checkpoint folder behind a registered name, a folder, or a .gguf file (dequantized
+    into the cache on first use). ``argument`` names the caller's parameter in error messages."""
     path = REGISTRY[name_or_path]() if name_or_path in REGISTRY else Path(name_or_path)
     if not path.exists():
-        raise FileNotFoundError(f"name_or_path={str(name_or_path)!r}: no such file or folder, and not a "
+        raise FileNotFoundError(f"{argument}={str(name_or_path)!r}: no such file or folder, and not a "
                                 f"registered name (registered: {sorted(REGISTRY)})")
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ValueError(f"name_or_path={str(name_or_path)!r} is a file but not a .gguf file")
-        return load_gguf(path, dtype=dtype, device=device)
-    return load_checkpoint(path, dtype=dtype, device=device), AutoTokenizer.from_pretrained(path)
+            raise ValueError(f"{argument}={str(name_or_path)!r} is a file but not a .gguf file")
+        return converted_gguf(path)
+    return path

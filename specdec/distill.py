@@ -75,24 +75,12 @@ class DistillConfig:
             raise ValueError(f"dtype must be float32 or bfloat16, got dtype={self.dtype!r}")
 
 
-def _target_folder(target) -> Path:
-    """A transformers checkpoint folder for a registered name, a folder or a GGUF file."""
-    from specdec.models.loading import REGISTRY, converted_gguf
-
-    path = REGISTRY[target]() if target in REGISTRY else Path(target)
-    if not path.exists():
-        raise FileNotFoundError(f"target={str(target)!r}: no such file or folder, and not a registered name")
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise ValueError(f"target={str(target)!r} is a file but not a .gguf file")
-        path = converted_gguf(path)
-    return path
-
-
 def _load_target(target):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = _target_folder(target)
+    from specdec.models.loading import checkpoint_folder
+
+    folder = checkpoint_folder(target, "target")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, TypeError) as err:
@@ -274,7 +262,7 @@ def train(draft, records: list[dict], out: Path, config: DistillConfig, pad: int
 
 
 @torch.no_grad()
-def evaluate(draft, target, records: list[dict], pad: int, max_k: int = 8) -> dict:
+def evaluate(draft, records: list[dict], pad: int, max_k: int = 8) -> dict:
     """Held-out figures: greedy agreement per answer position given the target's own prefix, and for each k
     the expected tokens per target forward (1 + accepted run, capped at k, averaged over start positions)."""
     draft.eval()
@@ -359,7 +347,7 @@ def distill(target, out, config: DistillConfig = DistillConfig(), resume: bool =
     draft = make_draft(model, config)
     started = time.perf_counter()
     history = train(draft, records, out, config, pad, resume, progress)
-    report = evaluate(draft, model, held_out, pad)
+    report = evaluate(draft, held_out, pad)
     report["cost_ratio_c"] = cost_ratio(draft, model)
     report["train_seconds_this_run"] = time.perf_counter() - started
     losses = [loss for _, loss, _ in history]

@@ -620,6 +620,38 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig) -> FastAPI:
     return app
 
 
+class InProcessServer:
+    """``with InProcessServer(app) as server:`` uvicorn in a thread on a free loopback port (``server.url``),
+    stopped on exit by setting ``should_exit`` (no signals): for tests and the load benchmark."""
+
+    def __init__(self, app, start_timeout: float = 30.0, graceful_shutdown: int = 5):
+        import socket
+
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))  # loopback only
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
+                                                    timeout_graceful_shutdown=graceful_shutdown))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.start_timeout = start_timeout
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + self.start_timeout
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the server at {self.url} did not start within {self.start_timeout} s")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+
 def serve(model: str, draft: str | None = "ngram", host: str = "127.0.0.1", port: int = 8000, *,
           num_draft_tokens="auto", max_num_seqs: int = 32, kv_blocks: int | None = None, block_size: int = 16,
           max_queued: int = 64, dtype: str | None = None, grace_seconds: float = 10.0) -> int:

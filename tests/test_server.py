@@ -18,12 +18,11 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 from conftest import perturbed_copy, tiny_model
 
 import specdec
 from specdec.engine import Engine
-from specdec.server import ServerConfig, TextStream, create_app
+from specdec.server import InProcessServer, ServerConfig, TextStream, create_app
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]  # ids 0..4; 2 is the tiny models' EOS
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -49,30 +48,13 @@ def char_tokenizer():
 TOKENIZER = char_tokenizer()
 
 
-class Server:
-    """uvicorn in a thread on a free loopback port; stopped by setting should_exit (no signals, no kill)."""
+class Server(InProcessServer):
+    """The tiny model's app on a free loopback port, stopped by setting should_exit (no signals, no kill)."""
 
     def __init__(self, engine: Engine, **config):
         self.engine = engine
         self.app = create_app(engine, TOKENIZER, ServerConfig(model_name="tiny", **config))
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
+        super().__init__(self.app, graceful_shutdown=2)
 
     def client(self, **kw):
         return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, **kw)
