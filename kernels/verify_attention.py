@@ -21,50 +21,51 @@ import torch
 from specdec.kernels.dispatch import triton_available, use_triton
 
 
-def verify_attention(q, k_pool, v_pool, block_table, context_lens, query_lens, scale=None, span=None, mask=None):
+def verify_attention(q, k_pool, v_pool, block_table, context_lens, query_lens, scale=None, span=None, mask=None,
+                     row_ok=None):
     """q [batch, T, heads, head_dim] (rows t >= query_lens[b] are padding); k_pool, v_pool
     [num_blocks, block_size, kv_heads, head_dim]; block_table [batch, max_blocks] int, or None for the
     contiguous special case (row b's keys are k_pool[b]); context_lens, query_lens [batch]
     -> out [batch, T, heads, head_dim] (zeros in padding rows)
-    span, mask: what the reference derives from the lengths (``attention_span_and_mask``), for a caller that
-    has them already — the native model makes them once per forward instead of once per layer"""
+    span, mask, row_ok: what the reference derives from the lengths (``attention_span_and_mask``), for a
+    caller that has them already — the native model makes them once per forward instead of once per layer"""
     if use_triton(q) and q.dtype != torch.float64:  # the kernel computes in float32
         return verify_attention_triton(q, k_pool, v_pool, block_table, context_lens, query_lens, scale)
     return verify_attention_reference(q, k_pool, v_pool, block_table, context_lens, query_lens, scale,
-                                      span=span, mask=mask)
+                                      span=span, mask=mask, row_ok=row_ok)
 
 
 def attention_span_and_mask(context_lens, query_lens, T: int, span=None, causal_offset=0):
     """span: keys any row attends to (a host sync unless given); mask [batch, 1, T, span]: query t of row b
-    sees keys 0..L_b + t; padding rows see key 0 only, which keeps their softmax finite (they are dropped)."""
+    sees keys 0..L_b + t; padding rows see key 0 only, which keeps their softmax finite (they are dropped);
+    row_ok [batch, T, 1, 1]: the real (not padding) queries."""
     if span is None:
         span = int((context_lens + query_lens).max())
     j = torch.arange(span, device=context_lens.device)
     t = torch.arange(T, device=context_lens.device)
     row_ok = (t[None, :] < query_lens[:, None])[..., None]  # [batch, T, 1]
     visible = j <= (context_lens[:, None] + t + causal_offset)[..., None]  # [batch, T, span]
-    return span, ((visible & row_ok) | (~row_ok & (j == 0)))[:, None]
+    return span, ((visible & row_ok) | (~row_ok & (j == 0)))[:, None], row_ok[..., None]
 
 
 def verify_attention_reference(q, k_pool, v_pool, block_table, context_lens, query_lens, scale=None,
-                               span=None, mask=None, causal_offset=0):
+                               span=None, mask=None, row_ok=None, causal_offset=0):
     """The CPU path and the oracle: gather keys through the block table, then SDPA with the causal mask.
     causal_offset exists only for the test that a wrong mask is caught (query t sees keys <= L + t + offset)."""
     batch, T, _, head_dim = q.shape
-    if mask is None:
-        span, mask = attention_span_and_mask(context_lens, query_lens, T, span, causal_offset)
-    j = torch.arange(span, device=q.device)  # [S] key positions
+    if mask is None or row_ok is None:
+        span, mask, row_ok = attention_span_and_mask(context_lens, query_lens, T, span, causal_offset)
     if block_table is None:  # contiguous: a view, no gather (the native model's cache on the CPU)
         keys, values = k_pool[:batch, :span], v_pool[:batch, :span]  # [batch, S, kv_heads, head_dim]
     else:
+        j = torch.arange(span, device=q.device)  # [S] key positions
         block_size = k_pool.shape[1]
         blocks = block_table.long()[:, (j // block_size).clamp(max=block_table.shape[1] - 1)]  # [batch, S]
         keys, values = k_pool[blocks, j % block_size], v_pool[blocks, j % block_size]
     out = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=scale,
         enable_gqa=True)  # [batch, heads, T, head_dim]
-    row_ok = torch.arange(T, device=q.device) < query_lens[:, None]  # [batch, T]
-    return out.transpose(1, 2) * row_ok[..., None, None]  # zeros in padding rows, as the kernel leaves them
+    return out.transpose(1, 2) * row_ok  # zeros in padding rows, as the kernel leaves them
 
 
 if triton_available():

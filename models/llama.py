@@ -20,6 +20,7 @@ from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from specdec.cache import KVCache, KVPool, select
+from specdec.kernels import cpu_linear
 from specdec.kernels.dispatch import use_triton
 from specdec.kernels.verify_attention import attention_span_and_mask, verify_attention
 
@@ -40,14 +41,15 @@ def _onednn_bf16() -> bool:
 
 
 class Linear(nn.Linear):
-    """nn.Linear that runs bfloat16 inference on the CPU through oneDNN with a prepacked weight.
+    """nn.Linear whose bfloat16 inference on the CPU takes the fastest exact path for its row count.
 
-    Measured on a 2-core AVX-512/AMX CPU over SmolLM2's weight shapes: the default bfloat16 path moves
-    ~8 GB/s at 1 row and slows to ~5 GB/s at 9 rows; the prepacked one ~11-13 GB/s at 1 row and stays
-    within 1.2x of that up to 5 rows, which is what verification of k + 1 tokens needs. float32 gains
-    nothing (MKL's sgemm is faster at 1 row), so it keeps the default path. The packed copy is made on
-    first use and remade whenever the weight changes (its version counter moves); it is a second copy
-    of the weight in memory (bfloat16 on the CPU only).
+    Decode and verification (up to ``cpu_linear.MAX_ROWS`` rows): specdec's AVX512-BF16 kernel, which
+    streams the weights at 15-20 GB/s where torch's default bfloat16 path moves ~8 GB/s and oneDNN's
+    prepacked one 8-18 GB/s (2-core AVX-512 VM, SmolLM2's shapes, weights out of cache), and which
+    computes each row bit for bit alike whatever the row count (see kernels/cpu_linear.c).
+    Prefill, or a CPU without the kernel: oneDNN with a prepacked weight, made on first use and remade
+    whenever the weight changes (its version counter moves); a second copy of the weight in memory.
+    float32 keeps MKL's sgemm (oneDNN's packed float32 is slower at 1 row here).
     """
 
     _packed = None  # oneDNN's blocked layout of weight [out, in]; opaque
@@ -55,7 +57,11 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         w = self.weight
-        if w.dtype != torch.bfloat16 or w.device.type != "cpu" or torch.is_grad_enabled() or not _onednn_bf16():
+        if w.dtype != torch.bfloat16 or w.device.type != "cpu" or torch.is_grad_enabled():
+            return super().forward(x)
+        if x.numel() <= cpu_linear.MAX_ROWS * x.shape[-1] and cpu_linear.available():
+            return cpu_linear.linear_bf16(x, w, self.bias)
+        if not _onednn_bf16():
             return super().forward(x)
         key = (w.data_ptr(), w._version)
         if self._packed_key != key:
@@ -67,13 +73,14 @@ class Linear(nn.Linear):
 class Step:
     """What every layer needs to know about this forward's tokens."""
 
-    cos: torch.Tensor  # [batch, 1, T, head_dim]
-    sin: torch.Tensor  # [batch, 1, T, head_dim]
+    cos: torch.Tensor  # [batch, T, 1, head_dim]
+    sin: torch.Tensor  # [batch, T, 1, head_dim], sign-folded: -sin on the first half, +sin on the second
     slots: torch.Tensor  # [batch, T] cache slot of each new token (padding: the trash slot)
     context_lens: torch.Tensor  # [batch] cached tokens before the new ones
     query_lens: torch.Tensor  # [batch] new tokens per row (the rest of T is padding)
     span: int  # slots 0..span-1 hold every key any row attends to
     mask: torch.Tensor | None  # [batch, 1, T, span] for the reference path (made once, used by every layer)
+    row_ok: torch.Tensor | None  # [batch, T, 1, 1] bool: real (not padding) queries, for the reference path
 
 
 class RMSNorm(nn.Module):
@@ -86,9 +93,9 @@ class RMSNorm(nn.Module):
         # Normalise in float32 and scale in the model's dtype, as transformers does: in bfloat16 the
         # order of the two roundings decides near-ties, and greedy equivalence rests on them.
         # (transformers does this even for float64 models; the same ops keep the two within 1e-10 there.)
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # F.rms_norm is one fused op for the five of h * rsqrt(mean(h^2) + eps), bitwise equal to them on
+        # the CPU (checked in float32 and bfloat16); 30 layers x 2 norms make that ~0.5 ms per decode step.
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -109,24 +116,28 @@ class Attention(nn.Module):
     def forward(self, x, step: "Step", cache: KVCache):
         # x [batch, T, hidden]
         batch, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(batch, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = _rotate(q, step.cos, step.sin), _rotate(k, step.cos, step.sin)
+        heads = self.qkv_proj(x).view(batch, T, -1, self.head_dim)  # [batch, T, q + k + v heads, head_dim]
+        # q and k heads are adjacent: one rotation for both (4 ops per layer instead of 14)
+        qk = _rotate(heads[:, :, : self.num_heads + self.num_kv_heads], step.cos, step.sin)
+        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=2)
+        v = heads[:, :, self.num_heads + self.num_kv_heads:]
         cache.write(self.layer_idx, step.slots, k, v)
         # one call on every device: the Triton kernel for CUDA tensors, its PyTorch reference (SDPA) otherwise;
         # the per-row cache is the paged pool's special case of one block per sequence (block table None)
         k_pool, v_pool, block_table = cache.pools(self.layer_idx)
-        out = verify_attention(q.transpose(1, 2), k_pool, v_pool, block_table, step.context_lens,
-                               step.query_lens, span=step.span, mask=step.mask)  # [batch, T, heads, head_dim]
+        out = verify_attention(q, k_pool, v_pool, block_table, step.context_lens, step.query_lens,
+                               span=step.span, mask=step.mask, row_ok=step.row_ok)  # [batch, T, heads, head_dim]
         return self.o_proj(out.reshape(batch, T, -1))
 
 
-def _rotate(x, cos, sin):  # x [batch, heads, T, head_dim]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _rotate(x, cos, sin):
+    """RoPE: x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1). The sign lives in ``sin``
+    (made once per forward), so rotate_half is a flip of the two halves: bitwise the same numbers.
+
+    x [batch, T, heads, head_dim]; cos, sin [batch, T, 1, head_dim]
+    """
+    flipped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x2, x1)
+    return x * cos + flipped * sin
 
 
 class MLP(nn.Module):
@@ -253,9 +264,11 @@ class LlamaModel(nn.Module):
         x = self.model.embed_tokens(input_ids)  # [batch, T, hidden]
         span = cache.check_room(positions)  # keys attended: slots 0..span-1 (the forward's one host sync)
         angles = positions.clamp(min=0).float()[..., None] * self.inv_freq  # [batch, T, head_dim / 2]
-        angles = torch.cat((angles, angles), dim=-1)[:, None]  # [batch, 1, T, head_dim]
+        angles = torch.cat((angles, angles), dim=-1)[:, :, None]  # [batch, T, 1, head_dim]
         cos = (angles.cos() * self.rope_scaling).to(x.dtype)
         sin = (angles.sin() * self.rope_scaling).to(x.dtype)
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # the sign of rotate_half, see _rotate
         # The cache is compact (slot == position): the query at position p sees slots 0..p, and stale entries
         # past a row's length — rolled-back drafts, other rows' tails — are never seen.
         context_lens = positions[:, 0].clamp(min=0)  # [batch] each row's new tokens follow its cache
@@ -265,11 +278,11 @@ class LlamaModel(nn.Module):
         torch._assert_async(((positions < 0) | (positions == expected)).all(),
                             "positions must continue each row's cache, right-padded with -1")
         query_lens = (positions >= 0).sum(dim=1)
-        mask = None  # the kernel builds its own
+        mask = row_ok = None  # the kernel builds its own
         if not use_triton(x):
-            mask = attention_span_and_mask(context_lens, query_lens, positions.shape[1], span)[1]
+            span, mask, row_ok = attention_span_and_mask(context_lens, query_lens, positions.shape[1], span)
         step = Step(cos=cos, sin=sin, slots=cache.slots(positions), context_lens=context_lens,
-                    query_lens=query_lens, span=span, mask=mask)
+                    query_lens=query_lens, span=span, mask=mask, row_ok=row_ok)
         for layer in self.model.layers:
             x = layer(x, step, cache)
         cache.advance(positions)

@@ -72,10 +72,10 @@ class KVCache(SequenceLengths):
     def write(self, layer: int, slots, k, v) -> None:
         """Store new keys/values at ``slots`` (from ``slots()``).
 
-        slots [batch, T]; k, v [batch, kv_heads, T, head_dim]
+        slots [batch, T]; k, v [batch, T, kv_heads, head_dim]
         """
-        self.keys[layer][self._rows, :, slots] = k.transpose(1, 2)
-        self.values[layer][self._rows, :, slots] = v.transpose(1, 2)
+        self.keys[layer][self._rows, :, slots] = k
+        self.values[layer][self._rows, :, slots] = v
 
     def pools(self, layer: int):
         """What attention reads: the paged pool's special case of one block per row, no block table.
@@ -165,11 +165,11 @@ class PagedKVCache(SequenceLengths):
         return torch.where(positions < 0, self.pool.trash * bs, slots)
 
     def write(self, layer: int, slots, k, v) -> None:
-        """slots [batch, T] from ``slots()``; k, v [batch, kv_heads, T, head_dim]"""
+        """slots [batch, T] from ``slots()``; k, v [batch, T, kv_heads, head_dim]"""
         flat = slots.reshape(-1)
         keys, values = self.pool.keys[layer], self.pool.values[layer]
-        keys.view(-1, *keys.shape[2:])[flat] = k.transpose(1, 2).reshape(flat.shape[0], *keys.shape[2:])
-        values.view(-1, *values.shape[2:])[flat] = v.transpose(1, 2).reshape(flat.shape[0], *values.shape[2:])
+        keys.view(-1, *keys.shape[2:])[flat] = k.reshape(flat.shape[0], *keys.shape[2:])
+        values.view(-1, *values.shape[2:])[flat] = v.reshape(flat.shape[0], *values.shape[2:])
 
     def pools(self, layer: int):
         """keys, values [num_blocks + 1, block_size, kv_heads, head_dim] and block_table [batch, max_blocks]"""

@@ -71,18 +71,22 @@ def test_native_architectures_listed():
     assert {tiny_model(a).config.model_type for a in ARCHS} == {"llama", "mistral", "qwen2"}
 
 
-def test_prepacked_bfloat16_linear_matches_plain_and_follows_weight_changes():
+@pytest.mark.parametrize("rows", [10, 65])
+def test_bfloat16_linear_matches_plain_and_follows_weight_changes(rows):
+    """Both bfloat16 CPU paths: the kernel for decode-sized inputs, prepacked oneDNN past MAX_ROWS rows."""
     import torch.nn.functional as F
 
+    from specdec.kernels import cpu_linear
     from specdec.models.llama import Linear, _onednn_bf16
 
     layer = Linear(96, 33, bias=True).to(torch.bfloat16)
-    x = torch.randn(2, 5, 96, dtype=torch.bfloat16)
+    x = torch.randn(1, rows, 96, dtype=torch.bfloat16)
     with torch.no_grad():
         want = F.linear(x, layer.weight, layer.bias)
         got = layer(x)
         # same products, accumulated in float32 by both paths: at most one bfloat16 rounding apart
         assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2)
-        layer.weight.mul_(2)  # in place: the packed copy must be remade
+        layer.weight.mul_(2)  # in place: a packed copy must be remade
         assert torch.allclose(layer(x).float(), F.linear(x, layer.weight, layer.bias).float(), rtol=1e-2, atol=1e-2)
-    assert (layer._packed is not None) == _onednn_bf16()
+    packed = rows > cpu_linear.MAX_ROWS or not cpu_linear.available()
+    assert (layer._packed is not None) == (packed and _onednn_bf16())

@@ -1,0 +1,112 @@
+"""bfloat16 linear for decode and verification on AVX512-BF16 CPUs (``cpu_linear.c``), and its reference.
+
+The C file is compiled once per machine with the system C compiler (``cc``, or ``$CC``) into the user cache
+(``~/.cache/specdec/kernels``); where that is impossible — no compiler, no AVX512-BF16, not x86 — or
+``SPECDEC_REFERENCE_KERNELS=1`` is set, ``available()`` is False and callers keep torch's path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from specdec.kernels.dispatch import _flag
+
+SOURCE = Path(__file__).with_name("cpu_linear.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+#: below this many rows the kernel streams the weights faster than oneDNN; above, a blocked GEMM wins
+#: (prefill). Verification of k + 1 <= 17 tokens for a few sequences stays under it, and so stays exact.
+MAX_ROWS = 64
+
+
+def _cache_dir() -> Path:
+    from specdec.models.loading import cache_dir
+
+    return cache_dir() / "kernels"
+
+
+def _cpu_key() -> str:
+    """The build is -march=native: key it by the CPU's flags so a copied cache never runs on another CPU."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return flags
+
+
+@functools.cache
+def _library():
+    if platform.machine() not in ("x86_64", "AMD64") or _flag("SPECDEC_REFERENCE_KERNELS"):
+        return None
+    source = SOURCE.read_bytes()
+    compiler = os.environ.get("CC", "cc")
+    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
+    path = _cache_dir() / f"cpu_linear-{key}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # build aside, then rename: no half-written .so
+            built = Path(tmp) / path.name
+            try:
+                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True, capture_output=True,
+                               text=True, timeout=120)
+            except (OSError, subprocess.SubprocessError) as error:
+                detail = getattr(error, "stderr", "") or error
+                warnings.warn(f"specdec: the bfloat16 CPU kernel could not be built ({compiler}: {detail}); "
+                              "using torch's bfloat16 path", stacklevel=3)
+                return None
+            os.replace(built, path)
+    lib = ctypes.CDLL(str(path))
+    if not lib.specdec_cpu_supported():
+        return None
+    lib.specdec_linear_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
+    lib.specdec_linear_bf16.restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether ``linear_bf16`` runs here (builds the kernel on the first call)."""
+    return _library() is not None
+
+
+def linear_bf16(x, weight, bias=None):
+    """x [..., in] bfloat16, weight [out, in] bfloat16 (contiguous), bias [out] or None -> [..., out] bfloat16.
+
+    Each output row depends only on its input row (accumulation order fixed per element): the same token
+    gives the same bits in a 1-row decode step and in a (k + 1)-row verification pass.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the bfloat16 CPU kernel is not available here; check kernels.cpu_linear.available()")
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu":
+        raise ValueError(f"linear_bf16 takes bfloat16 CPU tensors, got x {x.dtype} on {x.device}, "
+                         f"weight {weight.dtype}")
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features or not weight.is_contiguous():
+        raise ValueError(f"linear_bf16: x [..., {x.shape[-1]}] does not fit a contiguous weight "
+                         f"[{out_features}, {in_features}]")
+    rows = x.reshape(-1, in_features).contiguous()  # [M, in]
+    out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)  # [M, out]
+    bias_ptr = 0
+    if bias is not None:
+        bias = bias.to(torch.bfloat16).contiguous()
+        bias_ptr = bias.data_ptr()
+    lib.specdec_linear_bf16(rows.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(),
+                            rows.shape[0], out_features, in_features)
+    return out.view(*x.shape[:-1], out_features)
+
+
+def linear_bf16_reference(x, weight, bias=None):
+    """The oracle: float32 products and sums, one rounding to bfloat16 at the end."""
+    y = x.float() @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(torch.bfloat16)
