@@ -6,10 +6,10 @@
  * loop moves 15-20 GB/s by streaming 8 weight rows at a time with a software prefetch two blocks ahead.
  *
  * Batch invariance: every output y[m, n] is accumulated in the same order (32-wide chunks of k, then one
- * fixed horizontal sum) whatever M is, so in a verification pass over k + 1 tokens the linear layers compute
- * each token's row bit for bit as a plain one-token step does. (Attention through torch's SDPA still may
- * not: measured on SmolLM2 in bfloat16, its output for one query differs in the last bit between 1 and 6
- * queries in some layers.)
+ * fixed horizontal sum) whatever M is: each row's bits do not depend on the rows beside it. (The model uses
+ * the kernel up to 4 rows only, and torch's SDPA is not row-invariant in bfloat16 either, so a verification
+ * pass can still differ from plain steps in the last bit; speculative greedy == plain greedy is exact in
+ * float32/float64, and reported as near-tie flips in bfloat16.)
  *
  * Built by specdec/kernels/cpu_linear.py with the system C compiler on first use (-O3 -march=native
  * -fopenmp). OpenMP is torch's own runtime: torch has already loaded a libgomp.so.1, and the dynamic

@@ -43,11 +43,10 @@ def _onednn_bf16() -> bool:
 class Linear(nn.Linear):
     """nn.Linear whose bfloat16 inference on the CPU takes the fastest exact path for its row count.
 
-    Decode and verification (up to ``cpu_linear.MAX_ROWS`` rows): specdec's AVX512-BF16 kernel, which
+    Decode and short verification (up to ``cpu_linear.MAX_ROWS`` rows): specdec's AVX512-BF16 kernel, which
     streams the weights at 15-20 GB/s where torch's default bfloat16 path moves ~8 GB/s and oneDNN's
-    prepacked one 8-18 GB/s (2-core AVX-512 VM, SmolLM2's shapes, weights out of cache), and which
-    computes each row bit for bit alike whatever the row count (see kernels/cpu_linear.c).
-    Prefill, or a CPU without the kernel: oneDNN with a prepacked weight, made on first use and remade
+    prepacked one 8-18 GB/s (2-core AVX-512 VM, SmolLM2's shapes, weights out of cache).
+    More rows, or a CPU without the kernel: oneDNN with a prepacked weight, made on first use and remade
     whenever the weight changes (its version counter moves); a second copy of the weight in memory.
     float32 keeps MKL's sgemm (oneDNN's packed float32 is slower at 1 row here).
     """

@@ -73,15 +73,15 @@ def test_native_bfloat16_model_uses_it_and_stays_near_float32(monkeypatch):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
     model = LlamaModel(config).eval()
-    ids = torch.randint(0, 64, (1, 5))
+    ids = torch.randint(0, 64, (1, 3))  # 3 rows: a decode-sized input
     calls = []
     kernel = cpu_linear.linear_bf16
     monkeypatch.setattr(cpu_linear, "linear_bf16", lambda *a: calls.append(1) or kernel(*a))
     with torch.inference_mode():
-        want = model(ids, torch.arange(5)[None], model.new_cache(1, 8))
+        want = model(ids, torch.arange(3)[None], model.new_cache(1, 8))
         assert not calls  # float32 keeps torch's path
         model.bfloat16()
-        got = model(ids, torch.arange(5)[None], model.new_cache(1, 8))
+        got = model(ids, torch.arange(3)[None], model.new_cache(1, 8))
     assert len(calls) == 2 * 4 + 1  # qkv, o, gate_up, down per layer, and the output layer
     assert got.dtype == torch.float32
     # bfloat16 weights and activations: 8 significant bits through 2 layers
