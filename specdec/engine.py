@@ -370,7 +370,7 @@ class Engine:
     def _controller(self, rows: int):
         size = 1 << (rows - 1).bit_length()  # 1, 2, 4, 8, ...: a verification pass costs more with more rows
         if size not in self._control:
-            self._control[size] = (DraftLength(self.num_draft_tokens), SpecStats())
+            self._control[size] = (DraftLength(self.num_draft_tokens, batch_size=size), SpecStats())
         return self._control[size]
 
     def _admit(self) -> None:

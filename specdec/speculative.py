@@ -116,24 +116,30 @@ class DraftLength:
     in units of a plain target step and both measured in this call. v(k) is Leviathan et al.'s "1" made
     honest: on a CPU a 9-row pass costs 1.4-1.9 plain steps (bench/RESULTS.md), and a draft that pays at
     v = 1 can lose at the real v. Unmeasured k take v linear in k through the nearest measured one.
-    Schedule: two probing steps with k = 4 (the first is the prefill, untimed), one plain step (the unit),
-    then the argmax, k = 0 included; after REPROBE plain steps in a row one step with k = 1, since a plain
-    step measures nothing and the text may change.
+    Schedule: two probing steps (the first is the prefill, untimed) with k = PROBE / batch rounded up, so
+    that each probe yields about PROBE acceptance samples whatever the batch (at batch 16 a k = 4 probe
+    costs ~3.5 plain steps, a k = 1 probe ~1.5, and both say as much about alpha); one plain step (the
+    unit); then the argmax, k = 0 included. After `reprobe` plain steps in a row one step with k = 1, since
+    a plain step measures nothing and the text may change; each reprobe that leads back to plain doubles
+    the wait (16, 32, 64, ...), so a draft that does not pay costs less and less of a long generation.
     """
 
     REPROBE = 16
     PROBE = 4
 
-    def __init__(self, num_draft_tokens):
+    def __init__(self, num_draft_tokens, batch_size: int = 1):
         self.auto = num_draft_tokens == "auto"
         self.k = MAX_AUTO_DRAFT_TOKENS if self.auto else num_draft_tokens
+        self.probe = -(-self.PROBE // max(batch_size, 1))
         self.plain_steps = 0
+        self.reprobe = self.REPROBE
+        self.reprobing = False  # the last step was a reprobe
 
     def next(self, stats: SpecStats) -> int:
         if not self.auto:
             return self.k
         if not stats.timed_draft_passes:
-            return self.PROBE
+            return self.probe
         plain = stats.pass_seconds(0)
         if plain is None:
             return 0
@@ -149,9 +155,12 @@ class DraftLength:
             return 1.0 + (stats.pass_seconds(near) / plain - 1.0) * k / near
 
         k = max(range(self.k + 1), key=lambda k: expected_tokens(alpha, k) / (k * draft + verify_cost(k)))
+        if self.reprobing:  # the reprobe's verdict: back to plain waits twice as long next time
+            self.reprobe = self.reprobe * 2 if k == 0 else self.REPROBE
+            self.reprobing = False
         self.plain_steps = self.plain_steps + 1 if k == 0 else 0
-        if self.plain_steps > self.REPROBE:
-            self.plain_steps, k = 0, 1
+        if self.plain_steps > self.reprobe:
+            self.plain_steps, self.reprobing, k = 0, True, 1
         return k
 
 
@@ -195,7 +204,7 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
     capacity = prompt_len + max_new_tokens
     tokens = torch.zeros(batch, capacity + 1, dtype=torch.long, device=device)
     tokens[:, :prompt_len] = input_ids.gather(1, order)
-    length = DraftLength(num_draft_tokens)
+    length = DraftLength(num_draft_tokens, batch_size=batch)
     state = DecodeState(
         tokens=tokens, num_tokens=prompt_lengths.clone(), prompt_lengths=prompt_lengths,
         active=torch.ones(batch, dtype=torch.bool, device=device), sampling=sampling, generator=generator,

@@ -157,6 +157,28 @@ def test_auto_k_probes_then_measures_a_plain_step_first():
     assert length.next(stats) == 0
 
 
+def test_auto_k_probe_size_follows_the_batch():
+    from specdec.speculative import DraftLength
+    from specdec.stats import SpecStats
+
+    # about PROBE acceptance samples per probing step, whatever the batch
+    assert [DraftLength("auto", batch_size=b).next(SpecStats()) for b in (1, 2, 3, 4, 16)] == [4, 2, 2, 1, 1]
+
+
+def test_auto_k_reprobes_less_often_while_the_draft_does_not_pay():
+    from specdec.speculative import DraftLength
+    from specdec.stats import SpecStats
+
+    stats, length = SpecStats(accepted=0, proposed=40), DraftLength("auto")
+    stats.record_pass(0, target_seconds=1.0, draft_seconds=0.0)
+    stats.record_pass(1, target_seconds=1.1, draft_seconds=0.1)  # alpha ~ 0: plain steps pay best
+    ks = [length.next(stats) for _ in range(16 + 1 + 32 + 1 + 64 + 1)]
+    reprobes = [i for i, k in enumerate(ks) if k]
+    assert reprobes == [16, 16 + 1 + 32, 16 + 1 + 32 + 1 + 64]  # waits of 16, 32, 64 plain steps
+    stats.accepted = 40  # the text changed: the draft now agrees, the reprobe's verdict is to speculate
+    assert length.next(stats) > 0 and length.reprobe == DraftLength.REPROBE
+
+
 def test_eos_as_first_draft_token_truncates():
     target = tiny_model("llama")
     ids = torch.tensor([[3, 4, 5]])
