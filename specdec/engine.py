@@ -27,7 +27,8 @@ import torch
 
 from specdec.cache import PagedKVCache
 from specdec.proposers import DraftModelProposer
-from specdec.sampling import SamplingConfig, verify
+from specdec.kernels.rejection_sample import greedy_accept, rejection_sample
+from specdec.sampling import SamplingConfig, random_numbers
 from specdec.speculative import DraftLength, _commit, _proposer, _token_ids, speculative_step
 from specdec.state import DecodeState
 from specdec.stats import SpecStats
@@ -119,30 +120,38 @@ class _RowSampling:
 
 
 def _row_verifier(seqs: list[_Sequence]):
-    """``verify`` with each request's own sampling settings and generator.
+    """``verify`` with each request's own sampling settings and generator, in one acceptance call.
 
-    Greedy rows are verified together; each sampled row alone, on its own drafts only, with its own
-    generator: the random numbers a request draws depend on nothing but the request (with a deterministic
-    proposer and a fixed k, a seeded request samples the same tokens whatever else is running).
+    Greedy rows take the argmax rule; sampled rows are warped together where they share settings (one
+    softmax/top-k/top-p call per distinct setting, not per row) and accepted by one rejection-sampling call.
+    Each sampled row draws its random numbers from its own generator with ``random_numbers``, for its own
+    drafts only, exactly as ``verify`` on that row alone would: the numbers a request draws depend on
+    nothing but the request (with a deterministic proposer and a fixed k, a seeded request samples the same
+    tokens whatever else is running), and every step is bit-identical to verifying row by row.
     """
-    greedy = [i for i, s in enumerate(seqs) if s.sampling.greedy]
     sampled = [i for i, s in enumerate(seqs) if not s.sampling.greedy]
 
     def run(drafts, draft_probs, logits, num_drafts, sampling, generator):
+        emitted, num_accepted = greedy_accept(drafts, logits, num_drafts)  # [batch, k + 1], [batch]
         if not sampled:
-            return verify(drafts, None, logits, num_drafts, GREEDY)
-        k = drafts.shape[1]
-        emitted = drafts.new_full((drafts.shape[0], k + 1), -1)  # [batch, k + 1]
-        num_accepted = drafts.new_zeros(drafts.shape[0])  # [batch]
-        if greedy:
-            g = torch.tensor(greedy, device=drafts.device)
-            emitted[g], num_accepted[g] = verify(drafts[g], None, logits[g], num_drafts[g], GREEDY)
-        for i in sampled:
-            n = int(num_drafts[i])
-            probs = None if draft_probs is None else draft_probs[i:i + 1, :n]
-            e, a = verify(drafts[i:i + 1, :n], probs, logits[i:i + 1, :n + 1], num_drafts[i:i + 1],
-                          seqs[i].sampling, seqs[i].generator)
-            emitted[i, :n + 1], num_accepted[i] = e[0], a[0]
+            return emitted, num_accepted
+        k, vocab = drafts.shape[1], logits.shape[-1]
+        rows = torch.tensor(sampled, device=drafts.device)
+        target_probs = torch.empty(len(sampled), k + 1, vocab, device=logits.device, dtype=logits.dtype)
+        groups: dict[SamplingConfig, list[int]] = {}
+        for j, i in enumerate(sampled):
+            groups.setdefault(seqs[i].sampling, []).append(j)
+        for config, members in groups.items():
+            at = torch.tensor(members, device=drafts.device)
+            target_probs[at] = config.probs(logits[rows[at]])
+        uniforms = torch.zeros(len(sampled), k, device=drafts.device, dtype=logits.dtype)  # [sampled, k]
+        exponentials = torch.empty(len(sampled), vocab, device=drafts.device, dtype=logits.dtype)
+        for j, (i, n) in enumerate(zip(sampled, num_drafts[rows].tolist())):
+            u, e = random_numbers((1, n), vocab, seqs[i].generator, logits.dtype, drafts.device)
+            uniforms[j, :n], exponentials[j] = u[0], e[0]
+        probs = None if draft_probs is None else draft_probs[rows]
+        emitted[rows], num_accepted[rows] = rejection_sample(drafts[rows], probs, target_probs, num_drafts[rows],
+                                                             uniforms, exponentials)
         return emitted, num_accepted
 
     return run

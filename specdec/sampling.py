@@ -79,9 +79,17 @@ def verify(drafts, draft_probs, target_logits, num_drafts, sampling: SamplingCon
     if sampling.greedy:
         return greedy_accept(drafts, target_logits, num_drafts)
     target_probs = sampling.probs(target_logits)  # [batch, k + 1, vocab]
-    batch, vocab = target_probs.shape[0], target_probs.shape[-1]
-    uniforms = torch.rand(drafts.shape, generator=generator, device=drafts.device, dtype=target_probs.dtype)
-    exponentials = torch.empty(batch, vocab, device=drafts.device, dtype=target_probs.dtype)
-    # Exp(1) variates for the race that draws the recovered/bonus token; never exactly 0 (0/0 is NaN)
-    exponentials = exponentials.exponential_(generator=generator).clamp_(min=torch.finfo(target_probs.dtype).tiny)
+    uniforms, exponentials = random_numbers(drafts.shape, target_probs.shape[-1], generator, target_probs.dtype,
+                                            drafts.device)
     return rejection_sample(drafts, draft_probs, target_probs, num_drafts, uniforms, exponentials)
+
+
+def random_numbers(shape, vocab: int, generator, dtype, device):
+    """What rejection sampling draws, in this order: uniforms [batch, k] for the acceptance tests, then
+    exponentials [batch, vocab], Exp(1) variates for the race that draws the recovered/bonus token (never
+    exactly 0: 0/0 is NaN). shape = (batch, k). The engine draws each request's numbers with this too, so
+    a seeded request draws the same numbers alone or in a batch."""
+    uniforms = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    exponentials = torch.empty(shape[0], vocab, device=device, dtype=dtype)
+    exponentials = exponentials.exponential_(generator=generator).clamp_(min=torch.finfo(dtype).tiny)
+    return uniforms, exponentials

@@ -2,6 +2,8 @@
 
 import functools
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import perturbed_copy, tiny_model
@@ -158,14 +160,18 @@ def test_seeded_sampling_does_not_depend_on_the_batch():
     gives the same tokens (deterministic proposer, fixed k)."""
     params = RequestParams(max_new_tokens=15, temperature=0.8, top_p=0.9, seed=123)
 
-    def alone():
+    twin = replace(params, seed=7)  # same settings: warped in one group with r0, its own random numbers
+
+    def alone(prompt, params):
         engine = Engine(tiny_model("llama"), "ngram", num_draft_tokens=3, max_num_seqs=4, kv_blocks=64, block_size=4)
-        return run(engine, [((3, 4, 5, 3, 4), params)])[0]["r0"]
+        return run(engine, [(prompt, params)])[0]["r0"]
 
     engine = Engine(tiny_model("llama"), "ngram", num_draft_tokens=3, max_num_seqs=4, kv_blocks=64, block_size=4)
-    others = [((9, 8, 7), RequestParams(max_new_tokens=12)), ((5, 6), RequestParams(max_new_tokens=9, temperature=1.3))]
-    mixed = run(engine, [((3, 4, 5, 3, 4), params)] + others, arrivals=[1, 0, 0])[0]
-    assert mixed["r0"] == alone()
+    others = [((9, 8, 7), RequestParams(max_new_tokens=12)), ((5, 6), RequestParams(max_new_tokens=9, temperature=1.3)),
+              ((3, 4, 5, 3), twin)]
+    mixed = run(engine, [((3, 4, 5, 3, 4), params)] + others, arrivals=[1, 0, 0, 0])[0]
+    assert mixed["r0"] == alone((3, 4, 5, 3, 4), params)
+    assert mixed["r3"] == alone((3, 4, 5, 3), twin)
     assert mixed["r1"] == single((9, 8, 7), 12)  # a greedy row beside sampled ones stays greedy
 
 
