@@ -1,0 +1,93 @@
+"""Where one plain decode step goes: the whole step, its linear layers timed inside it, and the rest ("glue":
+norms, RoPE, cache writes, attention, residuals) timed with the linear layers stubbed out.
+
+    python bench/step_profile.py [--dtypes float32 bfloat16] [--steps 40] [--context 100]
+
+Each figure is a median over --steps decode steps of one token at --context cached tokens, SmolLM2-135M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+from specdec.bench.common import machine
+
+import specdec
+from specdec.models.llama import Linear
+
+
+def _steps(model, context: int, steps: int, between=None) -> list[float]:
+    """Seconds of each one-token step at ``context`` cached tokens (rolled back after each)."""
+    cache = model.new_cache(1, context + 2)
+    model(torch.arange(1, context + 1)[None] % model.vocab_size, torch.arange(context)[None], cache)
+    times = []
+    for _ in range(steps + 3):
+        positions = cache.lengths[:, None].clone()
+        start = time.perf_counter()
+        model(torch.tensor([[7]]), positions, cache)
+        times.append(time.perf_counter() - start)
+        cache.rollback(context)
+        if between is not None:
+            between()
+    return times[3:]
+
+
+@contextmanager
+def _patched_linear(forward):
+    original = Linear.forward
+    Linear.forward = forward
+    try:
+        yield
+    finally:
+        Linear.forward = original
+
+
+def profile(model, context: int, steps: int) -> dict:
+    inside = []
+
+    def timed(self, x, _forward=Linear.forward):
+        start = time.perf_counter()
+        out = _forward(self, x)
+        inside[-1] += time.perf_counter() - start
+        return out
+
+    whole = _steps(model, context, steps)
+    inside.append(0.0)
+    with _patched_linear(timed):
+        _steps(model, context, steps, between=lambda: inside.append(0.0))
+    outputs = {}
+
+    def stub(self, x):  # a preallocated output of the right shape: the step minus its matmuls
+        key = (tuple(x.shape[:-1]), self.out_features)
+        if key not in outputs:
+            outputs[key] = torch.zeros(*key[0], key[1], dtype=x.dtype)
+        return outputs[key]
+
+    with _patched_linear(stub):
+        glue = _steps(model, context, steps)
+    return {"step_ms": 1e3 * statistics.median(whole), "linear_ms_inside_step": 1e3 * statistics.median(inside[:-1]),
+            "glue_ms_linears_stubbed": 1e3 * statistics.median(glue)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--context", type=int, default=100)
+    args = parser.parse_args(argv)
+    print(f"machine: {machine()}\n")
+    print("| dtype | step ms | linear layers ms (inside the step) | glue ms (linear layers stubbed) |")
+    print("|---|---|---|---|")
+    for name in args.dtypes:
+        model, _ = specdec.load("smollm2-135m-instruct", dtype=getattr(torch, name))
+        with torch.inference_mode():
+            r = profile(model, args.context, args.steps)
+        print(f"| {name} | {r['step_ms']:.1f} | {r['linear_ms_inside_step']:.1f} | {r['glue_ms_linears_stubbed']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
