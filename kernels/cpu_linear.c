@@ -5,6 +5,9 @@
  * bfloat16 path moves 8-18 GB/s at one row (worst on the small 576 x 576 and 960 x 576 matrices); this
  * loop moves 15-20 GB/s by streaming 8 weight rows at a time with a software prefetch two blocks ahead.
  *
+ * Numerics: products and sums in float32 with one rounding to bfloat16 at the end, as the reference; but
+ * vdpbf16ps treats denormal inputs as zero (bfloat16 below ~1.2e-38), where the float32 reference keeps them.
+ *
  * Batch invariance: every output y[m, n] is accumulated in the same order (32-wide chunks of k, then one
  * fixed horizontal sum) whatever M is: each row's bits do not depend on the rows beside it. (The model uses
  * the kernel up to 8 rows only, and torch's SDPA is not row-invariant in bfloat16 either, so a verification
@@ -22,7 +25,7 @@
 #define NR 8 /* weight rows per block: 8 independent accumulators, 8 sequential streams for the prefetcher */
 #define PREFETCH_BLOCKS 2
 
-static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch's float -> bfloat16 cast */
+static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch's cast (NaN: any quiet NaN) */
     uint32_t u;
     memcpy(&u, &f, 4);
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
@@ -75,9 +78,9 @@ void specdec_linear_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b
         for (int r = 0; r < NR; r++) rows[r] = w + (n0 + (r < nr ? r : 0)) * K; /* short block: repeat row 0 */
         const int prefetch = nb + PREFETCH_BLOCKS < nblocks; /* the first pass over the block fetches ahead */
         for (long m = 0; m < M; m += 2) {
-            const uint16_t *xs[2] = {x + m * K, x + (m + 1) * K};
-            float out[2][NR];
             const int nx = m + 1 < M ? 2 : 1;
+            const uint16_t *xs[2] = {x + m * K, x + (m + nx - 1) * K}; /* odd M: the second is never read */
+            float out[2][NR];
             if (nx == 2)
                 dot_block(rows, xs, 2, K, prefetch && m == 0, out);
             else

@@ -28,6 +28,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 #: SmolLM2-135M's linear layers, medians of 5, same run (kernel vs oneDNN): 1 row 15.4 vs 21.0 ms,
 #: 2 rows 16.9 vs 22.3, 4 rows 21.4 vs 23.3, 8 rows 31.6 vs 31.4, 16 rows 50.0 vs 44.1.
 #: So verification of up to k = 7 drafts at batch 1 runs through the same kernel as a plain step.
+#: (2-core Intel Xeon VM with AVX512-BF16 and no AMX exposed, torch 2.13.0+cpu, 2 threads.)
 MAX_ROWS = 8
 
 
@@ -48,31 +49,42 @@ def _cpu_key() -> str:
 
 @functools.cache
 def _library():
+    """The loaded kernel, or None where it cannot run. Decided once per process: SPECDEC_REFERENCE_KERNELS
+    is read at the first bfloat16 decode step, not at every call."""
     if platform.machine() not in ("x86_64", "AMD64") or _flag("SPECDEC_REFERENCE_KERNELS"):
         return None
-    source = SOURCE.read_bytes()
+    if "avx512_bf16" not in _cpu_key().split():  # nothing to build for (and no warning to give)
+        return None
     compiler = os.environ.get("CC", "cc")
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.SubprocessError) as error:  # no compiler, a read-only or full cache, ...
+        detail = getattr(error, "stderr", None) or error
+        if isinstance(detail, bytes):
+            detail = detail.decode(errors="replace")
+        warnings.warn(f"specdec: the bfloat16 CPU kernel could not be built or loaded ({compiler}: {detail}); "
+                      "using torch's bfloat16 path", stacklevel=4)
+        return None
+    if not lib.specdec_cpu_supported():
+        return None
+    lib.specdec_linear_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
+    lib.specdec_linear_bf16.restype = None
+    return lib
+
+
+def _build(compiler: str) -> Path:
+    """Compile cpu_linear.c into the cache once per (source, compiler, flags, CPU); returns the .so path."""
+    source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join([compiler, *FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
     path = _cache_dir() / f"cpu_linear-{key}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # build aside, then rename: no half-written .so
             built = Path(tmp) / path.name
-            try:
-                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True, capture_output=True,
-                               text=True, timeout=120)
-            except (OSError, subprocess.SubprocessError) as error:
-                detail = getattr(error, "stderr", "") or error
-                warnings.warn(f"specdec: the bfloat16 CPU kernel could not be built ({compiler}: {detail}); "
-                              "using torch's bfloat16 path", stacklevel=3)
-                return None
-            os.replace(built, path)
-    lib = ctypes.CDLL(str(path))
-    if not lib.specdec_cpu_supported():
-        return None
-    lib.specdec_linear_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
-    lib.specdec_linear_bf16.restype = None
-    return lib
+            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True, capture_output=True,
+                           text=True, timeout=120)
+            os.replace(built, path)  # atomic: two processes building at once both end with a whole file
+    return path
 
 
 def available() -> bool:
@@ -89,18 +101,21 @@ def linear_bf16(x, weight, bias=None):
     lib = _library()
     if lib is None:
         raise RuntimeError("the bfloat16 CPU kernel is not available here; check kernels.cpu_linear.available()")
-    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu":
+    if any(t is not None and (t.dtype != torch.bfloat16 or t.device.type != "cpu") for t in (x, weight, bias)):
         raise ValueError(f"linear_bf16 takes bfloat16 CPU tensors, got x {x.dtype} on {x.device}, "
-                         f"weight {weight.dtype}")
+                         f"weight {weight.dtype} on {weight.device}"
+                         + ("" if bias is None else f", bias {bias.dtype} on {bias.device}"))
     out_features, in_features = weight.shape
     if x.shape[-1] != in_features or not weight.is_contiguous():
         raise ValueError(f"linear_bf16: x [..., {x.shape[-1]}] does not fit a contiguous weight "
                          f"[{out_features}, {in_features}]")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"linear_bf16: bias of shape {tuple(bias.shape)} does not fit {out_features} outputs")
     rows = x.reshape(-1, in_features).contiguous()  # [M, in]
     out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)  # [M, out]
     bias_ptr = 0
     if bias is not None:
-        bias = bias.to(torch.bfloat16).contiguous()
+        bias = bias.contiguous()  # held until the call returns
         bias_ptr = bias.data_ptr()
     lib.specdec_linear_bf16(rows.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(),
                             rows.shape[0], out_features, in_features)

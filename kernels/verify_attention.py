@@ -53,8 +53,10 @@ def verify_attention_reference(q, k_pool, v_pool, block_table, context_lens, que
     """The CPU path and the oracle: gather keys through the block table, then SDPA with the causal mask.
     causal_offset exists only for the test that a wrong mask is caught (query t sees keys <= L + t + offset)."""
     batch, T, _, head_dim = q.shape
-    if mask is None or row_ok is None:
+    if mask is None:
         span, mask, row_ok = attention_span_and_mask(context_lens, query_lens, T, span, causal_offset)
+    elif row_ok is None:  # a caller's own mask stays; only the padding rows are derived
+        row_ok = (torch.arange(T, device=q.device) < query_lens[:, None])[..., None, None]
     if block_table is None:  # contiguous: a view, no gather (the native model's cache on the CPU)
         keys, values = k_pool[:batch, :span], v_pool[:batch, :span]  # [batch, S, kv_heads, head_dim]
     else:

@@ -58,7 +58,7 @@ class Linear(nn.Linear):
         w = self.weight
         if w.dtype != torch.bfloat16 or w.device.type != "cpu" or torch.is_grad_enabled():
             return super().forward(x)
-        if x.numel() <= cpu_linear.MAX_ROWS * x.shape[-1] and cpu_linear.available():
+        if x.numel() <= cpu_linear.MAX_ROWS * x.shape[-1] and w.is_contiguous() and cpu_linear.available():
             return cpu_linear.linear_bf16(x, w, self.bias)
         if not _onednn_bf16():
             return super().forward(x)

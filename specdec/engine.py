@@ -132,13 +132,14 @@ def _row_verifier(seqs: list[_Sequence]):
     sampled = [i for i, s in enumerate(seqs) if not s.sampling.greedy]
 
     def run(drafts, draft_probs, logits, num_drafts, sampling, generator):
+        # every row through the argmax rule in one call (cheap); the sampled rows' results are overwritten
         emitted, num_accepted = greedy_accept(drafts, logits, num_drafts)  # [batch, k + 1], [batch]
         if not sampled:
             return emitted, num_accepted
         k, vocab = drafts.shape[1], logits.shape[-1]
-        rows = torch.tensor(sampled, device=drafts.device)
+        rows = torch.tensor(sampled, device=drafts.device)  # [sampled] their rows in the batch
         target_probs = torch.empty(len(sampled), k + 1, vocab, device=logits.device, dtype=logits.dtype)
-        groups: dict[SamplingConfig, list[int]] = {}
+        groups: dict[SamplingConfig, list[int]] = {}  # setting -> indices into `sampled`
         for j, i in enumerate(sampled):
             groups.setdefault(seqs[i].sampling, []).append(j)
         for config, members in groups.items():

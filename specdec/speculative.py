@@ -121,10 +121,13 @@ class DraftLength:
     costs ~3.5 plain steps, a k = 1 probe ~1.5, and both say as much about alpha); one plain step (the
     unit); then the argmax, k = 0 included. After `reprobe` plain steps in a row one step with k = 1, since
     a plain step measures nothing and the text may change; each reprobe that leads back to plain doubles
-    the wait (16, 32, 64, ...), so a draft that does not pay costs less and less of a long generation.
+    the wait (16, 32, 64, ... up to MAX_REPROBE), so a draft that does not pay costs less and less of a long
+    generation while a text that turns repetitive is still noticed within 256 steps.
+    batch_size: the rows it decides for (the engine passes its batch-size class, a power of two).
     """
 
     REPROBE = 16
+    MAX_REPROBE = 256
     PROBE = 4
 
     def __init__(self, num_draft_tokens, batch_size: int = 1):
@@ -156,7 +159,7 @@ class DraftLength:
 
         k = max(range(self.k + 1), key=lambda k: expected_tokens(alpha, k) / (k * draft + verify_cost(k)))
         if self.reprobing:  # the reprobe's verdict: back to plain waits twice as long next time
-            self.reprobe = self.reprobe * 2 if k == 0 else self.REPROBE
+            self.reprobe = min(self.reprobe * 2, self.MAX_REPROBE) if k == 0 else self.REPROBE
             self.reprobing = False
         self.plain_steps = self.plain_steps + 1 if k == 0 else 0
         if self.plain_steps > self.reprobe:

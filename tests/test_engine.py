@@ -1,7 +1,6 @@
 """The engine: continuous batching over a paged pool emits exactly what single-request generate() emits."""
 
 import functools
-
 from dataclasses import replace
 
 import pytest
@@ -264,3 +263,38 @@ def test_sampled_first_token_has_the_target_distribution_with_a_sampling_draft()
     tokens, _ = run(engine, requests)
     assert engine.stats.proposed > 0 and 0 < engine.stats.acceptance_rate < 1
     assert tv(torch.tensor([t[0] for t in tokens.values()])) < bound
+
+
+def test_row_verifier_is_bit_identical_to_verifying_each_row_alone():
+    """One acceptance call for a mixed batch == ``verify`` row by row on each row's own drafts: greedy and
+    sampled rows, shared and distinct settings, draft distributions given, a row with no drafts."""
+    from types import SimpleNamespace
+
+    from specdec.engine import _row_verifier
+    from specdec.sampling import SamplingConfig, verify
+
+    g = torch.Generator().manual_seed(0)
+    batch, k, vocab = 5, 3, 11
+    logits = torch.randn(batch, k + 1, vocab, generator=g)
+    draft_probs = torch.softmax(torch.randn(batch, k, vocab, generator=g), dim=-1)
+    drafts = torch.multinomial(draft_probs.reshape(-1, vocab), 1, generator=g).reshape(batch, k)
+    num_drafts = torch.tensor([3, 0, 2, 3, 1])
+    warm = SamplingConfig(True, 0.8, 0, 0.9)
+    configs = [warm, warm, SamplingConfig(), SamplingConfig(True, 1.3, 4, 1.0), warm]
+
+    def seqs(repeat):
+        return [SimpleNamespace(sampling=c, generator=torch.Generator().manual_seed(1000 * repeat + i))
+                for i, c in enumerate(configs)]
+
+    outcomes = set()
+    for repeat in range(20):  # many draws: acceptances and rejections both occur
+        emitted, accepted = _row_verifier(seqs(repeat))(drafts, draft_probs, logits, num_drafts, None, None)
+        outcomes.update(accepted.tolist())
+        for i, s in enumerate(seqs(repeat)):  # the same seeds, one row at a time
+            n = int(num_drafts[i])
+            e, a = verify(drafts[i:i + 1, :n], draft_probs[i:i + 1, :n], logits[i:i + 1, :n + 1],
+                          num_drafts[i:i + 1], s.sampling, s.generator)
+            assert int(accepted[i]) == int(a[0]) and emitted[i, :n + 1].tolist() == e[0].tolist()
+            assert (emitted[i, n + 1:] == -1).all()
+        drafts = torch.roll(drafts, 1, dims=1)  # another batch for the next repeat
+    assert {0, 1} <= outcomes  # rejections at the first draft and acceptances both happened

@@ -86,3 +86,26 @@ def test_native_bfloat16_model_uses_it_and_stays_near_float32(monkeypatch):
     assert got.dtype == torch.float32
     # bfloat16 weights and activations: 8 significant bits through 2 layers
     assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_bias_of_the_wrong_shape_is_refused():
+    x, w, _ = _case(2, 8, 16, False, 3)
+    with pytest.raises(ValueError, match="bias"):
+        cpu_linear.linear_bf16(x, w, torch.zeros(3, dtype=torch.bfloat16))  # would read past its end
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
+    from specdec.models.llama import Linear
+
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))  # an empty cache: the kernel must be built
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    cpu_linear._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="could not be built"):
+            assert not cpu_linear.available()
+        layer = Linear(16, 8).to(torch.bfloat16)
+        with torch.no_grad():  # bfloat16 inference keeps working, through oneDNN or torch's default path
+            out = layer(torch.randn(1, 16, dtype=torch.bfloat16))
+        assert out.shape == (1, 8)
+    finally:
+        cpu_linear._library.cache_clear()  # the next test builds (or finds) the real kernel again

@@ -71,14 +71,15 @@ def test_native_architectures_listed():
     assert {tiny_model(a).config.model_type for a in ARCHS} == {"llama", "mistral", "qwen2"}
 
 
-@pytest.mark.parametrize("rows", [10, 65])
-def test_bfloat16_linear_matches_plain_and_follows_weight_changes(rows):
+@pytest.mark.parametrize("past_kernel", [False, True])
+def test_bfloat16_linear_matches_plain_and_follows_weight_changes(past_kernel):
     """Both bfloat16 CPU paths: the kernel for decode-sized inputs, prepacked oneDNN past MAX_ROWS rows."""
     import torch.nn.functional as F
 
     from specdec.kernels import cpu_linear
     from specdec.models.llama import Linear, _onednn_bf16
 
+    rows = cpu_linear.MAX_ROWS + past_kernel
     layer = Linear(96, 33, bias=True).to(torch.bfloat16)
     x = torch.randn(1, rows, 96, dtype=torch.bfloat16)
     with torch.no_grad():

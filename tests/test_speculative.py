@@ -179,6 +179,18 @@ def test_auto_k_reprobes_less_often_while_the_draft_does_not_pay():
     assert length.next(stats) > 0 and length.reprobe == DraftLength.REPROBE
 
 
+def test_auto_k_reprobe_wait_is_capped():
+    from specdec.speculative import DraftLength
+    from specdec.stats import SpecStats
+
+    stats, length = SpecStats(accepted=0, proposed=40), DraftLength("auto")
+    stats.record_pass(0, target_seconds=1.0, draft_seconds=0.0)
+    stats.record_pass(1, target_seconds=1.1, draft_seconds=0.1)
+    at = [i for i in range(3000) if length.next(stats)]
+    gaps = [b - a for a, b in zip(at, at[1:])]
+    assert gaps[:4] == [33, 65, 129, 257] and set(gaps[4:]) == {DraftLength.MAX_REPROBE + 1}
+
+
 def test_eos_as_first_draft_token_truncates():
     target = tiny_model("llama")
     ids = torch.tensor([[3, 4, 5]])
