@@ -20,6 +20,7 @@ import asyncio
 import json
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
         parser.error("the draft-* modes need --draft")
 
     import specdec
-    from specdec.server import InProcessServer, ServerConfig, create_app
+    from specdec.server import EngineLoop, InProcessServer, Metrics, ServerConfig, create_app
 
     from specdec.bench.common import machine
 
@@ -159,26 +160,25 @@ def main(argv=None) -> int:
         draft = draft_model if draft == "model" else draft
         engine = specdec.Engine(target, draft, num_draft_tokens=k, max_num_seqs=args.max_num_seqs,
                                 kv_blocks=args.kv_blocks, block_size=16)
-        app = create_app(engine, tokenizer, ServerConfig(model_name=args.model, max_queued=64))
+        worker = EngineLoop(engine, Metrics())
+        app = create_app(engine, tokenizer, ServerConfig(model_name=args.model, max_queued=64), worker=worker)
         with InProcessServer(app) as server:
-            asyncio.run(level(server.url, args.model, 1, 1, 60, 8, pool))  # warm-up: first-call costs
-            for c in args.concurrency:
-                before = engine.stats
-                results, wall = asyncio.run(level(server.url, args.model, c, max(args.min_requests, c),
-                                                  args.level_seconds, args.max_tokens, pool))
-                row = {"mode": mode, "concurrency": c, **summary(results, wall, before, engine.stats)}
-                report["levels"].append(row)
-                texts[(mode, c)] = {r["prompt"]: r["text"] for r in results}
-                print(f"{mode:>10} c={c:<3} {row['tokens_per_second']:7.1f} tok/s  ttft p50 {fmt(row['ttft_p50'])} s  "
-                      f"itl p50 {fmt(row['itl_p50'], '.3f')} s  mean k {row['mean_k']:.2f}  "
-                      f"tok/fwd {fmt(row['tokens_per_target_forward'])}  ({row['requests']} requests, "
-                      f"{wall:.1f} s)", file=sys.stderr, flush=True)
-                deadline = time.time() + 5  # every request has ended: within a step its blocks are back
-                while engine.pool.num_used and time.time() < deadline:
-                    time.sleep(0.05)
-                row["kv_blocks_used_after"] = engine.pool.num_used
-                if args.json:  # after every level: a run stopped by its time limit keeps what it measured
-                    Path(args.json).write_text(json.dumps(report, indent=2))
+            failed = []
+
+            def clients(engine=engine, mode=mode, url=server.url):
+                try:
+                    run_levels(args, engine, mode, url, pool, report, texts)
+                except BaseException as err:  # noqa: BLE001 - re-raised on the main thread below
+                    failed.append(err)
+                finally:
+                    worker.stop()
+
+            thread = threading.Thread(target=clients, name="load-clients")
+            thread.start()
+            worker.run()  # the engine on the main thread, the one that loaded the model (see EngineLoop)
+            thread.join()
+            if failed:
+                raise failed[0]
 
     # greedy outputs of speculative modes against plain at the same concurrency (float32 batching may flip
     # near-ties; the float64 tests hold exact identity)
@@ -192,6 +192,28 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
+
+
+def run_levels(args, engine, mode: str, url: str, pool: list[str], report: dict, texts: dict) -> None:
+    """The warm-up and every concurrency level of one mode against the server at ``url``."""
+    asyncio.run(level(url, args.model, 1, 1, 60, 8, pool))  # warm-up: first-call costs
+    for c in args.concurrency:
+        before = engine.stats
+        results, wall = asyncio.run(level(url, args.model, c, max(args.min_requests, c), args.level_seconds,
+                                          args.max_tokens, pool))
+        row = {"mode": mode, "concurrency": c, **summary(results, wall, before, engine.stats)}
+        report["levels"].append(row)
+        texts[(mode, c)] = {r["prompt"]: r["text"] for r in results}
+        print(f"{mode:>10} c={c:<3} {row['tokens_per_second']:7.1f} tok/s  ttft p50 {fmt(row['ttft_p50'])} s  "
+              f"itl p50 {fmt(row['itl_p50'], '.3f')} s  mean k {row['mean_k']:.2f}  "
+              f"tok/fwd {fmt(row['tokens_per_target_forward'])}  ({row['requests']} requests, "
+              f"{wall:.1f} s)", file=sys.stderr, flush=True)
+        deadline = time.time() + 5  # every request has ended: within a step its blocks are back
+        while engine.pool.num_used and time.time() < deadline:
+            time.sleep(0.05)
+        row["kv_blocks_used_after"] = engine.pool.num_used
+        if args.json:  # after every level: a run stopped by its time limit keeps what it measured
+            Path(args.json).write_text(json.dumps(report, indent=2))
 
 
 def table(report: dict) -> str:
