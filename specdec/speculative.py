@@ -33,7 +33,8 @@ def speculative_step(target, cache, proposer, state: DecodeState, num_drafts, ve
     returns emitted [batch, k + 1], num_accepted [batch] (row b emits num_accepted[b] + 1 tokens) and
             num_drafts [batch] as offered (a proposer may offer fewer)
     """
-    k = int(num_drafts.max())
+    k, requested = torch.stack((num_drafts.max(), num_drafts.sum())).tolist()  # one host sync
+    state.stats.requested += requested
     tick = time.perf_counter()
     if k > 0:
         drafts, draft_probs = proposer.propose(state, k)  # [batch, k], [batch, k, vocab] or None
@@ -110,9 +111,10 @@ def _commit(state: DecodeState, emitted, num_accepted, num_drafts):
 class DraftLength:
     """Picks k each step: fixed, or "auto" — the k in 0..8 with the most expected tokens per second,
 
-        E(alpha, k) / (k * c + v(k)),   E = (1 - alpha^(k+1)) / (1 - alpha)
+        (1 + f (E(alpha, k) - 1)) / (k * c + v(k)),   E = (1 - alpha^(k+1)) / (1 - alpha)
 
-    with alpha this call's acceptance rate, c a draft step and v(k) a verification pass of k + 1 tokens, both
+    with alpha this call's acceptance rate, f the share of asked-for drafts the proposer offered (n-gram
+    lookup finds no match for some rows), c a draft step and v(k) a verification pass of k + 1 tokens, both
     in units of a plain target step and both measured in this call. v(k) is Leviathan et al.'s "1" made
     honest: on a CPU a 9-row pass costs 1.4-1.9 plain steps (bench/RESULTS.md), and a draft that pays at
     v = 1 can lose at the real v. Unmeasured k take v linear in k through the nearest measured one.
@@ -148,6 +150,9 @@ class DraftLength:
             return 0
         # Jeffreys prior (half a pseudo-draft each way): two rejections already say "alpha is small".
         alpha = (stats.accepted + 0.5) / (stats.proposed + 1)
+        # the share of asked-for drafts the proposer had to offer: 1 for a draft model, the match rate for
+        # n-gram lookup (a row without a match gains nothing, yet the pass still grows with the rows that do)
+        fill = min(1.0, (stats.proposed + 1) / (stats.requested + 1)) if stats.requested else 1.0
         draft = stats.draft_seconds / stats.timed_draft_passes / plain
         measured = sorted(k for k in stats.passes_by_k if k > 0)
 
@@ -157,7 +162,8 @@ class DraftLength:
             near = min(measured, key=lambda m: abs(m - k))
             return 1.0 + (stats.pass_seconds(near) / plain - 1.0) * k / near
 
-        k = max(range(self.k + 1), key=lambda k: expected_tokens(alpha, k) / (k * draft + verify_cost(k)))
+        k = max(range(self.k + 1),
+                key=lambda k: (1 + fill * (expected_tokens(alpha, k) - 1)) / (k * draft + verify_cost(k)))
         if self.reprobing:  # the reprobe's verdict: back to plain waits twice as long next time
             self.reprobe = min(self.reprobe * 2, self.MAX_REPROBE) if k == 0 else self.REPROBE
             self.reprobing = False

@@ -19,7 +19,8 @@ def predicted_speedup(alpha: float, k: int, cost_ratio: float) -> float:
 
 @dataclass
 class SpecStats:
-    proposed: int = 0  # draft tokens offered to the target
+    requested: int = 0  # drafts asked of the proposer (k per active row, fewer near max_new_tokens)
+    proposed: int = 0  # draft tokens offered to the target (an n-gram lookup without a match offers none)
     accepted: int = 0  # draft tokens the target kept
     emitted: int = 0  # tokens appended to the output (accepted + recovered/bonus, cut at EOS and max_new_tokens)
     target_passes: int = 0  # target forwards; the first one also prefills the prompt

@@ -157,6 +157,19 @@ def test_auto_k_probes_then_measures_a_plain_step_first():
     assert length.next(stats) == 0
 
 
+@pytest.mark.parametrize("requested,speculates", [(1000, True), (5000, False)])
+def test_auto_k_discounts_rows_the_proposer_has_nothing_for(requested, speculates):
+    from specdec.speculative import DraftLength
+    from specdec.stats import SpecStats
+
+    # alpha 0.6, free drafts, each draft adds 15% to the pass: pays when every row gets drafts (1.39 at k = 1),
+    # not when only a fifth of the asked-for drafts exist (n-gram misses): (1 + 0.2 * 0.6) / 1.15 = 0.97
+    stats = SpecStats(accepted=600, proposed=1000, requested=requested)
+    stats.record_pass(0, target_seconds=1.0, draft_seconds=0.0)
+    stats.record_pass(4, target_seconds=1.6, draft_seconds=0.0)
+    assert (DraftLength("auto").next(stats) > 0) == speculates
+
+
 def test_auto_k_probe_size_follows_the_batch():
     from specdec.speculative import DraftLength
     from specdec.stats import SpecStats
