@@ -148,8 +148,11 @@ class DraftLength:
         plain = stats.pass_seconds(0)
         if plain is None:
             return 0
-        # Jeffreys prior (half a pseudo-draft each way): two rejections already say "alpha is small".
-        alpha = (stats.accepted + 0.5) / (stats.proposed + 1)
+        # alpha is E's per-token rate: accepted drafts over drafts *reached* (all predecessors accepted).
+        # accepted / proposed would count the drafts after a rejection as failures too and underrate alpha
+        # the more, the longer the probes (a = 0.26 probed at k = 4 reads as 0.09). Jeffreys prior (half a
+        # pseudo-draft each way): two rejections already say "alpha is small".
+        alpha = (stats.accepted + 0.5) / (sum(stats.reached_at) + 1)
         # the share of asked-for drafts the proposer had to offer: 1 for a draft model, the match rate for
         # n-gram lookup (a row without a match gains nothing, yet the pass still grows with the rows that do)
         fill = min(1.0, (stats.proposed + 1) / (stats.requested + 1)) if stats.requested else 1.0

@@ -136,7 +136,7 @@ def test_auto_k_controller_maximises_measured_speedup(accepted, proposed, c, gro
     from specdec.speculative import DraftLength
     from specdec.stats import SpecStats
 
-    stats = SpecStats(accepted=accepted, proposed=proposed)
+    stats = SpecStats(accepted=accepted, proposed=proposed, reached_at=[proposed], accepted_at=[accepted])
     stats.record_pass(0, target_seconds=1.0, draft_seconds=0.0)  # a plain step: the unit
     stats.record_pass(4, target_seconds=1.0 + 4 * growth, draft_seconds=4 * c)  # a measured step with k = 4
     assert DraftLength("auto").next(stats) == want
@@ -152,9 +152,22 @@ def test_auto_k_probes_then_measures_a_plain_step_first():
     stats.record_pass(4, target_seconds=1.2, draft_seconds=0.2)
     assert length.next(stats) == 0  # no plain step timed: take one, it is the unit of every cost
     stats.record_pass(0, target_seconds=1.0, draft_seconds=0.0)
-    stats.accepted, stats.proposed = 0, 8
+    stats.accepted, stats.proposed, stats.reached_at = 0, 8, [8]
     # eight rejections: alpha = 0.5 / 9, E(k=1) = 1.06 against a cost of 0.05 (draft) + 1.05 (verification)
     assert length.next(stats) == 0
+
+
+def test_auto_k_reads_alpha_per_reached_draft():
+    from specdec.speculative import DraftLength
+    from specdec.stats import SpecStats
+
+    # probes at k = 4 of a draft accepted at a = 0.26 per token: 35 of 400 proposed drafts accepted, but
+    # only 135 were reached (the rest followed a rejection). alpha = 0.26 makes k = 1 pay here (1.26 tokens
+    # for 0.1 + 1.03 plain steps: 1.12); accepted / proposed = 0.09 would have said plain (0.96)
+    stats = SpecStats(accepted=35, proposed=400, reached_at=[100, 26, 7, 2], accepted_at=[26, 7, 2, 0])
+    stats.record_pass(0, target_seconds=1.0, draft_seconds=0.0)
+    stats.record_pass(4, target_seconds=1.12, draft_seconds=0.4)
+    assert DraftLength("auto").next(stats) == 1
 
 
 @pytest.mark.parametrize("requested,speculates", [(1000, True), (5000, False)])
@@ -164,7 +177,7 @@ def test_auto_k_discounts_rows_the_proposer_has_nothing_for(requested, speculate
 
     # alpha 0.6, free drafts, each draft adds 15% to the pass: pays when every row gets drafts (1.39 at k = 1),
     # not when only a fifth of the asked-for drafts exist (n-gram misses): (1 + 0.2 * 0.6) / 1.15 = 0.97
-    stats = SpecStats(accepted=600, proposed=1000, requested=requested)
+    stats = SpecStats(accepted=600, proposed=1000, requested=requested, reached_at=[1000], accepted_at=[600])
     stats.record_pass(0, target_seconds=1.0, draft_seconds=0.0)
     stats.record_pass(4, target_seconds=1.6, draft_seconds=0.0)
     assert (DraftLength("auto").next(stats) > 0) == speculates
@@ -182,7 +195,7 @@ def test_auto_k_reprobes_less_often_while_the_draft_does_not_pay():
     from specdec.speculative import DraftLength
     from specdec.stats import SpecStats
 
-    stats, length = SpecStats(accepted=0, proposed=40), DraftLength("auto")
+    stats, length = SpecStats(accepted=0, proposed=40, reached_at=[40], accepted_at=[0]), DraftLength("auto")
     stats.record_pass(0, target_seconds=1.0, draft_seconds=0.0)
     stats.record_pass(1, target_seconds=1.1, draft_seconds=0.1)  # alpha ~ 0: plain steps pay best
     ks = [length.next(stats) for _ in range(16 + 1 + 32 + 1 + 64 + 1)]
@@ -196,7 +209,7 @@ def test_auto_k_reprobe_wait_is_capped():
     from specdec.speculative import DraftLength
     from specdec.stats import SpecStats
 
-    stats, length = SpecStats(accepted=0, proposed=40), DraftLength("auto")
+    stats, length = SpecStats(accepted=0, proposed=40, reached_at=[40], accepted_at=[0]), DraftLength("auto")
     stats.record_pass(0, target_seconds=1.0, draft_seconds=0.0)
     stats.record_pass(1, target_seconds=1.1, draft_seconds=0.1)
     at = [i for i in range(3000) if length.next(stats)]
