@@ -96,7 +96,8 @@ def main(argv=None) -> int:
     gen.add_argument("prompt", nargs="?", help=f"the prompt (default: {DEFAULT_PROMPT!r})")
     gen.add_argument("--model", default=DEFAULT_MODEL, help="registered name, checkpoint folder or .gguf file")
     gen.add_argument("--draft", default=None, help="draft model: registered name, folder or .gguf file")
-    gen.add_argument("-k", "--num-draft-tokens", default="4", help="drafts per step, or 'auto'")
+    gen.add_argument("-k", "--num-draft-tokens", default="auto",
+                     help="drafts per step, or 'auto' (default: k picked each step from measured acceptance and cost)")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
