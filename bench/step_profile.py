@@ -20,20 +20,24 @@ import specdec
 from specdec.models.llama import Linear
 
 
-def _steps(model, context: int, steps: int, between=None) -> list[float]:
-    """Seconds of each one-token step at ``context`` cached tokens (rolled back after each)."""
+WARMUP = 3  # steps run before the timed ones
+
+
+def _steps(model, context: int, steps: int, before_each=None) -> list[float]:
+    """Seconds of each one-token step at ``context`` cached tokens (rolled back after each), warm-up
+    steps excluded; ``before_each()`` runs before every step, warm-up included."""
     cache = model.new_cache(1, context + 2)
     model(torch.arange(1, context + 1)[None] % model.vocab_size, torch.arange(context)[None], cache)
     times = []
-    for _ in range(steps + 3):
+    for _ in range(steps + WARMUP):
+        if before_each is not None:
+            before_each()
         positions = cache.lengths[:, None].clone()
         start = time.perf_counter()
         model(torch.tensor([[7]]), positions, cache)
         times.append(time.perf_counter() - start)
         cache.rollback(context)
-        if between is not None:
-            between()
-    return times[3:]
+    return times[WARMUP:]
 
 
 @contextmanager
@@ -47,7 +51,7 @@ def _patched_linear(forward):
 
 
 def profile(model, context: int, steps: int) -> dict:
-    inside = []
+    inside = [0.0]  # seconds in the linear layers: the prefill's, then one sum per step
 
     def timed(self, x, _forward=Linear.forward):
         start = time.perf_counter()
@@ -56,9 +60,8 @@ def profile(model, context: int, steps: int) -> dict:
         return out
 
     whole = _steps(model, context, steps)
-    inside.append(0.0)
     with _patched_linear(timed):
-        _steps(model, context, steps, between=lambda: inside.append(0.0))
+        _steps(model, context, steps, before_each=lambda: inside.append(0.0))
     outputs = {}
 
     def stub(self, x):  # a preallocated output of the right shape: the step minus its matmuls
@@ -69,7 +72,7 @@ def profile(model, context: int, steps: int) -> dict:
 
     with _patched_linear(stub):
         glue = _steps(model, context, steps)
-    return {"step_ms": 1e3 * statistics.median(whole), "linear_ms_inside_step": 1e3 * statistics.median(inside[:-1]),
+    return {"step_ms": 1e3 * statistics.median(whole), "linear_ms_inside_step": 1e3 * statistics.median(inside[1 + WARMUP:]),
             "glue_ms_linears_stubbed": 1e3 * statistics.median(glue)}
 
 

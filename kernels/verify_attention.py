@@ -43,9 +43,14 @@ def attention_span_and_mask(context_lens, query_lens, T: int, span=None, causal_
         span = int((context_lens + query_lens).max())
     j = torch.arange(span, device=context_lens.device)
     t = torch.arange(T, device=context_lens.device)
-    row_ok = (t[None, :] < query_lens[:, None])[..., None]  # [batch, T, 1]
+    row_ok = _real_queries(query_lens, T)[..., 0]  # [batch, T, 1]
     visible = j <= (context_lens[:, None] + t + causal_offset)[..., None]  # [batch, T, span]
     return span, ((visible & row_ok) | (~row_ok & (j == 0)))[:, None], row_ok[..., None]
+
+
+def _real_queries(query_lens, T: int):
+    """query_lens [batch] -> [batch, T, 1, 1] bool: query t of row b is real (t < query_lens[b])."""
+    return (torch.arange(T, device=query_lens.device) < query_lens[:, None])[..., None, None]
 
 
 def verify_attention_reference(q, k_pool, v_pool, block_table, context_lens, query_lens, scale=None,
@@ -56,7 +61,7 @@ def verify_attention_reference(q, k_pool, v_pool, block_table, context_lens, que
     if mask is None:
         span, mask, row_ok = attention_span_and_mask(context_lens, query_lens, T, span, causal_offset)
     elif row_ok is None:  # a caller's own mask stays; only the padding rows are derived
-        row_ok = (torch.arange(T, device=q.device) < query_lens[:, None])[..., None, None]
+        row_ok = _real_queries(query_lens, T)
     if block_table is None:  # contiguous: a view, no gather (the native model's cache on the CPU)
         keys, values = k_pool[:batch, :span], v_pool[:batch, :span]  # [batch, S, kv_heads, head_dim]
     else:

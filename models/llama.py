@@ -263,11 +263,10 @@ class LlamaModel(nn.Module):
         x = self.model.embed_tokens(input_ids)  # [batch, T, hidden]
         span = cache.check_room(positions)  # keys attended: slots 0..span-1 (the forward's one host sync)
         angles = positions.clamp(min=0).float()[..., None] * self.inv_freq  # [batch, T, head_dim / 2]
-        angles = torch.cat((angles, angles), dim=-1)[:, :, None]  # [batch, T, 1, head_dim]
         cos = (angles.cos() * self.rope_scaling).to(x.dtype)
         sin = (angles.sin() * self.rope_scaling).to(x.dtype)
-        half = sin.shape[-1] // 2
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # the sign of rotate_half, see _rotate
+        cos = torch.cat((cos, cos), dim=-1)[:, :, None]  # [batch, T, 1, head_dim]
+        sin = torch.cat((-sin, sin), dim=-1)[:, :, None]  # the sign of rotate_half lives here, see _rotate
         # The cache is compact (slot == position): the query at position p sees slots 0..p, and stale entries
         # past a row's length — rolled-back drafts, other rows' tails — are never seen.
         context_lens = positions[:, 0].clamp(min=0)  # [batch] each row's new tokens follow its cache

@@ -405,22 +405,21 @@ class _BodyLimit:
 def create_app(engine: Engine, tokenizer, config: ServerConfig, worker: EngineLoop | None = None) -> FastAPI:
     """The FastAPI app. Without ``worker`` an engine thread starts and stops with the app's lifespan; with
     one, its owner drives it (``worker.run()``, e.g. on the main thread, see EngineLoop) and stops it."""
-    metrics = worker.metrics if worker is not None else Metrics()
-    loop_holder: dict[str, EngineLoop] = {}
+    own = worker is None
+    engine_loop = EngineLoop(engine, Metrics()) if own else worker
+    metrics = engine_loop.metrics
     inflight = {"n": 0, "closing": False}
 
     @asynccontextmanager
     async def lifespan(app):
-        own = worker is None
-        loop_holder["loop"] = EngineLoop(engine, metrics) if own else worker
         if own:
-            loop_holder["loop"].start()
+            engine_loop.start()
         try:
             yield
         finally:
             inflight["closing"] = True
             if own:
-                loop_holder["loop"].stop()
+                engine_loop.stop()
 
     app = FastAPI(title="specdec", lifespan=lifespan)
     app.state.metrics, app.state.engine = metrics, engine
@@ -474,8 +473,7 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig, worker: EngineLo
                 pass
 
         inflight["n"] += 1
-        worker = loop_holder["loop"]
-        request_id = worker.submit(prompt_ids, params, sink)
+        request_id = engine_loop.submit(prompt_ids, params, sink)
         kind = "chat.completion" if chat else "text_completion"
         created = int(time.time())
         name = ("chatcmpl-" if chat else "cmpl-") + request_id
@@ -493,7 +491,7 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig, worker: EngineLo
             progress["released"] = True
             inflight["n"] -= 1
             if not progress["finished"]:
-                worker.abort(request_id)
+                engine_loop.abort(request_id)
 
         async def events():
             """(text delta, finish_reason or None) until the request finishes."""
@@ -509,7 +507,7 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig, worker: EngineLo
                     delta = text.push(out.new_token_ids)
                     if text.stopped:  # a stop string: the engine may still be generating; drop it now
                         if not out.finished:
-                            worker.abort(request_id)
+                            engine_loop.abort(request_id)
                         progress["finished"] = True
                         yield delta, "stop"
                         return
