@@ -1,7 +1,8 @@
-"""bfloat16 linear for decode and verification on AVX512-BF16 CPUs (``cpu_linear.c``), and its reference.
+"""Linear layers for the CPU path (``cpu_linear.c``): float32 and bfloat16 weights packed once, then
+streamed at memory speed for decode and verification; and the reference they are tested against.
 
 The C file is compiled once per machine with the system C compiler (``cc``, or ``$CC``) into the user cache
-(``~/.cache/specdec/kernels``); where that is impossible — no compiler, no AVX512-BF16, not x86 — or
+(``~/.cache/specdec/kernels``); where that is impossible — no compiler, no AVX-512, not x86 — or
 ``SPECDEC_REFERENCE_KERNELS=1`` is set, ``available()`` is False and callers keep torch's path.
 """
 
@@ -15,6 +16,7 @@ import platform
 import subprocess
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,15 +25,6 @@ from specdec.kernels.dispatch import _flag
 
 SOURCE = Path(__file__).with_name("cpu_linear.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-#: up to this many rows the kernel is at least as fast as oneDNN's prepacked path; past it oneDNN's blocked
-#: GEMM wins, because from ~8 rows the pass stops being memory-bound on a 2-core CPU without AMX. All of
-#: SmolLM2-135M's linear layers, medians of 5, same run (kernel vs oneDNN): 1 row 15.4 vs 21.0 ms,
-#: 2 rows 16.9 vs 22.3, 4 rows 21.4 vs 23.3, 8 rows 31.6 vs 31.4, 16 rows 50.0 vs 44.1.
-#: So verification of up to k = 7 drafts at batch 1 runs through the same kernel as a plain step.
-#: (2-core Intel Xeon VM with AVX512-BF16 and no AMX exposed, torch 2.13.0+cpu, 2 threads.)
-MAX_ROWS = 8
-
-
 def _cache_dir() -> Path:
     from specdec.models.loading import cache_dir
 
@@ -50,10 +43,10 @@ def _cpu_key() -> str:
 @functools.cache
 def _library():
     """The loaded kernel, or None where it cannot run. Decided once per process: SPECDEC_REFERENCE_KERNELS
-    is read at the first bfloat16 decode step, not at every call."""
+    is read at the first CPU forward, not at every call."""
     if platform.machine() not in ("x86_64", "AMD64") or _flag("SPECDEC_REFERENCE_KERNELS"):
         return None
-    if "avx512_bf16" not in _cpu_key().split():  # nothing to build for (and no warning to give)
+    if not {"avx512f", "avx512bw"} <= set(_cpu_key().split()):  # nothing to build for (and no warning to give)
         return None
     compiler = os.environ.get("CC", "cc")
     try:
@@ -62,13 +55,13 @@ def _library():
         detail = getattr(error, "stderr", None) or error
         if isinstance(detail, bytes):
             detail = detail.decode(errors="replace")
-        warnings.warn(f"specdec: the bfloat16 CPU kernel could not be built or loaded ({compiler}: {detail}); "
-                      "using torch's bfloat16 path", stacklevel=4)
+        warnings.warn(f"specdec: the CPU linear kernel could not be built or loaded ({compiler}: {detail}); "
+                      "using torch's path", stacklevel=4)
         return None
     if not lib.specdec_cpu_supported():
         return None
-    lib.specdec_linear_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
-    lib.specdec_linear_bf16.restype = None
+    lib.specdec_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+    lib.specdec_linear.restype = ctypes.c_int
     return lib
 
 
@@ -92,43 +85,77 @@ def available() -> bool:
     return _library() is not None
 
 
-def linear_bf16(x, weight, bias=None):
-    """x [..., in] bfloat16, weight [out, in] bfloat16 (contiguous), bias [out] or None -> [..., out] bfloat16.
 
-    Each output row depends only on its input row (accumulation order fixed per element): the same token
-    gives the same bits in a 1-row decode step and in a (k + 1)-row verification pass.
+TILE = 32  # output columns per tile of the packed layout (cpu_linear.c)
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A weight [out, in] in the kernel's layout: tiles of 32 output columns; in each, for every pair of input
+    features, the 32 columns' two values (bfloat16: [tiles, in/2, 32, 2]; float32: [tiles, in/2, 2, 32]).
+    Padded with zeros to whole tiles and an even ``in``. A second copy of the weight in memory."""
+
+    data: torch.Tensor
+    out_features: int
+    in_features: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+
+def pack(weight: torch.Tensor) -> PackedWeight:
+    """weight [out, in], float32 or bfloat16 on the CPU -> the kernel's layout (one pass, at load time)."""
+    if weight.dim() != 2 or weight.dtype not in DTYPES or weight.device.type != "cpu":
+        raise ValueError(f"pack takes a 2-d float32 or bfloat16 CPU weight, got {tuple(weight.shape)} "
+                         f"{weight.dtype} on {weight.device}")
+    n, k = weight.shape
+    tiles, pairs = -(-n // TILE), -(-k // 2)
+    w = torch.nn.functional.pad(weight.detach(), (0, 2 * pairs - k, 0, tiles * TILE - n))  # [tiles*32, 2*pairs]
+    w = w.view(tiles, TILE, pairs, 2)
+    # bfloat16: each 32-bit lane holds w[n, 2p] (low half) and w[n, 2p+1], the operand order of one FMA pair
+    order = (0, 2, 1, 3) if weight.dtype == torch.bfloat16 else (0, 2, 3, 1)
+    return PackedWeight(w.permute(order).contiguous(), n, k)
+
+
+def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] of the weight's dtype, bias [out] or None -> [..., out], through the packed weight.
+
+    Each output row depends only on its input row (one fixed FMA chain per element): the same token gives
+    the same bits in a 1-row decode step, a (k + 1)-row verification pass and a batch of requests.
     """
     lib = _library()
     if lib is None:
-        raise RuntimeError("the bfloat16 CPU kernel is not available here; check kernels.cpu_linear.available()")
+        raise RuntimeError("the CPU linear kernel is not available here; check kernels.cpu_linear.available()")
     # called once per linear layer per decode step (121 times for SmolLM2): plain attribute checks and no
-    # reshapes keep the Python side at ~8 us of the call, where a generator and two views took ~12
-    bf16 = torch.bfloat16
-    if (x.dtype != bf16 or weight.dtype != bf16 or x.device.type != "cpu" or weight.device.type != "cpu"
-            or (bias is not None and (bias.dtype != bf16 or bias.device.type != "cpu"))):
-        raise ValueError(f"linear_bf16 takes bfloat16 CPU tensors, got x {x.dtype} on {x.device}, "
-                         f"weight {weight.dtype} on {weight.device}"
+    # reshapes keep the Python side at ~8 us of the call
+    dtype = weight.data.dtype
+    if (x.dtype != dtype or x.device.type != "cpu"
+            or (bias is not None and (bias.dtype != dtype or bias.device.type != "cpu"))):
+        raise ValueError(f"linear takes CPU tensors of the weight's dtype {dtype}, got x {x.dtype} on {x.device}"
                          + ("" if bias is None else f", bias {bias.dtype} on {bias.device}"))
-    out_features, in_features = weight.shape
-    if x.shape[-1] != in_features or not weight.is_contiguous():
-        raise ValueError(f"linear_bf16: x [..., {x.shape[-1]}] does not fit a contiguous weight "
-                         f"[{out_features}, {in_features}]")
-    if bias is not None and bias.shape != (out_features,):
-        raise ValueError(f"linear_bf16: bias of shape {tuple(bias.shape)} does not fit {out_features} outputs")
+    if x.shape[-1] != weight.in_features:
+        raise ValueError(f"linear: x [..., {x.shape[-1]}] does not fit a weight [{weight.out_features}, "
+                         f"{weight.in_features}]")
+    if bias is not None and bias.shape != (weight.out_features,):
+        raise ValueError(f"linear: bias of shape {tuple(bias.shape)} does not fit {weight.out_features} outputs")
     x = x.contiguous()  # rows of in_features each; held until the call returns (as bias below)
-    out = torch.empty(*x.shape[:-1], out_features, dtype=bf16)  # [..., out]
+    out = torch.empty(*x.shape[:-1], weight.out_features, dtype=dtype)  # [..., out]
     bias_ptr = 0
     if bias is not None:
         bias = bias.contiguous()
         bias_ptr = bias.data_ptr()
-    lib.specdec_linear_bf16(x.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(),
-                            x.numel() // in_features, out_features, in_features)
+    if lib.specdec_linear(x.data_ptr(), weight.data.data_ptr(), bias_ptr, out.data_ptr(),
+                          x.numel() // weight.in_features, weight.out_features, weight.in_features,
+                          dtype == torch.bfloat16):
+        raise MemoryError(f"linear: no memory for a float32 copy of x {tuple(x.shape)}")
     return out
 
 
-def linear_bf16_reference(x, weight, bias=None):
-    """The oracle: float32 products and sums, one rounding to bfloat16 at the end."""
-    y = x.float() @ weight.float().t()
+def linear_reference(x, weight, bias=None):
+    """The oracle: float64 products and sums, one rounding to x's dtype at the end."""
+    y = x.double() @ weight.double().t()
     if bias is not None:
-        y = y + bias.float()
-    return y.to(torch.bfloat16)
+        y = y + bias.double()
+    return y.to(x.dtype)

@@ -41,31 +41,38 @@ def _onednn_bf16() -> bool:
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose bfloat16 inference on the CPU takes the fastest exact path for its row count.
-
-    Decode and short verification (up to ``cpu_linear.MAX_ROWS`` rows): specdec's AVX512-BF16 kernel, which
-    streams the weights at 15-20 GB/s where torch's default bfloat16 path moves ~8 GB/s and oneDNN's
-    prepacked one 8-18 GB/s (2-core AVX-512 VM, SmolLM2's shapes, weights out of cache).
-    More rows, or a CPU without the kernel: oneDNN with a prepacked weight, made on first use and remade
+    """nn.Linear whose inference on the CPU reads a packed copy of its weight, made on first use and remade
     whenever the weight changes (its version counter moves); a second copy of the weight in memory.
-    float32 keeps MKL's sgemm (oneDNN's packed float32 is slower at 1 row here).
+
+    float32 and bfloat16 on an AVX-512 CPU: specdec's kernel (``kernels/cpu_linear.c``), which streams the
+    weights at memory speed for decode and keeps a verification pass of up to 16 rows near the cost of one
+    row (SmolLM2-135M's 211 linear layers, 2-core AVX-512 VM: float32 25 ms at 1 row and 31 at 8, where MKL
+    takes 28 and 59; bfloat16 14 and 19, where oneDNN takes 26 and 40). bfloat16 elsewhere: oneDNN's
+    prepacked layout. Anything else (float64, training, other devices): nn.Linear.
     """
 
-    _packed = None  # oneDNN's blocked layout of weight [out, in]; opaque
+    _packed = None  # the weight [out, in] in the kernel's (or oneDNN's) layout
     _packed_key = None  # (data_ptr, version) of the weight it was made from
 
     def forward(self, x):
         w = self.weight
-        if w.dtype != torch.bfloat16 or w.device.type != "cpu" or torch.is_grad_enabled():
+        if w.device.type != "cpu" or torch.is_grad_enabled():
             return super().forward(x)
-        if x.numel() <= cpu_linear.MAX_ROWS * x.shape[-1] and w.is_contiguous() and cpu_linear.available():
-            return cpu_linear.linear_bf16(x, w, self.bias)
-        if not _onednn_bf16():
+        if w.dtype in cpu_linear.DTYPES and cpu_linear.available():
+            pack, apply = cpu_linear.pack, cpu_linear.linear
+        elif w.dtype == torch.bfloat16 and _onednn_bf16():
+            pack = functools.partial(torch.ops.mkldnn._reorder_linear_weight, batch_size=1)
+            apply = _onednn_linear
+        else:
             return super().forward(x)
         key = (w.data_ptr(), w._version)
         if self._packed_key != key:
-            self._packed, self._packed_key = torch.ops.mkldnn._reorder_linear_weight(w, 1), key
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+            self._packed, self._packed_key = pack(w), key
+        return apply(x, self._packed, self.bias)
+
+
+def _onednn_linear(x, packed, bias):
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The bfloat16 CPU linear kernel against its float32 reference, and its batch invariance."""
+"""The CPU linear kernel (float32 and bfloat16) against its float64 reference, and its batch invariance."""
 
 import pytest
 import torch
@@ -8,63 +8,103 @@ from hypothesis import strategies as st
 from specdec.kernels import cpu_linear
 
 pytestmark = pytest.mark.skipif(not cpu_linear.available(),
-                                reason="no AVX512-BF16 CPU or no C compiler: the kernel is not built here")
+                                reason="no AVX-512 CPU or no C compiler: the kernel is not built here")
+DTYPES = [torch.float32, torch.bfloat16]
 
 
-def _case(m, n, k, bias, seed):
+def _case(m, n, k, bias, seed, dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g).bfloat16()
-    w = torch.randn(n, k, generator=g).bfloat16()
-    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
     return x, w, b
 
 
+def _run(x, w, b=None):
+    return cpu_linear.linear(x, cpu_linear.pack(w), b)
+
+
 def _bound(x, w, b):
-    """Both sides sum the same exact products (bf16 x bf16 is exact in float32) in float32, in different
-    orders: they differ by at most k * 2^-24 * sum|x w| before the final rounding, and that rounding to
-    bfloat16 (8 significant bits) can then land one ulp apart: 2^-8 |y| plus the float32 term."""
-    magnitude = x.float().abs() @ w.float().abs().t() + (0 if b is None else b.float().abs())
-    return x.shape[1] * 2.0**-24 * magnitude + 2.0**-7 * magnitude
+    """The kernel sums k exact products (bfloat16 x bfloat16 and, here, float32 x float32 inputs that are
+    randn values) in a float32 FMA chain: within k * 2^-24 * sum|x w| of the exact sum (the standard bound
+    for recursive summation, unit roundoff 2^-24). Then both sides round to the output dtype, which can land
+    one ulp apart: 2^-7 |y| for bfloat16 (8 significant bits), 2^-23 |y| for float32."""
+    magnitude = x.double().abs() @ w.double().abs().t() + (0 if b is None else b.double().abs())
+    ulp = 2.0**-7 if x.dtype == torch.bfloat16 else 2.0**-23
+    return (x.shape[1] + 1) * 2.0**-24 * magnitude + ulp * magnitude
 
 
 @settings(max_examples=25, deadline=None)
-@given(m=st.integers(1, 20), n=st.integers(1, 70), k=st.integers(1, 150), bias=st.booleans(),
-       seed=st.integers(0, 2**31 - 1))
-def test_matches_float32_reference(m, n, k, bias, seed):
-    x, w, b = _case(m, n, k, bias, seed)  # k not a multiple of 32 and n not of 8: the tails are covered
-    got = cpu_linear.linear_bf16(x, w, b)
-    want = cpu_linear.linear_bf16_reference(x, w, b)
-    assert got.shape == want.shape == (m, n) and got.dtype == torch.bfloat16
-    assert ((got.float() - want.float()).abs() <= _bound(x, w, b)).all()
+@given(m=st.integers(1, 30), n=st.integers(1, 70), k=st.integers(1, 150), bias=st.booleans(),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
+def test_matches_float64_reference(m, n, k, bias, dtype, seed):
+    # n not a multiple of 32, k odd, m over one pass of 12 rows: the tails are covered
+    x, w, b = _case(m, n, k, bias, seed, dtype)
+    got = _run(x, w, b)
+    want = cpu_linear.linear_reference(x, w, b)
+    assert got.shape == want.shape == (m, n) and got.dtype == dtype
+    assert ((got.double() - want.double()).abs() <= _bound(x, w, b)).all()
 
 
-def test_most_elements_are_bitwise_equal_to_the_reference():
+def test_the_bound_is_tight_enough_to_catch_a_wrong_sum():
+    # the companion of the test above: dropping one input feature (a plausible tail bug) breaks the bound
+    x, w, b = _case(3, 40, 33, True, 5, torch.float32)
+    wrong = cpu_linear.linear_reference(x[:, :-1], w[:, :-1], b)
+    assert not ((wrong.double() - cpu_linear.linear_reference(x, w, b).double()).abs() <= _bound(x, w, b)).all()
+
+
+def test_most_bfloat16_elements_are_bitwise_equal_to_the_reference():
     # the bound above is loose; in fact only sums landing within a float32 rounding of a bfloat16
     # rounding boundary can differ (measured: ~0.02% of elements at k = 576)
     x, w, b = _case(7, 960, 576, True, 0)
-    same = (cpu_linear.linear_bf16(x, w, b) == cpu_linear.linear_bf16_reference(x, w, b)).float().mean()
+    same = (_run(x, w, b) == cpu_linear.linear_reference(x, w, b)).float().mean()
     assert same > 0.99
 
 
-@pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (100, 40)])
-def test_each_row_is_computed_alike_whatever_the_row_count(shape):
-    # a verification pass of k + 1 rows must give each row the bits a 1-row decode step gives it
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (100, 41)])
+def test_each_row_is_computed_alike_whatever_the_row_count(shape, dtype):
+    # a verification pass of k + 1 rows (or a batch of requests, or 30 rows in 3 passes of 10) must give
+    # each row the bits a 1-row decode step gives it
     n, k = shape
-    x, w, b = _case(9, n, k, True, 1)
-    full = cpu_linear.linear_bf16(x[None], w, b)[0]  # [9, n] through a [1, 9, k] input
-    for row in range(9):
-        assert torch.equal(full[row], cpu_linear.linear_bf16(x[row:row + 1], w, b)[0])
+    x, w, b = _case(30, n, k, True, 1, dtype)
+    packed = cpu_linear.pack(w)
+    full = cpu_linear.linear(x[None], packed, b)[0]  # [30, n] through a [1, 30, k] input
+    for rows in (1, 5, 13):
+        for start in range(0, 30, rows):
+            part = cpu_linear.linear(x[start:start + rows], packed, b)
+            assert torch.equal(full[start:start + rows], part)
+
+
+def test_bfloat16_rounding_and_specials_match_torchs_cast():
+    # one input feature, weight 1: y = x + bias exactly in float32, then the kernel's own rounding to bfloat16
+    # meets torch's cast, ties to even included; inf and nan pass through
+    x = torch.tensor([[1.0], [-2.5], [float("inf")], [float("nan")], [3.0e38]], dtype=torch.bfloat16)
+    w = torch.ones(1, 1, dtype=torch.bfloat16)
+    bias = torch.tensor([2.0**-8], dtype=torch.bfloat16)  # 1 + 2^-8: a tie between 1 and 1 + 2^-7
+    got = _run(x, w, bias)
+    want = (x.float() + bias.float()).to(torch.bfloat16)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()])
 
 
 def test_bad_input_is_refused():
     x, w, _ = _case(2, 8, 16, False, 2)
-    with pytest.raises(ValueError, match="bfloat16"):
-        cpu_linear.linear_bf16(x.float(), w)
+    with pytest.raises(ValueError, match="dtype"):
+        _run(x.float(), w)
     with pytest.raises(ValueError, match="does not fit"):
-        cpu_linear.linear_bf16(x[:, :8], w)
+        _run(x[:, :8], w)
+    with pytest.raises(ValueError, match="2-d float32 or bfloat16"):
+        cpu_linear.pack(w.double())
 
 
-def test_native_bfloat16_model_uses_it_and_stays_near_float32(monkeypatch):
+def test_bias_of_the_wrong_shape_is_refused():
+    x, w, _ = _case(2, 8, 16, False, 3)
+    with pytest.raises(ValueError, match="bias"):
+        _run(x, w, torch.zeros(3, dtype=torch.bfloat16))  # would read past its end
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_native_model_uses_it_and_matches_float64(monkeypatch, dtype):
     from transformers import LlamaConfig
 
     from specdec.models.llama import LlamaModel
@@ -73,25 +113,19 @@ def test_native_bfloat16_model_uses_it_and_stays_near_float32(monkeypatch):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
     model = LlamaModel(config).eval()
-    ids = torch.randint(0, 64, (1, 3))  # 3 rows: a decode-sized input
+    ids = torch.randint(0, 64, (1, 3))
     calls = []
-    kernel = cpu_linear.linear_bf16
-    monkeypatch.setattr(cpu_linear, "linear_bf16", lambda *a: calls.append(1) or kernel(*a))
+    kernel = cpu_linear.linear
+    monkeypatch.setattr(cpu_linear, "linear", lambda *a: calls.append(1) or kernel(*a))
     with torch.inference_mode():
-        want = model(ids, torch.arange(3)[None], model.new_cache(1, 8))
-        assert not calls  # float32 keeps torch's path
-        model.bfloat16()
-        got = model(ids, torch.arange(3)[None], model.new_cache(1, 8))
+        want = model.double()(ids, torch.arange(3)[None], model.new_cache(1, 8))
+        assert not calls  # float64 keeps torch's path
+        got = model.to(dtype)(ids, torch.arange(3)[None], model.new_cache(1, 8))
     assert len(calls) == 2 * 4 + 1  # qkv, o, gate_up, down per layer, and the output layer
     assert got.dtype == torch.float32
-    # bfloat16 weights and activations: 8 significant bits through 2 layers
-    assert (got - want).abs().max() < 0.05 * want.abs().max()
-
-
-def test_bias_of_the_wrong_shape_is_refused():
-    x, w, _ = _case(2, 8, 16, False, 3)
-    with pytest.raises(ValueError, match="bias"):
-        cpu_linear.linear_bf16(x, w, torch.zeros(3, dtype=torch.bfloat16))  # would read past its end
+    # bfloat16 weights and activations: 8 significant bits through 2 layers; float32: 24 bits
+    tolerance = 0.05 if dtype == torch.bfloat16 else 1e-5
+    assert (got.double() - want).abs().max() < tolerance * want.abs().max()
 
 
 def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
@@ -103,9 +137,10 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
     try:
         with pytest.warns(UserWarning, match="could not be built"):
             assert not cpu_linear.available()
-        layer = Linear(16, 8).to(torch.bfloat16)
-        with torch.no_grad():  # bfloat16 inference keeps working, through oneDNN or torch's default path
-            out = layer(torch.randn(1, 16, dtype=torch.bfloat16))
-        assert out.shape == (1, 8)
+        for dtype in DTYPES:
+            layer = Linear(16, 8).to(dtype)
+            with torch.no_grad():  # inference keeps working, through oneDNN or torch's default path
+                out = layer(torch.randn(1, 16, dtype=dtype))
+            assert out.shape == (1, 8)
     finally:
         cpu_linear._library.cache_clear()  # the next test builds (or finds) the real kernel again
