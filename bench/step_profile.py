@@ -1,5 +1,6 @@
-"""Where one plain decode step goes: the whole step, its linear layers timed inside it, and the rest ("glue":
-norms, RoPE, cache writes, attention, residuals) timed with the linear layers stubbed out.
+"""Where one plain decode step goes: the whole step, its linear layers timed inside it (with the norms, SiLU
+and residual adds fused into them), and the rest ("glue": RoPE, cache writes, attention, embedding) timed
+with the linear layers stubbed out.
 
     python bench/step_profile.py [--dtypes float32 bfloat16] [--steps 40] [--context 100]
 
@@ -53,9 +54,9 @@ def _patched_linear(forward):
 def profile(model, context: int, steps: int) -> dict:
     inside = [0.0]  # seconds in the linear layers: the prefill's, then one sum per step
 
-    def timed(self, x, _forward=Linear.forward):
+    def timed(self, x, _forward=Linear.forward, **fused):
         start = time.perf_counter()
-        out = _forward(self, x)
+        out = _forward(self, x, **fused)
         inside[-1] += time.perf_counter() - start
         return out
 
@@ -64,7 +65,8 @@ def profile(model, context: int, steps: int) -> dict:
         _steps(model, context, steps, before_each=lambda: inside.append(0.0))
     outputs = {}
 
-    def stub(self, x):  # a preallocated output of the right shape: the step minus its matmuls
+    def stub(self, x, **fused):  # a preallocated output of the right shape: the step minus its linear layers
+        # (and minus the norms, SiLU and residual adds fused into them)
         key = (tuple(x.shape[:-1]), self.out_features)
         if key not in outputs:
             outputs[key] = torch.zeros(*key[0], key[1], dtype=x.dtype)

@@ -17,6 +17,11 @@
  * registers). Not vdpbf16ps: on this CPU it retires 1.3 G/s per core (43 G multiply-adds), where two
  * float32 FMA ports give 5.5 G/s (88 G multiply-adds), so an 8-row pass was compute-bound at 31 ms with it.
  *
+ * Fused around it, because each torch op costs 5-80 us at decode size and a decoder layer had ~25 of them
+ * (9-11 ms of a 38 ms SmolLM2 step): on the input, the RMSNorm that precedes the q/k/v and gate/up
+ * projections, or SiLU(gate) * up before the down projection; on the output, the residual add. Each follows
+ * the torch ops it replaces, rounding to the model's dtype wherever they do (sums in another order).
+ *
  * Batch invariance: y[m, n] is always the same chain of FMAs over k = 0, 1, 2, ... from zero, whatever M
  * is and however rows are grouped into passes: each row's bits do not depend on the rows beside it, so a
  * verification pass reproduces the bits of plain decode steps.
@@ -26,6 +31,7 @@
  * loader reuses it, so this shares torch's thread pool and its torch.set_num_threads setting.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -54,20 +60,79 @@ static inline __attribute__((always_inline)) void load_pair(const int BF16, cons
     }
 }
 
-/* float32 -> bfloat16, rounding to nearest even as torch's cast (NaN: a quiet NaN of the same sign) */
-static inline __m256i to_bf16(__m512 v) {
-    const __m512i u = _mm512_castps_si512(v), top = _mm512_srli_epi32(u, 16);
-    const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(top, _mm512_set1_epi32(1)));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_or_si512(top, _mm512_set1_epi32(0x40)));
-    return _mm512_cvtepi32_epi16(r);
+/* float32 -> the nearest bfloat16 (BF16; else unchanged), ties to even as torch's cast; NaN stays a quiet NaN */
+static inline __m512 round_to(const int BF16, __m512 v) {
+    if (!BF16) return v;
+    const __m512i u = _mm512_castps_si512(v), top = _mm512_set1_epi32((int)0xffff0000u);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), top);
+    const __m512i quiet = _mm512_or_si512(_mm512_and_si512(u, top), _mm512_set1_epi32(0x400000));
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet);
+    return _mm512_castsi512_ps(r);
+}
+
+/* float32 -> bfloat16 bits */
+static inline __m256i to_bf16(__m512 v) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_to(1, v)), 16)); }
+
+/* 16 features from k (mask m: the ones < K) as float32 */
+static inline __m512 load16(const int BF16, const void *src, long k, __mmask16 m) {
+    if (BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)src + k)), 16));
+    return _mm512_maskz_loadu_ps(m, (const float *)src + k);
+}
+
+/* e^x within ~2 float32 ulp: x = n ln2 + r, |r| <= ln2/2, e^r by its degree-7 Taylor polynomial (truncation
+ * 0.35^8 / 8! = 5e-9, under an ulp), times 2^n by scalef (which saturates to 0 and inf as expf does) */
+static inline __m512 exp16(__m512 x) {
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x); /* ln2 in two parts (Cody-Waite) */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    const float c[8] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+    __m512 p = _mm512_set1_ps(c[0]);
+    for (int i = 1; i < 8; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[i]));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* One input row as float32, through the fused prologue, into row[0 .. 2*K2): x's K features, or
+ * SiLU(gate) * up from its 2K (gated), then RMSNorm (norm != NULL). Rounds to the model's dtype where the
+ * torch ops do: silu(gate) and its product with up; x * rsqrt(mean(x^2) + eps); the norm weight's product.
+ * An odd K gets a zero feature, as the packed weights do. */
+static inline __attribute__((always_inline)) void input_row(const int BF16, const void *x, long K, int gated,
+                                                            const void *norm, float eps, float *row) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+    __m512 squares = _mm512_setzero_ps();
+    for (long k = 0; k < K; k += 16) {
+        const __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+        __m512 v = load16(BF16, x, k, m);
+        if (gated) { /* silu(g) = g / (1 + e^-g), as torch computes it */
+            const __m512 up = load16(BF16, (const char *)x + K * (BF16 ? 2 : 4), k, m);
+            const __m512 minus = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), sign));
+            const __m512 act = round_to(BF16, _mm512_div_ps(v, _mm512_add_ps(one, exp16(minus))));
+            v = round_to(BF16, _mm512_mul_ps(act, up));
+        }
+        squares = _mm512_fmadd_ps(v, v, squares);
+        _mm512_mask_storeu_ps(row + k, m, v);
+    }
+    if (norm) {
+        const __m512 scale = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)K + eps));
+        for (long k = 0; k < K; k += 16) {
+            const __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+            const __m512 v = round_to(BF16, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + k), scale));
+            _mm512_mask_storeu_ps(row + k, m, round_to(BF16, _mm512_mul_ps(load16(BF16, norm, k, m), v)));
+        }
+    }
+    if (K & 1) row[K] = 0.0f;
 }
 
 /* y[i, n0 .. n0+31] for the ROWS input rows of xf (float32, rows of 2*K2) against one tile. ROWS, BF16 and
  * PREFETCH are constants once inlined, so the accumulators live in registers. */
 static inline __attribute__((always_inline)) void tile_pass(const int ROWS, const int BF16, const int PREFETCH,
                                                             const float *xf, long K2, const void *tile,
-                                                            const void *bias, void *y, long N, long n0) {
+                                                            const void *bias, const void *residual, void *y,
+                                                            long N, long n0) {
     const long pair_bytes = (BF16 ? 2 : 4) * 2 * TILE, ahead = PREFETCH_BYTES / pair_bytes;
     __m512 acc[MAX_PASS_ROWS][2];
     for (int i = 0; i < ROWS; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
@@ -90,13 +155,11 @@ static inline __attribute__((always_inline)) void tile_pass(const int ROWS, cons
         if (c0 >= N) break;
         const __mmask16 keep = N - c0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - c0)) - 1);
         __m512 b = _mm512_setzero_ps();
-        if (bias && BF16)
-            b = _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, (const uint16_t *)bias + c0)), 16));
-        else if (bias)
-            b = _mm512_maskz_loadu_ps(keep, (const float *)bias + c0);
+        if (bias) b = load16(BF16, bias, c0, keep);
         for (int i = 0; i < ROWS; i++) {
-            const __m512 v = bias ? _mm512_add_ps(acc[i][h], b) : acc[i][h];
+            __m512 v = bias ? _mm512_add_ps(acc[i][h], b) : acc[i][h];
+            if (residual) /* the layer's output rounds to the model's dtype, then the sum does again */
+                v = _mm512_add_ps(load16(BF16, residual, i * N + c0, keep), round_to(BF16, v));
             if (BF16)
                 _mm256_mask_storeu_epi16((uint16_t *)y + i * N + c0, keep, to_bf16(v));
             else
@@ -107,37 +170,34 @@ static inline __attribute__((always_inline)) void tile_pass(const int ROWS, cons
 
 #define PASS(n) \
     case n: \
-        if (first) tile_pass(n, BF16, 1, xf, K2, tile, bias, y, N, n0); \
-        else tile_pass(n, BF16, 0, xf, K2, tile, bias, y, N, n0); \
+        if (first) tile_pass(n, BF16, 1, xf, K2, tile, bias, residual, y, N, n0); \
+        else tile_pass(n, BF16, 0, xf, K2, tile, bias, residual, y, N, n0); \
         break;
 
 static inline __attribute__((always_inline)) void dispatch(const int BF16, long rows, int first, const float *xf,
-                                                           long K2, const void *tile, const void *bias, void *y,
-                                                           long N, long n0) {
+                                                           long K2, const void *tile, const void *bias,
+                                                           const void *residual, void *y, long N, long n0) {
     switch (rows) {
         PASS(1) PASS(2) PASS(3) PASS(4) PASS(5) PASS(6) PASS(7) PASS(8) PASS(9) PASS(10) PASS(11) PASS(12)
     }
 }
 
-/* x [M, K] (bfloat16 bits if bf16, else float32), packed weights p (see the layout above), bias [N] of the
- * same type or NULL, y [M, N] of the same type. Returns 0, or -1 if the float32 copy of x cannot be had. */
-int specdec_linear(const void *x, const void *p, const void *bias, void *y, long M, long N, long K, int bf16) {
-    const long K2 = (K + 1) / 2, tiles = (N + TILE - 1) / TILE, elem = bf16 ? 2 : 4;
+/* x [M, K] (bfloat16 bits if bf16, else float32; [M, 2K] if gated), packed weights p (see the layout
+ * above), bias [N] of the same type or NULL, norm [K] (RMSNorm weight) or NULL with its eps, residual [M, N]
+ * or NULL, y [M, N]. Returns 0, or -1 if the float32 copy of x cannot be had. */
+int specdec_linear(const void *x, const void *p, const void *bias, void *y, long M, long N, long K, int bf16,
+                   const void *norm, float eps, int gated, const void *residual) {
+    const long K2 = (K + 1) / 2, tiles = (N + TILE - 1) / TILE, elem = bf16 ? 2 : 4, x_row = (gated ? 2 : 1) * K;
     const long passes = (M + MAX_PASS_ROWS - 1) / MAX_PASS_ROWS, rows = passes ? (M + passes - 1) / passes : 1;
-    /* x as float32 rows of 2*K2 (an odd K gets a zero feature, as the packed weights do): read 2*N/32
-     * times per row by the passes below, so converted once here */
+    /* x as float32 rows of 2*K2, read 2*N/32 times per row by the passes below, so made once here */
     float *xf = malloc(sizeof(float) * (M * 2 * K2 + 1));
     if (!xf) return -1;
     for (long m = 0; m < M; m++) {
-        float *row = xf + m * 2 * K2;
+        const void *xm = (const char *)x + m * x_row * elem;
         if (bf16)
-            for (long k = 0; k < K; k++) {
-                const uint32_t u = (uint32_t)((const uint16_t *)x)[m * K + k] << 16;
-                memcpy(row + k, &u, 4);
-            }
+            input_row(1, xm, K, gated, norm, eps, xf + m * 2 * K2);
         else
-            memcpy(row, (const float *)x + m * K, sizeof(float) * K);
-        if (K & 1) row[K] = 0.0f;
+            input_row(0, xm, K, gated, norm, eps, xf + m * 2 * K2);
     }
 #pragma omp parallel for schedule(static)
     for (long t = 0; t < tiles; t++) {
@@ -145,10 +205,11 @@ int specdec_linear(const void *x, const void *p, const void *bias, void *y, long
         for (long m0 = 0; m0 < M; m0 += rows) { /* later passes find the tile in L2: prefetch on the first */
             const long r = M - m0 < rows ? M - m0 : rows;
             void *ym = (char *)y + m0 * N * elem;
+            const void *res = residual ? (const char *)residual + m0 * N * elem : NULL;
             if (bf16)
-                dispatch(1, r, m0 == 0, xf + m0 * 2 * K2, K2, tile, bias, ym, N, t * TILE);
+                dispatch(1, r, m0 == 0, xf + m0 * 2 * K2, K2, tile, bias, res, ym, N, t * TILE);
             else
-                dispatch(0, r, m0 == 0, xf + m0 * 2 * K2, K2, tile, bias, ym, N, t * TILE);
+                dispatch(0, r, m0 == 0, xf + m0 * 2 * K2, K2, tile, bias, res, ym, N, t * TILE);
         }
     }
     free(xf);

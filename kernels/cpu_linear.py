@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from specdec.kernels.dispatch import _flag
 
@@ -60,7 +61,8 @@ def _library():
         return None
     if not lib.specdec_cpu_supported():
         return None
-    lib.specdec_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+    lib.specdec_linear.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
+                                   + [ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p])
     lib.specdec_linear.restype = ctypes.c_int
     return lib
 
@@ -119,9 +121,13 @@ def pack(weight: torch.Tensor) -> PackedWeight:
     return PackedWeight(w.permute(order).contiguous(), n, k)
 
 
-def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in] of the weight's dtype, bias [out] or None -> [..., out], through the packed weight.
+def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None, *,
+           norm: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + fused_input(x, norm, eps, gated) @ weight^T + bias``, through the packed weight.
 
+    x [..., in] of the weight's dtype ([..., 2 * in] if gated: gate then up); norm [in] an RMSNorm weight or
+    None; bias [out] or None; residual [..., out] or None -> [..., out].
     Each output row depends only on its input row (one fixed FMA chain per element): the same token gives
     the same bits in a 1-row decode step, a (k + 1)-row verification pass and a batch of requests.
     """
@@ -129,33 +135,47 @@ def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = No
     if lib is None:
         raise RuntimeError("the CPU linear kernel is not available here; check kernels.cpu_linear.available()")
     # called once per linear layer per decode step (121 times for SmolLM2): plain attribute checks and no
-    # reshapes keep the Python side at ~8 us of the call
-    dtype = weight.data.dtype
-    if (x.dtype != dtype or x.device.type != "cpu"
-            or (bias is not None and (bias.dtype != dtype or bias.device.type != "cpu"))):
-        raise ValueError(f"linear takes CPU tensors of the weight's dtype {dtype}, got x {x.dtype} on {x.device}"
-                         + ("" if bias is None else f", bias {bias.dtype} on {bias.device}"))
-    if x.shape[-1] != weight.in_features:
-        raise ValueError(f"linear: x [..., {x.shape[-1]}] does not fit a weight [{weight.out_features}, "
-                         f"{weight.in_features}]")
-    if bias is not None and bias.shape != (weight.out_features,):
-        raise ValueError(f"linear: bias of shape {tuple(bias.shape)} does not fit {weight.out_features} outputs")
-    x = x.contiguous()  # rows of in_features each; held until the call returns (as bias below)
-    out = torch.empty(*x.shape[:-1], weight.out_features, dtype=dtype)  # [..., out]
-    bias_ptr = 0
-    if bias is not None:
-        bias = bias.contiguous()
-        bias_ptr = bias.data_ptr()
-    if lib.specdec_linear(x.data_ptr(), weight.data.data_ptr(), bias_ptr, out.data_ptr(),
-                          x.numel() // weight.in_features, weight.out_features, weight.in_features,
-                          dtype == torch.bfloat16):
+    # reshapes keep the Python side at ~10 us of the call
+    dtype, n, k = weight.data.dtype, weight.out_features, weight.in_features
+    for name, t in (("x", x), ("bias", bias), ("norm", norm), ("residual", residual)):
+        if t is not None and (t.dtype != dtype or t.device.type != "cpu"):
+            raise ValueError(f"linear takes CPU tensors of the weight's dtype {dtype}, got {name} {t.dtype} "
+                             f"on {t.device}")
+    if x.shape[-1] != (2 * k if gated else k):
+        raise ValueError(f"linear: x [..., {x.shape[-1]}] does not fit a weight [{n}, {k}]"
+                         + (" (gated: x holds gate and up, 2 x in features)" if gated else ""))
+    for name, t, shape in (("bias", bias, (n,)), ("norm", norm, (k,)), ("residual", residual, (*x.shape[:-1], n))):
+        if t is not None and t.shape != shape:
+            raise ValueError(f"linear: {name} of shape {tuple(t.shape)} does not fit; expected {shape}")
+    x = x.contiguous()  # held, as the others below, until the call returns
+    out = torch.empty(*x.shape[:-1], n, dtype=dtype)  # [..., out]
+    bias, norm, residual = (None if t is None else t.contiguous() for t in (bias, norm, residual))
+    if lib.specdec_linear(x.data_ptr(), weight.data.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                          out.data_ptr(), x.numel() // x.shape[-1], n, k, dtype == torch.bfloat16,
+                          0 if norm is None else norm.data_ptr(), eps, gated,
+                          0 if residual is None else residual.data_ptr()):
         raise MemoryError(f"linear: no memory for a float32 copy of x {tuple(x.shape)}")
     return out
 
 
-def linear_reference(x, weight, bias=None):
-    """The oracle: float64 products and sums, one rounding to x's dtype at the end."""
+def fused_input(x, norm=None, eps=0.0, gated=False):
+    """The kernel's prologue in torch ops (the CPU fallback and the oracle): SiLU(gate) * up if gated, then
+    RMSNorm with weight ``norm``, normalised in float32 and scaled in x's dtype, as transformers does."""
+    if gated:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    if norm is not None:
+        # F.rms_norm is one fused op for the five of h * rsqrt(mean(h^2) + eps), bitwise equal to them
+        x = norm * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+    return x
+
+
+def linear_reference(x, weight, bias=None, *, norm=None, eps=0.0, gated=False, residual=None):
+    """The oracle: the prologue in torch ops, then float64 products and sums, one rounding to x's dtype, and
+    the residual added in x's dtype (as the torch ops round the layer's output before adding)."""
+    x = fused_input(x, norm, eps, gated)
     y = x.double() @ weight.double().t()
     if bias is not None:
         y = y + bias.double()
-    return y.to(x.dtype)
+    y = y.to(x.dtype)
+    return y if residual is None else residual + y

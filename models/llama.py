@@ -14,7 +14,6 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -54,25 +53,30 @@ class Linear(nn.Linear):
     _packed = None  # the weight [out, in] in the kernel's (or oneDNN's) layout
     _packed_key = None  # (data_ptr, version) of the weight it was made from
 
-    def forward(self, x):
+    def forward(self, x, norm: RMSNorm | None = None, gated: bool = False, residual=None):
+        """``residual + self(norm(x))``, or of SiLU(gate) * up if gated (x holds gate then up); on the fast
+        CPU path all in one kernel call, because each torch op around it costs 5-80 us at decode size."""
         w = self.weight
-        if w.device.type != "cpu" or torch.is_grad_enabled():
-            return super().forward(x)
-        if w.dtype in cpu_linear.DTYPES and cpu_linear.available():
-            pack, apply = cpu_linear.pack, cpu_linear.linear
-        elif w.dtype == torch.bfloat16 and _onednn_bf16():
-            pack = functools.partial(torch.ops.mkldnn._reorder_linear_weight, batch_size=1)
-            apply = _onednn_linear
+        packer = None
+        if w.device.type == "cpu" and not torch.is_grad_enabled():
+            if w.dtype in cpu_linear.DTYPES and cpu_linear.available():
+                packer = cpu_linear.pack
+            elif w.dtype == torch.bfloat16 and _onednn_bf16():
+                packer = functools.partial(torch.ops.mkldnn._reorder_linear_weight, batch_size=1)
+        if packer is not None:
+            key = (w.data_ptr(), w._version)
+            if self._packed_key != key:
+                self._packed, self._packed_key = packer(w), key
+            if packer is cpu_linear.pack:
+                return cpu_linear.linear(x, self._packed, self.bias, norm=None if norm is None else norm.weight,
+                                         eps=0.0 if norm is None else norm.eps, gated=gated, residual=residual)
+        x = cpu_linear.fused_input(x, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
+                                   gated)
+        if packer is not None:  # oneDNN
+            y = torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         else:
-            return super().forward(x)
-        key = (w.data_ptr(), w._version)
-        if self._packed_key != key:
-            self._packed, self._packed_key = pack(w), key
-        return apply(x, self._packed, self.bias)
-
-
-def _onednn_linear(x, packed, bias):
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+            y = super().forward(x)
+        return y if residual is None else residual + y
 
 
 @dataclass
@@ -99,9 +103,8 @@ class RMSNorm(nn.Module):
         # Normalise in float32 and scale in the model's dtype, as transformers does: in bfloat16 the
         # order of the two roundings decides near-ties, and greedy equivalence rests on them.
         # (transformers does this even for float64 models; the same ops keep the two within 1e-10 there.)
-        # F.rms_norm is one fused op for the five of h * rsqrt(mean(h^2) + eps), bitwise equal to them on
-        # the CPU (checked in float32 and bfloat16); 30 layers x 2 norms make that ~0.5 ms per decode step.
-        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+        # The model itself hands its norms to the next linear layer (Linear.forward), which fuses them.
+        return cpu_linear.fused_input(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -119,10 +122,10 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(hidden, sum(self.split), bias=_qkv_bias(config))
         self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=out_bias)
 
-    def forward(self, x, step: "Step", cache: KVCache):
-        # x [batch, T, hidden]
+    def forward(self, x, norm: RMSNorm, step: "Step", cache: KVCache):
+        """x + attention(norm(x)); x [batch, T, hidden]"""
         batch, T, _ = x.shape
-        heads = self.qkv_proj(x).view(batch, T, -1, self.head_dim)  # [batch, T, q + k + v heads, head_dim]
+        heads = self.qkv_proj(x, norm=norm).view(batch, T, -1, self.head_dim)  # [batch, T, q + k + v heads, head_dim]
         # q and k heads are adjacent: one rotation for both (4 ops per layer instead of 14)
         qk = _rotate(heads[:, :, : self.num_heads + self.num_kv_heads], step.cos, step.sin)
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=2)
@@ -133,7 +136,7 @@ class Attention(nn.Module):
         k_pool, v_pool, block_table = cache.pools(self.layer_idx)
         out = verify_attention(q, k_pool, v_pool, block_table, step.context_lens, step.query_lens,
                                span=step.span, mask=step.mask, row_ok=step.row_ok)  # [batch, T, heads, head_dim]
-        return self.o_proj(out.reshape(batch, T, -1))
+        return self.o_proj(out.reshape(batch, T, -1), residual=x)
 
 
 def _rotate(x, cos, sin):
@@ -153,9 +156,9 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(hidden, 2 * inner, bias=False)  # gate and up: one matmul call
         self.down_proj = Linear(inner, hidden, bias=False)
 
-    def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x, norm: RMSNorm):
+        """x + down(SiLU(gate) * up) of norm(x)"""
+        return self.down_proj(self.gate_up_proj(x, norm=norm), gated=True, residual=x)
 
 
 class DecoderLayer(nn.Module):
@@ -167,8 +170,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, step: "Step", cache):
-        x = x + self.self_attn(self.input_layernorm(x), step, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # each norm and residual add is fused into the linear layer next to it (Linear.forward)
+        x = self.self_attn(x, self.input_layernorm, step, cache)
+        return self.mlp(x, self.post_attention_layernorm)
 
 
 class Body(nn.Module):
@@ -293,4 +297,4 @@ class LlamaModel(nn.Module):
         cache.advance(positions)
         if logits_index is not None:  # the vocabulary projection only where logits are wanted
             x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))
-        return select(self.lm_head(self.model.norm(x)))
+        return select(self.lm_head(x, norm=self.model.norm))

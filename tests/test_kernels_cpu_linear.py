@@ -53,6 +53,51 @@ def test_the_bound_is_tight_enough_to_catch_a_wrong_sum():
     assert not ((wrong.double() - cpu_linear.linear_reference(x, w, b).double()).abs() <= _bound(x, w, b)).all()
 
 
+@settings(max_examples=20, deadline=None)
+@given(m=st.integers(1, 14), n=st.integers(1, 40), k=st.integers(1, 70), norm=st.booleans(),
+       gated=st.booleans(), residual=st.booleans(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
+def test_fused_norm_gate_and_residual_match_the_torch_ops(m, n, k, norm, gated, residual, dtype, seed):
+    # the prologue (SiLU(gate) * up, RMSNorm) and the residual add against the torch ops they replace: the
+    # prologue's own sums and exp differ from torch's in the last float32 bits, which a bfloat16 rounding
+    # can carry one bfloat16 ulp (2^-7 relative) before the linear layer; the bound allows for that on
+    # every input feature, then the linear layer's own bound, then one more rounding for the residual add
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, 2 * k if gated else k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    norm_w = (1 + torch.rand(k, generator=g)).to(dtype) if norm else None
+    res = torch.randn(m, n, generator=g).to(dtype) if residual else None
+    got = cpu_linear.linear(x, cpu_linear.pack(w), norm=norm_w, eps=1e-5, gated=gated, residual=res)
+    want = cpu_linear.linear_reference(x, w, norm=norm_w, eps=1e-5, gated=gated, residual=res)
+    inputs = cpu_linear.fused_input(x, norm_w, 1e-5, gated)
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-22
+    bound = _bound(inputs, w, None) + ulp * (inputs.double().abs() @ w.double().abs().t())
+    if res is not None:
+        bound = bound + ulp * (res.double().abs() + want.double().abs())
+    assert ((got.double() - want.double()).abs() <= bound).all()
+
+
+def test_the_fused_bound_catches_a_missing_step():
+    # the companion of the test above: its bound is loose enough for rounding, not for a step left out
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(4, 2 * 24, generator=g), torch.randn(10, 24, generator=g)
+    norm = (1 + torch.rand(24, generator=g))
+    want = cpu_linear.linear_reference(x, w, norm=norm, eps=1e-5, gated=True)
+    inputs = cpu_linear.fused_input(x, norm, 1e-5, True)
+    bound = _bound(inputs, w, None) + 2.0**-22 * (inputs.double().abs() @ w.double().abs().t())
+    for wrong in (cpu_linear.linear_reference(x, w, eps=1e-5, gated=True),  # no norm
+                  cpu_linear.linear_reference(x[:, :24] * x[:, 24:], w, norm=norm, eps=1e-5)):  # no SiLU
+        assert not ((wrong.double() - want.double()).abs() <= bound).all()
+
+
+def test_fused_residual_is_added_after_the_layer_rounds():
+    # bfloat16: y = round(round(x @ w) + r), as the two torch ops; a single rounding of the exact sum differs
+    x = torch.tensor([[1.0]], dtype=torch.bfloat16)
+    w = torch.tensor([[1.0 + 2.0**-7]], dtype=torch.bfloat16)  # x @ w = 1 + 2^-7, a bfloat16
+    r = torch.tensor([[2.0**-8 + 2.0**-9]], dtype=torch.bfloat16)
+    got = cpu_linear.linear(x, cpu_linear.pack(w), residual=r)
+    assert torch.equal(got, r + (x.float() @ w.float().t()).to(torch.bfloat16))
+
+
 def test_most_bfloat16_elements_are_bitwise_equal_to_the_reference():
     # the bound above is loose; in fact only sums landing within a float32 rounding of a bfloat16
     # rounding boundary can differ (measured: ~0.02% of elements at k = 576)
@@ -95,6 +140,12 @@ def test_bad_input_is_refused():
         _run(x[:, :8], w)
     with pytest.raises(ValueError, match="2-d float32 or bfloat16"):
         cpu_linear.pack(w.double())
+    with pytest.raises(ValueError, match="gated"):
+        cpu_linear.linear(x, cpu_linear.pack(w), gated=True)  # x holds 16 features, not 2 x 16
+    with pytest.raises(ValueError, match="norm of shape"):
+        cpu_linear.linear(x, cpu_linear.pack(w), norm=torch.ones(15, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="residual"):
+        cpu_linear.linear(x, cpu_linear.pack(w), residual=torch.ones(2, 8))  # float32 against bfloat16
 
 
 def test_bias_of_the_wrong_shape_is_refused():
@@ -116,7 +167,7 @@ def test_native_model_uses_it_and_matches_float64(monkeypatch, dtype):
     ids = torch.randint(0, 64, (1, 3))
     calls = []
     kernel = cpu_linear.linear
-    monkeypatch.setattr(cpu_linear, "linear", lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(cpu_linear, "linear", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
     with torch.inference_mode():
         want = model.double()(ids, torch.arange(3)[None], model.new_cache(1, 8))
         assert not calls  # float64 keeps torch's path
