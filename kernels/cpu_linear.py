@@ -1,92 +1,16 @@
 """Linear layers for the CPU path (``cpu_linear.c``): float32 and bfloat16 weights packed once, then
 streamed at memory speed for decode and verification; and the reference they are tested against.
-
-The C file is compiled once per machine with the system C compiler (``cc``, or ``$CC``) into the user cache
-(``~/.cache/specdec/kernels``); where that is impossible — no compiler, no AVX-512, not x86 — or
-``SPECDEC_REFERENCE_KERNELS=1`` is set, ``available()`` is False and callers keep torch's path.
+Where the kernels cannot be built (``kernels/cpu.py``), ``available()`` is False and callers keep torch's path.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import os
-import platform
-import subprocess
-import tempfile
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from specdec.kernels.dispatch import _flag
-
-SOURCE = Path(__file__).with_name("cpu_linear.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-def _cache_dir() -> Path:
-    from specdec.models.loading import cache_dir
-
-    return cache_dir() / "kernels"
-
-
-def _cpu_key() -> str:
-    """The build is -march=native: key it by the CPU's flags so a copied cache never runs on another CPU."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = platform.processor()
-    return flags
-
-
-@functools.cache
-def _library():
-    """The loaded kernel, or None where it cannot run. Decided once per process: SPECDEC_REFERENCE_KERNELS
-    is read at the first CPU forward, not at every call."""
-    if platform.machine() not in ("x86_64", "AMD64") or _flag("SPECDEC_REFERENCE_KERNELS"):
-        return None
-    if not {"avx512f", "avx512bw"} <= set(_cpu_key().split()):  # nothing to build for (and no warning to give)
-        return None
-    compiler = os.environ.get("CC", "cc")
-    try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.SubprocessError) as error:  # no compiler, a read-only or full cache, ...
-        detail = getattr(error, "stderr", None) or error
-        if isinstance(detail, bytes):
-            detail = detail.decode(errors="replace")
-        warnings.warn(f"specdec: the CPU linear kernel could not be built or loaded ({compiler}: {detail}); "
-                      "using torch's path", stacklevel=4)
-        return None
-    if not lib.specdec_cpu_supported():
-        return None
-    lib.specdec_linear.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
-                                   + [ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p])
-    lib.specdec_linear.restype = ctypes.c_int
-    return lib
-
-
-def _build(compiler: str) -> Path:
-    """Compile cpu_linear.c into the cache once per (source, compiler, flags, CPU); returns the .so path."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"cpu_linear-{key}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # build aside, then rename: no half-written .so
-            built = Path(tmp) / path.name
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True, capture_output=True,
-                           text=True, timeout=120)
-            os.replace(built, path)  # atomic: two processes building at once both end with a whole file
-    return path
-
-
-def available() -> bool:
-    """Whether ``linear_bf16`` runs here (builds the kernel on the first call)."""
-    return _library() is not None
-
-
+from specdec.kernels.cpu import available, library  # noqa: F401 (available: for callers)
 
 TILE = 32  # output columns per tile of the packed layout (cpu_linear.c)
 DTYPES = (torch.float32, torch.bfloat16)
@@ -131,7 +55,7 @@ def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = No
     Each output row depends only on its input row (one fixed FMA chain per element): the same token gives
     the same bits in a 1-row decode step, a (k + 1)-row verification pass and a batch of requests.
     """
-    lib = _library()
+    lib = library()
     if lib is None:
         raise RuntimeError("the CPU linear kernel is not available here; check kernels.cpu_linear.available()")
     # called once per linear layer per decode step (121 times for SmolLM2): plain attribute checks and no

@@ -19,7 +19,7 @@ from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from specdec.cache import KVCache, KVPool, select
-from specdec.kernels import cpu_linear
+from specdec.kernels import cpu_attention, cpu_linear
 from specdec.kernels.dispatch import use_triton
 from specdec.kernels.verify_attention import attention_span_and_mask, verify_attention
 
@@ -91,6 +91,8 @@ class Step:
     span: int  # slots 0..span-1 hold every key any row attends to
     mask: torch.Tensor | None  # [batch, 1, T, span] for the reference path (made once, used by every layer)
     row_ok: torch.Tensor | None  # [batch, T, 1, 1] bool: real (not padding) queries, for the reference path
+    positions: torch.Tensor  # [batch, T] (-1: padding)
+    cpu_kernel: bool  # RoPE, cache write and attention in one C call (kernels/cpu_attention.py)
 
 
 class RMSNorm(nn.Module):
@@ -125,7 +127,13 @@ class Attention(nn.Module):
     def forward(self, x, norm: RMSNorm, step: "Step", cache: KVCache):
         """x + attention(norm(x)); x [batch, T, hidden]"""
         batch, T, _ = x.shape
-        heads = self.qkv_proj(x, norm=norm).view(batch, T, -1, self.head_dim)  # [batch, T, q + k + v heads, head_dim]
+        qkv = self.qkv_proj(x, norm=norm)  # [batch, T, (q + k + v heads) * head_dim]
+        k_pool, v_pool, block_table = cache.pools(self.layer_idx)
+        if step.cpu_kernel:
+            out = cpu_attention.rope_write_attend(qkv, step.cos, step.sin, step.positions, k_pool, v_pool,
+                                                  block_table, self.num_heads, self.num_kv_heads)
+            return self.o_proj(out.view(batch, T, -1), residual=x)
+        heads = qkv.view(batch, T, -1, self.head_dim)  # [batch, T, q + k + v heads, head_dim]
         # q and k heads are adjacent: one rotation for both (4 ops per layer instead of 14)
         qk = _rotate(heads[:, :, : self.num_heads + self.num_kv_heads], step.cos, step.sin)
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=2)
@@ -133,7 +141,6 @@ class Attention(nn.Module):
         cache.write(self.layer_idx, step.slots, k, v)
         # one call on every device: the Triton kernel for CUDA tensors, its PyTorch reference (SDPA) otherwise;
         # the per-row cache is the paged pool's special case of one block per sequence (block table None)
-        k_pool, v_pool, block_table = cache.pools(self.layer_idx)
         out = verify_attention(q, k_pool, v_pool, block_table, step.context_lens, step.query_lens,
                                span=step.span, mask=step.mask, row_ok=step.row_ok)  # [batch, T, heads, head_dim]
         return self.o_proj(out.reshape(batch, T, -1), residual=x)
@@ -287,11 +294,14 @@ class LlamaModel(nn.Module):
         torch._assert_async(((positions < 0) | (positions == expected)).all(),
                             "positions must continue each row's cache, right-padded with -1")
         query_lens = (positions >= 0).sum(dim=1)
-        mask = row_ok = None  # the kernel builds its own
-        if not use_triton(x):
+        mask = row_ok = None  # the kernels build their own
+        attn = self.model.layers[0].self_attn
+        cpu_kernel = cpu_attention.usable(x, attn.head_dim, attn.num_heads // attn.num_kv_heads)
+        if not use_triton(x) and not cpu_kernel:
             span, mask, row_ok = attention_span_and_mask(context_lens, query_lens, positions.shape[1], span)
         step = Step(cos=cos, sin=sin, slots=cache.slots(positions), context_lens=context_lens,
-                    query_lens=query_lens, span=span, mask=mask, row_ok=row_ok)
+                    query_lens=query_lens, span=span, mask=mask, row_ok=row_ok, positions=positions,
+                    cpu_kernel=cpu_kernel)
         for layer in self.model.layers:
             x = layer(x, step, cache)
         cache.advance(positions)

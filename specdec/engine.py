@@ -323,6 +323,7 @@ class Engine:
         else:
             control = self._controller(len(seqs))
             k = self._last_k = control[0].next(control[1])
+        k = self._fit_k(seqs, k)
         seqs = self._reserve(seqs, k)
         if not seqs:  # everything scheduled was preempted for the older sequences
             self.last_step = None
@@ -394,6 +395,19 @@ class Engine:
                 break
             free -= need
             self._running.append(self._waiting.popleft())
+
+    def _fit_k(self, seqs: list[_Sequence], k: int) -> int:
+        """No more drafts than any row can use (remaining - 1), and no more than the draft pool holds for
+        the oldest row alone: the draft model writes k - 1 positions past every row, so a k that overflows
+        the whole pool would preempt even the oldest sequence, step after step (found by hypothesis: one
+        prompt token, max_new_tokens 1, k 3, a 2-block pool of 1-position blocks)."""
+        if k == 0:
+            return 0
+        k = min(k, max(s.params.max_new_tokens - s.num_output for s in seqs) - 1)
+        if self.draft_pool is not None:
+            oldest = min(seqs, key=lambda s: s.arrival)
+            k = min(k, self.draft_pool.num_blocks * self.draft_pool.block_size - len(oldest.tokens) + 1)
+        return max(k, 0)
 
     def _reserve(self, seqs: list[_Sequence], k: int) -> list[_Sequence]:
         """Give each scheduled sequence the blocks this step writes, oldest first; when the pool is dry,

@@ -298,3 +298,13 @@ def test_row_verifier_is_bit_identical_to_verifying_each_row_alone():
             assert (emitted[i, n + 1:] == -1).all()
         drafts = torch.roll(drafts, 1, dims=1)  # another batch for the next repeat
     assert {0, 1} <= outcomes  # rejections at the first draft and acceptances both happened
+
+
+def test_a_draft_pool_too_small_for_k_drafts_still_makes_progress():
+    # found by hypothesis: one prompt token, max_new_tokens 1, k = 3 and a pool of 2 one-position blocks;
+    # reserving k - 1 draft positions preempted the only sequence every step
+    engine = Engine(tiny_model("llama"), draft_of("perturbed"), num_draft_tokens=3, max_num_seqs=1, kv_blocks=2,
+                    block_size=1)
+    tokens, reasons = run(engine, [((3,), RequestParams(max_new_tokens=1))])
+    assert tokens["r0"] == single((3,), 1) and reasons["r0"] in ("stop", "length")
+    assert engine.pool.num_used == 0 and engine.draft_pool.num_used == 0

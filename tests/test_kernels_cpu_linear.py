@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specdec.kernels import cpu_linear
+from specdec.kernels import cpu, cpu_linear
 
 pytestmark = pytest.mark.skipif(not cpu_linear.available(),
                                 reason="no AVX-512 CPU or no C compiler: the kernel is not built here")
@@ -184,7 +184,7 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
 
     monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))  # an empty cache: the kernel must be built
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    cpu_linear._library.cache_clear()
+    cpu.library.cache_clear()
     try:
         with pytest.warns(UserWarning, match="could not be built"):
             assert not cpu_linear.available()
@@ -194,4 +194,4 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
                 out = layer(torch.randn(1, 16, dtype=dtype))
             assert out.shape == (1, 8)
     finally:
-        cpu_linear._library.cache_clear()  # the next test builds (or finds) the real kernel again
+        cpu.library.cache_clear()  # the next test builds (or finds) the real kernel again

@@ -1,0 +1,183 @@
+/* One decoder layer's attention on the CPU, after its q/k/v projection: RoPE on q and k, k and v written
+ * into the KV cache, and causal attention of every new query over its row's cached keys, in one call.
+ *
+ * Why it exists: at decode size these are ~12 torch ops per layer (rotate, split, two cache writes, the
+ * mask, SDPA and its transposes), 40-100 us each inside a step whose weights stream through the caches:
+ * 3-5 ms of a 36 ms SmolLM2 step. The arithmetic is ~0.5 M multiply-adds per layer at 200 cached tokens.
+ *
+ * Cache: a pool of blocks [blocks, block_size, kv_heads, head_dim] with any strides (the last one 1) and a
+ * block table per row, or, with no block table, one block per row (row b's keys are block b): the native
+ * model's contiguous cache and the engine's paged pool are the same code. Key j of row b lives in block
+ * table[b][j / block_size] at offset j % block_size. Padding tokens (position -1) write nothing and read
+ * nothing; their output rows are zeros.
+ *
+ * Numerics follow the torch ops: RoPE as x * cos + rotate_half(x) * sin with a rounding to the model's dtype
+ * after each product and the sum (sin carries rotate_half's sign, see models/llama.py: _rotate); scores,
+ * softmax and the weighted sum of values in float32 (as SDPA upcasts), one rounding of the output. Query t
+ * of row b at position p sees keys 0..p, each query computed alone: its bits do not depend on how many
+ * queries or rows share the call (a verification pass reproduces plain decode steps).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_common.h"
+
+#define MAX_GROUP 16 /* query heads per kv head held at once */
+
+typedef struct {
+    char *base;             /* the pool's first element */
+    long block, slot, head; /* strides in elements */
+} Pool;
+
+static inline long slot_of(const long *table, long max_blocks, long block_size, long b, long j, long *offset) {
+    *offset = j % block_size;
+    return table ? table[b * max_blocks + j / block_size] : b;
+}
+
+static inline void *at(const Pool *p, long blk, long off, long h, long elem) {
+    return p->base + (blk * p->block + off * p->slot + h * p->head) * elem;
+}
+
+/* RoPE on one head of D values (float32 out): round(round(x * cos) + round(flip(x) * sin)), where flip(x)
+ * swaps the two halves (x2, x1) */
+static inline __attribute__((always_inline)) void rotate(const int BF16, const void *x, const void *cos,
+                                                         const void *sin, long D, float *out) {
+    const long half = D / 2;
+    float xs[D], flipped[D];
+    for (long d = 0; d < D; d += 16) {
+        const __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
+        _mm512_mask_storeu_ps(xs + d, m, load16(BF16, x, d, m));
+    }
+    memcpy(flipped, xs + half, sizeof(float) * half);
+    memcpy(flipped + half, xs, sizeof(float) * half);
+    for (long d = 0; d < D; d += 16) {
+        const __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
+        const __m512 a = round_to(BF16, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xs + d), load16(BF16, cos, d, m)));
+        const __m512 b = round_to(BF16, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, flipped + d), load16(BF16, sin, d, m)));
+        _mm512_mask_storeu_ps(out + d, m, round_to(BF16, _mm512_add_ps(a, b)));
+    }
+}
+
+static inline void store16(const int BF16, void *dst, long d, __mmask16 m, __m512 v) {
+    if (BF16)
+        _mm256_mask_storeu_epi16((uint16_t *)dst + d, m, to_bf16(v));
+    else
+        _mm512_mask_storeu_ps((float *)dst + d, m, v);
+}
+
+/* Attention of G query heads (float32, rows of D) over keys 0..last of row b, kv head h -> out heads. */
+static inline __attribute__((always_inline)) void attend(const int BF16, const float *q, long G, long D, float scale,
+                                                         const Pool *k, const Pool *v, const long *table,
+                                                         long max_blocks, long block_size, long b, long h,
+                                                         long last, float *scores, void *out, long out_head) {
+    const long elem = BF16 ? 2 : 4, n = last + 1;
+    float top[MAX_GROUP];
+    for (long g = 0; g < G; g++) top[g] = -INFINITY;
+    for (long j = 0; j < n; j++) { /* scores[g][j] = scale * q_g . k_j */
+        long off;
+        const long blk = slot_of(table, max_blocks, block_size, b, j, &off);
+        const void *kj = at(k, blk, off, h, elem);
+        for (long g = 0; g < G; g++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (long d = 0; d < D; d += 16) {
+                const __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
+                acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + g * D + d), load16(BF16, kj, d, m), acc);
+            }
+            const float s = _mm512_reduce_add_ps(acc) * scale;
+            scores[g * n + j] = s;
+            top[g] = s > top[g] ? s : top[g];
+        }
+    }
+    for (long g = 0; g < G; g++) { /* softmax over j, then the weighted sum of values */
+        float *p = scores + g * n;
+        __m512 total = _mm512_setzero_ps();
+        for (long j = 0; j < n; j += 16) {
+            const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + j), _mm512_set1_ps(top[g])));
+            total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
+            _mm512_mask_storeu_ps(p + j, m, e);
+        }
+        const float inv = 1.0f / _mm512_reduce_add_ps(total);
+        for (long d = 0; d < D; d += 16) {
+            const __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
+            __m512 acc = _mm512_setzero_ps();
+            for (long j = 0; j < n; j++) {
+                long off;
+                const long blk = slot_of(table, max_blocks, block_size, b, j, &off);
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load16(BF16, at(v, blk, off, h, elem), d, m), acc);
+            }
+            store16(BF16, (char *)out + g * out_head * elem, d, m, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
+        }
+    }
+}
+
+/* qkv [B, T, H + 2 Hkv, D] (the projection's output, contiguous), cos, sin [B, T, D], positions [B, T]
+ * (-1: padding), the key and value pools with their strides, block_table [B, max_blocks] or NULL (row b is
+ * block b), out [B, T, H, D]. Returns 0, or -1 without memory for the scratch. */
+int specdec_attention(const void *qkv, const void *cos, const void *sin, const long *positions, long B, long T,
+                      long H, long Hkv, long D, void *kbase, void *vbase, long block_stride, long slot_stride,
+                      long head_stride, const long *table, long max_blocks, long block_size, float scale,
+                      int bf16, void *out) {
+    const long elem = bf16 ? 2 : 4, width = H + 2 * Hkv, G = H / Hkv;
+    const Pool k = {kbase, block_stride, slot_stride, head_stride}, v = {vbase, block_stride, slot_stride, head_stride};
+    float *q = malloc(sizeof(float) * B * T * H * D); /* rotated queries, float32 */
+    if (!q) return -1;
+    int failed = 0;
+#pragma omp parallel
+    {
+        /* 1. RoPE; rotated keys and the values into the cache (each token's own slot: no two writers) */
+#pragma omp for schedule(static)
+        for (long bt = 0; bt < B * T; bt++) {
+            const long b = bt / T, pos = positions[bt];
+            const char *row = (const char *)qkv + bt * width * D * elem;
+            const char *c = (const char *)cos + bt * D * elem, *s = (const char *)sin + bt * D * elem;
+            if (pos < 0) continue;
+            float rotated[D];
+            for (long h = 0; h < H; h++) {
+                if (bf16) rotate(1, row + h * D * elem, c, s, D, q + (bt * H + h) * D);
+                else rotate(0, row + h * D * elem, c, s, D, q + (bt * H + h) * D);
+            }
+            long off;
+            const long blk = slot_of(table, max_blocks, block_size, b, pos, &off);
+            for (long h = 0; h < Hkv; h++) {
+                if (bf16) rotate(1, row + (H + h) * D * elem, c, s, D, rotated);
+                else rotate(0, row + (H + h) * D * elem, c, s, D, rotated);
+                for (long d = 0; d < D; d += 16) {
+                    const __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
+                    store16(bf16, at(&k, blk, off, h, elem), d, m, _mm512_maskz_loadu_ps(m, rotated + d));
+                }
+                memcpy(at(&v, blk, off, h, elem), row + (H + Hkv + h) * D * elem, D * elem);
+            }
+        }
+        /* (the implied barrier: every key is in the cache before any query reads it) */
+        /* 2. attention: one (token, kv head) at a time, its G query heads together */
+        long longest = 0;
+        for (long bt = 0; bt < B * T; bt++) longest = positions[bt] + 1 > longest ? positions[bt] + 1 : longest;
+        float *scores = malloc(sizeof(float) * (G * longest + 1));
+        if (!scores) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (long w = 0; w < B * T * Hkv; w++) {
+            const long bt = w / Hkv, h = w % Hkv, b = bt / T, pos = positions[bt];
+            char *o = (char *)out + (bt * H + h * G) * D * elem;
+            if (pos < 0 || !scores) {
+                memset(o, 0, G * D * elem);
+                continue;
+            }
+            if (bf16)
+                attend(1, q + (bt * H + h * G) * D, G, D, scale, &k, &v, table, max_blocks, block_size, b, h, pos,
+                       scores, o, D);
+            else
+                attend(0, q + (bt * H + h * G) * D, G, D, scale, &k, &v, table, max_blocks, block_size, b, h, pos,
+                       scores, o, D);
+        }
+        free(scores);
+    }
+    free(q);
+    return failed ? -1 : 0;
+}

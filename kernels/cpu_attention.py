@@ -1,0 +1,45 @@
+"""RoPE, the KV cache write and causal attention of one decoder layer in one call on the CPU
+(``cpu_attention.c``); the model's torch ops (``models/llama.py``) are its fallback and its oracle."""
+
+from __future__ import annotations
+
+import torch
+
+from specdec.kernels.cpu import library
+
+DTYPES = (torch.float32, torch.bfloat16)
+MAX_GROUP = 16  # query heads per kv head (cpu_attention.c)
+
+
+def usable(x: torch.Tensor, head_dim: int, group: int) -> bool:
+    """Whether the kernel takes a model of this dtype and shape here: float32 or bfloat16 on the CPU, an even
+    head_dim (RoPE's halves), at most 16 query heads per kv head."""
+    return (x.device.type == "cpu" and x.dtype in DTYPES and head_dim % 2 == 0 and group <= MAX_GROUP
+            and library() is not None)
+
+
+def rope_write_attend(qkv, cos, sin, positions, k_pool, v_pool, block_table, num_heads: int, num_kv_heads: int):
+    """qkv [batch, T, (heads + 2 kv_heads) * head_dim]: the q/k/v projection's output, unrotated;
+    cos, sin [batch, T, 1, head_dim] in qkv's dtype (sin carrying rotate_half's sign: models/llama.py: _rotate);
+    positions [batch, T] (-1: padding); k_pool, v_pool [blocks, block_size, kv_heads, head_dim] (any strides,
+    the last 1); block_table [batch, max_blocks] or None (row b is block b: the contiguous cache)
+    -> out [batch, T, heads, head_dim], zeros in padding rows. Rotated keys and values land in the pools."""
+    lib = library()
+    batch, T, width = qkv.shape
+    head_dim = width // (num_heads + 2 * num_kv_heads)
+    if k_pool.stride() != v_pool.stride() or k_pool.stride(-1) != 1 or k_pool.dtype != qkv.dtype:
+        raise ValueError(f"rope_write_attend: key and value pools of {qkv.dtype} with equal strides and "
+                         f"contiguous heads wanted, got {k_pool.dtype} {k_pool.stride()} / {v_pool.stride()}")
+    qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
+    positions = positions.contiguous().long()
+    table = None if block_table is None else block_table.contiguous().long()
+    out = torch.empty(batch, T, num_heads, head_dim, dtype=qkv.dtype)
+    block, slot, head, _ = k_pool.stride()
+    failed = lib.specdec_attention(
+        qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), batch, T, num_heads, num_kv_heads,
+        head_dim, k_pool.data_ptr(), v_pool.data_ptr(), block, slot, head,
+        0 if table is None else table.data_ptr(), 0 if table is None else table.shape[1], k_pool.shape[1],
+        head_dim**-0.5, qkv.dtype == torch.bfloat16, out.data_ptr())
+    if failed:
+        raise MemoryError(f"rope_write_attend: no memory for the scratch of {batch} x {T} queries")
+    return out

@@ -1,0 +1,111 @@
+"""The CPU attention kernel (RoPE, cache write, causal attention in one call) against the torch ops it
+replaces, on the contiguous and the paged cache, and the batch invariance it gives the whole model."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from specdec.cache import KVCache, KVPool, PagedKVCache
+from specdec.kernels import cpu, cpu_attention
+from specdec.kernels.verify_attention import verify_attention_reference
+from specdec.models import as_native
+from specdec.models.llama import _rotate
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="no AVX-512 CPU or no C compiler: no CPU kernels here")
+
+
+def _inputs(dtype, head_dim, heads, kv_heads, paged, seed=0):
+    """A ragged batch of 3 rows continuing caches of 5, 0 and 9 tokens with 4, 2 and 3 new tokens (right-
+    padded with position -1), on a cache whose every slot holds random numbers (stale entries included)."""
+    g = torch.Generator().manual_seed(seed)
+    context, new, T = torch.tensor([5, 0, 9]), torch.tensor([4, 2, 3]), 4
+    t = torch.arange(T)
+    positions = torch.where(t < new[:, None], context[:, None] + t, -1)  # [3, T]
+    qkv = torch.randn(3, T, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)
+    angles = positions.clamp(min=0).float()[..., None] * 0.3 ** torch.arange(head_dim // 2)  # [3, T, hd/2]
+    cos = torch.cat((angles.cos(), angles.cos()), -1)[:, :, None].to(dtype)
+    sin = torch.cat((-angles.sin(), angles.sin()), -1)[:, :, None].to(dtype)
+    if paged:
+        pool = KVPool(num_layers=1, num_blocks=12, block_size=3, num_kv_heads=kv_heads, head_dim=head_dim,
+                      dtype=dtype)
+        tables = [[7, 2, 10], [0], [11, 4, 9, 1, 5]]  # scattered blocks of 3 positions, enough for each row
+        cache = PagedKVCache(pool, tables, context)
+    else:
+        cache = KVCache(num_layers=1, batch_size=3, num_kv_heads=kv_heads, head_dim=head_dim, max_len=16,
+                        dtype=dtype)
+        cache.lengths = context.clone()
+    keys, values = cache.pools(0)[:2]
+    keys.copy_(torch.randn(keys.shape, generator=g))
+    values.copy_(torch.randn(values.shape, generator=g))
+    return qkv, cos, sin, positions, context, new, cache
+
+
+def _torch_ops(qkv, cos, sin, positions, context, new, cache, heads, kv_heads, causal_offset=0):
+    """What models/llama.py's Attention does without the kernel."""
+    batch, T, _ = qkv.shape
+    parts = qkv.view(batch, T, heads + 2 * kv_heads, -1)
+    qk = _rotate(parts[:, :, : heads + kv_heads], cos, sin)
+    q, k = qk.split((heads, kv_heads), dim=2)
+    cache.write(0, cache.slots(positions), k, parts[:, :, heads + kv_heads:])
+    k_pool, v_pool, table = cache.pools(0)
+    return verify_attention_reference(q, k_pool, v_pool, table, context, new, causal_offset=causal_offset)
+
+
+def _written(cache, positions):
+    """The keys and values at the new tokens' slots. -> [tokens, kv_heads, head_dim] each"""
+    k_pool, v_pool, table = cache.pools(0)
+    rows, steps = (positions >= 0).nonzero(as_tuple=True)
+    p = positions[rows, steps]
+    if table is None:
+        return k_pool[rows, p], v_pool[rows, p]
+    blocks, offsets = table[rows, p // k_pool.shape[1]], p % k_pool.shape[1]
+    return k_pool[blocks, offsets], v_pool[blocks, offsets]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("shape", [(16, 4, 2), (64, 9, 3), (32, 2, 2)])  # head_dim, heads, kv_heads
+def test_matches_the_torch_ops(dtype, paged, shape):
+    head_dim, heads, kv_heads = shape
+    qkv, cos, sin, positions, context, new, cache = _inputs(dtype, head_dim, heads, kv_heads, paged)
+    twin = copy.deepcopy(cache)
+    want = _torch_ops(qkv, cos, sin, positions, context, new, twin, heads, kv_heads)
+    k_pool, v_pool, table = cache.pools(0)
+    got = cpu_attention.rope_write_attend(qkv, cos, sin, positions, k_pool, v_pool, table, heads, kv_heads)
+    # RoPE and the cache write are the same elementwise roundings: bitwise equal
+    for mine, theirs in zip(_written(cache, positions), _written(twin, positions)):
+        assert torch.equal(mine, theirs)
+    # attention: float32 sums in another order; an output is a weighted mean of values (|v| <= max|v|), so
+    # float32 leaves ~1e-6 of max|v|, and bfloat16 adds its one output rounding: 2^-8 relative, 2^-7 allowed
+    scale = v_pool.float().abs().max()
+    bound = (2.0**-7 if dtype == torch.bfloat16 else 1e-5) * scale
+    real = (positions >= 0)[..., None, None]
+    assert ((got.float() - want.float()).abs() <= bound).all()
+    assert (got[~real.expand_as(got)] == 0).all()  # padding rows are zeros
+    # the companion: a mask that lets each query see one key too many is caught by the same bound
+    wrong = _torch_ops(qkv, cos, sin, positions, context, new, copy.deepcopy(cache), heads, kv_heads, causal_offset=1)
+    assert not ((got.float() - wrong.float()).abs() <= bound).all()
+
+
+def test_bad_pools_are_refused():
+    qkv, cos, sin, positions, *_ , cache = _inputs(torch.float32, 16, 4, 2, paged=False)
+    k_pool, v_pool, table = cache.pools(0)
+    with pytest.raises(ValueError, match="pools"):
+        cpu_attention.rope_write_attend(qkv, cos, sin, positions, k_pool.double(), v_pool, table, 4, 2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "smollm2"])
+def test_a_pass_of_several_tokens_gives_each_the_bits_of_single_steps(arch):
+    # float32 with the CPU kernels: every linear layer and the attention compute each token alone, so a
+    # verification pass of k + 1 tokens reproduces plain decode steps bit for bit (not just within rounding)
+    model = as_native(tiny_model(arch, torch.float32))
+    ids = torch.randint(3, 90, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        cache = model.new_cache(1, 16)
+        model(ids[:, :7], torch.arange(7)[None], cache)
+        passed = model(ids[:, 7:], torch.arange(7, 12)[None], cache)  # [1, 5, vocab]
+        cache.rollback(7)
+        steps = torch.cat([model(ids[:, t:t + 1], torch.tensor([[t]]), cache) for t in range(7, 12)], dim=1)
+    assert torch.equal(passed, steps)
