@@ -26,9 +26,9 @@ HEADERS = [HERE / "cpu_common.h"]
 # -ffp-contract=off: a product and a sum that torch rounds separately must not become one FMA here
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", f"-I{HERE}"]
 P, L, I, F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
-SIGNATURES = {  # name: argument types (every kernel returns 0, or -1 when it could not allocate its scratch)
+SIGNATURES = {  # name: argument types (each returns 0; -1: no memory for its scratch; -2: bad input)
     "specdec_linear": [P, P, P, P, L, L, L, I, P, F, I, P],
-    "specdec_attention": [P, P, P, P, L, L, L, L, L, P, P, L, L, L, P, L, L, F, I, P],
+    "specdec_attention": [P, P, P, P, L, L, L, L, L, P, P, L, L, L, P, L, L, L, F, I, P],
 }
 
 
@@ -51,7 +51,8 @@ def _cpu_key() -> str:
 def library():
     """The loaded kernels, or None where they cannot run. Decided once per process: SPECDEC_REFERENCE_KERNELS
     is read at the first CPU forward, not at every call."""
-    if platform.machine() not in ("x86_64", "AMD64") or _flag("SPECDEC_REFERENCE_KERNELS"):
+    # x86-64 with a 64-bit C long (the kernels take torch's int64 positions and sizes as long): not Windows
+    if platform.machine() not in ("x86_64", "AMD64") or os.name == "nt" or _flag("SPECDEC_REFERENCE_KERNELS"):
         return None
     if not {"avx512f", "avx512bw"} <= set(_cpu_key().split()):  # nothing to build for (and no warning to give)
         return None

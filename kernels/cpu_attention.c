@@ -115,13 +115,24 @@ static inline __attribute__((always_inline)) void attend(const int BF16, const f
 }
 
 /* qkv [B, T, H + 2 Hkv, D] (the projection's output, contiguous), cos, sin [B, T, D], positions [B, T]
- * (-1: padding), the key and value pools with their strides, block_table [B, max_blocks] or NULL (row b is
- * block b), out [B, T, H, D]. Returns 0, or -1 without memory for the scratch. */
+ * (-1: padding), the key and value pools of nblocks blocks with their strides, block_table [B, max_blocks]
+ * or NULL (row b is block b), out [B, T, H, D]. Returns 0; -2, having written nothing, if a position or
+ * block id falls outside the pool; -1 without memory for the scratch. */
 int specdec_attention(const void *qkv, const void *cos, const void *sin, const long *positions, long B, long T,
                       long H, long Hkv, long D, void *kbase, void *vbase, long block_stride, long slot_stride,
-                      long head_stride, const long *table, long max_blocks, long block_size, float scale,
-                      int bf16, void *out) {
+                      long head_stride, const long *table, long max_blocks, long block_size, long nblocks,
+                      float scale, int bf16, void *out) {
     const long elem = bf16 ? 2 : 4, width = H + 2 * Hkv, G = H / Hkv;
+    for (long bt = 0; bt < B * T; bt++) {
+        const long pos = positions[bt];
+        long off;
+        if (pos < 0) continue;
+        if (pos >= (table ? max_blocks * block_size : block_size)) return -2;
+        for (long j = pos % block_size; j <= pos; j += block_size) { /* every block it reads: 0..pos */
+            const long blk = slot_of(table, max_blocks, block_size, bt / T, j, &off);
+            if (blk < 0 || blk >= nblocks) return -2;
+        }
+    }
     const Pool k = {kbase, block_stride, slot_stride, head_stride}, v = {vbase, block_stride, slot_stride, head_stride};
     float *q = malloc(sizeof(float) * B * T * H * D); /* rotated queries, float32 */
     if (!q) return -1;

@@ -27,8 +27,11 @@ static inline __m512 load16(const int BF16, const void *src, long k, __mmask16 m
 }
 
 /* e^x within ~2 float32 ulp: x = n ln2 + r, |r| <= ln2/2, e^r by its degree-7 Taylor polynomial (truncation
- * 0.35^8 / 8! = 5e-9, under an ulp), times 2^n by scalef (which saturates to 0 and inf as expf does) */
+ * 0.35^8 / 8! = 5e-9, under an ulp), times 2^n by scalef, which saturates to inf as expf does; below -104
+ * (e^-104 is under the smallest denormal) x is clamped so that r stays small and the result is 0. NaN stays
+ * NaN (max_ps returns its second operand, x, when either is NaN). */
 static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x); /* ln2 in two parts (Cody-Waite) */

@@ -26,9 +26,10 @@
  * is and however rows are grouped into passes: each row's bits do not depend on the rows beside it, so a
  * verification pass reproduces the bits of plain decode steps.
  *
- * Built by specdec/kernels/cpu_linear.py with the system C compiler on first use (-O3 -march=native
- * -fopenmp). OpenMP is torch's own runtime: torch has already loaded a libgomp.so.1, and the dynamic
- * loader reuses it, so this shares torch's thread pool and its torch.set_num_threads setting.
+ * Built with cpu_attention.c by specdec/kernels/cpu.py with the system C compiler on first use (-O3
+ * -march=native -ffp-contract=off -fopenmp). OpenMP is torch's own runtime: torch has already loaded a
+ * libgomp.so.1, and the dynamic loader reuses it, so this shares torch's thread pool and its
+ * torch.set_num_threads setting.
  */
 #include <immintrin.h>
 #include <math.h>

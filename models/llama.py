@@ -44,10 +44,10 @@ class Linear(nn.Linear):
     whenever the weight changes (its version counter moves); a second copy of the weight in memory.
 
     float32 and bfloat16 on an AVX-512 CPU: specdec's kernel (``kernels/cpu_linear.c``), which streams the
-    weights at memory speed for decode and keeps a verification pass of up to 16 rows near the cost of one
-    row (SmolLM2-135M's 211 linear layers, 2-core AVX-512 VM: float32 25 ms at 1 row and 31 at 8, where MKL
+    weights at memory speed for decode and keeps a verification pass of 8 rows near the cost of one row
+    (all of SmolLM2-135M's linear weights, 2-core AVX-512 VM: float32 25 ms at 1 row and 31 at 8, where MKL
     takes 28 and 59; bfloat16 14 and 19, where oneDNN takes 26 and 40). bfloat16 elsewhere: oneDNN's
-    prepacked layout. Anything else (float64, training, other devices): nn.Linear.
+    prepacked layout. Anything else (float64, training, other devices, mixed dtypes): nn.Linear.
     """
 
     _packed = None  # the weight [out, in] in the kernel's (or oneDNN's) layout
@@ -58,7 +58,7 @@ class Linear(nn.Linear):
         CPU path all in one kernel call, because each torch op around it costs 5-80 us at decode size."""
         w = self.weight
         packer = None
-        if w.device.type == "cpu" and not torch.is_grad_enabled():
+        if w.device.type == "cpu" and x.dtype == w.dtype and not torch.is_grad_enabled():
             if w.dtype in cpu_linear.DTYPES and cpu_linear.available():
                 packer = cpu_linear.pack
             elif w.dtype == torch.bfloat16 and _onednn_bf16():
@@ -67,7 +67,7 @@ class Linear(nn.Linear):
             key = (w.data_ptr(), w._version)
             if self._packed_key != key:
                 self._packed, self._packed_key = packer(w), key
-            if packer is cpu_linear.pack:
+            if packer is cpu_linear.pack and (residual is None or residual.dtype == w.dtype):
                 return cpu_linear.linear(x, self._packed, self.bias, norm=None if norm is None else norm.weight,
                                          eps=0.0 if norm is None else norm.eps, gated=gated, residual=residual)
         x = cpu_linear.fused_input(x, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
@@ -296,7 +296,9 @@ class LlamaModel(nn.Module):
         query_lens = (positions >= 0).sum(dim=1)
         mask = row_ok = None  # the kernels build their own
         attn = self.model.layers[0].self_attn
-        cpu_kernel = cpu_attention.usable(x, attn.head_dim, attn.num_heads // attn.num_kv_heads)
+        # the kernel has no backward: training keeps the torch ops
+        cpu_kernel = (not torch.is_grad_enabled()
+                      and cpu_attention.usable(x, attn.head_dim, attn.num_heads // attn.num_kv_heads))
         if not use_triton(x) and not cpu_kernel:
             span, mask, row_ok = attention_span_and_mask(context_lens, query_lens, positions.shape[1], span)
         step = Step(cos=cos, sin=sin, slots=cache.slots(positions), context_lens=context_lens,

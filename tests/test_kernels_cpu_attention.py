@@ -17,10 +17,11 @@ pytestmark = pytest.mark.skipif(not cpu.available(), reason="no AVX-512 CPU or n
 
 
 def _inputs(dtype, head_dim, heads, kv_heads, paged, seed=0):
-    """A ragged batch of 3 rows continuing caches of 5, 0 and 9 tokens with 4, 2 and 3 new tokens (right-
-    padded with position -1), on a cache whose every slot holds random numbers (stale entries included)."""
+    """A ragged batch of 3 rows continuing caches of 5, 0 and 21 tokens with 4, 2 and 3 new tokens (right-
+    padded with position -1; up to 24 keys, past one vector of 16 scores), on a cache whose every slot holds
+    random numbers (stale entries included)."""
     g = torch.Generator().manual_seed(seed)
-    context, new, T = torch.tensor([5, 0, 9]), torch.tensor([4, 2, 3]), 4
+    context, new, T = torch.tensor([5, 0, 21]), torch.tensor([4, 2, 3]), 4
     t = torch.arange(T)
     positions = torch.where(t < new[:, None], context[:, None] + t, -1)  # [3, T]
     qkv = torch.randn(3, T, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)
@@ -28,12 +29,12 @@ def _inputs(dtype, head_dim, heads, kv_heads, paged, seed=0):
     cos = torch.cat((angles.cos(), angles.cos()), -1)[:, :, None].to(dtype)
     sin = torch.cat((-angles.sin(), angles.sin()), -1)[:, :, None].to(dtype)
     if paged:
-        pool = KVPool(num_layers=1, num_blocks=12, block_size=3, num_kv_heads=kv_heads, head_dim=head_dim,
+        pool = KVPool(num_layers=1, num_blocks=14, block_size=3, num_kv_heads=kv_heads, head_dim=head_dim,
                       dtype=dtype)
-        tables = [[7, 2, 10], [0], [11, 4, 9, 1, 5]]  # scattered blocks of 3 positions, enough for each row
+        tables = [[7, 2, 10], [0], [11, 4, 9, 1, 5, 13, 3, 6]]  # scattered blocks of 3 positions, enough for each
         cache = PagedKVCache(pool, tables, context)
     else:
-        cache = KVCache(num_layers=1, batch_size=3, num_kv_heads=kv_heads, head_dim=head_dim, max_len=16,
+        cache = KVCache(num_layers=1, batch_size=3, num_kv_heads=kv_heads, head_dim=head_dim, max_len=30,
                         dtype=dtype)
         cache.lengths = context.clone()
     keys, values = cache.pools(0)[:2]
@@ -66,7 +67,7 @@ def _written(cache, positions):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("paged", [False, True])
-@pytest.mark.parametrize("shape", [(16, 4, 2), (64, 9, 3), (32, 2, 2)])  # head_dim, heads, kv_heads
+@pytest.mark.parametrize("shape", [(16, 4, 2), (64, 9, 3), (40, 2, 2), (24, 3, 1)])  # head_dim, heads, kv_heads
 def test_matches_the_torch_ops(dtype, paged, shape):
     head_dim, heads, kv_heads = shape
     qkv, cos, sin, positions, context, new, cache = _inputs(dtype, head_dim, heads, kv_heads, paged)
@@ -89,11 +90,25 @@ def test_matches_the_torch_ops(dtype, paged, shape):
     assert not ((got.float() - wrong.float()).abs() <= bound).all()
 
 
-def test_bad_pools_are_refused():
-    qkv, cos, sin, positions, *_ , cache = _inputs(torch.float32, 16, 4, 2, paged=False)
+@pytest.mark.parametrize("paged", [False, True])
+def test_bad_input_is_refused_before_anything_is_written(paged):
+    qkv, cos, sin, positions, *_, cache = _inputs(torch.float32, 16, 4, 2, paged)
     k_pool, v_pool, table = cache.pools(0)
-    with pytest.raises(ValueError, match="pools"):
-        cpu_attention.rope_write_attend(qkv, cos, sin, positions, k_pool.double(), v_pool, table, 4, 2)
+    before = k_pool.clone(), v_pool.clone()
+    attend = cpu_attention.rope_write_attend
+    bad = [
+        lambda: attend(qkv, cos, sin, positions, k_pool, v_pool.bfloat16(), table, 4, 2),  # v of another dtype
+        lambda: attend(qkv, cos[:1], sin[:1], positions, k_pool, v_pool, table, 4, 2),  # broadcast cos/sin
+        lambda: attend(qkv, cos, sin, positions, k_pool, v_pool, table, 3, 2),  # heads not a multiple
+        lambda: attend(qkv, cos, sin, positions[:, :2], k_pool, v_pool, table, 4, 2),
+        lambda: attend(qkv, cos, sin, positions + 40, k_pool, v_pool, table, 4, 2),  # past the pool
+    ]
+    if paged:
+        bad.append(lambda: attend(qkv, cos, sin, positions, k_pool, v_pool, table + 100, 4, 2))  # no such block
+    for call in bad:
+        with pytest.raises(ValueError, match="rope_write_attend"):
+            call()
+    assert torch.equal(k_pool, before[0]) and torch.equal(v_pool, before[1])
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "smollm2"])

@@ -87,6 +87,9 @@ def test_the_fused_bound_catches_a_missing_step():
     for wrong in (cpu_linear.linear_reference(x, w, eps=1e-5, gated=True),  # no norm
                   cpu_linear.linear_reference(x[:, :24] * x[:, 24:], w, norm=norm, eps=1e-5)):  # no SiLU
         assert not ((wrong.double() - want.double()).abs() <= bound).all()
+    res = torch.randn(4, 10, generator=g)
+    got = cpu_linear.linear(x, cpu_linear.pack(w), norm=norm, eps=1e-5, gated=True, residual=res)
+    assert not ((got.double() - want.double()).abs() <= bound).all()  # a residual left out is caught too
 
 
 def test_fused_residual_is_added_after_the_layer_rounds():
