@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import specdec
 from specdec.cache import PagedKVCache
 from specdec.engine import Engine, RequestParams
+from specdec.kernels import cpu
 from specdec.models import as_native
 
 VOCAB = 101
@@ -308,3 +309,18 @@ def test_a_draft_pool_too_small_for_k_drafts_still_makes_progress():
     tokens, reasons = run(engine, [((3,), RequestParams(max_new_tokens=1))])
     assert tokens["r0"] == single((3,), 1) and reasons["r0"] in ("stop", "length")
     assert engine.pool.num_used == 0 and engine.draft_pool.num_used == 0
+
+
+@pytest.mark.skipif(not cpu.available(),
+                    reason="float32 batch invariance rests on the CPU kernels (each token computed alone)")
+@pytest.mark.parametrize("draft", [None, "ngram"])
+def test_float32_engine_equals_single_request_generate_bit_for_bit(draft):
+    # torch's batched float32 matmuls may round a row differently with other rows beside it; the CPU kernels
+    # compute every token alone (tests/test_kernels_cpu_attention.py), so batching changes no token here
+    target = tiny_model("llama", torch.float32)
+    requests = [(tuple(range(3 + i, 9 + 2 * i)), RequestParams(max_new_tokens=12)) for i in range(5)]
+    engine = Engine(target, draft, num_draft_tokens=3, max_num_seqs=5, kv_blocks=64, block_size=4)
+    tokens, _ = run(engine, requests, arrivals=[0, 0, 1, 2, 2])
+    for i, (prompt, _) in enumerate(requests):
+        want = specdec.generate(target, torch.tensor([prompt]), max_new_tokens=12)[0, len(prompt):].tolist()
+        assert tokens[f"r{i}"] == want, f"request {i}"
