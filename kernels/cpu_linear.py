@@ -58,26 +58,24 @@ def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = No
     lib = library()
     if lib is None:
         raise RuntimeError("the CPU linear kernel is not available here; check kernels.cpu_linear.available()")
-    # called once per linear layer per decode step (121 times for SmolLM2): plain attribute checks and no
-    # reshapes keep the Python side at ~10 us of the call
+    # called once per linear layer per decode step (121 times for SmolLM2, ~3 us in C at 1 row): the checks
+    # below are plain comparisons, the optional tensors checked only when given
     dtype, n, k = weight.data.dtype, weight.out_features, weight.in_features
-    for name, t in (("x", x), ("bias", bias), ("norm", norm), ("residual", residual)):
-        if t is not None and (t.dtype != dtype or t.device.type != "cpu"):
-            raise ValueError(f"linear takes CPU tensors of the weight's dtype {dtype}, got {name} {t.dtype} "
-                             f"on {t.device}")
-    if x.shape[-1] != (2 * k if gated else k):
-        raise ValueError(f"linear: x [..., {x.shape[-1]}] does not fit a weight [{n}, {k}]"
-                         + (" (gated: x holds gate and up, 2 x in features)" if gated else ""))
-    for name, t, shape in (("bias", bias, (n,)), ("norm", norm, (k,)), ("residual", residual, (*x.shape[:-1], n))):
-        if t is not None and t.shape != shape:
-            raise ValueError(f"linear: {name} of shape {tuple(t.shape)} does not fit; expected {shape}")
+    if x.dtype != dtype or x.device.type != "cpu" or x.shape[-1] != (2 * k if gated else k):
+        raise ValueError(f"linear: x [..., {x.shape[-1]}] of dtype {x.dtype} on {x.device} does not fit a weight "
+                         f"[{n}, {k}] of dtype {dtype}" + (" (gated: x holds gate and up, 2 x in features)" if gated else ""))
     x = x.contiguous()  # held, as the others below, until the call returns
     out = torch.empty(*x.shape[:-1], n, dtype=dtype)  # [..., out]
-    bias, norm, residual = (None if t is None else t.contiguous() for t in (bias, norm, residual))
-    if lib.specdec_linear(x.data_ptr(), weight.data.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                          out.data_ptr(), x.numel() // x.shape[-1], n, k, dtype == torch.bfloat16,
-                          0 if norm is None else norm.data_ptr(), eps, gated,
-                          0 if residual is None else residual.data_ptr()):
+    pointers, held = [0, 0, 0], []  # bias, norm, residual; held: contiguous copies alive until the call returns
+    for i, (name, t, shape) in enumerate((("bias", bias, (n,)), ("norm", norm, (k,)), ("residual", residual, out.shape))):
+        if t is not None:
+            if t.dtype != dtype or t.device.type != "cpu" or t.shape != shape:
+                raise ValueError(f"linear: {name} of shape {tuple(t.shape)} ({t.dtype} on {t.device}) does not "
+                                 f"fit; expected a CPU tensor {tuple(shape)} of {dtype}")
+            held.append(t.contiguous())
+            pointers[i] = held[-1].data_ptr()
+    if lib.specdec_linear(x.data_ptr(), weight.data.data_ptr(), pointers[0], out.data_ptr(), x.numel() // x.shape[-1],
+                          n, k, dtype == torch.bfloat16, pointers[1], eps, gated, pointers[2]):
         raise MemoryError(f"linear: no memory for a float32 copy of x {tuple(x.shape)}")
     return out
 

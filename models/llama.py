@@ -57,6 +57,12 @@ class Linear(nn.Linear):
         """``residual + self(norm(x))``, or of SiLU(gate) * up if gated (x holds gate then up); on the fast
         CPU path all in one kernel call, because each torch op around it costs 5-80 us at decode size."""
         w = self.weight
+        # the decode path first: a packed copy of this very weight for specdec's kernel (121 calls a step)
+        if (self._packed_key == (w.data_ptr(), w._version) and type(self._packed) is cpu_linear.PackedWeight
+                and x.dtype == w.dtype and not torch.is_grad_enabled()
+                and (residual is None or residual.dtype == w.dtype)):
+            return cpu_linear.linear(x, self._packed, self.bias, norm=None if norm is None else norm.weight,
+                                     eps=0.0 if norm is None else norm.eps, gated=gated, residual=residual)
         packer = None
         if w.device.type == "cpu" and x.dtype == w.dtype and not torch.is_grad_enabled():
             if w.dtype in cpu_linear.DTYPES and cpu_linear.available():
