@@ -58,7 +58,8 @@ class Linear(nn.Linear):
         CPU path all in one kernel call, because each torch op around it costs 5-80 us at decode size."""
         w = self.weight
         # the decode path first: a packed copy of this very weight for specdec's kernel (121 calls a step)
-        if (self._packed_key == (w.data_ptr(), w._version) and type(self._packed) is cpu_linear.PackedWeight
+        if (self._packed_key is not None and self._packed_key == _weight_key(w)
+                and type(self._packed) is cpu_linear.PackedWeight
                 and x.dtype == w.dtype and not torch.is_grad_enabled()
                 and (residual is None or residual.dtype == w.dtype)):
             return cpu_linear.linear(x, self._packed, self.bias, norm=None if norm is None else norm.weight,
@@ -70,7 +71,7 @@ class Linear(nn.Linear):
             elif w.dtype == torch.bfloat16 and _onednn_bf16():
                 packer = functools.partial(torch.ops.mkldnn._reorder_linear_weight, batch_size=1)
         if packer is not None:
-            key = (w.data_ptr(), w._version)
+            key = _weight_key(w)
             if self._packed_key != key:
                 self._packed, self._packed_key = packer(w), key
             if packer is cpu_linear.pack and (residual is None or residual.dtype == w.dtype):
@@ -83,6 +84,12 @@ class Linear(nn.Linear):
         else:
             y = super().forward(x)
         return y if residual is None else residual + y
+
+
+def _weight_key(w):
+    """(data_ptr, version) of a weight: its packed copy is remade when either moves. An inference tensor has
+    no version counter; its key is its pointer (an in-place change inside inference mode goes unseen)."""
+    return (w.data_ptr(), None if w.is_inference() else w._version)
 
 
 @dataclass
