@@ -68,48 +68,64 @@ static inline void store16(const int BF16, void *dst, long d, __mmask16 m, __m51
         _mm512_mask_storeu_ps((float *)dst + d, m, v);
 }
 
-/* Attention of G query heads (float32, rows of D) over keys 0..last of row b, kv head h -> out heads. */
+/* Attention of G query heads (float32, rows of D) over keys 0..last of row b, kv head h -> out heads.
+ * scratch: last + 1 key offsets, then G * (last + 1) scores and G * D accumulators. */
 static inline __attribute__((always_inline)) void attend(const int BF16, const float *q, long G, long D, float scale,
                                                          const Pool *k, const Pool *v, const long *table,
                                                          long max_blocks, long block_size, long b, long h,
-                                                         long last, float *scores, void *out, long out_head) {
+                                                         long last, long *scratch, void *out, long out_head) {
     const long elem = BF16 ? 2 : 4, n = last + 1;
+    long *where = scratch; /* element offset of key j in either pool (their strides are equal) */
+    float *scores = (float *)(scratch + n), *acc = scores + G * n;
+    for (long j = 0, off = 0, i = 0; j < n; j++) { /* block by block: no division per key */
+        const long blk = table ? table[b * max_blocks + i] : b;
+        where[j] = blk * k->block + off * k->slot + h * k->head;
+        if (++off == block_size) off = 0, i++;
+    }
     float top[MAX_GROUP];
     for (long g = 0; g < G; g++) top[g] = -INFINITY;
     for (long j = 0; j < n; j++) { /* scores[g][j] = scale * q_g . k_j */
-        long off;
-        const long blk = slot_of(table, max_blocks, block_size, b, j, &off);
-        const void *kj = at(k, blk, off, h, elem);
+        const void *kj = k->base + where[j] * elem;
         for (long g = 0; g < G; g++) {
-            __m512 acc = _mm512_setzero_ps();
+            __m512 dot = _mm512_setzero_ps();
             for (long d = 0; d < D; d += 16) {
                 const __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
-                acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + g * D + d), load16(BF16, kj, d, m), acc);
+                dot = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + g * D + d), load16(BF16, kj, d, m), dot);
             }
-            const float s = _mm512_reduce_add_ps(acc) * scale;
+            const float s = _mm512_reduce_add_ps(dot) * scale;
             scores[g * n + j] = s;
             top[g] = s > top[g] ? s : top[g];
         }
     }
-    for (long g = 0; g < G; g++) { /* softmax over j, then the weighted sum of values */
+    for (long g = 0; g < G; g++) { /* softmax numerators e^(s - max) */
         float *p = scores + g * n;
+        for (long j = 0; j < n; j += 16) {
+            const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+            _mm512_mask_storeu_ps(p + j, m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + j), _mm512_set1_ps(top[g]))));
+        }
+    }
+    memset(acc, 0, sizeof(float) * G * D);
+    for (long j = 0; j < n; j++) { /* sum_j e_j v_j, each value row read once for the G heads */
+        const void *vj = v->base + where[j] * elem;
+        for (long d = 0; d < D; d += 16) {
+            const __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
+            const __m512 vv = load16(BF16, vj, d, m);
+            for (long g = 0; g < G; g++) {
+                float *a = acc + g * D + d;
+                _mm512_mask_storeu_ps(a, m, _mm512_fmadd_ps(_mm512_set1_ps(scores[g * n + j]), vv, _mm512_maskz_loadu_ps(m, a)));
+            }
+        }
+    }
+    for (long g = 0; g < G; g++) { /* divided by the softmax's sum */
         __m512 total = _mm512_setzero_ps();
         for (long j = 0; j < n; j += 16) {
             const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
-            const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + j), _mm512_set1_ps(top[g])));
-            total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
-            _mm512_mask_storeu_ps(p + j, m, e);
+            total = _mm512_add_ps(total, _mm512_maskz_loadu_ps(m, scores + g * n + j));
         }
-        const float inv = 1.0f / _mm512_reduce_add_ps(total);
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
         for (long d = 0; d < D; d += 16) {
             const __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
-            __m512 acc = _mm512_setzero_ps();
-            for (long j = 0; j < n; j++) {
-                long off;
-                const long blk = slot_of(table, max_blocks, block_size, b, j, &off);
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load16(BF16, at(v, blk, off, h, elem), d, m), acc);
-            }
-            store16(BF16, (char *)out + g * out_head * elem, d, m, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
+            store16(BF16, (char *)out + g * out_head * elem, d, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, acc + g * D + d), inv));
         }
     }
 }
@@ -167,8 +183,8 @@ int specdec_attention(const void *qkv, const void *cos, const void *sin, const l
         /* 2. attention: one (token, kv head) at a time, its G query heads together */
         long longest = 0;
         for (long bt = 0; bt < B * T; bt++) longest = positions[bt] + 1 > longest ? positions[bt] + 1 : longest;
-        float *scores = malloc(sizeof(float) * (G * longest + 1));
-        if (!scores) {
+        long *scratch = malloc(sizeof(long) * longest + sizeof(float) * (G * longest + G * D) + 1);
+        if (!scratch) {
 #pragma omp atomic write
             failed = 1;
         }
@@ -176,18 +192,18 @@ int specdec_attention(const void *qkv, const void *cos, const void *sin, const l
         for (long w = 0; w < B * T * Hkv; w++) {
             const long bt = w / Hkv, h = w % Hkv, b = bt / T, pos = positions[bt];
             char *o = (char *)out + (bt * H + h * G) * D * elem;
-            if (pos < 0 || !scores) {
+            if (pos < 0 || !scratch) {
                 memset(o, 0, G * D * elem);
                 continue;
             }
             if (bf16)
                 attend(1, q + (bt * H + h * G) * D, G, D, scale, &k, &v, table, max_blocks, block_size, b, h, pos,
-                       scores, o, D);
+                       scratch, o, D);
             else
                 attend(0, q + (bt * H + h * G) * D, G, D, scale, &k, &v, table, max_blocks, block_size, b, h, pos,
-                       scores, o, D);
+                       scratch, o, D);
         }
-        free(scores);
+        free(scratch);
     }
     free(q);
     return failed ? -1 : 0;
