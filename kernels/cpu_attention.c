@@ -68,6 +68,19 @@ static inline void store16(const int BF16, void *dst, long d, __mmask16 m, __m51
         _mm512_mask_storeu_ps((float *)dst + d, m, v);
 }
 
+/* Lane j of the result: the sum of the 16 lanes of a[j]. Pairs of vectors are added within 128-bit blocks
+ * (unpack, then shuffle), leaving keys 4i..4i+3 in each block of c[i]; the blocks are then summed across. */
+static inline __m512 hsum16(const __m512 a[16]) {
+    __m512 b[8], c[4];
+    for (int i = 0; i < 8; i++)
+        b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++)
+        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+    const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44), _mm512_shuffle_f32x4(c[0], c[1], 0xEE));
+    const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44), _mm512_shuffle_f32x4(c[2], c[3], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
+}
+
 /* Attention of G query heads (float32, rows of D) over keys 0..last of row b, kv head h -> out heads.
  * scratch: last + 1 key offsets, then G * (last + 1) scores and G * D accumulators. */
 static inline __attribute__((always_inline)) void attend(const int BF16, const float *q, long G, long D, float scale,
@@ -83,18 +96,24 @@ static inline __attribute__((always_inline)) void attend(const int BF16, const f
         if (++off == block_size) off = 0, i++;
     }
     float top[MAX_GROUP];
-    for (long g = 0; g < G; g++) top[g] = -INFINITY;
-    for (long j = 0; j < n; j++) { /* scores[g][j] = scale * q_g . k_j */
-        const void *kj = k->base + where[j] * elem;
+    for (long j0 = 0; j0 < n; j0 += 16) { /* scores[g][j] = scale * q_g . k_j, 16 keys at a time */
+        const long keys = n - j0 < 16 ? n - j0 : 16;
+        const __mmask16 km = keys == 16 ? (__mmask16)0xffff : (__mmask16)((1u << keys) - 1);
         for (long g = 0; g < G; g++) {
-            __m512 dot = _mm512_setzero_ps();
-            for (long d = 0; d < D; d += 16) {
-                const __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
-                dot = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + g * D + d), load16(BF16, kj, d, m), dot);
+            __m512 dots[16];
+            for (long jj = 0; jj < 16; jj++) {
+                dots[jj] = _mm512_setzero_ps();
+                if (jj >= keys) continue;
+                const void *kj = k->base + where[j0 + jj] * elem;
+                for (long d = 0; d < D; d += 16) {
+                    const __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
+                    dots[jj] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + g * D + d), load16(BF16, kj, d, m), dots[jj]);
+                }
             }
-            const float s = _mm512_reduce_add_ps(dot) * scale;
-            scores[g * n + j] = s;
-            top[g] = s > top[g] ? s : top[g];
+            const __m512 sc = _mm512_mul_ps(hsum16(dots), _mm512_set1_ps(scale));
+            _mm512_mask_storeu_ps(scores + g * n + j0, km, sc);
+            const float best = _mm512_mask_reduce_max_ps(km, sc);
+            top[g] = j0 == 0 || best > top[g] ? best : top[g];
         }
     }
     for (long g = 0; g < G; g++) { /* softmax numerators e^(s - max) */
@@ -104,18 +123,23 @@ static inline __attribute__((always_inline)) void attend(const int BF16, const f
             _mm512_mask_storeu_ps(p + j, m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + j), _mm512_set1_ps(top[g]))));
         }
     }
-    memset(acc, 0, sizeof(float) * G * D);
-    for (long j = 0; j < n; j++) { /* sum_j e_j v_j, each value row read once for the G heads */
-        const void *vj = v->base + where[j] * elem;
+    for (long g = 0; g < G; g++) /* sum_j e_j v_j: four independent FMA chains over j, then added */
         for (long d = 0; d < D; d += 16) {
             const __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
-            const __m512 vv = load16(BF16, vj, d, m);
-            for (long g = 0; g < G; g++) {
-                float *a = acc + g * D + d;
-                _mm512_mask_storeu_ps(a, m, _mm512_fmadd_ps(_mm512_set1_ps(scores[g * n + j]), vv, _mm512_maskz_loadu_ps(m, a)));
+            const float *p = scores + g * n;
+            __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps(), p2 = _mm512_setzero_ps(), p3 = _mm512_setzero_ps();
+#define TERM(i) _mm512_set1_ps(p[i]), load16(BF16, v->base + where[i] * elem, d, m)
+            long j = 0;
+            for (; j + 4 <= n; j += 4) {
+                p0 = _mm512_fmadd_ps(TERM(j), p0);
+                p1 = _mm512_fmadd_ps(TERM(j + 1), p1);
+                p2 = _mm512_fmadd_ps(TERM(j + 2), p2);
+                p3 = _mm512_fmadd_ps(TERM(j + 3), p3);
             }
+            for (; j < n; j++) p0 = _mm512_fmadd_ps(TERM(j), p0);
+#undef TERM
+            _mm512_mask_storeu_ps(acc + g * D + d, m, _mm512_add_ps(_mm512_add_ps(p0, p1), _mm512_add_ps(p2, p3)));
         }
-    }
     for (long g = 0; g < G; g++) { /* divided by the softmax's sum */
         __m512 total = _mm512_setzero_ps();
         for (long j = 0; j < n; j += 16) {
