@@ -111,11 +111,12 @@ def test_bad_input_is_refused_before_anything_is_written(paged):
     assert torch.equal(k_pool, before[0]) and torch.equal(v_pool, before[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "smollm2"])
-def test_a_pass_of_several_tokens_gives_each_the_bits_of_single_steps(arch):
-    # float32 with the CPU kernels: every linear layer and the attention compute each token alone, so a
-    # verification pass of k + 1 tokens reproduces plain decode steps bit for bit (not just within rounding)
-    model = as_native(tiny_model(arch, torch.float32))
+def test_a_pass_of_several_tokens_gives_each_the_bits_of_single_steps(arch, dtype):
+    # with the CPU kernels every linear layer and the attention compute each token alone, so a verification
+    # pass of k + 1 tokens reproduces plain decode steps bit for bit (not just within rounding)
+    model = as_native(tiny_model(arch, dtype))
     ids = torch.randint(3, 90, (1, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         cache = model.new_cache(1, 16)
