@@ -75,7 +75,8 @@ static inline __m512 hsum16(const __m512 a[16]) {
     for (int i = 0; i < 8; i++)
         b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
     for (int i = 0; i < 4; i++)
-        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
     const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44), _mm512_shuffle_f32x4(c[0], c[1], 0xEE));
     const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44), _mm512_shuffle_f32x4(c[2], c[3], 0xEE));
     return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
@@ -107,7 +108,8 @@ static inline __attribute__((always_inline)) void attend(const int BF16, const f
                 const void *kj = k->base + where[j0 + jj] * elem;
                 for (long d = 0; d < D; d += 16) {
                     const __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
-                    dots[jj] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + g * D + d), load16(BF16, kj, d, m), dots[jj]);
+                    const __m512 qd = _mm512_maskz_loadu_ps(m, q + g * D + d);
+                    dots[jj] = _mm512_fmadd_ps(qd, load16(BF16, kj, d, m), dots[jj]);
                 }
             }
             const __m512 sc = _mm512_mul_ps(hsum16(dots), _mm512_set1_ps(scale));
@@ -120,14 +122,15 @@ static inline __attribute__((always_inline)) void attend(const int BF16, const f
         float *p = scores + g * n;
         for (long j = 0; j < n; j += 16) {
             const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
-            _mm512_mask_storeu_ps(p + j, m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + j), _mm512_set1_ps(top[g]))));
+            const __m512 shifted = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + j), _mm512_set1_ps(top[g]));
+            _mm512_mask_storeu_ps(p + j, m, exp16(shifted));
         }
     }
     for (long g = 0; g < G; g++) /* sum_j e_j v_j: four independent FMA chains over j, then added */
         for (long d = 0; d < D; d += 16) {
             const __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
             const float *p = scores + g * n;
-            __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps(), p2 = _mm512_setzero_ps(), p3 = _mm512_setzero_ps();
+            __m512 p0 = _mm512_setzero_ps(), p1 = p0, p2 = p0, p3 = p0;
 #define TERM(i) _mm512_set1_ps(p[i]), load16(BF16, v->base + where[i] * elem, d, m)
             long j = 0;
             for (; j + 4 <= n; j += 4) {
@@ -149,7 +152,8 @@ static inline __attribute__((always_inline)) void attend(const int BF16, const f
         const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
         for (long d = 0; d < D; d += 16) {
             const __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
-            store16(BF16, (char *)out + g * out_head * elem, d, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, acc + g * D + d), inv));
+            const __m512 mean = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, acc + g * D + d), inv);
+            store16(BF16, (char *)out + g * out_head * elem, d, m, mean);
         }
     }
 }

@@ -16,7 +16,9 @@ static inline __m512 round_to(const int BF16, __m512 v) {
 }
 
 /* float32 -> bfloat16 bits */
-static inline __m256i to_bf16(__m512 v) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_to(1, v)), 16)); }
+static inline __m256i to_bf16(__m512 v) {
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_to(1, v)), 16));
+}
 
 /* 16 features from k (mask m: the ones < K) as float32 */
 static inline __m512 load16(const int BF16, const void *src, long k, __mmask16 m) {

@@ -63,11 +63,13 @@ def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = No
     dtype, n, k = weight.data.dtype, weight.out_features, weight.in_features
     if x.dtype != dtype or x.device.type != "cpu" or x.shape[-1] != (2 * k if gated else k):
         raise ValueError(f"linear: x [..., {x.shape[-1]}] of dtype {x.dtype} on {x.device} does not fit a weight "
-                         f"[{n}, {k}] of dtype {dtype}" + (" (gated: x holds gate and up, 2 x in features)" if gated else ""))
+                         f"[{n}, {k}] of dtype {dtype}"
+                         + (" (gated: x holds gate and up, 2 x in features)" if gated else ""))
     x = x.contiguous()  # held, as the others below, until the call returns
     out = torch.empty(*x.shape[:-1], n, dtype=dtype)  # [..., out]
     pointers, held = [0, 0, 0], []  # bias, norm, residual; held: contiguous copies alive until the call returns
-    for i, (name, t, shape) in enumerate((("bias", bias, (n,)), ("norm", norm, (k,)), ("residual", residual, out.shape))):
+    optional = (("bias", bias, (n,)), ("norm", norm, (k,)), ("residual", residual, out.shape))
+    for i, (name, t, shape) in enumerate(optional):
         if t is not None:
             if t.dtype != dtype or t.device.type != "cpu" or t.shape != shape:
                 raise ValueError(f"linear: {name} of shape {tuple(t.shape)} ({t.dtype} on {t.device}) does not "

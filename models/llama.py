@@ -51,7 +51,8 @@ class Linear(nn.Linear):
     """
 
     _packed = None  # the weight [out, in] in the kernel's (or oneDNN's) layout
-    _packed_key = None  # (data_ptr, version) of the weight it was made from
+    _packed_key = None  # _weight_key of the weight it was made from
+    _packed_from = None  # that weight's storage (not a parameter), held: its address cannot be reused meanwhile
 
     def forward(self, x, norm: RMSNorm | None = None, gated: bool = False, residual=None):
         """``residual + self(norm(x))``, or of SiLU(gate) * up if gated (x holds gate then up); on the fast
@@ -73,7 +74,7 @@ class Linear(nn.Linear):
         if packer is not None:
             key = _weight_key(w)
             if self._packed_key != key:
-                self._packed, self._packed_key = packer(w), key
+                self._packed, self._packed_key, self._packed_from = packer(w), key, w.detach()
             if packer is cpu_linear.pack and (residual is None or residual.dtype == w.dtype):
                 return cpu_linear.linear(x, self._packed, self.bias, norm=None if norm is None else norm.weight,
                                          eps=0.0 if norm is None else norm.eps, gated=gated, residual=residual)
@@ -87,9 +88,10 @@ class Linear(nn.Linear):
 
 
 def _weight_key(w):
-    """(data_ptr, version) of a weight: its packed copy is remade when either moves. An inference tensor has
-    no version counter; its key is its pointer (an in-place change inside inference mode goes unseen)."""
-    return (w.data_ptr(), None if w.is_inference() else w._version)
+    """What a packed copy was made from: pointer, shape, dtype and version (an inference tensor has no version
+    counter: an in-place change inside inference mode goes unseen). Linear also holds the weight it packed,
+    so a new weight cannot reuse the old one's address while its key is current."""
+    return (w.data_ptr(), w.shape, w.dtype, None if w.is_inference() else w._version)
 
 
 @dataclass
