@@ -58,33 +58,31 @@ class Linear(nn.Linear):
         """``residual + self(norm(x))``, or of SiLU(gate) * up if gated (x holds gate then up); on the fast
         CPU path all in one kernel call, because each torch op around it costs 5-80 us at decode size."""
         w = self.weight
-        # the decode path first: a packed copy of this very weight for specdec's kernel (121 calls a step)
-        if (self._packed_key is not None and self._packed_key == _weight_key(w)
-                and type(self._packed) is cpu_linear.PackedWeight
-                and x.dtype == w.dtype and not torch.is_grad_enabled()
-                and (residual is None or residual.dtype == w.dtype)):
-            return cpu_linear.linear(x, self._packed, self.bias, norm=None if norm is None else norm.weight,
-                                     eps=0.0 if norm is None else norm.eps, gated=gated, residual=residual)
-        packer = None
+        onednn = False
         if w.device.type == "cpu" and x.dtype == w.dtype and not torch.is_grad_enabled():
-            if w.dtype in cpu_linear.DTYPES and cpu_linear.available():
-                packer = cpu_linear.pack
-            elif w.dtype == torch.bfloat16 and _onednn_bf16():
-                packer = functools.partial(torch.ops.mkldnn._reorder_linear_weight, batch_size=1)
-        if packer is not None:
             key = _weight_key(w)
-            if self._packed_key != key:
-                self._packed, self._packed_key, self._packed_from = packer(w), key, w.detach()
-            if packer is cpu_linear.pack and (residual is None or residual.dtype == w.dtype):
+            if self._packed_key != key:  # first use, or the weight changed: (re)pack, once
+                self._packed, self._packed_key, self._packed_from = _pack(w), key, w.detach()
+            if type(self._packed) is cpu_linear.PackedWeight and (residual is None or residual.dtype == w.dtype):
                 return cpu_linear.linear(x, self._packed, self.bias, norm=None if norm is None else norm.weight,
                                          eps=0.0 if norm is None else norm.eps, gated=gated, residual=residual)
+            onednn = isinstance(self._packed, torch.Tensor)
         x = cpu_linear.fused_input(x, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
                                    gated)
-        if packer is not None:  # oneDNN
+        if onednn:
             y = torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         else:
             y = super().forward(x)
         return y if residual is None else residual + y
+
+
+def _pack(w):
+    """w [out, in] on the CPU -> specdec's packed layout, oneDNN's (bfloat16 without the kernel), or None"""
+    if w.dtype in cpu_linear.DTYPES and cpu_linear.available():
+        return cpu_linear.pack(w)
+    if w.dtype == torch.bfloat16 and _onednn_bf16():
+        return torch.ops.mkldnn._reorder_linear_weight(w, 1)
+    return None
 
 
 def _weight_key(w):
@@ -100,7 +98,7 @@ class Step:
 
     cos: torch.Tensor  # [batch, T, 1, head_dim]
     sin: torch.Tensor  # [batch, T, 1, head_dim], sign-folded: -sin on the first half, +sin on the second
-    slots: torch.Tensor  # [batch, T] cache slot of each new token (padding: the trash slot)
+    slots: torch.Tensor | None  # [batch, T] cache slot of each new token (padding: the trash slot); torch path
     context_lens: torch.Tensor  # [batch] cached tokens before the new ones
     query_lens: torch.Tensor  # [batch] new tokens per row (the rest of T is padding)
     span: int  # slots 0..span-1 hold every key any row attends to
@@ -316,7 +314,7 @@ class LlamaModel(nn.Module):
                       and cpu_attention.usable(x, attn.head_dim, attn.num_heads // attn.num_kv_heads))
         if not use_triton(x) and not cpu_kernel:
             span, mask, row_ok = attention_span_and_mask(context_lens, query_lens, positions.shape[1], span)
-        step = Step(cos=cos, sin=sin, slots=cache.slots(positions), context_lens=context_lens,
+        step = Step(cos=cos, sin=sin, slots=None if cpu_kernel else cache.slots(positions), context_lens=context_lens,
                     query_lens=query_lens, span=span, mask=mask, row_ok=row_ok, positions=positions,
                     cpu_kernel=cpu_kernel)
         for layer in self.model.layers:
