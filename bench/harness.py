@@ -14,6 +14,8 @@ Methods
     plain        specdec, plain decoding
     draft        specdec with the draft model, once per k in ``ks``
     auto         specdec with the draft model, ``num_draft_tokens="auto"``
+    head         specdec with the draft head (``head``: feature-conditioned, models/head.py), once per k in ``ks``
+    head-auto    specdec with the draft head, ``num_draft_tokens="auto"``
     ngram        specdec with n-gram prompt lookup, ``num_draft_tokens="auto"``
     synthetic    specdec with a proposer whose drafts the target accepts with a chosen probability (greedy
                  only): the system's own overhead and the break-even acceptance rate, whatever the draft
@@ -33,7 +35,7 @@ import torch
 from specdec.bench.common import bandwidth_gbs, machine, weight_bytes
 import specdec
 
-METHODS = ("hf", "hf-assisted", "hf-lookup", "plain", "draft", "auto", "ngram", "synthetic")
+METHODS = ("hf", "hf-assisted", "hf-lookup", "plain", "draft", "auto", "head", "head-auto", "ngram", "synthetic")
 CATEGORIES = ("chat", "explanation", "code", "rewriting", "math")
 PROMPT_DIR = Path(__file__).parent / "prompts"
 HF_BATCH_ONE = ("hf-assisted", "hf-lookup")  # transformers refuses batch > 1 for these (#29769, #32165)
@@ -44,6 +46,7 @@ LOOKUP_TOKENS = 10  # transformers' documented example value for prompt_lookup_n
 class BenchConfig:
     model: str = "smollm2-135m-instruct"
     draft: str | None = "smollm2-135m-instruct-draft"
+    head: str | None = "smollm2-135m-instruct-head"  # a draft head for the target (transformers has no such thing)
     methods: tuple = METHODS
     ks: tuple = (1, 2, 3, 4, 5, 6, 7, 8)
     modes: tuple = ("greedy", "sampling")
@@ -84,6 +87,9 @@ class BenchConfig:
         needs_draft = {"hf-assisted", "draft", "auto"} & set(self.methods)
         if needs_draft and self.draft is None:
             raise ValueError(f"methods {sorted(needs_draft)} need a draft; got draft=None")
+        needs_head = {"head", "head-auto"} & set(self.methods)
+        if needs_head and self.head is None:
+            raise ValueError(f"methods {sorted(needs_head)} need a draft head; got head=None")
 
 
 #: finishes in under 5 minutes on a 2-core CPU with SmolLM2-135M (measured: see bench/RESULTS.md)
@@ -120,9 +126,9 @@ def plan(config: BenchConfig) -> list[Run]:
                 if method == "synthetic":
                     if mode == "greedy":  # acceptance of "the target's own token" is defined for greedy only
                         group += [Run(method, mode, batch, config.synthetic_k, r) for r in config.synthetic_rates]
-                elif method == "draft":
+                elif method in ("draft", "head"):
                     group += [Run(method, mode, batch, k) for k in config.ks]
-                elif method in ("auto", "ngram"):
+                elif method in ("auto", "head-auto", "ngram"):
                     group.append(Run(method, mode, batch, "auto"))
                 elif method == "hf-lookup":
                     group.append(Run(method, mode, batch, LOOKUP_TOKENS))
@@ -250,10 +256,11 @@ def unpadded(work: Workload, generated: list[torch.Tensor]) -> list[torch.Tensor
 
 
 class Bench:
-    def __init__(self, config: BenchConfig, target, draft, prompts: list[list[int]], progress: bool = True):
+    def __init__(self, config: BenchConfig, target, draft, prompts: list[list[int]], progress: bool = True,
+                 head=None):
         from specdec.models.loading import as_native
 
-        self.config, self.target, self.draft = config, target, draft
+        self.config, self.target, self.draft, self.head = config, target, draft, head
         self.native = as_native(target)
         self.native_draft = as_native(draft, "draft") if draft is not None else None
         gen = target.generation_config
@@ -288,8 +295,8 @@ class Bench:
                                                                                     top_k=None)), **extra)
             seconds = time.perf_counter() - start
             return new_tokens(out, prompt_len, self.eos), seconds, None
-        draft = {"plain": None, "draft": self.native_draft, "auto": self.native_draft, "ngram": "ngram"}.get(
-            run.method)
+        draft = {"plain": None, "draft": self.native_draft, "auto": self.native_draft, "head": self.head,
+                 "head-auto": self.head, "ngram": "ngram"}.get(run.method)
         if run.method == "synthetic":
             draft = SyntheticProposer(reference, run.rate, torch.Generator().manual_seed(seed))
         start = time.perf_counter()
@@ -345,6 +352,8 @@ class Bench:
         bandwidth = bandwidth_gbs() * 1e9
         target_bytes = weight_bytes(self.native)
         draft_bytes = weight_bytes(self.native_draft) if self.native_draft is not None else 0
+        # a head also reads a row of the target's embedding per token: nothing beside its own weights
+        head_bytes = weight_bytes(self.head) if self.head is not None else 0
         rows = []
         for run in tokens:
             n = len(tokens[run]) // cfg.repeats
@@ -359,9 +368,10 @@ class Bench:
                            per_position_acceptance=s.per_position_acceptance, mean_k=s.mean_k,
                            cost_ratio=s.cost_ratio, predicted_speedup=s.predicted_speedup,
                            steps_by_k={str(k): v for k, v in s.steps_by_k.items()})
-                uses_draft = run.method in ("draft", "auto")
+                drafted = {"draft": draft_bytes, "auto": draft_bytes, "head": head_bytes, "head-auto": head_bytes}
+                uses_draft = run.method in drafted
                 row.update(roofline(row["tokens_per_s"], s.tokens_per_target_forward, run.batch, target_bytes,
-                                    draft_bytes if uses_draft else 0, s.mean_k if uses_draft else 0, bandwidth))
+                                    drafted.get(run.method, 0), s.mean_k if uses_draft else 0, bandwidth))
             elif run.method == "hf":
                 row.update(tokens_per_target_forward=1.0,
                            **roofline(row["tokens_per_s"], 1.0, run.batch, target_bytes, 0, 0, bandwidth))
@@ -520,8 +530,9 @@ def check_outputs(json_path: Path | None, plot_dir: Path | None) -> None:
             raise ValueError(f"--plot {str(plot_dir)!r}: cannot create or write that folder")
 
 
-def check_draft_vocab(model: str, draft: str | None) -> None:
-    """A draft with another vocabulary is refused from the configs alone, before weights are read."""
+def check_draft_vocab(model: str, draft: str | None, head: str | None = None) -> None:
+    """A draft with another vocabulary, or a head made for another target, is refused from the configs
+    alone, before weights are read."""
     from types import SimpleNamespace
 
     from transformers import AutoConfig
@@ -529,11 +540,17 @@ def check_draft_vocab(model: str, draft: str | None) -> None:
     from specdec.models.loading import checkpoint_folder
     from specdec.speculative import check_vocab
 
-    if draft is None:
+    if draft is None and head is None:
         return
-    configs = [AutoConfig.from_pretrained(checkpoint_folder(name, arg)) for name, arg in ((model, "--model"),
-                                                                                          (draft, "--draft"))]
-    check_vocab(*(SimpleNamespace(vocab_size=c.vocab_size, config=c) for c in reversed(configs)))
+    target = AutoConfig.from_pretrained(checkpoint_folder(model, "--model"))
+    if draft is not None:
+        config = AutoConfig.from_pretrained(checkpoint_folder(draft, "--draft"))
+        check_vocab(*(SimpleNamespace(vocab_size=c.vocab_size, config=c) for c in (config, target)))
+    if head is not None:
+        config = AutoConfig.from_pretrained(checkpoint_folder(head, "--head"))
+        if getattr(config, "target_hidden_size", None) != target.hidden_size:
+            raise ValueError(f"--head {head!r} is not a draft head for a target of hidden size {target.hidden_size} "
+                             f"(its target_hidden_size: {getattr(config, 'target_hidden_size', None)})")
 
 
 def load_models(config: BenchConfig):
@@ -545,22 +562,25 @@ def load_models(config: BenchConfig):
     folder = checkpoint_folder(config.model)
     target = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    draft = None
+    draft = head = None
     if config.draft is not None:
         draft = AutoModelForCausalLM.from_pretrained(checkpoint_folder(config.draft), dtype=dtype).eval()
-    return target, draft, tokenizer
+    if config.head is not None and {"head", "head-auto"} & set(config.methods):
+        head, _ = specdec.load(config.head, dtype=dtype)
+    return target, draft, head, tokenizer
 
 
 def main(config: BenchConfig, json_path: Path | None = None, plot_dir: Path | None = None,
          progress: bool = True) -> dict:
     check_outputs(json_path, plot_dir)
-    check_draft_vocab(config.model, config.draft)
-    target, draft, tokenizer = load_models(config)
+    uses_head = bool({"head", "head-auto"} & set(config.methods))
+    check_draft_vocab(config.model, config.draft, config.head if uses_head else None)
+    target, draft, head, tokenizer = load_models(config)
     prompts = load_prompts(config.categories, config.prompts_per_category)
     from specdec.bench.common import chat_ids
 
     ids = [chat_ids(tokenizer, p)[0].tolist() for texts in prompts.values() for p in texts]
-    report = Bench(config, target, draft, ids, progress).run()
+    report = Bench(config, target, draft, ids, progress, head=head).run()
     report["prompts"] = prompts
     if torch.cuda.is_available():  # GPU mode: the same questions at a realistic size (bench/large_model.py)
         from specdec.bench.large_model import report as large_model_report

@@ -265,33 +265,40 @@ class LlamaModel(nn.Module):
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, features: bool = False) -> KVCache:
+        """features: the cache also keeps each position's last hidden state (for a draft head)"""
         attn = self.model.layers[0].self_attn
         return KVCache(
             num_layers=len(self.model.layers), batch_size=batch_size, num_kv_heads=attn.num_kv_heads,
             head_dim=attn.head_dim, max_len=max_len, dtype=self.dtype, device=self.device,
+            features=self.config.hidden_size if features else 0,
         )
 
-    def new_pool(self, num_blocks: int, block_size: int) -> KVPool:
+    def new_pool(self, num_blocks: int, block_size: int, features: bool = False) -> KVPool:
         """A paged pool for the engine: ``num_blocks`` blocks of ``block_size`` positions, shared by sequences."""
         attn = self.model.layers[0].self_attn
         return KVPool(
             num_layers=len(self.model.layers), num_blocks=num_blocks, block_size=block_size,
             num_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim, dtype=self.dtype, device=self.device,
+            features=self.config.hidden_size if features else 0,
         )
 
-    def forward(self, input_ids, positions, cache: KVCache, logits_index=None):
+    def forward(self, input_ids, positions, cache: KVCache, logits_index=None, *, inputs_embeds=None):
         """Run new tokens through the model and append them to the cache.
 
         input_ids     [batch, T]  new tokens (any padding has position -1)
         positions     [batch, T]  position of each new token == its cache slot: row b's tokens continue its
                                   cache (lengths[b], lengths[b] + 1, ...), right-padded with -1
         cache         KVCache     holds slots 0..position-1 of each row; its lengths advance here
-                                  (or a PagedKVCache: the same through a block table per row)
+                                  (or a PagedKVCache: the same through a block table per row). A cache made
+                                  with ``features=True`` also receives the last layer's output (before the
+                                  final norm) of every new token: what a draft head reads (models/head.py)
         logits_index  [batch, n]  optional: only these of the T new tokens get logits
+        inputs_embeds [batch, T, hidden]  optional: the layers' input instead of the embedding of input_ids
+                                  (a draft head feeds its fused token + feature vectors)
         returns       [batch, T or n, vocab] logits in float32 (float64 for float64 models)
         """
-        x = self.model.embed_tokens(input_ids)  # [batch, T, hidden]
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [batch, T, hidden]
         span = cache.check_room(positions)  # keys attended: slots 0..span-1 (the forward's one host sync)
         angles = positions.clamp(min=0).float()[..., None] * self.inv_freq  # [batch, T, head_dim / 2]
         cos = (angles.cos() * self.rope_scaling).to(x.dtype)
@@ -320,6 +327,8 @@ class LlamaModel(nn.Module):
         for layer in self.model.layers:
             x = layer(x, step, cache)
         cache.advance(positions)
+        if cache.features is not None:
+            cache.write_features(positions, x)
         if logits_index is not None:  # the vocabulary projection only where logits are wanted
             x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))
         return select(self.lm_head(x, norm=self.model.norm))

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from specdec.models.llama import ARCHITECTURES, FUSED, LlamaModel, fuse_state_dict
+from specdec.models.head import DraftHead, is_head_folder
 
 #: registered names -> a function returning a local path (a GGUF file or a checkpoint folder)
 REGISTRY = {}
@@ -49,6 +50,13 @@ def _smollm2_135m_instruct_draft() -> Path:
     """The draft trained for SmolLM2-135M-Instruct by ``specdec distill``, shipped in this package (model card:
     models/smollm2-135m-instruct-draft/README.md); a plain transformers checkpoint."""
     return Path(__file__).parent / "smollm2-135m-instruct-draft"
+
+
+@register("smollm2-135m-instruct-head")
+def _smollm2_135m_instruct_head() -> Path:
+    """The feature-conditioned draft head trained for SmolLM2-135M-Instruct by ``specdec distill --head``,
+    shipped in this package (model card: models/smollm2-135m-instruct-head/README.md)."""
+    return Path(__file__).parent / "smollm2-135m-instruct-head"
 
 
 def cache_dir() -> Path:
@@ -193,12 +201,15 @@ def load(name_or_path, dtype=None, device=None):
     """``model, tokenizer = specdec.load(name_or_path, dtype=None, device=None)``.
 
     name_or_path: a registered name (``specdec.models.REGISTRY``), a checkpoint folder, or a .gguf file.
+    A draft head's folder (``models/head.py``) gives a ``DraftHead``: pass it as ``draft_model``.
     """
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None) if dtype in ("float32", "bfloat16", "float64", "float16") else dtype
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype must be a torch dtype or one of float32/bfloat16/float16/float64, got dtype={dtype!r}")
     folder = checkpoint_folder(name_or_path)
+    if is_head_folder(folder):
+        return DraftHead.load(folder, dtype=dtype, device=device), AutoTokenizer.from_pretrained(folder)
     return load_checkpoint(folder, dtype=dtype, device=device), AutoTokenizer.from_pretrained(folder)
 
 

@@ -52,8 +52,12 @@ class SequenceLengths:
 
 
 class KVCache(SequenceLengths):
+    """features: if > 0, the cache also keeps the model's last hidden state (``features`` wide) of every
+    position it holds — what a feature-conditioned draft head reads (``models/head.py``); it rolls back
+    with the keys and values."""
+
     def __init__(self, *, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype, device: torch.device | str = "cpu", features: int = 0):
         if batch_size < 1 or max_len < 1:
             raise ValueError(f"KVCache needs batch_size >= 1 and max_len >= 1, got {batch_size=}, {max_len=}")
         self.max_len = max_len
@@ -64,6 +68,8 @@ class KVCache(SequenceLengths):
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # [batch]
         self._rows = torch.arange(batch_size, device=device)[:, None]  # [batch, 1]
+        # [batch, max_len + 1, features] or None
+        self.features = torch.zeros(batch_size, max_len + 1, features, dtype=dtype, device=device) if features else None
 
     def slots(self, positions):
         """Where new tokens go: slot == position, padding (-1) to the trash slot. [batch, T] -> [batch, T]"""
@@ -76,6 +82,14 @@ class KVCache(SequenceLengths):
         """
         self.keys[layer][self._rows, :, slots] = k
         self.values[layer][self._rows, :, slots] = v
+
+    def write_features(self, positions, x) -> None:
+        """positions [batch, T] (-1: padding, to the trash slot); x [batch, T, features]"""
+        self.features[self._rows, self.slots(positions)] = x.to(self.features.dtype)
+
+    def features_at(self, positions):
+        """positions [batch, T] -> [batch, T, features] (padding reads the trash slot)"""
+        return self.features[self._rows, self.slots(positions)]
 
     def pools(self, layer: int):
         """What attention reads: the paged pool's special case of one block per row, no block table.
@@ -95,7 +109,7 @@ class KVPool:
     """
 
     def __init__(self, *, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype, device: torch.device | str = "cpu", features: int = 0):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"KVPool needs num_blocks >= 1 and block_size >= 1, got {num_blocks=}, {block_size=}")
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -103,6 +117,9 @@ class KVPool:
         shape = (num_layers, num_blocks + 1, block_size, num_kv_heads, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [layers, blocks + 1, block_size, kv_heads, head_dim]
         self.values = torch.zeros(shape, dtype=dtype, device=device)
+        # [blocks + 1, block_size, features] or None: as KVCache.features
+        self.features = (torch.zeros(num_blocks + 1, block_size, features, dtype=dtype, device=device) if features
+                         else None)
         # a stack: the most recently freed block is reused first (its memory is the likeliest to be cached)
         self._free = list(range(num_blocks - 1, -1, -1))
 
@@ -145,6 +162,7 @@ class PagedKVCache(SequenceLengths):
         self.capacity = torch.tensor([len(t) * pool.block_size for t in block_tables], device=device)  # [batch]
         self.lengths = torch.as_tensor(lengths, dtype=torch.long, device=device).clone()  # [batch]
         self.max_len = width * pool.block_size
+        self.features = pool.features
 
     def check_room(self, positions) -> int:
         span = super().check_room(positions)
@@ -170,6 +188,16 @@ class PagedKVCache(SequenceLengths):
         keys, values = self.pool.keys[layer], self.pool.values[layer]
         keys.view(-1, *keys.shape[2:])[flat] = k.reshape(flat.shape[0], *keys.shape[2:])
         values.view(-1, *values.shape[2:])[flat] = v.reshape(flat.shape[0], *values.shape[2:])
+
+    def write_features(self, positions, x) -> None:
+        """positions [batch, T] (-1: padding); x [batch, T, features]"""
+        self.pool.features.view(-1, x.shape[-1])[self.slots(positions).reshape(-1)] = x.reshape(-1, x.shape[-1]).to(
+            self.pool.features.dtype)
+
+    def features_at(self, positions):
+        """positions [batch, T] -> [batch, T, features]"""
+        flat = self.pool.features.view(-1, self.pool.features.shape[-1])
+        return flat[self.slots(positions)]
 
     def pools(self, layer: int):
         """keys, values [num_blocks + 1, block_size, kv_heads, head_dim] and block_table [batch, max_blocks]"""

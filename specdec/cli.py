@@ -46,16 +46,18 @@ def _generate(args) -> int:
 def _distill(args) -> int:
     import dataclasses
 
-    from specdec.distill import DistillConfig, distill
+    from specdec.distill import HEAD, DistillConfig, distill
 
     fields = {f.name for f in dataclasses.fields(DistillConfig)}
-    config = DistillConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None and k != "head"}
+    config = DistillConfig(**{**(HEAD if args.head else {}), **given})
     report = distill(args.target, args.out, config, resume=args.resume)
     per_k = report["tokens_per_target_forward"]
     best = max(per_k, key=lambda k: per_k[k] / (k * report["cost_ratio_c"] + 1))
-    print(f"held-out greedy agreement {report['agreement']:.3f} over {report['answer_tokens']} answer tokens; "
+    agreement = report.get("agreement", report.get("first_draft_agreement"))
+    print(f"held-out greedy agreement {agreement:.3f} over {report['answer_tokens']} answer tokens; "
           f"c = {report['cost_ratio_c']:.3f}; tokens per target forward at k={best}: {per_k[best]:.2f}; "
-          f"draft saved in {args.out}", file=sys.stderr)
+          f"{'head' if args.head else 'draft'} saved in {args.out}", file=sys.stderr)
     return 0
 
 
@@ -70,6 +72,8 @@ def _bench(args) -> int:
              if k in fields and v is not None}
     if args.draft in ("none", ""):
         given["draft"] = None
+    if args.head in ("none", ""):
+        given["head"] = None
     config = BenchConfig(**{**(QUICK if args.quick else {}), **given})
     main(config, json_path=Path(args.json) if args.json else None, plot_dir=Path(args.plot) if args.plot else None)
     return 0
@@ -111,15 +115,18 @@ def main(argv=None) -> int:
     dis.add_argument("--resume", action="store_true", help="continue the run in --out")
     for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "num_prompts",
                  "eval_prompts", "max_new_tokens", "gen_batch", "teacher_top_k", "steps", "batch_size",
-                 "warmup", "checkpoint_every", "seed"):
+                 "warmup", "checkpoint_every", "seed", "kept_vocab", "unroll"):
         dis.add_argument("--" + name.replace("_", "-"), type=int, dest=name)
+    dis.add_argument("--head", action="store_true",
+                     help="train a feature-conditioned draft head (models/head.py) instead of a small model")
     dis.add_argument("--lr", type=float)
     dis.add_argument("--sample-fraction", type=float, dest="sample_fraction")
     dis.add_argument("--dtype", choices=["float32", "bfloat16"], help="of the saved weights (default bfloat16)")
     ben = sub.add_parser("bench", help="specdec against transformers and the memory roofline, side by side")
     ben.add_argument("--model", help=f"target (default {DEFAULT_MODEL})")
     ben.add_argument("--draft", help="draft model for hf-assisted/draft/auto ('none': no draft)")
-    ben.add_argument("--methods", nargs="+", help="hf hf-assisted hf-lookup plain draft auto ngram synthetic")
+    ben.add_argument("--head", help="draft head for head/head-auto ('none': no head)")
+    ben.add_argument("--methods", nargs="+", help="hf hf-assisted hf-lookup plain draft auto head head-auto ngram synthetic")
     ben.add_argument("--ks", nargs="+", type=int, help="k values for the draft (1..16)")
     ben.add_argument("--modes", nargs="+", help="greedy and/or sampling (temperature 0.7, top_p 0.9)")
     ben.add_argument("--batch-sizes", nargs="+", type=int, dest="batch_sizes")

@@ -57,11 +57,16 @@ class DistillConfig:
     checkpoint_every: int = 100
     seed: int = 0
     dtype: str = "bfloat16"  # of the saved weights: 2 bytes a parameter keeps the shipped draft under 40 MB
+    # a feature-conditioned draft head (models/head.py) instead of a small model: ``head=True`` (``--head``,
+    # whose other defaults are HEAD's); num_layers is then the head's layer count
+    head: bool = False
+    kept_vocab: int = 8192  # ids the head can propose: the most frequent in the target's answers
+    unroll: int = 2  # training passes: the first reads the target's features, each next one the previous pass's
 
     def __post_init__(self):
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "num_prompts",
                      "eval_prompts", "max_new_tokens", "gen_batch", "teacher_top_k", "steps", "batch_size",
-                     "checkpoint_every"):
+                     "checkpoint_every", "kept_vocab", "unroll"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {name}={getattr(self, name)}")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
@@ -73,6 +78,12 @@ class DistillConfig:
             raise ValueError(f"lr must be a positive number, got lr={self.lr}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got dtype={self.dtype!r}")
+
+
+#: ``--head``'s defaults: one layer like the target's; answers in batches of 16 (the native model generates
+#: them, then one more pass records the features); steps of 16 answers (~2500 positions, ~2 passes each)
+HEAD = dict(head=True, num_layers=1, num_prompts=900, gen_batch=16, steps=600, batch_size=16, lr=1e-3, warmup=50,
+            weight_decay=0.0, checkpoint_every=50)
 
 
 def _load_target(target):
@@ -200,7 +211,8 @@ def distill_loss(draft, ids, mask, where, values, indices):
     return loss, agree
 
 
-def train(draft, records: list[dict], out: Path, config: DistillConfig, pad: int, resume: bool, progress=True):
+def train(draft, records: list[dict], out: Path, config: DistillConfig, loss_of, resume: bool, progress=True):
+    """AdamW on ``loss_of(records of one step) -> (loss, agreement)``, checkpointed in ``out/trainer.pt``."""
     from tqdm.auto import tqdm
 
     optimizer = torch.optim.AdamW(draft.parameters(), lr=config.lr, weight_decay=config.weight_decay,
@@ -239,7 +251,7 @@ def train(draft, records: list[dict], out: Path, config: DistillConfig, pad: int
             epoch, offset = divmod(step, per_epoch)
             order = torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
             picked = [records[i] for i in order[offset * config.batch_size:(offset + 1) * config.batch_size].tolist()]
-            loss, agree = distill_loss(draft, *_batch(picked, pad))
+            loss, agree = loss_of(picked)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
@@ -286,27 +298,194 @@ def evaluate(draft, records: list[dict], pad: int, max_k: int = 8) -> dict:
             "tokens_per_target_forward": {k: 1 + runs.clamp(max=k).mean().item() for k in range(1, max_k + 1)}}
 
 
+def _decode_step(model, context: int, head_of=None):
+    """A closure running one decode step of ``model`` (batch 1, ``context`` tokens cached); a draft head
+    needs its target (``head_of``) for the token embedding and a feature."""
+    cache = model.new_cache(1, context + 1)
+    ids, positions = torch.ones(1, context, dtype=torch.long), torch.arange(context)[None]
+    one, position = torch.ones(1, 1, dtype=torch.long), torch.tensor([[context]])
+    if head_of is None:
+        model(ids, positions, cache)
+        return lambda: (cache.rollback(context), model(one, position, cache))
+    embed = head_of.model.embed_tokens
+    features = torch.zeros(1, context, model.config.target_hidden_size, dtype=head_of.dtype)
+    model(embed(ids), features, positions, cache)
+    return lambda: (cache.rollback(context), model(embed(one), features[:, :1], position, cache))
+
+
 @torch.no_grad()
 def cost_ratio(draft, target, context: int = 64, repeats: int = 30) -> float:
     """c: one draft decode step over one target decode step (native models, batch 1, ``context`` tokens in
     the cache), medians of ``repeats`` alternating timings so that machine noise hits both alike."""
     import statistics
 
+    from specdec.models.head import DraftHead
     from specdec.models.loading import as_native
 
-    natives = [as_native(draft), as_native(target)]
-    caches = [m.new_cache(1, context + 1) for m in natives]
-    for m, cache in zip(natives, caches):
-        m(torch.ones(1, context, dtype=torch.long), torch.arange(context)[None], cache)
+    target = as_native(target)
+    steps = [_decode_step(draft, context, head_of=target) if isinstance(draft, DraftHead)
+             else _decode_step(as_native(draft), context), _decode_step(target, context)]
     times = [[], []]
-    one, position = torch.ones(1, 1, dtype=torch.long), torch.tensor([[context]])
     for _ in range(repeats):
-        for i, (m, cache) in enumerate(zip(natives, caches)):
-            cache.rollback(context)
+        for i, step in enumerate(steps):
             start = time.perf_counter()
-            m(one, position, cache)
+            step()
             times[i].append(time.perf_counter() - start)
     return statistics.median(times[0]) / statistics.median(times[1])
+
+
+@torch.no_grad()
+def generate_features(target, tokenizer, prompts: list[str], folder: Path, config: DistillConfig, desc: str,
+                      sample_fraction: float) -> None:
+    """Chunks ``folder/NNNNN.pt`` for a draft head: per answer the ids of prompt + answer and the target's
+    feature (last layer's output, bfloat16) at every position. The native target answers (as specdec.generate
+    would) and then runs once more over prompt + answer to record the features: a head learns the features
+    of text the target wrote itself."""
+    from tqdm.auto import tqdm
+
+    from specdec.speculative import generate
+
+    folder.mkdir(parents=True, exist_ok=True)
+    eos = _eos_ids(target)
+    for start in tqdm(range(0, len(prompts), config.gen_batch), desc=desc, unit="batch"):
+        chunk = folder / f"{start:05d}.pt"
+        if chunk.exists():
+            continue  # resumed: made by an earlier run
+        ids = [_prompt_ids(tokenizer, p) for p in prompts[start:start + config.gen_batch]]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[0] * (width - len(x)) + x for x in ids])  # [B, width], left-padded
+        attention_mask = torch.arange(width) >= torch.tensor([width - len(x) for x in ids])[:, None]
+        sample = (start // config.gen_batch) % 4 < round(4 * sample_fraction)
+        out = generate(target, input_ids, attention_mask.long(), max_new_tokens=config.max_new_tokens,
+                       do_sample=sample, temperature=0.7 if sample else None, top_p=0.9 if sample else None,
+                       generator=torch.Generator().manual_seed(config.seed + start))
+        seqs = []
+        for row, prompt in enumerate(ids):
+            answer = out[row, width:].tolist()
+            n = next((i + 1 for i, t in enumerate(answer) if t in eos), len(answer))  # through the first EOS
+            seqs.append(prompt + answer[:n])
+        length = max(map(len, seqs))
+        batch = torch.zeros(len(seqs), length, dtype=torch.long)  # [B, L] right-padded
+        positions = torch.full((len(seqs), length), -1)
+        for row, seq in enumerate(seqs):
+            batch[row, :len(seq)], positions[row, :len(seq)] = torch.tensor(seq), torch.arange(len(seq))
+        cache = target.new_cache(len(seqs), length, features=True)
+        target(batch, positions, cache, logits_index=positions[:, :1].clamp(min=0))
+        records = [{"prompt_len": len(prompt), "ids": torch.tensor(seq),
+                    "feats": cache.features[row, :len(seq)].bfloat16()}
+                   for row, (prompt, seq) in enumerate(zip(ids, seqs))]
+        tmp = chunk.with_suffix(".tmp")
+        torch.save(records, tmp)
+        os.replace(tmp, chunk)
+
+
+def kept_vocabulary(records: list[dict], vocab_size: int, kept: int):
+    """The ``kept`` ids the target uses most in ``records`` (prompts and answers), sorted. -> [kept]"""
+    counts = torch.bincount(torch.cat([r["ids"] for r in records]), minlength=vocab_size)
+    return counts.topk(min(kept, vocab_size)).indices.sort().values
+
+
+def make_head(target, records: list[dict], config: DistillConfig):
+    """A draft head for ``target``: its output layer starts as the target's own over the kept ids (rows of
+    the target's output layer, its final norm), so its first job is only to predict the next feature."""
+    from specdec.models.head import DraftHead
+
+    torch.manual_seed(config.seed)
+    head = DraftHead.for_target(target.config, kept_vocabulary(records, target.vocab_size, config.kept_vocab),
+                                num_layers=config.num_layers).float()
+    with torch.no_grad():
+        for module in head.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight, std=0.02)
+        head.body.model.embed_tokens.weight.copy_(target.lm_head.weight[head.vocab_ids].float())
+        head.body.model.norm.weight.copy_(target.model.norm.weight.float())
+    return head
+
+
+def _feature_batch(records: list[dict]):
+    """Right-padded ids, positions (-1 = padding), features [B, L, H] (float32) and the positions whose next
+    token is an answer token [B, L] bool."""
+    length = max(len(r["ids"]) for r in records)
+    ids = torch.zeros(len(records), length, dtype=torch.long)
+    positions = torch.full((len(records), length), -1)
+    feats = torch.zeros(len(records), length, records[0]["feats"].shape[-1])
+    answer = torch.zeros(len(records), length, dtype=torch.bool)
+    for row, r in enumerate(records):
+        n = len(r["ids"])
+        ids[row, :n], positions[row, :n], feats[row, :n] = r["ids"], torch.arange(n), r["feats"].float()
+        answer[row, r["prompt_len"] - 1:n - 1] = True
+    return ids, positions, feats, answer
+
+
+def _previous(feats):
+    """Each position's predecessor's feature (zeros for position 0). [B, L, H] -> [B, L, H]"""
+    return torch.cat((torch.zeros_like(feats[:, :1]), feats[:, :-1]), dim=1)
+
+
+def _unit(x):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def head_loss(head, target, records: list[dict], unroll: int):
+    """Cross-entropy against the target's distribution over the kept ids plus a smooth-L1 pull of the
+    predicted features towards the target's (direction only: the output layer reads them through a norm),
+    on answer positions; summed over ``unroll`` passes, each fed the previous pass's predictions, so the
+    head also learns to draft on from its own features as it does after the first draft."""
+    ids, positions, feats, answer = _feature_batch(records)
+    length = ids.shape[1]
+    with torch.no_grad():
+        embeds = target.model.embed_tokens(ids).float()  # [B, L, H]
+        want = target.model.norm(feats[answer]) @ target.lm_head.weight[head.vocab_ids].float().T  # [N, kept]
+        teacher = F.softmax(want, dim=-1)
+    loss, inputs, agree = 0.0, _previous(feats), None
+    for _ in range(unroll):
+        cache = head.new_cache(len(records), length)
+        logits = head(embeds, inputs, positions, cache)  # [B, L, kept]
+        predicted = cache.features[:, :length]  # [B, L, H]
+        logprobs = F.log_softmax(logits[answer], dim=-1)
+        loss = loss - (teacher * logprobs).sum(-1).mean() + F.smooth_l1_loss(_unit(predicted[answer]),
+                                                                           _unit(feats[answer]))
+        if agree is None:
+            agree = (logprobs.argmax(-1) == teacher.argmax(-1)).float().mean()
+        inputs = _previous(predicted)
+    return loss, agree
+
+
+@torch.no_grad()
+def evaluate_head(head, target, records: list[dict], max_k: int = 8) -> dict:
+    """Held-out figures of a head drafting exactly as ``HeadProposer`` does: from every answer position s
+    (the pending token), the head's cache holds positions < s made from the target's features, and it
+    drafts ``max_k`` tokens on its own features; a draft run is accepted while it matches the target's
+    greedy answer. Reports per-k expected tokens per target forward and per-position acceptance."""
+    runs = []
+    for r in records:
+        n = len(r["ids"])
+        starts = torch.arange(r["prompt_len"], n - 1)  # [S] pending positions with a next token to guess
+        if len(starts) == 0:
+            continue
+        ids, feats = r["ids"][None], r["feats"].float()[None]  # [1, n], [1, n, H]
+        embeds = target.model.embed_tokens(ids).float()
+        cache = head.new_cache(len(starts), n + max_k)
+        full = head.new_cache(1, n + max_k)
+        head(embeds, _previous(feats), torch.arange(n)[None], full)  # every position from the target's features
+        cache.keys[:], cache.values[:], cache.features[:] = full.keys, full.values, full.features
+        cache.lengths = full.lengths.expand(len(starts)).clone()
+        cache.rollback(starts)
+        tokens, inputs, positions = ids[0, starts][:, None], feats[0, starts - 1][:, None], starts[:, None]
+        hits = []
+        for j in range(max_k):
+            logits = head(target.model.embed_tokens(tokens).float(), inputs, positions, cache)
+            tokens = head.vocab_ids[logits[:, -1].argmax(-1)][:, None]  # [S, 1]
+            truth = r["ids"][(starts + j + 1).clamp(max=n - 1)]
+            hits.append((tokens[:, 0] == truth) & (starts + j + 1 < n))
+            inputs = cache.features_at(positions)
+            positions = positions + 1
+        runs.append(torch.stack(hits, 1).long().cumprod(1).sum(1))  # [S] leading matches
+    runs = torch.cat(runs).double()
+    reached = [(runs >= i).sum().item() for i in range(max_k)]
+    return {"first_draft_agreement": (runs >= 1).double().mean().item(), "answer_tokens": len(runs),
+            "per_position_acceptance": [(runs >= i + 1).sum().item() / max(1, reached[i]) for i in range(max_k)],
+            "tokens_per_target_forward": {k: 1 + runs.clamp(max=k).mean().item() for k in range(1, max_k + 1)}}
 
 
 def save_draft(draft, tokenizer, out: Path, config: DistillConfig) -> None:
@@ -325,6 +504,10 @@ def distill(target, out, config: DistillConfig = DistillConfig(), resume: bool =
         raise ValueError(f"out={str(out)!r} exists; pass resume=True (--resume) to continue the run in it, "
                          f"or choose a new folder")
     model, tokenizer = _load_target(target)
+    if config.head:
+        from specdec.models.loading import from_transformers
+
+        model = from_transformers(model)  # the native model writes the features a head learns from
     out.mkdir(parents=True, exist_ok=True)
     settings = {"target": str(target), "config": dataclasses.asdict(config)}
     settings_file = out / "distill.json"
@@ -338,6 +521,8 @@ def distill(target, out, config: DistillConfig = DistillConfig(), resume: bool =
     prompts = training_prompts(config.num_prompts + config.eval_prompts, seed=config.seed)
     (out / "prompts.json").write_text(json.dumps({"train": prompts[config.eval_prompts:],
                                                   "eval": prompts[:config.eval_prompts]}, indent=1))
+    if config.head:
+        return _distill_head(model, tokenizer, prompts, out, config, resume, progress)
     generate_data(model, tokenizer, prompts[config.eval_prompts:], out / "data" / "train", config, "target answers")
     generate_data(model, tokenizer, prompts[:config.eval_prompts], out / "data" / "eval", config, "held-out answers")
     records = load_data(out / "data" / "train")
@@ -346,14 +531,45 @@ def distill(target, out, config: DistillConfig = DistillConfig(), resume: bool =
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     draft = make_draft(model, config)
     started = time.perf_counter()
-    history = train(draft, records, out, config, pad, resume, progress)
+    history = train(draft, records, out, config, lambda picked: distill_loss(draft, *_batch(picked, pad)), resume,
+                    progress)
     report = evaluate(draft, held_out, pad)
     report["cost_ratio_c"] = cost_ratio(draft, model)
     report["train_seconds_this_run"] = time.perf_counter() - started
+    return _finish(report, history, draft, lambda: save_draft(draft, tokenizer, out, config), out)
+
+
+def _finish(report: dict, history, draft, save, out: Path) -> dict:
     losses = [loss for _, loss, _ in history]
     report["initial_loss"] = sum(losses[:10]) / max(1, len(losses[:10]))  # means of the first and last 10 steps
     report["final_loss"] = sum(losses[-10:]) / max(1, len(losses[-10:]))
     report["parameters"] = sum(p.numel() for p in draft.parameters())
-    save_draft(draft, tokenizer, out, config)
+    save()
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _distill_head(target, tokenizer, prompts, out: Path, config: DistillConfig, resume: bool, progress: bool):
+    with torch.no_grad():
+        generate_features(target, tokenizer, prompts[config.eval_prompts:], out / "data" / "train", config,
+                          "target answers", config.sample_fraction)
+        # held-out answers greedy: the evaluation compares greedy drafts with the target's greedy tokens
+        generate_features(target, tokenizer, prompts[:config.eval_prompts], out / "data" / "eval", config,
+                          "held-out answers", 0.0)
+    records, held_out = load_data(out / "data" / "train"), load_data(out / "data" / "eval")
+    head = make_head(target, records, config)
+    started = time.perf_counter()
+    history = train(head, records, out, config, lambda picked: head_loss(head, target, picked, config.unroll),
+                    resume, progress)
+    report = evaluate_head(head, target, held_out)
+    answers = torch.cat([r["ids"][r["prompt_len"]:] for r in held_out])
+    report["kept_vocab_coverage"] = torch.isin(answers, head.vocab_ids).double().mean().item()
+    saved = head.to(getattr(torch, config.dtype))
+    report["cost_ratio_c"] = cost_ratio(saved, target)
+    report["train_seconds_this_run"] = time.perf_counter() - started
+
+    def save():
+        saved.save(out)
+        tokenizer.save_pretrained(out)
+
+    return _finish(report, history, saved, save, out)

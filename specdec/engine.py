@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 import torch
 
 from specdec.cache import PagedKVCache
-from specdec.proposers import DraftModelProposer
 from specdec.kernels.rejection_sample import greedy_accept, rejection_sample
 from specdec.sampling import SamplingConfig, random_numbers
 from specdec.speculative import DraftLength, _commit, _proposer, _token_ids, speculative_step
@@ -193,7 +192,7 @@ class Engine:
         if not isinstance(kv_blocks, int) or isinstance(kv_blocks, bool) or kv_blocks < 1:
             raise ValueError(f"kv_blocks must be an integer >= 1, got kv_blocks={kv_blocks!r}")
         self.proposer = _proposer(draft, self.target)
-        draft_model = self.proposer.model if isinstance(self.proposer, DraftModelProposer) else None
+        draft_model = getattr(self.proposer, "model", None)  # a draft model's or a draft head's paged cache
         if draft_model is not None and not hasattr(draft_model, "new_pool"):
             raise ValueError(f"draft: the engine needs a native draft model for its paged cache, got "
                              f"{type(draft_model).__name__}")
@@ -208,7 +207,9 @@ class Engine:
         device = self.target.device
         self._eos = torch.tensor(eos, dtype=torch.long, device=device)
         with torch.inference_mode():
-            self.pool = self.target.new_pool(kv_blocks, block_size)
+            # a draft head reads the target's features: the target's pool keeps them beside keys and values
+            self.pool = self.target.new_pool(kv_blocks, block_size,
+                                             features=getattr(self.proposer, "needs_features", False))
             self.draft_pool = draft_model.new_pool(kv_blocks, block_size) if draft_model is not None else None
         # drafts are sampled with the engine's generator; each request's own generator decides its tokens
         self._draft_generator = torch.Generator(device=device)
@@ -344,7 +345,7 @@ class Engine:
             vocab_size=self.target.vocab_size, max_len=tokens.shape[1], eos=self._eos, max_new_tokens=max_new,
             stats=control[1] if control is not None else self._prefill_stats,
         )
-        cache = PagedKVCache(self.pool, [s.blocks for s in seqs], [s.cached for s in seqs])
+        cache = state.target_cache = PagedKVCache(self.pool, [s.blocks for s in seqs], [s.cached for s in seqs])
         draft_cache = None
         if self.draft_pool is not None:
             draft_cache = PagedKVCache(self.draft_pool, [s.draft_blocks for s in seqs], [s.draft_cached for s in seqs])

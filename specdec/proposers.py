@@ -88,3 +88,66 @@ class NGramProposer:
         is_eos = torch.isin(drafts, state.eos) & valid
         valid &= (is_eos.long().cumsum(dim=1) - is_eos.long()) == 0  # keep an EOS, drop what follows it
         return torch.where(valid, drafts, -1), None
+
+
+class HeadProposer:
+    """A feature-conditioned draft head (``models/head.py``), drafting from the target's own last hidden states,
+    which the target keeps in its cache (``state.target_cache.features``; generate() and the engine make
+    such a cache when a proposer ``needs_features``).
+
+    Head position p reads token p and the feature of position p - 1: the target's for verified positions, the
+    head's own prediction while drafting. So the head's cache is kept only up to where it was fed the
+    target's features; the positions it drafted on its own features are recomputed next round from the
+    target's, one head pass over the accepted tokens (a ninth of a target pass per token for SmolLM2).
+    """
+
+    needs_features = True
+
+    def __init__(self, head, target):
+        target_hidden = target.config.hidden_size
+        if head.config.target_hidden_size != target_hidden:
+            raise ValueError(f"draft head reads features of size {head.config.target_hidden_size}, the target's "
+                             f"are {target_hidden}")
+        if int(head.vocab_ids.max()) >= target.vocab_size:
+            raise ValueError(f"draft head proposes ids up to {int(head.vocab_ids.max())}, outside the target's "
+                             f"vocabulary of {target.vocab_size}")
+        if head.device != target.device:
+            raise ValueError(f"draft head is on {head.device} but the target is on {target.device}: move one")
+        self.head, self.embed, self.model = head, target.model.embed_tokens, head
+
+    def propose(self, state: DecodeState, k: int):
+        target = state.target_cache
+        cache = state.scratch.get(self)
+        if cache is None:
+            cache = state.scratch[self] = self.head.new_cache(state.batch_size, state.max_len)
+        # A row can be drafted for once the target has run over everything before its pending token: then
+        # the feature of each token's predecessor is known (not so before a row's prefill).
+        ready = state.active & (target.lengths == state.num_tokens - 1)  # [batch]
+        if not bool(ready.any()):
+            return torch.full((state.batch_size, k), -1, dtype=torch.long, device=state.tokens.device), None
+        cache.rollback(torch.minimum(cache.lengths, state.num_tokens))  # (the engine hands in a trimmed one)
+        input_ids, positions, num_new = state.unseen(cache.lengths)  # [batch, W]: through the pending token
+        positions = positions.masked_fill(~ready[:, None], -1)
+        features = target.features_at(positions - 1).masked_fill((positions < 1)[..., None], 0)  # position 0: none
+        last = (num_new - 1).clamp(min=0)[:, None]  # [batch, 1]
+        drafts, probs = [], []
+        for _ in range(k):
+            logits = self.head(self.embed(input_ids), features, positions, cache, logits_index=last)[:, 0]
+            if state.sampling.greedy:  # (vocab_ids ascend: the first maximum is the one a full argmax finds)
+                token = self.head.vocab_ids[logits.argmax(dim=-1)]
+            else:
+                full = logits.new_full((state.batch_size, state.vocab_size), float("-inf"))
+                full[:, self.head.vocab_ids] = logits  # [batch, vocab]: ids the head never proposes stay at -inf
+                p = state.sampling.probs(full)
+                token = sample(p, state.generator)
+                probs.append(p)
+            drafts.append(token)
+            # the next position reads the head's own prediction of this one's feature
+            features = cache.features_at(positions.gather(1, last))  # [batch, 1, hidden]
+            input_ids, positions = token[:, None], cache.next_positions(ready.long(), 1)
+            last = torch.zeros_like(last)
+        # keep what the target's features made; the positions drafted on the head's own are redone next round
+        cache.rollback(torch.minimum(cache.lengths, torch.where(ready, state.num_tokens, 0)))
+        state.stats.draft_passes += k
+        drafts = torch.stack(drafts, dim=1).masked_fill(~ready[:, None], -1)
+        return drafts, (torch.stack(probs, dim=1) if probs else None)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from specdec.proposers import DraftModelProposer, NGramProposer
+from specdec.proposers import DraftModelProposer, HeadProposer, NGramProposer
 from specdec.sampling import SamplingConfig, verify
 from specdec.state import DecodeState
 from specdec.stats import SpecStats, expected_tokens
@@ -182,7 +182,8 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
     """Generate like transformers' ``model.generate()``; with ``draft_model``, speculatively and losslessly.
 
     input_ids       [batch, prompt_len] LongTensor; left padding allowed with attention_mask [batch, prompt_len]
-    draft_model     None (plain) | causal LM (native or transformers) | a Proposer. A draft model must be on
+    draft_model     None (plain) | causal LM (native or transformers) | "ngram" | a draft head (``DraftHead``,
+                    e.g. ``specdec.load("smollm2-135m-instruct-head")``) | a Proposer. A draft model must be on
                     the target's device (ValueError otherwise) but may have another dtype: a bfloat16 draft
                     for a float32 target is fine, both distributions are compared in float32.
     returns         [batch, prompt_len + new_tokens] as transformers lays it out (finished rows padded with
@@ -227,7 +228,8 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
         streamer.put(input_ids.cpu())
     start = time.perf_counter()
     with torch.inference_mode():
-        cache = target.new_cache(batch, state.max_len)
+        features = {"features": True} if getattr(proposer, "needs_features", False) else {}
+        cache = state.target_cache = target.new_cache(batch, state.max_len, **features)
         while bool(state.active.any()):
             k = length.next(state.stats) if proposer is not None else 0
             remaining = max_new_tokens - (state.num_tokens - prompt_lengths)
@@ -325,6 +327,8 @@ def _token_ids(name, value) -> list[int]:
 
 
 def _proposer(draft_model, target):
+    from specdec.models.head import DraftHead
+    from specdec.models.llama import LlamaModel
     from specdec.models.loading import as_native
 
     if draft_model is None:
@@ -335,6 +339,11 @@ def _proposer(draft_model, target):
         raise ValueError(f"draft_model={draft_model!r} is not a known proposer (known: 'ngram')")
     if hasattr(draft_model, "propose"):  # any Proposer, whatever else it is
         return draft_model
+    if isinstance(draft_model, DraftHead):
+        if not isinstance(target, LlamaModel):
+            raise ValueError("a draft head reads the target's hidden states, which only a native model target "
+                             f"provides; the target runs through {type(target).__name__}")
+        return HeadProposer(draft_model, target)
     draft = as_native(draft_model, "draft_model")
     check_vocab(draft, target)
     if draft.device != target.device:

@@ -24,6 +24,9 @@ class DecodeState:
     max_new_tokens: int
     stats: SpecStats = field(default_factory=SpecStats)
     scratch: dict = field(default_factory=dict)  # per-call state of proposers (draft KV caches)
+    # the target's KV cache; for proposers that read the target's last hidden states (``needs_features``) it
+    # keeps them too (``target_cache.features_at``)
+    target_cache: object = None
 
     @property
     def batch_size(self) -> int:

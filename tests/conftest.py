@@ -83,3 +83,18 @@ def perturbed_copy(arch: str, scale: float = 0.02):
 @pytest.fixture(params=sorted(ARCHS))
 def arch(request):
     return request.param
+
+
+
+def tiny_head(target, kept=None, seed=0):
+    """A random draft head (models/head.py) for a tiny target, in its dtype, proposing the ids ``kept``
+    (default: all)."""
+    from specdec.models import DraftHead, as_native
+
+    native = as_native(target)
+    torch.manual_seed(seed)
+    ids = torch.arange(native.vocab_size) if kept is None else torch.tensor(kept)
+    head = DraftHead.for_target(native.config, ids)
+    with torch.no_grad():  # sharper logits: realistic greedy paths
+        head.body.model.embed_tokens.weight.mul_(4.0)
+    return head.to(native.dtype).eval()

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import perturbed_copy, tiny_model
+from conftest import perturbed_copy, tiny_head, tiny_model
 from specdec.bench.harness import (
     Bench,
     BenchConfig,
@@ -57,7 +57,7 @@ def test_plan_runs_plain_first_and_skips_what_transformers_refuses():
 @pytest.mark.parametrize("kwargs, word", [
     (dict(methods=("plain", "medusa")), "medusa"), (dict(ks=(0,)), "ks"), (dict(ks=(17,)), "ks"),
     (dict(modes=("beam",)), "modes"), (dict(batch_sizes=(0,)), "batch_sizes"), (dict(synthetic_rates=(1.5,)), "rates"),
-    (dict(draft=None), "draft"),
+    (dict(draft=None), "draft"), (dict(head=None, methods=("plain", "head")), "head"),
 ])
 def test_bad_config(kwargs, word):
     with pytest.raises(ValueError, match=word):
@@ -98,12 +98,14 @@ def _prompts():
 def test_small_run_writes_json_and_plots(tmp_path):
     config = BenchConfig(ks=(1, 3), modes=("greedy", "sampling"), batch_sizes=(1, 2), max_new_tokens=12, repeats=2,
                          synthetic_rates=(0.0, 1.0), synthetic_k=3)
-    report = Bench(config, tiny_model("llama"), perturbed_copy("llama"), _prompts(), progress=False).run()
+    report = Bench(config, tiny_model("llama"), perturbed_copy("llama"), _prompts(), progress=False,
+                   head=tiny_head(tiny_model("llama"), seed=1)).run()
     text = json.dumps(report)  # every figure serialises
     assert json.loads(text)["mismatches"] == 0
     runs = report["runs"]
     methods = {r["method"] for r in runs}
-    assert methods == {"hf", "hf-assisted", "hf-lookup", "plain", "draft", "auto", "ngram", "synthetic"}
+    assert methods == {"hf", "hf-assisted", "hf-lookup", "plain", "draft", "auto", "head", "head-auto", "ngram",
+                       "synthetic"}
     for r in runs:
         assert r["tokens_per_s"] > 0 and math.isfinite(r["tokens_per_s"])
         if r["mode"] == "greedy" and r["method"] != "plain":

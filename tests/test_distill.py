@@ -14,7 +14,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from specdec.distill import DistillConfig, distill, make_draft, train
+import specdec
+from specdec.distill import HEAD, DistillConfig, _batch, distill, distill_loss, make_draft, train
+from specdec.models import DraftHead
 from specdec.prompts import training_prompts
 
 SMALL = DistillConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
@@ -71,6 +73,27 @@ def test_distill_reduces_loss_and_saves_a_transformers_checkpoint(target_folder,
     assert again["agreement"] == pytest.approx(report["agreement"], abs=0.02)  # bfloat16 save/reload
 
 
+SMALL_HEAD = DistillConfig(**{**HEAD, "num_prompts": 24, "eval_prompts": 8, "max_new_tokens": 16, "gen_batch": 8,
+                                "steps": 60, "batch_size": 8, "warmup": 5, "lr": 3e-3, "kept_vocab": 200,
+                                "checkpoint_every": 20})
+
+
+def test_distill_head_reduces_loss_and_the_head_drafts_exactly(target_folder, tmp_path):
+    out = tmp_path / "head"
+    report = distill(str(target_folder), out, SMALL_HEAD, progress=False)
+    assert report["final_loss"] < report["initial_loss"] - 0.5, report
+    per_k = report["tokens_per_target_forward"]
+    assert all(1.0 <= per_k[k] <= k + 1 for k in per_k) and per_k[8] >= per_k[1]
+    assert 0.0 < report["kept_vocab_coverage"] <= 1.0 and report["cost_ratio_c"] > 0
+    head, tokenizer = specdec.load(out)
+    assert isinstance(head, DraftHead) and head.dtype == torch.bfloat16 and len(head.vocab_ids) == 200
+    target, _ = specdec.load(target_folder)
+    ids = torch.tensor([tokenizer("Explain what a tree is.")["input_ids"]])
+    plain = specdec.generate(target, ids, max_new_tokens=24, eos_token_id=[])
+    spec = specdec.generate(target, ids, max_new_tokens=24, eos_token_id=[], draft_model=head, num_draft_tokens=3)
+    assert torch.equal(spec, plain)
+
+
 def test_training_resumes_from_its_checkpoint(target_folder, tmp_path):
     from specdec.distill import _load_target, generate_data, load_data
 
@@ -78,10 +101,13 @@ def test_training_resumes_from_its_checkpoint(target_folder, tmp_path):
     config = DistillConfig(**{**SMALL.__dict__, "steps": 10, "num_prompts": 8})
     generate_data(model, tokenizer, training_prompts(8), tmp_path / "data", config, "answers")
     records = load_data(tmp_path / "data")
-    first = train(make_draft(model, config), records, tmp_path, config, pad=2, resume=False, progress=False)
+    draft = make_draft(model, config)
+    first = train(draft, records, tmp_path, config, lambda rs: distill_loss(draft, *_batch(rs, 2)), resume=False,
+                  progress=False)
     longer = DistillConfig(**{**config.__dict__, "steps": 16})
     draft = make_draft(model, longer)
-    history = train(draft, records, tmp_path, longer, pad=2, resume=True, progress=False)
+    history = train(draft, records, tmp_path, longer, lambda rs: distill_loss(draft, *_batch(rs, 2)), resume=True,
+                    progress=False)
     assert history[:10] == first and len(history) == 16  # continued at step 10, not restarted
 
 
@@ -103,7 +129,8 @@ def test_bad_input_is_refused_and_nothing_overwritten(target_folder, tmp_path):
 
     with pytest.raises(FileNotFoundError, match="target="):
         distill(str(tmp_path / "missing"), tmp_path / "new", SMALL, progress=False)
-    for bad in (dict(num_layers=0), dict(hidden_size=30, num_heads=4), dict(sample_fraction=1.5), dict(lr=-1.0)):
+    for bad in (dict(num_layers=0), dict(hidden_size=30, num_heads=4), dict(sample_fraction=1.5), dict(lr=-1.0),
+                dict(kept_vocab=0), dict(unroll=0)):
         with pytest.raises(ValueError):
             DistillConfig(**bad)
 

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import perturbed_copy, tiny_model
+from conftest import perturbed_copy, tiny_head, tiny_model
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -47,6 +47,8 @@ def run(engine: Engine, requests, arrivals=None, abort_at=None):
 
 
 def draft_of(kind):
+    if kind == "head":
+        return tiny_head(tiny_model("llama"), seed=1)
     return {"none": None, "ngram": "ngram", "perturbed": perturbed_copy("llama"), "self": tiny_model("llama")}[kind]
 
 
@@ -59,7 +61,7 @@ def test_engine_equals_single_request_generate(data):
     requests = [(tuple(data.draw(st.lists(st.integers(3, VOCAB - 1), min_size=1, max_size=12), label="prompt")),
                  RequestParams(max_new_tokens=data.draw(st.integers(1, 20), label="max_new"))) for _ in range(n)]
     arrivals = [data.draw(st.integers(0, 8), label="arrival") for _ in range(n)]
-    kind = data.draw(st.sampled_from(["none", "ngram", "perturbed", "self"]), label="draft")
+    kind = data.draw(st.sampled_from(["none", "ngram", "perturbed", "self", "head"]), label="draft")
     k = data.draw(st.one_of(st.integers(1, 6), st.just("auto")), label="k")
     block_size = data.draw(st.sampled_from([1, 2, 3, 4, 16]), label="block_size")
     # the smallest legal pool fits the largest request alone: anything beyond that is headroom
@@ -78,7 +80,7 @@ def test_engine_equals_single_request_generate(data):
     assert not engine.has_unfinished()
 
 
-@pytest.mark.parametrize("kind", ["none", "perturbed"])
+@pytest.mark.parametrize("kind", ["none", "perturbed", "head"])
 def test_pool_too_small_preempts_and_outputs_are_unchanged(kind):
     requests = [(tuple(range(3 + i, 13 + i)), RequestParams(max_new_tokens=24)) for i in range(6)]
     # each request needs up to 34 positions = 9 blocks of 4; 12 blocks cannot hold even two of them grown

@@ -1,0 +1,134 @@
+"""The feature-conditioned draft head: exact greedy output, lossless sampling, a cache that is only kept where
+it was fed the target's features, save/load, and clear errors."""
+
+import pytest
+import torch
+from conftest import tiny_head, tiny_model
+from hypothesis import given
+from hypothesis import strategies as st
+from test_sampling import PROMPT, _empirical, _exact_distribution, _toy, _violations
+from test_speculative import batches
+
+import specdec
+from specdec.models import DraftHead, as_native
+from specdec.proposers import HeadProposer
+from specdec.sampling import SamplingConfig
+
+
+@pytest.mark.parametrize("arch", ["llama", "smollm2", "qwen2"])
+@given(data=st.data())
+def test_greedy_with_a_head_equals_plain(arch, data):
+    target = tiny_model(arch)
+    vocab = target.config.vocab_size
+    ids, mask = data.draw(batches(vocab), label="prompts")
+    k = data.draw(st.integers(1, 8), label="k")
+    max_new = data.draw(st.integers(1, 30), label="max_new_tokens")
+    kept = data.draw(st.sampled_from([None, list(range(0, vocab, 2))]), label="kept ids")
+    head = tiny_head(target, kept, seed=data.draw(st.integers(0, 3), label="seed"))
+    plain = specdec.generate(target, ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=[2])
+    spec = specdec.generate(target, ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=[2],
+                            draft_model=head, num_draft_tokens=k)
+    assert torch.equal(spec, plain)
+
+
+class CheckedHeadProposer(HeadProposer):
+    """Asserts that the drafts from the cached, rolled-back head equal a head run from scratch over the whole
+    history with the target's features; then hands the verifier the target's own continuation for a varying
+    number of positions (a random head is rarely right), so rounds end after 0..k accepted drafts."""
+
+    def __init__(self, head, target, truth):
+        super().__init__(head, target)
+        self.truth, self.calls = truth, 0  # truth [1, L] the plain greedy output
+
+    def propose(self, state, k):
+        drafts, probs = super().propose(state, k)
+        if (drafts < 0).all():
+            return drafts, probs
+        self.calls += 1
+        n = int(state.num_tokens[0])
+        head, embed = self.head, self.embed
+        cache = head.new_cache(1, state.max_len)
+        ids = state.tokens[:1, :n]
+        target_features = state.target_cache.features[:1]  # [1, max_len + 1, hidden]
+        features = torch.cat((torch.zeros_like(target_features[:, :1]), target_features[:, :n - 1]), dim=1)
+        positions = torch.arange(n)[None]
+        want = []
+        for _ in range(k):
+            logits = head(embed(ids), features, positions, cache)[:, -1]
+            want.append(int(head.vocab_ids[logits.argmax(-1)]))
+            features = cache.features_at(positions[:, -1:])
+            ids, positions = torch.tensor([[want[-1]]]), positions[:, -1:] + 1
+        assert drafts[0].tolist() == want
+        right = self.truth[0, n:n + k]
+        good = self.calls % (k + 1)  # this round: the first `good` drafts are right, the next one wrong
+        forced = torch.where(torch.arange(len(right)) < good, right, (right + 1) % state.vocab_size)
+        drafts = drafts.clone()
+        drafts[0, :len(right)] = forced
+        return drafts, probs
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_the_heads_cache_holds_only_what_the_targets_features_made(k):
+    target = tiny_model("llama")
+    ids = torch.tensor([[3, 17, 5, 40, 9]])
+    plain = specdec.generate(target, ids, max_new_tokens=40, eos_token_id=[])
+    proposer = CheckedHeadProposer(tiny_head(target, seed=1), as_native(target), plain)
+    out = specdec.generate(target, ids, max_new_tokens=40, eos_token_id=[], draft_model=proposer,
+                           num_draft_tokens=k, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, plain)
+    assert proposer.calls >= 40 // (k + 1)  # every round after the prefill was checked
+    assert set(out.stats.accepted_at) != {0}  # rounds ended after partial acceptance too
+
+
+def _toy_head(target, seed):
+    head = tiny_head(target, kept=[0, 1, 3, 4, 6], seed=seed)  # ids 2 and 5 are never proposed
+    with torch.no_grad():
+        head.body.model.embed_tokens.weight.mul_(2.0)
+    return head
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_sampling_with_a_head_matches_the_targets_distribution(k):
+    """Bound: each of the 343 outcome counts within 6 standard deviations (+5) of N * p (a false alarm has
+    probability < 1e-6 per run); the companions in test_sampling show that this test fails a broken sampler."""
+    target = _toy(0, 4.0)
+    knobs = dict(temperature=0.9, top_k=5, top_p=0.9)
+    probs = _exact_distribution(target, SamplingConfig(do_sample=True, **knobs))
+    out = specdec.generate(target, torch.tensor([PROMPT]), max_new_tokens=3, eos_token_id=[], do_sample=True,
+                           draft_model=_toy_head(target, 2), num_draft_tokens=k, generator=torch.Generator(),
+                           return_dict_in_generate=True, **knobs)
+    assert out.stats.proposed > 0  # the head drafted (after the prefill)
+    counts = _empirical(target, _toy_head(target, 2), k, knobs)
+    bad, impossible = _violations(counts, probs)
+    assert impossible == 0, "a token of probability zero appeared"
+    assert bad == 0, f"{bad} outcomes outside the bound"
+
+
+def test_save_and_load_round_trip(tmp_path):
+    target = tiny_model("smollm2")
+    head = tiny_head(target, kept=[0, 5, 7, 9, 50], seed=3)
+    head.save(tmp_path / "head")
+    loaded = DraftHead.load(tmp_path / "head", dtype=torch.float64)
+    assert torch.equal(loaded.vocab_ids, head.vocab_ids)
+    for (name, a), (_, b) in zip(sorted(head.state_dict().items()), sorted(loaded.state_dict().items())):
+        assert torch.equal(a, b), name
+    ids = torch.tensor([[3, 4, 5, 6]])
+    a = specdec.generate(target, ids, max_new_tokens=12, draft_model=head, return_dict_in_generate=True)
+    b = specdec.generate(target, ids, max_new_tokens=12, draft_model=loaded, return_dict_in_generate=True)
+    assert torch.equal(a.sequences, b.sequences) and a.stats.accepted == b.stats.accepted
+
+
+def test_a_head_for_another_target_is_refused():
+    target = tiny_model("llama")
+    wide = DraftHead.for_target(tiny_model("llama").config.__class__(hidden_size=32, intermediate_size=64,
+                                                                     num_attention_heads=2, num_key_value_heads=1,
+                                                                     vocab_size=101), torch.arange(101))
+    with pytest.raises(ValueError, match="features of size 32"):
+        specdec.generate(target, torch.tensor([[3, 4]]), max_new_tokens=2, draft_model=wide.double())
+    far = tiny_head(target, kept=[0, 1])
+    far.vocab_ids[1] = 500
+    with pytest.raises(ValueError, match="outside the target's vocabulary"):
+        specdec.generate(target, torch.tensor([[3, 4]]), max_new_tokens=2, draft_model=far)
+    with pytest.raises(ValueError, match="only a native model"):
+        specdec.generate(tiny_model("gpt2"), torch.tensor([[3, 4]]), max_new_tokens=2,
+                         draft_model=tiny_head(target))
