@@ -456,13 +456,15 @@ def plots(report: dict, folder: Path) -> list[Path]:
     for ax, mode in zip(axes[0], modes):
         batch = min(r["batch"] for r in runs)
         sel = [r for r in runs if r["mode"] == mode and r["batch"] == batch]
-        drafts = sorted((r for r in sel if r["method"] == "draft"), key=lambda r: r["k"])
-        if drafts:
-            ax.plot([r["k"] for r in drafts], [r["tokens_per_s"] for r in drafts], "o-", label="specdec draft")
+        lines = ["hf", "hf-assisted", "hf-lookup", "plain", "auto", "head-auto", "ngram"]
+        for method in ("draft", "head"):
+            points = sorted((r for r in sel if r["method"] == method), key=lambda r: r["k"])
+            if points:
+                ax.plot([r["k"] for r in points], [r["tokens_per_s"] for r in points], "o-", label=f"specdec {method}")
         for r in sel:
-            if r["method"] in ("hf", "hf-assisted", "hf-lookup", "plain", "auto", "ngram"):
+            if r["method"] in lines:
                 ax.axhline(r["tokens_per_s"], ls="--" if r["method"].startswith("hf") else ":",
-                           color=f"C{1 + ['hf', 'hf-assisted', 'hf-lookup', 'plain', 'auto', 'ngram'].index(r['method'])}",
+                           color=f"C{2 + lines.index(r['method'])}",
                            label=f"{'specdec ' if not r['method'].startswith('hf') else 'transformers '}{r['method']}")
         ax.set(xlabel="draft tokens per step k", ylabel="tokens/s", title=f"{mode}, batch {batch}")
         ax.legend(fontsize=7)
@@ -470,9 +472,10 @@ def plots(report: dict, folder: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for r in runs:
-        if r["method"] in ("draft", "auto", "ngram") and r["batch"] == min(x["batch"] for x in runs) \
-                and r.get("per_position_acceptance") and (r["method"] != "draft" or r["k"] == max(
-                    x["k"] for x in runs if x["method"] == "draft")):
+        if r["method"] in ("draft", "auto", "head", "head-auto", "ngram") \
+                and r["batch"] == min(x["batch"] for x in runs) and r.get("per_position_acceptance") \
+                and (r["method"] not in ("draft", "head") or r["k"] == max(
+                    x["k"] for x in runs if x["method"] == r["method"])):
             acc = r["per_position_acceptance"]
             ax.plot(range(1, len(acc) + 1), acc, "o-", label=f"{r['method']} k={r['k']} ({r['mode']})")
     ax.set(xlabel="draft position i", ylabel="P(accepted | all before accepted)", ylim=(0, 1.02),
@@ -482,7 +485,7 @@ def plots(report: dict, folder: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for mode in modes:
-        for method in ("draft", "auto", "ngram", "synthetic"):
+        for method in ("draft", "auto", "head", "head-auto", "ngram", "synthetic"):
             best = {}
             for r in runs:
                 if r["method"] == method and r["mode"] == mode and r["vs_plain"]:
@@ -490,7 +493,7 @@ def plots(report: dict, folder: Path) -> list[Path]:
                         continue
                     best[r["batch"]] = max(best.get(r["batch"], 0), r["vs_plain"])
             if best:
-                label = f"{method} ({mode})" + (" best k" if method == "draft" else "")
+                label = f"{method} ({mode})" + (" best k" if method in ("draft", "head") else "")
                 if method == "synthetic":
                     label = f"synthetic rate {max(x['rate'] for x in runs if x['method'] == method):g} ({mode})"
                 ax.plot(sorted(best), [best[b] for b in sorted(best)], "o-", label=label)

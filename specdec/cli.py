@@ -7,6 +7,7 @@ import sys
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
+DEFAULT_HEAD = "smollm2-135m-instruct-head"  # the default model's draft head (models/smollm2-135m-instruct-head)
 
 
 def _generate(args) -> int:
@@ -87,7 +88,8 @@ def _serve(args) -> int:
         if not k.isdigit() or int(k) < 1:
             raise ValueError(f"-k/--num-draft-tokens must be an integer >= 1 or 'auto', got {k!r}")
         k = int(k)
-    draft = None if args.draft in ("none", "") else args.draft
+    draft = args.draft if args.draft is not None else (DEFAULT_HEAD if args.model == DEFAULT_MODEL else "ngram")
+    draft = None if draft in ("none", "") else draft
     return serve(args.model, draft, host=args.host, port=args.port, num_draft_tokens=k,
                  max_num_seqs=args.max_num_seqs, kv_blocks=args.kv_blocks, block_size=args.block_size,
                  max_queued=args.max_queued, dtype=args.dtype, grace_seconds=args.grace)
@@ -143,7 +145,8 @@ def main(argv=None) -> int:
     ben.add_argument("--quick", action="store_true", help="a small run: under 5 minutes on a 2-core CPU")
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server: continuous batching + speculation")
     srv.add_argument("--model", default=DEFAULT_MODEL, help="registered name, checkpoint folder or .gguf file")
-    srv.add_argument("--draft", default="ngram", help="'ngram' (default), 'none', or a draft model name/folder/.gguf")
+    srv.add_argument("--draft", default=None, help="'ngram', 'none', or a draft model or head name/folder/.gguf "
+                     f"(default: {DEFAULT_HEAD} for the default model, 'ngram' for any other)")
     srv.add_argument("-k", "--num-draft-tokens", default="auto", help="drafts per step, or 'auto' (default)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
