@@ -98,7 +98,8 @@ class HeadProposer:
     Head position p reads token p and the feature of position p - 1: the target's for verified positions, the
     head's own prediction while drafting. So the head's cache is kept only up to where it was fed the
     target's features; the positions it drafted on its own features are recomputed next round from the
-    target's, one head pass over the accepted tokens (a ninth of a target pass per token for SmolLM2).
+    target's: one head pass over the accepted tokens (for SmolLM2 a head step, catch-up included, costs
+    0.05-0.10 of a target step: bench/RESULTS.md).
     """
 
     needs_features = True
@@ -113,7 +114,8 @@ class HeadProposer:
                              f"vocabulary of {target.vocab_size}")
         if head.device != target.device:
             raise ValueError(f"draft head is on {head.device} but the target is on {target.device}: move one")
-        self.head, self.embed, self.model = head, target.model.embed_tokens, head
+        self.head, self.embed = head, target.model.embed_tokens
+        self.model = head  # what the engine gives a paged cache of its own, as for a draft model
 
     def propose(self, state: DecodeState, k: int):
         target = state.target_cache
