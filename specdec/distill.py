@@ -14,6 +14,11 @@ Three resumable stages, each writing into the output folder:
    ratio c timed against the target with the native models. Written to ``eval.json``.
 
 The result is a plain transformers checkpoint (config.json + model.safetensors + tokenizer files).
+
+With ``head=True`` (``--head``) the same three stages train a draft head (``models/head.py``) instead: the
+native target answers, then runs once more over prompt + answer to record its feature at every position;
+the head learns the target's distribution over the ids it keeps and the target's features, unrolled over
+its own predictions; the evaluation drafts exactly as ``HeadProposer`` does. The result is a head folder.
 """
 
 from __future__ import annotations
