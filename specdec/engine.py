@@ -320,7 +320,8 @@ class Engine:
         if self.proposer is None:
             k, control = 0, None
         elif prefill:
-            k, control = self._last_k, None
+            # a draft head drafts from the target's features, which this very pass makes: nothing to draft yet
+            k, control = (0 if getattr(self.proposer, "needs_features", False) else self._last_k), None
         else:
             control = self._controller(len(seqs))
             k = self._last_k = control[0].next(control[1])
