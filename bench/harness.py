@@ -261,6 +261,9 @@ class Bench:
         from specdec.models.loading import as_native
 
         self.config, self.target, self.draft, self.head = config, target, draft, head
+        if head is None and {"head", "head-auto"} & set(config.methods):
+            raise ValueError(f"methods {sorted({'head', 'head-auto'} & set(config.methods))} need a draft head; "
+                             f"got head=None")
         self.native = as_native(target)
         self.native_draft = as_native(draft, "draft") if draft is not None else None
         gen = target.generation_config

@@ -4,9 +4,10 @@ last hidden state and drafts from it.
 An independent small draft must re-derive from the tokens alone what the target has already computed: the
 shipped 4 x 256 draft agrees with SmolLM2-135M on 37% of held-out tokens. The head instead takes, at position
 t, the target's feature of position t - 1 (its last layer's output, which already decides token t) and the
-embedding of token t, and predicts the target's feature at t, from which the target's own output layer —
-restricted to the ``vocab_ids`` the target actually emits — reads token t + 1. Drafting further, the head
-feeds its own predicted features back in.
+embedding of token t, and predicts the target's feature at t, from which an output layer over the
+``vocab_ids`` the target uses most reads token t + 1 (it starts as the target's own rows for those ids and
+the target's final norm; training adapts both). Drafting further, the head feeds its own predicted
+features back in.
 
 Cost, for SmolLM2-135M: fc 1152 x 576, one layer like the target's (3.5 M parameters) and an output layer
 over 8192 kept ids instead of 49152 (4.7 M instead of 28.3 M): ~9 M parameters, 7% of the target's reads.
@@ -36,6 +37,12 @@ class DraftHead(nn.Module):
             raise ValueError(f"a draft head needs >= 1 layer and one vocab id per output, got "
                              f"num_hidden_layers={config.num_hidden_layers}, vocab_ids {tuple(vocab_ids.shape)} "
                              f"for vocab_size={config.vocab_size}")
+        if getattr(config, "target_hidden_size", None) != config.hidden_size:
+            raise ValueError(f"a draft head's hidden_size ({config.hidden_size}) must be its target's "
+                             f"(config.target_hidden_size={getattr(config, 'target_hidden_size', None)})")
+        if not vocab_ids.is_meta and len(vocab_ids) and (int(vocab_ids[0]) < 0
+                                                         or bool((vocab_ids[1:] <= vocab_ids[:-1]).any())):
+            raise ValueError("vocab_ids must be distinct non-negative target ids in ascending order")
         hidden = config.hidden_size
         self.config = config
         self.embed_norm = RMSNorm(hidden, config.rms_norm_eps)
@@ -79,7 +86,7 @@ class DraftHead(nn.Module):
         """embeds [batch, T, hidden] the target's embedding of the new tokens; features [batch, T, hidden] the
         feature of each token's predecessor (the target's, or the head's own when drafting further);
         positions, cache (from ``new_cache``: its features receive the predicted ones), logits_index as for
-        the target. returns logits [batch, T or n, kept] (float32)"""
+        the target. returns logits [batch, T or n, kept] (float32; float64 for a float64 head)"""
         x = torch.cat((self.embed_norm(embeds.to(self.dtype)), self.feature_norm(features.to(self.dtype))), -1)
         return self.body(None, positions, cache, logits_index, inputs_embeds=self.fc(x))
 
@@ -103,9 +110,12 @@ class DraftHead(nn.Module):
             head = cls(config, torch.zeros(config.vocab_size, dtype=torch.long))
         head.load_state_dict(state, strict=False, assign=True)
         head.body.lm_head.weight = head.body.model.embed_tokens.weight
-        missing = [n for n, p in head.named_parameters() if p.is_meta]
+        missing = [n for n, p in [*head.named_parameters(), *head.named_buffers()] if p.is_meta]
         if missing:
             raise ValueError(f"draft head checkpoint {str(folder)!r} lacks weights: {missing[:4]}")
+        ids = head.vocab_ids
+        if int(ids[0]) < 0 or bool((ids[1:] <= ids[:-1]).any()):
+            raise ValueError(f"draft head checkpoint {str(folder)!r}: vocab_ids must be distinct, ascending, >= 0")
         head.to(dtype=dtype, device=device)
         head.body.inv_freq = head.body.inv_freq.float()  # RoPE angles stay float32
         return head.eval()

@@ -191,7 +191,8 @@ class PagedKVCache(SequenceLengths):
 
     def write_features(self, positions, x) -> None:
         """positions [batch, T] (-1: padding); x [batch, T, features]"""
-        self.pool.features.view(-1, x.shape[-1])[self.slots(positions).reshape(-1)] = x.reshape(-1, x.shape[-1]).to(
+        width = self.pool.features.shape[-1]
+        self.pool.features.view(-1, width)[self.slots(positions).reshape(-1)] = x.reshape(-1, width).to(
             self.pool.features.dtype)
 
     def features_at(self, positions):

@@ -65,7 +65,7 @@ class DistillConfig:
     # a feature-conditioned draft head (models/head.py) instead of a small model: ``head=True`` (``--head``,
     # whose other defaults are HEAD's); num_layers is then the head's layer count
     head: bool = False
-    kept_vocab: int = 8192  # ids the head can propose: the most frequent in the target's answers
+    kept_vocab: int = 8192  # ids the head can propose: the most frequent in the training prompts and answers
     unroll: int = 2  # training passes: the first reads the target's features, each next one the previous pass's
 
     def __post_init__(self):
@@ -434,8 +434,9 @@ def _unit(x):
 def head_loss(head, target, records: list[dict], unroll: int):
     """Cross-entropy against the target's distribution over the kept ids plus a smooth-L1 pull of the
     predicted features towards the target's (direction only: the output layer reads them through a norm),
-    on answer positions; summed over ``unroll`` passes, each fed the previous pass's predictions, so the
-    head also learns to draft on from its own features as it does after the first draft."""
+    on answer positions; summed over ``unroll`` passes, each fed the previous pass's predictions at every
+    position, so the head also learns to draft on from its own features (at inference only the drafted
+    positions read its own; the context reads the target's: an approximation, as in EAGLE)."""
     ids, positions, feats, answer = _feature_batch(records)
     length = ids.shape[1]
     with torch.no_grad():
@@ -458,10 +459,11 @@ def head_loss(head, target, records: list[dict], unroll: int):
 
 @torch.no_grad()
 def evaluate_head(head, target, records: list[dict], max_k: int = 8) -> dict:
-    """Held-out figures of a head drafting exactly as ``HeadProposer`` does: from every answer position s
-    (the pending token), the head's cache holds positions < s made from the target's features, and it
-    drafts ``max_k`` tokens on its own features; a draft run is accepted while it matches the target's
-    greedy answer. Reports per-k expected tokens per target forward and per-position acceptance."""
+    """Held-out figures of a head drafting as ``HeadProposer`` does: from every answer position s (the
+    pending token), the head's cache holds positions < s made from the target's features, and it drafts
+    ``max_k`` tokens on its own features; a draft run is accepted while it matches the target's greedy
+    answer (a run that reaches the end of the answer stops there). Reports per-k expected tokens per target
+    forward and per-position acceptance; ``answer_tokens`` counts the start positions."""
     runs = []
     for r in records:
         n = len(r["ids"])

@@ -27,6 +27,7 @@ import torch
 
 from specdec.cache import PagedKVCache
 from specdec.kernels.rejection_sample import greedy_accept, rejection_sample
+from specdec.proposers import DraftModelProposer, HeadProposer
 from specdec.sampling import SamplingConfig, random_numbers
 from specdec.speculative import DraftLength, _commit, _proposer, _token_ids, speculative_step
 from specdec.state import DecodeState
@@ -192,7 +193,8 @@ class Engine:
         if not isinstance(kv_blocks, int) or isinstance(kv_blocks, bool) or kv_blocks < 1:
             raise ValueError(f"kv_blocks must be an integer >= 1, got kv_blocks={kv_blocks!r}")
         self.proposer = _proposer(draft, self.target)
-        draft_model = getattr(self.proposer, "model", None)  # a draft model's or a draft head's paged cache
+        # a draft model and a draft head get a paged pool of their own
+        draft_model = self.proposer.model if isinstance(self.proposer, (DraftModelProposer, HeadProposer)) else None
         if draft_model is not None and not hasattr(draft_model, "new_pool"):
             raise ValueError(f"draft: the engine needs a native draft model for its paged cache, got "
                              f"{type(draft_model).__name__}")

@@ -228,10 +228,13 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
         streamer.put(input_ids.cpu())
     start = time.perf_counter()
     with torch.inference_mode():
-        features = {"features": True} if getattr(proposer, "needs_features", False) else {}
+        needs_features = getattr(proposer, "needs_features", False)
+        features = {"features": True} if needs_features else {}  # (a transformers-fallback cache has none)
         cache = state.target_cache = target.new_cache(batch, state.max_len, **features)
         while bool(state.active.any()):
             k = length.next(state.stats) if proposer is not None else 0
+            if needs_features and state.stats.target_passes == 0:
+                k = 0  # a draft head drafts from the target's features, which the prefill makes
             remaining = max_new_tokens - (state.num_tokens - prompt_lengths)
             num_drafts = torch.where(state.active, (remaining - 1).clamp(min=0, max=k), 0)  # [batch]
             emitted, num_accepted, num_drafts = speculative_step(target, cache, proposer, state, num_drafts)

@@ -85,6 +85,7 @@ def test_distill_head_reduces_loss_and_the_head_drafts_exactly(target_folder, tm
     per_k = report["tokens_per_target_forward"]
     assert all(1.0 <= per_k[k] <= k + 1 for k in per_k) and per_k[8] >= per_k[1]
     assert 0.0 < report["kept_vocab_coverage"] <= 1.0 and report["cost_ratio_c"] > 0
+    assert report["first_draft_agreement"] > 5 / SMALL_HEAD.kept_vocab  # learned: a random head's is ~1/200
     head, tokenizer = specdec.load(out)
     assert isinstance(head, DraftHead) and head.dtype == torch.bfloat16 and len(head.vocab_ids) == 200
     target, _ = specdec.load(target_folder)

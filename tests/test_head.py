@@ -49,8 +49,8 @@ class CheckedHeadProposer(HeadProposer):
         head, embed = self.head, self.embed
         cache = head.new_cache(1, state.max_len)
         ids = state.tokens[:1, :n]
-        target_features = state.target_cache.features[:1]  # [1, max_len + 1, hidden]
-        features = torch.cat((torch.zeros_like(target_features[:, :1]), target_features[:, :n - 1]), dim=1)
+        target_features = state.target_cache.features_at(torch.arange(n - 1)[None])  # [1, n - 1, hidden]
+        features = torch.cat((torch.zeros_like(target_features[:, :1]), target_features), dim=1)
         positions = torch.arange(n)[None]
         want = []
         for _ in range(k):
@@ -80,6 +80,26 @@ def test_the_heads_cache_holds_only_what_the_targets_features_made(k):
     assert set(out.stats.accepted_at) != {0}  # rounds ended after partial acceptance too
 
 
+@pytest.mark.parametrize("block_size", [1, 3, 16])
+def test_in_the_engine_the_paged_head_drafts_as_from_scratch(block_size):
+    """The same check through the engine: the target's features and the head's cache live in paged pools."""
+    from specdec import Engine, RequestParams
+
+    target = tiny_model("llama")
+    prompt = [3, 17, 5, 40, 9]
+    plain = specdec.generate(target, torch.tensor([prompt]), max_new_tokens=30, eos_token_id=[])
+    proposer = CheckedHeadProposer(tiny_head(target, seed=1), as_native(target), plain)
+    engine = Engine(target, proposer, num_draft_tokens=3, max_num_seqs=2, kv_blocks=64, block_size=block_size,
+                    eos_token_id=[])
+    engine.add_request(prompt, RequestParams(max_new_tokens=30), "r")
+    tokens = []
+    while engine.has_unfinished():
+        tokens += [t for out in engine.step() for t in out.new_token_ids]
+    assert tokens == plain[0, len(prompt):].tolist()
+    assert proposer.calls >= 30 // 4 and set(engine.stats.accepted_at) != {0}
+    assert engine.pool.num_used == 0 and engine.draft_pool.num_used == 0
+
+
 def _toy_head(target, seed):
     head = tiny_head(target, kept=[0, 1, 3, 4, 6], seed=seed)  # ids 2 and 5 are never proposed
     with torch.no_grad():
@@ -90,7 +110,9 @@ def _toy_head(target, seed):
 @pytest.mark.parametrize("k", [1, 2])
 def test_sampling_with_a_head_matches_the_targets_distribution(k):
     """Bound: each of the 343 outcome counts within 6 standard deviations (+5) of N * p (a false alarm has
-    probability < 1e-6 per run); the companions in test_sampling show that this test fails a broken sampler."""
+    probability < 1e-6 per run); the companions in test_sampling show that this test fails a broken sampler.
+    With 3 new tokens the head drafts once per row (it has no features before the prefill), so this covers
+    its sampled first draft over the kept ids; later drafts go through the same lines."""
     target = _toy(0, 4.0)
     knobs = dict(temperature=0.9, top_k=5, top_p=0.9)
     probs = _exact_distribution(target, SamplingConfig(do_sample=True, **knobs))
@@ -110,8 +132,10 @@ def test_save_and_load_round_trip(tmp_path):
     head.save(tmp_path / "head")
     loaded = DraftHead.load(tmp_path / "head", dtype=torch.float64)
     assert torch.equal(loaded.vocab_ids, head.vocab_ids)
-    for (name, a), (_, b) in zip(sorted(head.state_dict().items()), sorted(loaded.state_dict().items())):
-        assert torch.equal(a, b), name
+    want, got = head.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
     ids = torch.tensor([[3, 4, 5, 6]])
     a = specdec.generate(target, ids, max_new_tokens=12, draft_model=head, return_dict_in_generate=True)
     b = specdec.generate(target, ids, max_new_tokens=12, draft_model=loaded, return_dict_in_generate=True)
@@ -129,6 +153,12 @@ def test_a_head_for_another_target_is_refused():
     far.vocab_ids[1] = 500
     with pytest.raises(ValueError, match="outside the target's vocabulary"):
         specdec.generate(target, torch.tensor([[3, 4]]), max_new_tokens=2, draft_model=far)
+    config = tiny_head(target).config
+    for ids in ([5, 3], [-1, 4], [2, 2]):
+        with pytest.raises(ValueError, match="vocab_ids"):
+            DraftHead(type(config)(**{**config.to_dict(), "vocab_size": 2}), torch.tensor(ids))
+    with pytest.raises(ValueError, match="target_hidden_size"):
+        DraftHead(type(config)(**{**config.to_dict(), "target_hidden_size": 32}), torch.arange(config.vocab_size))
     with pytest.raises(ValueError, match="only a native model"):
         specdec.generate(tiny_model("gpt2"), torch.tensor([[3, 4]]), max_new_tokens=2,
                          draft_model=tiny_head(target))
