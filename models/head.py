@@ -40,9 +40,8 @@ class DraftHead(nn.Module):
         if getattr(config, "target_hidden_size", None) != config.hidden_size:
             raise ValueError(f"a draft head's hidden_size ({config.hidden_size}) must be its target's "
                              f"(config.target_hidden_size={getattr(config, 'target_hidden_size', None)})")
-        if not vocab_ids.is_meta and len(vocab_ids) and (int(vocab_ids[0]) < 0
-                                                         or bool((vocab_ids[1:] <= vocab_ids[:-1]).any())):
-            raise ValueError("vocab_ids must be distinct non-negative target ids in ascending order")
+        if not vocab_ids.is_meta:  # (load() builds on the meta device and checks the loaded ids)
+            _check_vocab_ids(vocab_ids)
         hidden = config.hidden_size
         self.config = config
         self.embed_norm = RMSNorm(hidden, config.rms_norm_eps)
@@ -113,12 +112,16 @@ class DraftHead(nn.Module):
         missing = [n for n, p in [*head.named_parameters(), *head.named_buffers()] if p.is_meta]
         if missing:
             raise ValueError(f"draft head checkpoint {str(folder)!r} lacks weights: {missing[:4]}")
-        ids = head.vocab_ids
-        if int(ids[0]) < 0 or bool((ids[1:] <= ids[:-1]).any()):
-            raise ValueError(f"draft head checkpoint {str(folder)!r}: vocab_ids must be distinct, ascending, >= 0")
+        _check_vocab_ids(head.vocab_ids)
         head.to(dtype=dtype, device=device)
         head.body.inv_freq = head.body.inv_freq.float()  # RoPE angles stay float32
         return head.eval()
+
+
+def _check_vocab_ids(ids) -> None:
+    """The greedy draft maps the argmax over kept ids straight to a target id: they must ascend."""
+    if len(ids) and (int(ids[0]) < 0 or bool((ids[1:] <= ids[:-1]).any())):
+        raise ValueError("vocab_ids must be distinct non-negative target ids in ascending order")
 
 
 def is_head_folder(folder) -> bool:

@@ -557,12 +557,11 @@ def _finish(report: dict, history, draft, save, out: Path) -> dict:
 
 
 def _distill_head(target, tokenizer, prompts, out: Path, config: DistillConfig, resume: bool, progress: bool):
-    with torch.no_grad():
-        generate_features(target, tokenizer, prompts[config.eval_prompts:], out / "data" / "train", config,
-                          "target answers", config.sample_fraction)
-        # held-out answers greedy: the evaluation compares greedy drafts with the target's greedy tokens
-        generate_features(target, tokenizer, prompts[:config.eval_prompts], out / "data" / "eval", config,
-                          "held-out answers", 0.0)
+    generate_features(target, tokenizer, prompts[config.eval_prompts:], out / "data" / "train", config,
+                      "target answers", config.sample_fraction)
+    # held-out answers greedy: the evaluation compares greedy drafts with the target's greedy tokens
+    generate_features(target, tokenizer, prompts[:config.eval_prompts], out / "data" / "eval", config,
+                      "held-out answers", 0.0)
     records, held_out = load_data(out / "data" / "train"), load_data(out / "data" / "eval")
     head = make_head(target, records, config)
     started = time.perf_counter()
