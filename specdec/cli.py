@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     dis.add_argument("--resume", action="store_true", help="continue the run in --out")
     for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "num_prompts",
                  "eval_prompts", "max_new_tokens", "gen_batch", "teacher_top_k", "steps", "batch_size",
-                 "warmup", "checkpoint_every", "seed", "kept_vocab", "unroll"):
+                 "warmup", "checkpoint_every", "seed", "kept_vocab", "unroll", "self_prompts", "max_prompt_tokens"):
         dis.add_argument("--" + name.replace("_", "-"), type=int, dest=name)
     dis.add_argument("--head", action="store_true",
                      help="train a feature-conditioned draft head (models/head.py) instead of a small model")

@@ -9,13 +9,14 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
 
 import specdec
-from specdec.distill import HEAD, DistillConfig, _batch, distill, distill_loss, make_draft, train
+from specdec.distill import HEAD, DistillConfig, _batch, distill, distill_loss, load_data, make_draft, train
 from specdec.models import DraftHead
 from specdec.prompts import training_prompts
 
@@ -25,10 +26,11 @@ SMALL = DistillConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
 
 
 def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(training_prompts(300, seed=5), trainer)
@@ -131,9 +133,72 @@ def test_bad_input_is_refused_and_nothing_overwritten(target_folder, tmp_path):
     with pytest.raises(FileNotFoundError, match="target="):
         distill(str(tmp_path / "missing"), tmp_path / "new", SMALL, progress=False)
     for bad in (dict(num_layers=0), dict(hidden_size=30, num_heads=4), dict(sample_fraction=1.5), dict(lr=-1.0),
-                dict(kept_vocab=0), dict(unroll=0)):
+                dict(kept_vocab=0), dict(unroll=0), dict(self_prompts=-1), dict(max_prompt_tokens=0)):
         with pytest.raises(ValueError):
             DistillConfig(**bad)
+
+
+@pytest.fixture(scope="module")
+def chatty_target_folder(target_folder, tmp_path_factory):
+    """The tiny target with an EOS logit of sum(normed hidden) / 2 (its tied EOS row set to halves): it ends a
+    text within ~10 tokens often enough to write prompts of its own (the random one almost never does)."""
+    folder = tmp_path_factory.mktemp("chatty-target")
+    model = LlamaForCausalLM.from_pretrained(target_folder)
+    with torch.no_grad():
+        model.lm_head.weight[2] = 0.5
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(target_folder).save_pretrained(folder)
+    return folder
+
+
+def test_distill_with_self_written_prompts_holds_some_out_and_reports_each_source(chatty_target_folder, tmp_path):
+    out = tmp_path / "head"
+    config = DistillConfig(**{**SMALL_HEAD.__dict__, "steps": 10, "self_prompts": 8, "max_prompt_tokens": 24})
+    report = distill(str(chatty_target_folder), out, config, progress=False)
+    prompts = json.loads((out / "prompts.json").read_text())
+    written = json.loads((out / "self_prompts.json").read_text())["prompts"]
+    assert len(written) == 8 + 8 and prompts["eval_self"] == written[:8]  # 8 held out, 8 more to train on
+    assert prompts["train"] == training_prompts(24 + 8)[8:] + written[8:]
+    by_source = report["by_source"]
+    assert set(by_source) == {"eval", "eval_self"}
+    assert report["answer_tokens"] == by_source["eval"]["answer_tokens"] + by_source["eval_self"]["answer_tokens"]
+    assert len(load_data(out / "data" / "eval-self")) == 8
+
+
+def test_self_written_prompts_keep_finished_distinct_messages_and_resume(target_folder, tmp_path, monkeypatch):
+    """The bookkeeping around the target's samples, on scripted samples: a message counts when it ends with EOS
+    and has three words; duplicates are dropped; the file lets a second call reuse them without sampling."""
+    import specdec.speculative
+    from specdec.distill import SELF_PROMPT_BATCH, _load_target, self_written_prompts
+
+    model, tokenizer = _load_target(str(target_folder))
+    prefix = [tokenizer.bos_token_id]  # the tiny tokenizer has no chat template: messages start after BOS
+    words = [tokenizer(f" {w}", add_special_tokens=False)["input_ids"] for w in ("one two three", "four five six",
+                                                                                   "too short", "seven eight nine")]
+    eos, pad = 2, 0
+    script = [words[0] + [eos], words[0] + [eos], words[2] + [eos], words[1] + words[1], words[3] + [eos]]
+    calls = []
+
+    def scripted(model, rows, max_new_tokens, **kwargs):
+        assert rows.tolist() == [prefix] * SELF_PROMPT_BATCH and max_new_tokens == 24
+        calls.append(kwargs["generator"].initial_seed())
+        width = max_new_tokens
+        new = [(script[i] if i < len(script) else []) for i in range(SELF_PROMPT_BATCH)]
+        new = [(row + [pad] * width)[:width] for row in new]  # rows without EOS ran out of tokens
+        return torch.cat([rows, torch.tensor(new)], dim=1)
+
+    monkeypatch.setattr(specdec.speculative, "generate", scripted)
+    config = DistillConfig(max_prompt_tokens=24)
+    file = tmp_path / "self_prompts.json"
+    assert self_written_prompts(model, tokenizer, 2, file, config, progress=False) == ["one two three",
+                                                                                     "seven eight nine"]
+    assert len(calls) == 1  # one round made both
+    assert self_written_prompts(model, tokenizer, 2, file, config, progress=False) == ["one two three",
+                                                                                     "seven eight nine"]
+    assert len(calls) == 1  # reused from the file
+    with pytest.raises(ValueError, match="user messages"):  # every later round repeats itself: no new prompt
+        self_written_prompts(model, tokenizer, 3, file, config, progress=False)
+    assert len(set(calls)) == len(calls) == 20  # each round its own seed; gave up after 20 rounds
 
 
 def test_training_prompts_are_varied_and_held_out_from_the_benchmark():
