@@ -28,6 +28,7 @@ import functools
 import json
 import math
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -131,26 +132,37 @@ SELF_PROMPT_BATCH = 64
 
 
 def _user_turn_prefix(tokenizer) -> list[int]:
-    """The ids a conversation starts with up to where the user's first message goes (system prompt included)."""
-    if not tokenizer.chat_template:
-        if tokenizer.bos_token_id is None:
-            raise ValueError("self_prompts needs a tokenizer with a chat template or a BOS token to start from")
-        return [tokenizer.bos_token_id]
-    marker = "@@specdec-user-message@@"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
-    if marker not in text:
-        raise ValueError("self_prompts: the chat template does not show the user's message verbatim")
-    return tokenizer(text[:text.index(marker)], add_special_tokens=False)["input_ids"]
+    """The ids a conversation starts with up to where the user's first message goes (system prompt included);
+    BOS alone for a tokenizer without a chat template (or one that puts the message first)."""
+    prefix = []
+    if tokenizer.chat_template:
+        marker = "@@specdec-user-message@@"
+        text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+        if marker not in text:
+            raise ValueError("self_prompts: the chat template does not show the user's message verbatim")
+        prefix = tokenizer(text[:text.index(marker)], add_special_tokens=False)["input_ids"]
+    if not prefix and tokenizer.bos_token_id is not None:
+        prefix = [tokenizer.bos_token_id]
+    if not prefix:
+        raise ValueError("self_prompts needs a tokenizer with a chat template or a BOS token to start from")
+    return prefix
+
+
+def _prompt_key(text: str) -> str:
+    """Prompts equal but for case, punctuation and spacing are one prompt."""
+    return " ".join(re.findall(r"\w+", text.casefold()))
 
 
 @torch.no_grad()
-def self_written_prompts(target, tokenizer, n: int, file: Path, config: DistillConfig, progress: bool = True):
+def self_written_prompts(target, tokenizer, n: int, file: Path, config: DistillConfig, progress: bool = True,
+                         exclude=()):
     """``n`` distinct user messages written by the target itself (Magpie, Xu et al. 2024): from its chat
     template's opening up to the user's message it samples what a user would say (temperature 1, top-p 0.95),
     so the prompts are as varied as the chat data it was tuned on, not as narrow as any template list. A
-    message counts when it ends with EOS within ``max_prompt_tokens`` and has at least three words (on
-    SmolLM2-135M ~70% of samples: the rest ramble on and are dropped). Kept in ``file`` after each round
-    (seeded by its index), so a resumed run continues where it stopped and a finished one reuses them."""
+    message counts when it ends with EOS within ``max_prompt_tokens``, has at least three words and is new (not
+    one already kept or in ``exclude`` but for case and punctuation): on SmolLM2-135M ~75% of samples; the
+    rest ramble on. Kept in ``file`` after each round (seeded by its index), so a resumed run continues where
+    it stopped and a finished one reuses them. Gives up after 20 rounds in a row without a new prompt."""
     from tqdm.auto import tqdm
 
     from specdec.speculative import generate
@@ -158,12 +170,15 @@ def self_written_prompts(target, tokenizer, n: int, file: Path, config: DistillC
     state = json.loads(file.read_text()) if file.exists() else {"rounds": 0, "prompts": []}
     prefix = _user_turn_prefix(tokenizer)
     eos = _eos_ids(target)
-    seen = set(state["prompts"])
-    bar = tqdm(total=n, initial=min(n, len(seen)), desc="self-written prompts", unit="prompt", disable=not progress)
+    seen = {_prompt_key(p) for p in [*state["prompts"], *exclude]}
+    bar = tqdm(total=n, initial=min(n, len(state["prompts"])), desc="self-written prompts", unit="prompt",
+               disable=not progress)
+    barren = 0  # rounds in a row that added nothing
     while len(state["prompts"]) < n:
-        if state["rounds"] >= 20 and len(state["prompts"]) < state["rounds"]:
-            raise ValueError(f"self_prompts: {state['rounds']} rounds of {SELF_PROMPT_BATCH} samples made only "
-                             f"{len(state['prompts'])} usable prompts; the target does not write user messages")
+        if barren == 20:
+            raise ValueError(f"self_prompts: 20 rounds of {SELF_PROMPT_BATCH} samples in a row made no new prompt "
+                             f"({len(state['prompts'])} of {n} so far); the target does not write user messages")
+        before = len(state["prompts"])
         rows = torch.tensor([prefix] * SELF_PROMPT_BATCH)  # [R, P]: one prefix, no padding
         out = generate(target, rows, max_new_tokens=config.max_prompt_tokens, do_sample=True, temperature=1.0,
                        top_p=0.95, top_k=0, eos_token_id=sorted(eos),
@@ -171,11 +186,12 @@ def self_written_prompts(target, tokenizer, n: int, file: Path, config: DistillC
         for row in out[:, len(prefix):].tolist():
             end = next((i for i, t in enumerate(row) if t in eos), None)
             text = tokenizer.decode(row[:end], skip_special_tokens=True).strip() if end is not None else ""
-            if len(text.split()) >= 3 and text not in seen and len(state["prompts"]) < n:
-                seen.add(text)
+            if len(text.split()) >= 3 and _prompt_key(text) not in seen and len(state["prompts"]) < n:
+                seen.add(_prompt_key(text))
                 state["prompts"].append(text)
                 bar.update(1)
         state["rounds"] += 1
+        barren = 0 if len(state["prompts"]) > before else barren + 1
         tmp = file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, file)
@@ -585,6 +601,8 @@ def distill(target, out, config: DistillConfig = DistillConfig(), resume: bool =
     settings_file = out / "distill.json"
     if settings_file.exists():
         before = json.loads(settings_file.read_text())
+        # a run made before a setting existed ran with its default
+        before["config"] = {**dataclasses.asdict(DistillConfig()), **before.get("config", {})}
         if before != settings:
             raise ValueError(f"out={str(out)!r} holds a run with other settings ({before}); resume it with those")
     else:
@@ -592,7 +610,8 @@ def distill(target, out, config: DistillConfig = DistillConfig(), resume: bool =
 
     templated = training_prompts(config.num_prompts + config.eval_prompts, seed=config.seed)
     written = self_written_prompts(model, tokenizer, config.self_prompts + config.eval_prompts,
-                                   out / "self_prompts.json", config, progress) if config.self_prompts else []
+                                   out / "self_prompts.json", config, progress, exclude=templated
+                                   ) if config.self_prompts else []
     prompts = {"train": templated[config.eval_prompts:] + written[config.eval_prompts:],
                "eval": templated[:config.eval_prompts], "eval_self": written[:config.eval_prompts]}
     (out / "prompts.json").write_text(json.dumps(prompts, indent=1))

@@ -68,7 +68,11 @@ def test_distill_reduces_loss_and_saves_a_transformers_checkpoint(target_folder,
     prompts = json.loads((out / "prompts.json").read_text())
     assert not set(prompts["train"]) & set(prompts["eval"])  # the evaluation is held out
 
-    # resume of a finished run: nothing is generated or trained again
+    # resume of a finished run: nothing is generated or trained again; a run saved before a setting existed
+    # (here: its distill.json without the self-prompt settings) resumes with that setting's default
+    settings = json.loads((out / "distill.json").read_text())
+    del settings["config"]["self_prompts"], settings["config"]["max_prompt_tokens"]
+    (out / "distill.json").write_text(json.dumps(settings))
     chunks = {p: p.stat().st_mtime_ns for p in (out / "data").rglob("*.pt")}
     again = distill(str(target_folder), out, SMALL, resume=True, progress=False)
     assert {p: p.stat().st_mtime_ns for p in (out / "data").rglob("*.pt")} == chunks
@@ -165,40 +169,45 @@ def test_distill_with_self_written_prompts_holds_some_out_and_reports_each_sourc
     assert len(load_data(out / "data" / "eval-self")) == 8
 
 
-def test_self_written_prompts_keep_finished_distinct_messages_and_resume(target_folder, tmp_path, monkeypatch):
-    """The bookkeeping around the target's samples, on scripted samples: a message counts when it ends with EOS
-    and has three words; duplicates are dropped; the file lets a second call reuse them without sampling."""
+def test_self_written_prompts_keep_finished_new_messages_and_resume(target_folder, tmp_path, monkeypatch):
+    """The bookkeeping around the target's samples, on scripted samples: a message counts when it ends with EOS,
+    has three words and is new but for case and punctuation (among those kept and ``exclude``); the file lets
+    a second call reuse them without sampling; 20 rounds in a row without a new one give up."""
     import specdec.speculative
     from specdec.distill import SELF_PROMPT_BATCH, _load_target, self_written_prompts
 
     model, tokenizer = _load_target(str(target_folder))
     prefix = [tokenizer.bos_token_id]  # the tiny tokenizer has no chat template: messages start after BOS
-    words = [tokenizer(f" {w}", add_special_tokens=False)["input_ids"] for w in ("one two three", "four five six",
-                                                                                   "too short", "seven eight nine")]
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
     eos, pad = 2, 0
-    script = [words[0] + [eos], words[0] + [eos], words[2] + [eos], words[1] + words[1], words[3] + [eos]]
+    script = [ids("one two three") + [eos], ids("One, two three!") + [eos], ids("too short") + [eos],
+              ids("four five six") * 2, ids("seven eight nine") + [eos], ids("ten eleven twelve") + [eos]]
     calls = []
 
     def scripted(model, rows, max_new_tokens, **kwargs):
         assert rows.tolist() == [prefix] * SELF_PROMPT_BATCH and max_new_tokens == 24
+        assert kwargs["eos_token_id"] == [eos] and kwargs["do_sample"] and kwargs["temperature"] == 1.0
         calls.append(kwargs["generator"].initial_seed())
-        width = max_new_tokens
         new = [(script[i] if i < len(script) else []) for i in range(SELF_PROMPT_BATCH)]
-        new = [(row + [pad] * width)[:width] for row in new]  # rows without EOS ran out of tokens
+        new = [(row + [pad] * max_new_tokens)[:max_new_tokens] for row in new]  # no EOS: ran out of tokens
         return torch.cat([rows, torch.tensor(new)], dim=1)
 
     monkeypatch.setattr(specdec.speculative, "generate", scripted)
     config = DistillConfig(max_prompt_tokens=24)
     file = tmp_path / "self_prompts.json"
-    assert self_written_prompts(model, tokenizer, 2, file, config, progress=False) == ["one two three",
-                                                                                     "seven eight nine"]
+    want = ["one two three", "seven eight nine"]
+    assert self_written_prompts(model, tokenizer, 2, file, config, progress=False,
+                                exclude=["Ten, eleven twelve."]) == want
     assert len(calls) == 1  # one round made both
-    assert self_written_prompts(model, tokenizer, 2, file, config, progress=False) == ["one two three",
-                                                                                     "seven eight nine"]
+    assert self_written_prompts(model, tokenizer, 2, file, config, progress=False) == want
     assert len(calls) == 1  # reused from the file
-    with pytest.raises(ValueError, match="user messages"):  # every later round repeats itself: no new prompt
-        self_written_prompts(model, tokenizer, 3, file, config, progress=False)
-    assert len(set(calls)) == len(calls) == 20  # each round its own seed; gave up after 20 rounds
+    with pytest.raises(ValueError, match="20 rounds .* no new prompt"):  # ten eleven twelve, then nothing new
+        self_written_prompts(model, tokenizer, 4, file, config, progress=False)
+    assert json.loads(file.read_text())["prompts"] == want + ["ten eleven twelve"]
+    assert calls == [i for i in range(22)]  # round i seeded with i (seed 0): a resumed run repeats nothing
 
 
 def test_training_prompts_are_varied_and_held_out_from_the_benchmark():
