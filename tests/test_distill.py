@@ -220,3 +220,17 @@ def test_training_prompts_are_varied_and_held_out_from_the_benchmark():
     assert evaluation and not evaluation & set(prompts)
     with pytest.raises(ValueError, match="n="):
         training_prompts(0)
+
+
+def test_the_shipped_head_saw_no_evaluation_prompt():
+    """Its training prompts (templates and the ones SmolLM2 wrote itself) hold no prompt of bench/prompts/, not
+    even but for case and punctuation: the benchmark's acceptance figures are out of sample."""
+    from pathlib import Path
+
+    from specdec.distill import _prompt_key
+
+    root = Path(__file__).resolve().parents[1]
+    prompts = json.loads((root / "models" / "smollm2-135m-instruct-head" / "prompts.json").read_text())
+    evaluation = {_prompt_key(p) for f in (root / "bench" / "prompts").glob("*.json") for p in json.loads(f.read_text())}
+    assert len(evaluation) >= 20 and len(prompts["train"]) >= 1000
+    assert not evaluation & {_prompt_key(p) for p in prompts["train"]}
