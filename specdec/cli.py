@@ -44,6 +44,12 @@ def _generate(args) -> int:
     return 0
 
 
+DISTILL_HELP = {
+    "self_prompts": "add N prompts the target writes itself (sampled from its chat template's empty user turn)",
+    "max_prompt_tokens": "longest self-written prompt in tokens (default 64; longer samples are dropped)",
+}
+
+
 def _distill(args) -> int:
     import dataclasses
 
@@ -118,7 +124,7 @@ def main(argv=None) -> int:
     for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "num_prompts",
                  "eval_prompts", "max_new_tokens", "gen_batch", "teacher_top_k", "steps", "batch_size",
                  "warmup", "checkpoint_every", "seed", "kept_vocab", "unroll", "self_prompts", "max_prompt_tokens"):
-        dis.add_argument("--" + name.replace("_", "-"), type=int, dest=name)
+        dis.add_argument("--" + name.replace("_", "-"), type=int, dest=name, help=DISTILL_HELP.get(name))
     dis.add_argument("--head", action="store_true",
                      help="train a feature-conditioned draft head (models/head.py) instead of a small model")
     dis.add_argument("--lr", type=float)
