@@ -2,7 +2,8 @@
 
 Three resumable stages, each writing into the output folder:
 
-1. **generate** — the target answers varied prompts (``specdec.prompts``), batched; each answer is kept
+1. **generate** — the target answers varied prompts (``specdec.prompts``' templates, plus with
+   ``self_prompts`` user messages it wrote itself: ``self_written_prompts``), batched; each answer is kept
    with the target's top-``teacher_top_k`` logits at every answer position (transformers' ``generate``
    returns them, so the teacher costs no extra pass). On-policy: the draft learns the text it will be asked
    to predict. Chunks land in ``data/`` one batch at a time; a restart skips the finished ones.
