@@ -357,6 +357,7 @@ class Bench:
         draft_bytes = weight_bytes(self.native_draft) if self.native_draft is not None else 0
         # a head also reads a row of the target's embedding per token: nothing beside its own weights
         head_bytes = weight_bytes(self.head) if self.head is not None else 0
+        drafted = {"draft": draft_bytes, "auto": draft_bytes, "head": head_bytes, "head-auto": head_bytes}
         rows = []
         for run in tokens:
             n = len(tokens[run]) // cfg.repeats
@@ -371,7 +372,6 @@ class Bench:
                            per_position_acceptance=s.per_position_acceptance, mean_k=s.mean_k,
                            cost_ratio=s.cost_ratio, predicted_speedup=s.predicted_speedup,
                            steps_by_k={str(k): v for k, v in s.steps_by_k.items()})
-                drafted = {"draft": draft_bytes, "auto": draft_bytes, "head": head_bytes, "head-auto": head_bytes}
                 uses_draft = run.method in drafted
                 row.update(roofline(row["tokens_per_s"], s.tokens_per_target_forward, run.batch, target_bytes,
                                     drafted.get(run.method, 0), s.mean_k if uses_draft else 0, bandwidth))

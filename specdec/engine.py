@@ -29,7 +29,7 @@ from specdec.cache import PagedKVCache
 from specdec.kernels.rejection_sample import greedy_accept, rejection_sample
 from specdec.proposers import DraftModelProposer, HeadProposer
 from specdec.sampling import SamplingConfig, random_numbers
-from specdec.speculative import DraftLength, _commit, _proposer, _token_ids, speculative_step
+from specdec.speculative import DraftLength, _commit, _proposer, _token_ids, needs_features, speculative_step
 from specdec.state import DecodeState
 from specdec.stats import SpecStats
 
@@ -211,7 +211,7 @@ class Engine:
         with torch.inference_mode():
             # a draft head reads the target's features: the target's pool keeps them beside keys and values
             self.pool = self.target.new_pool(kv_blocks, block_size,
-                                             features=getattr(self.proposer, "needs_features", False))
+                                             features=needs_features(self.proposer))
             self.draft_pool = draft_model.new_pool(kv_blocks, block_size) if draft_model is not None else None
         # drafts are sampled with the engine's generator; each request's own generator decides its tokens
         self._draft_generator = torch.Generator(device=device)
@@ -323,7 +323,7 @@ class Engine:
             k, control = 0, None
         elif prefill:
             # a draft head drafts from the target's features, which this very pass makes: nothing to draft yet
-            k, control = (0 if getattr(self.proposer, "needs_features", False) else self._last_k), None
+            k, control = (0 if needs_features(self.proposer) else self._last_k), None
         else:
             control = self._controller(len(seqs))
             k = self._last_k = control[0].next(control[1])

@@ -228,12 +228,12 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
         streamer.put(input_ids.cpu())
     start = time.perf_counter()
     with torch.inference_mode():
-        needs_features = getattr(proposer, "needs_features", False)
-        features = {"features": True} if needs_features else {}  # (a transformers-fallback cache has none)
+        # (only then the keyword: a transformers-fallback target's cache has no features)
+        features = {"features": True} if needs_features(proposer) else {}
         cache = state.target_cache = target.new_cache(batch, state.max_len, **features)
         while bool(state.active.any()):
             k = length.next(state.stats) if proposer is not None else 0
-            if needs_features and state.stats.target_passes == 0:
+            if needs_features(proposer) and state.stats.target_passes == 0:
                 k = 0  # a draft head drafts from the target's features, which the prefill makes
             remaining = max_new_tokens - (state.num_tokens - prompt_lengths)
             num_drafts = torch.where(state.active, (remaining - 1).clamp(min=0, max=k), 0)  # [batch]
@@ -327,6 +327,12 @@ def _token_ids(name, value) -> list[int]:
     if any((not isinstance(v, int)) or v < 0 for v in values):
         raise ValueError(f"{name} must be token ids >= 0, got {name}={value!r}")
     return values
+
+
+def needs_features(proposer) -> bool:
+    """Whether a proposer drafts from the target's last hidden states (a draft head): its target's cache must
+    keep them, and it cannot draft in the pass that prefills the target, which makes the first of them."""
+    return bool(getattr(proposer, "needs_features", False))
 
 
 def _proposer(draft_model, target):
