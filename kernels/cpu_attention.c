@@ -14,10 +14,13 @@
  * Numerics follow the torch ops: RoPE as x * cos + rotate_half(x) * sin with a rounding to the model's dtype
  * after each product and the sum (sin carries rotate_half's sign, see models/llama.py: _rotate); scores,
  * softmax and the weighted sum of values in float32 (as SDPA upcasts), one rounding of the output. Query t
- * of row b at position p sees keys 0..p, each query computed alone: its bits do not depend on how many
- * queries or rows share the call (a verification pass reproduces plain decode steps).
+ * of row b at position p sees keys 0..p. Up to MAX_QUERIES new tokens of a row are attended together, so
+ * each key and value is loaded once for all of them (a verification pass of 8 tokens at 200 keys: 145 -> ?
+ * us per layer), yet each query's numbers are the same chain of operations as when it is alone: its bits do
+ * not depend on how many queries or rows share the call (a verification pass reproduces plain decode steps).
  */
 #include <immintrin.h>
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -25,7 +28,11 @@
 
 #include "cpu_common.h"
 
-#define MAX_GROUP 16 /* query heads per kv head held at once */
+#define MAX_GROUP 16 /* query heads per kv head */
+#define MAX_QUERIES 4 /* new tokens of a row attended together: they share each key's load (a verification pass
+                       * of 8 tokens, 3 kv heads: 6 pieces of work for the threads) */
+#define MAX_QUERY_HEADS (MAX_QUERIES * MAX_GROUP)
+#define PV_BLOCK 8 /* query heads summing values together: 16 accumulators, a value, a weight in registers */
 
 typedef struct {
     char *base;             /* the pool's first element */
@@ -82,78 +89,110 @@ static inline __m512 hsum16(const __m512 a[16]) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
 }
 
-/* Attention of G query heads (float32, rows of D) over keys 0..last of row b, kv head h -> out heads.
- * scratch: last + 1 key offsets, then G * (last + 1) scores and G * D accumulators. */
-static inline __attribute__((always_inline)) void attend(const int BF16, const float *q, long G, long D, float scale,
-                                                         const Pool *k, const Pool *v, const long *table,
-                                                         long max_blocks, long block_size, long b, long h,
-                                                         long last, long *scratch, void *out, long out_head) {
-    const long elem = BF16 ? 2 : 4, n = last + 1;
+/* The weighted sums of values for NB query heads (NB a constant once inlined: the accumulators live in
+ * registers) over features d..d+15: sum_j p_i[j] v_j in two FMA chains (even and odd keys, then added), each
+ * value vector loaded once for all NB heads. Keys 0..common-1 are seen by every head, keys common..n-1 only
+ * by the heads whose last key they do not pass: a head's sum is the same chain of FMAs over its keys 0..last
+ * whichever heads share the call. Divided by each head's softmax sum (inv), rounded into out[i]. */
+static inline __attribute__((always_inline)) void weigh_values(const int NB, const int BF16, float *const *p,
+                                                               const long *last, const float *inv, long common,
+                                                               long n, const char *vbase, const long *where,
+                                                               long d, __mmask16 m, char *const *out) {
+    const long elem = BF16 ? 2 : 4;
+    __m512 even[PV_BLOCK], odd[PV_BLOCK];
+    for (int i = 0; i < NB; i++) even[i] = odd[i] = _mm512_setzero_ps();
+    long j = 0;
+    for (; j + 2 <= common; j += 2) {
+        const __m512 v0 = load16(BF16, vbase + where[j] * elem, d, m);
+        const __m512 v1 = load16(BF16, vbase + where[j + 1] * elem, d, m);
+        for (int i = 0; i < NB; i++) {
+            even[i] = _mm512_fmadd_ps(_mm512_set1_ps(p[i][j]), v0, even[i]);
+            odd[i] = _mm512_fmadd_ps(_mm512_set1_ps(p[i][j + 1]), v1, odd[i]);
+        }
+    }
+    for (; j < n; j++) { /* an odd common key, then the keys some heads do not see */
+        const __m512 vj = load16(BF16, vbase + where[j] * elem, d, m);
+        for (int i = 0; i < NB; i++) {
+            const __mmask16 seen = j <= last[i] ? (__mmask16)0xffff : 0;
+            if (j & 1) odd[i] = _mm512_mask3_fmadd_ps(_mm512_set1_ps(p[i][j]), vj, odd[i], seen);
+            else even[i] = _mm512_mask3_fmadd_ps(_mm512_set1_ps(p[i][j]), vj, even[i], seen);
+        }
+    }
+    for (int i = 0; i < NB; i++)
+        store16(BF16, out[i], d, m, _mm512_mul_ps(_mm512_add_ps(even[i], odd[i]), _mm512_set1_ps(inv[i])));
+}
+
+/* Attention of Q query heads (float32 rows of D; query head i sees keys 0..last[i], the last ones ascending
+ * or not) of row b over kv head h, into out[i] (the model's dtype). The queries of one row share every key's
+ * and value's load (a verification pass of k + 1 tokens reads its keys once, not k + 1 times), while each
+ * head's numbers are the same chain of operations as when it is alone.
+ * scratch: n = max(last) + 1 key offsets, then 16 keys as float32 rows, Q * n scores. */
+static inline __attribute__((always_inline)) void attend(const int BF16, float *const *q, const long *last, long Q,
+                                                         long D, float scale, const Pool *k, const Pool *v,
+                                                         const long *table, long max_blocks, long block_size,
+                                                         long b, long h, long *scratch, char *const *out) {
+    const long elem = BF16 ? 2 : 4, Dp = (D + 15) / 16 * 16;
+    long n = 0, common = LONG_MAX;
+    for (long i = 0; i < Q; i++) {
+        n = last[i] + 1 > n ? last[i] + 1 : n;
+        common = last[i] + 1 < common ? last[i] + 1 : common;
+    }
     long *where = scratch; /* element offset of key j in either pool (their strides are equal) */
-    float *scores = (float *)(scratch + n), *acc = scores + G * n;
+    float *keys16 = (float *)(scratch + n), *scores = keys16 + 16 * Dp, *p[MAX_QUERY_HEADS];
     for (long j = 0, off = 0, i = 0; j < n; j++) { /* block by block: no division per key */
         const long blk = table ? table[b * max_blocks + i] : b;
         where[j] = blk * k->block + off * k->slot + h * k->head;
         if (++off == block_size) off = 0, i++;
     }
-    float top[MAX_GROUP];
-    for (long j0 = 0; j0 < n; j0 += 16) { /* scores[g][j] = scale * q_g . k_j, 16 keys at a time */
+    float top[MAX_QUERY_HEADS], inv[MAX_QUERY_HEADS];
+    for (long i = 0; i < Q; i++) p[i] = scores + i * n;
+    for (long j0 = 0; j0 < n; j0 += 16) { /* scores[i][j] = scale * q_i . k_j, 16 keys at a time */
         const long keys = n - j0 < 16 ? n - j0 : 16;
-        const __mmask16 km = keys == 16 ? (__mmask16)0xffff : (__mmask16)((1u << keys) - 1);
-        for (long g = 0; g < G; g++) {
-            __m512 dots[16];
-            for (long jj = 0; jj < 16; jj++) {
-                dots[jj] = _mm512_setzero_ps();
-                if (jj >= keys) continue;
-                const void *kj = k->base + where[j0 + jj] * elem;
-                for (long d = 0; d < D; d += 16) {
-                    const __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
-                    const __m512 qd = _mm512_maskz_loadu_ps(m, q + g * D + d);
-                    dots[jj] = _mm512_fmadd_ps(qd, load16(BF16, kj, d, m), dots[jj]);
-                }
+        for (long jj = 0; jj < 16; jj++) /* as float32, once for all Q heads (zeros past D and past n) */
+            for (long d = 0; d < Dp; d += 16) {
+                const __mmask16 m = jj >= keys ? 0 : D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
+                _mm512_storeu_ps(keys16 + jj * Dp + d,
+                                 m ? load16(BF16, k->base + where[j0 + jj] * elem, d, m) : _mm512_setzero_ps());
+            }
+        for (long i = 0; i < Q; i++) {
+            if (j0 > last[i]) continue;
+            const long seen = last[i] + 1 - j0 < keys ? last[i] + 1 - j0 : keys;
+            const __mmask16 km = seen == 16 ? (__mmask16)0xffff : (__mmask16)((1u << seen) - 1);
+            __m512 dots[16]; /* lane sums of q_i * k_j for the 16 keys, features in order (registers: d outside) */
+            for (long jj = 0; jj < 16; jj++) dots[jj] = _mm512_setzero_ps();
+            for (long d = 0; d < Dp; d += 16) {
+                const __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
+                const __m512 qd = _mm512_maskz_loadu_ps(m, q[i] + d);
+                for (long jj = 0; jj < 16; jj++)
+                    dots[jj] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(keys16 + jj * Dp + d), dots[jj]);
             }
             const __m512 sc = _mm512_mul_ps(hsum16(dots), _mm512_set1_ps(scale));
-            _mm512_mask_storeu_ps(scores + g * n + j0, km, sc);
+            _mm512_mask_storeu_ps(p[i] + j0, km, sc);
             const float best = _mm512_mask_reduce_max_ps(km, sc);
-            top[g] = j0 == 0 || best > top[g] ? best : top[g];
+            top[i] = j0 == 0 || best > top[i] ? best : top[i];
         }
     }
-    for (long g = 0; g < G; g++) { /* softmax numerators e^(s - max) */
-        float *p = scores + g * n;
-        for (long j = 0; j < n; j += 16) {
-            const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
-            const __m512 shifted = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + j), _mm512_set1_ps(top[g]));
-            _mm512_mask_storeu_ps(p + j, m, exp16(shifted));
-        }
-    }
-    for (long g = 0; g < G; g++) /* sum_j e_j v_j: four independent FMA chains over j, then added */
-        for (long d = 0; d < D; d += 16) {
-            const __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
-            const float *p = scores + g * n;
-            __m512 p0 = _mm512_setzero_ps(), p1 = p0, p2 = p0, p3 = p0;
-#define TERM(i) _mm512_set1_ps(p[i]), load16(BF16, v->base + where[i] * elem, d, m)
-            long j = 0;
-            for (; j + 4 <= n; j += 4) {
-                p0 = _mm512_fmadd_ps(TERM(j), p0);
-                p1 = _mm512_fmadd_ps(TERM(j + 1), p1);
-                p2 = _mm512_fmadd_ps(TERM(j + 2), p2);
-                p3 = _mm512_fmadd_ps(TERM(j + 3), p3);
-            }
-            for (; j < n; j++) p0 = _mm512_fmadd_ps(TERM(j), p0);
-#undef TERM
-            _mm512_mask_storeu_ps(acc + g * D + d, m, _mm512_add_ps(_mm512_add_ps(p0, p1), _mm512_add_ps(p2, p3)));
-        }
-    for (long g = 0; g < G; g++) { /* divided by the softmax's sum */
+    for (long i = 0; i < Q; i++) { /* softmax numerators e^(s - max) and their sum */
+        const long seen = last[i] + 1;
         __m512 total = _mm512_setzero_ps();
-        for (long j = 0; j < n; j += 16) {
-            const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
-            total = _mm512_add_ps(total, _mm512_maskz_loadu_ps(m, scores + g * n + j));
+        for (long j = 0; j < seen; j += 16) {
+            const __mmask16 m = seen - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (seen - j)) - 1);
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p[i] + j), _mm512_set1_ps(top[i])));
+            _mm512_mask_storeu_ps(p[i] + j, m, e);
+            total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
         }
-        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-        for (long d = 0; d < D; d += 16) {
-            const __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
-            const __m512 mean = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, acc + g * D + d), inv);
-            store16(BF16, (char *)out + g * out_head * elem, d, m, mean);
+        inv[i] = 1.0f / _mm512_reduce_add_ps(total);
+    }
+    for (long d = 0; d < D; d += 16) { /* sum_j e_j v_j / sum_j e_j, PV_BLOCK heads at a time */
+        const __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
+        for (long i0 = 0; i0 < Q; i0 += PV_BLOCK) {
+            const long nb = Q - i0 < PV_BLOCK ? Q - i0 : PV_BLOCK;
+#define BLOCK(NB) \
+    case NB: \
+        weigh_values(NB, BF16, p + i0, last + i0, inv + i0, common, n, v->base, where, d, m, out + i0); \
+        break;
+            switch (nb) { BLOCK(1) BLOCK(2) BLOCK(3) BLOCK(4) BLOCK(5) BLOCK(6) BLOCK(7) BLOCK(8) }
+#undef BLOCK
         }
     }
 }
@@ -208,28 +247,39 @@ int specdec_attention(const void *qkv, const void *cos, const void *sin, const l
             }
         }
         /* (the implied barrier: every key is in the cache before any query reads it) */
-        /* 2. attention: one (token, kv head) at a time, its G query heads together */
+        /* 2. attention: up to MAX_QUERIES tokens of a row with one kv head at a time, their G query heads each */
         long longest = 0;
         for (long bt = 0; bt < B * T; bt++) longest = positions[bt] + 1 > longest ? positions[bt] + 1 : longest;
-        long *scratch = malloc(sizeof(long) * longest + sizeof(float) * (G * longest + G * D) + 1);
+        const long Dp = (D + 15) / 16 * 16, chunks = (T + MAX_QUERIES - 1) / MAX_QUERIES;
+        long *scratch = malloc(sizeof(long) * longest + sizeof(float) * (16 * Dp + MAX_QUERIES * G * longest) + 64);
         if (!scratch) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
-        for (long w = 0; w < B * T * Hkv; w++) {
-            const long bt = w / Hkv, h = w % Hkv, b = bt / T, pos = positions[bt];
-            char *o = (char *)out + (bt * H + h * G) * D * elem;
-            if (pos < 0 || !scratch) {
-                memset(o, 0, G * D * elem);
-                continue;
+        for (long w = 0; w < B * chunks * Hkv; w++) {
+            const long b = w / (chunks * Hkv), t0 = w / Hkv % chunks * MAX_QUERIES, h = w % Hkv;
+            float *qs[MAX_QUERY_HEADS];
+            char *outs[MAX_QUERY_HEADS];
+            long last[MAX_QUERY_HEADS], Q = 0;
+            for (long t = t0; t < t0 + MAX_QUERIES && t < T; t++) {
+                const long bt = b * T + t, pos = positions[bt];
+                char *o = (char *)out + (bt * H + h * G) * D * elem;
+                if (pos < 0 || !scratch) {
+                    memset(o, 0, G * D * elem);
+                    continue;
+                }
+                for (long g = 0; g < G; g++, Q++) {
+                    qs[Q] = q + (bt * H + h * G + g) * D;
+                    outs[Q] = o + g * D * elem;
+                    last[Q] = pos;
+                }
             }
+            if (!Q) continue;
             if (bf16)
-                attend(1, q + (bt * H + h * G) * D, G, D, scale, &k, &v, table, max_blocks, block_size, b, h, pos,
-                       scratch, o, D);
+                attend(1, qs, last, Q, D, scale, &k, &v, table, max_blocks, block_size, b, h, scratch, outs);
             else
-                attend(0, q + (bt * H + h * G) * D, G, D, scale, &k, &v, table, max_blocks, block_size, b, h, pos,
-                       scratch, o, D);
+                attend(0, qs, last, Q, D, scale, &k, &v, table, max_blocks, block_size, b, h, scratch, outs);
         }
         free(scratch);
     }
