@@ -1,5 +1,5 @@
-"""specdec's C kernels for the CPU (``cpu_linear.c``, ``cpu_attention.c``), built once per machine and
-loaded with ctypes.
+"""specdec's C kernels for the CPU (``cpu_linear.c``, ``cpu_attention.c``, ``cpu_layers.c``), built once per
+machine and loaded with ctypes.
 
 They are compiled together with the system C compiler (``cc``, or ``$CC``) into the user cache
 (``~/.cache/specdec/kernels``); where that is impossible — no compiler, no AVX-512, not x86 — or
@@ -21,7 +21,7 @@ from pathlib import Path
 from specdec.kernels.dispatch import _flag
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "cpu_linear.c", HERE / "cpu_attention.c"]
+SOURCES = [HERE / "cpu_linear.c", HERE / "cpu_attention.c", HERE / "cpu_layers.c"]
 HEADERS = [HERE / "cpu_common.h"]
 # -ffp-contract=off: a product and a sum that torch rounds separately must not become one FMA here
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", f"-I{HERE}"]
@@ -29,6 +29,7 @@ P, L, I, F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 SIGNATURES = {  # name: argument types (each returns 0; -1: no memory for its scratch; -2: bad input)
     "specdec_linear": [P, P, P, P, L, L, L, I, P, F, I, P],
     "specdec_attention": [P, P, P, P, L, L, L, L, L, P, P, L, L, L, P, L, L, L, F, I, P],
+    "specdec_layers": [P, L, L, L, L, P, L, F, P, P, P, P, P, P, L, L, L, P, P, L, L, L, L, P, L, L, L, F, I],
 }
 
 

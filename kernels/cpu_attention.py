@@ -26,39 +26,49 @@ def rope_write_attend(qkv, cos, sin, positions, k_pool, v_pool, block_table, num
     -> out [batch, T, heads, head_dim], zeros in padding rows. Rotated keys and values land in the pools."""
     lib = library()
     batch, T, width = qkv.shape
-    # everything C would trust is checked here: a wrong shape or dtype must raise, not write past a buffer
+    args = checked("rope_write_attend", qkv, cos, sin, positions, k_pool, v_pool, block_table, num_heads, num_kv_heads)
+    out = torch.empty(batch, T, num_heads, width // (num_heads + 2 * num_kv_heads), dtype=qkv.dtype)
+    failed = lib.specdec_attention(qkv.contiguous().data_ptr(), *args[:-2], out.data_ptr())
+    raise_failure("rope_write_attend", failed, k_pool, batch, T)
+    return out
+
+
+def checked(caller: str, qkv, cos, sin, positions, k_pool, v_pool, block_table, num_heads: int, num_kv_heads: int):
+    """Everything C would trust, checked (a wrong shape or dtype must raise, not write past a buffer) ->
+    specdec_attention's arguments after qkv and before out (contiguous tensors held in the last two)."""
+    batch, T, width = qkv.shape
     if num_kv_heads < 1 or num_heads % num_kv_heads or num_heads // num_kv_heads > MAX_GROUP:
-        raise ValueError(f"rope_write_attend: {num_heads=} must be a multiple of {num_kv_heads=}, at most "
+        raise ValueError(f"{caller}: {num_heads=} must be a multiple of {num_kv_heads=}, at most "
                          f"{MAX_GROUP} per kv head")
     head_dim, rest = divmod(width, num_heads + 2 * num_kv_heads)
     if rest or head_dim % 2:
-        raise ValueError(f"rope_write_attend: qkv width {width} is not (heads + 2 kv_heads) x an even head_dim")
+        raise ValueError(f"{caller}: qkv width {width} is not (heads + 2 kv_heads) x an even head_dim")
     for name, t, shape in (("cos", cos, (batch, T, 1, head_dim)), ("sin", sin, (batch, T, 1, head_dim)),
                            ("k_pool", k_pool, (*k_pool.shape[:2], num_kv_heads, head_dim)),
                            ("v_pool", v_pool, tuple(k_pool.shape))):
         if t.dtype != qkv.dtype or tuple(t.shape) != shape or t.device.type != "cpu":
-            raise ValueError(f"rope_write_attend: {name} must be a CPU tensor {shape} of {qkv.dtype}, got "
+            raise ValueError(f"{caller}: {name} must be a CPU tensor {shape} of {qkv.dtype}, got "
                              f"{tuple(t.shape)} {t.dtype} on {t.device}")
     if k_pool.stride() != v_pool.stride() or k_pool.stride(-1) != 1:
-        raise ValueError(f"rope_write_attend: key and value pools with equal strides and contiguous heads "
+        raise ValueError(f"{caller}: key and value pools with equal strides and contiguous heads "
                          f"wanted, got {k_pool.stride()} / {v_pool.stride()}")
     if positions.shape != (batch, T):
-        raise ValueError(f"rope_write_attend: positions {tuple(positions.shape)} for qkv of {batch} x {T} tokens")
+        raise ValueError(f"{caller}: positions {tuple(positions.shape)} for qkv of {batch} x {T} tokens")
     if block_table is not None and block_table.shape[0] != batch:
-        raise ValueError(f"rope_write_attend: block_table has {block_table.shape[0]} rows for {batch}")
-    qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
+        raise ValueError(f"{caller}: block_table has {block_table.shape[0]} rows for {batch}")
+    cos, sin = cos.contiguous(), sin.contiguous()
     positions = positions.contiguous().long()
     table = None if block_table is None else block_table.contiguous().long()
-    out = torch.empty(batch, T, num_heads, head_dim, dtype=qkv.dtype)
     block, slot, head, _ = k_pool.stride()
-    failed = lib.specdec_attention(
-        qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), batch, T, num_heads, num_kv_heads,
-        head_dim, k_pool.data_ptr(), v_pool.data_ptr(), block, slot, head,
-        0 if table is None else table.data_ptr(), 0 if table is None else table.shape[1], k_pool.shape[1],
-        k_pool.shape[0], head_dim**-0.5, qkv.dtype == torch.bfloat16, out.data_ptr())
+    return (cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), batch, T, num_heads, num_kv_heads, head_dim,
+            k_pool.data_ptr(), v_pool.data_ptr(), block, slot, head, 0 if table is None else table.data_ptr(),
+            0 if table is None else table.shape[1], k_pool.shape[1], k_pool.shape[0], head_dim**-0.5,
+            qkv.dtype == torch.bfloat16, (cos, sin, positions), table)
+
+
+def raise_failure(caller: str, failed: int, k_pool, batch: int, T: int) -> None:
     if failed == -2:  # checked in C, before anything is written: no host sync here
-        raise ValueError(f"rope_write_attend: a position or block id falls outside the pool of {k_pool.shape[0]} "
+        raise ValueError(f"{caller}: a position or block id falls outside the pool of {k_pool.shape[0]} "
                          f"blocks of {k_pool.shape[1]} positions")
     if failed:
-        raise MemoryError(f"rope_write_attend: no memory for the scratch of {batch} x {T} queries")
-    return out
+        raise MemoryError(f"{caller}: no memory for the scratch of {batch} x {T} queries")

@@ -19,7 +19,7 @@ from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from specdec.cache import KVCache, KVPool, select
-from specdec.kernels import cpu_attention, cpu_linear
+from specdec.kernels import cpu_attention, cpu_layers, cpu_linear
 from specdec.kernels.dispatch import use_triton
 from specdec.kernels.verify_attention import attention_span_and_mask, verify_attention
 
@@ -57,23 +57,28 @@ class Linear(nn.Linear):
     def forward(self, x, norm: RMSNorm | None = None, gated: bool = False, residual=None):
         """``residual + self(norm(x))``, or of SiLU(gate) * up if gated (x holds gate then up); on the fast
         CPU path all in one kernel call, because each torch op around it costs 5-80 us at decode size."""
-        w = self.weight
-        onednn = False
-        if w.device.type == "cpu" and x.dtype == w.dtype and not torch.is_grad_enabled():
-            key = _weight_key(w)
-            if self._packed_key != key:  # first use, or the weight changed: (re)pack, once
-                self._packed, self._packed_key, self._packed_from = _pack(w), key, w.detach()
-            if type(self._packed) is cpu_linear.PackedWeight and (residual is None or residual.dtype == w.dtype):
-                return cpu_linear.linear(x, self._packed, self.bias, norm=None if norm is None else norm.weight,
-                                         eps=0.0 if norm is None else norm.eps, gated=gated, residual=residual)
-            onednn = isinstance(self._packed, torch.Tensor)
+        packed = self.packed() if x.dtype == self.weight.dtype else None
+        if type(packed) is cpu_linear.PackedWeight and (residual is None or residual.dtype == x.dtype):
+            return cpu_linear.linear(x, packed, self.bias, norm=None if norm is None else norm.weight,
+                                     eps=0.0 if norm is None else norm.eps, gated=gated, residual=residual)
         x = cpu_linear.fused_input(x, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
                                    gated)
-        if onednn:
-            y = torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        if isinstance(packed, torch.Tensor):
+            y = torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
         else:
             y = super().forward(x)
         return y if residual is None else residual + y
+
+    def packed(self):
+        """The weight in specdec's kernel layout (a PackedWeight) or oneDNN's (a tensor), made on first use and
+        remade whenever the weight changed; None for torch's own path (another device, training, float64)."""
+        w = self.weight
+        if w.device.type != "cpu" or torch.is_grad_enabled():
+            return None
+        key = _weight_key(w)
+        if self._packed_key != key:  # first use, or the weight changed: (re)pack, once
+            self._packed, self._packed_key, self._packed_from = _pack(w), key, w.detach()
+        return self._packed
 
 
 def _pack(w):
@@ -253,6 +258,29 @@ class LlamaModel(nn.Module):
         self.rope_scaling = float(scaling)
         self.generation_config = None  # set by the loaders
 
+    #: run the decoder layers in one C call where every layer is on the CPU kernels' path (kernels/cpu_layers.py):
+    #: a float32 SmolLM2 step spends ~3.8 ms in the ~150 Python calls of the loop. Off: the loop in Python over
+    #: the same kernels (the same bits; bench/step_profile.py times the pieces that way)
+    layers_in_one_call = True
+
+    def _layer_addresses(self) -> torch.Tensor | None:
+        """int64 [layers, 8] for kernels/cpu_layers.py, or None where some weight is not on the kernels' path.
+        Made per forward: packing is checked on every call, as Linear.forward does (~0.3 ms for SmolLM2)."""
+        rows = []
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            packed = [lin.packed() for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+            norms = (layer.input_layernorm, layer.post_attention_layernorm)
+            extras = [t for t in (attn.qkv_proj.bias, attn.o_proj.bias, *(n.weight for n in norms)) if t is not None]
+            if (any(type(p) is not cpu_linear.PackedWeight for p in packed)
+                    or any(t.dtype != self.dtype or not t.is_contiguous() for t in extras)
+                    or any(n.eps != self.model.norm.eps for n in norms)):
+                return None
+            bias = [0 if b is None else b.data_ptr() for b in (attn.qkv_proj.bias, attn.o_proj.bias)]
+            rows.append([packed[0].data.data_ptr(), bias[0], norms[0].weight.data_ptr(), packed[1].data.data_ptr(),
+                         bias[1], norms[1].weight.data_ptr(), packed[2].data.data_ptr(), packed[3].data.data_ptr()])
+        return torch.tensor(rows, dtype=torch.int64)
+
     @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
@@ -324,8 +352,13 @@ class LlamaModel(nn.Module):
         step = Step(cos=cos, sin=sin, slots=None if cpu_kernel else cache.slots(positions), context_lens=context_lens,
                     query_lens=query_lens, span=span, mask=mask, row_ok=row_ok, positions=positions,
                     cpu_kernel=cpu_kernel)
-        for layer in self.model.layers:
-            x = layer(x, step, cache)
+        addresses = self._layer_addresses() if cpu_kernel and self.layers_in_one_call else None
+        if addresses is not None and x.dtype == self.dtype:  # the same kernels, without Python between them
+            x = cpu_layers.decoder_layers(x, addresses, self.model.norm.eps, cos, sin, positions, cache,
+                                          attn.num_heads, attn.num_kv_heads, self.config.intermediate_size)
+        else:
+            for layer in self.model.layers:
+                x = layer(x, step, cache)
         cache.advance(positions)
         if cache.features is not None:
             cache.write_features(positions, x)

@@ -2,13 +2,14 @@
 replaces, on the contiguous and the paged cache, and the batch invariance it gives the whole model."""
 
 import copy
+import functools
 
 import pytest
 import torch
 from conftest import tiny_model
 
 from specdec.cache import KVCache, KVPool, PagedKVCache
-from specdec.kernels import cpu, cpu_attention
+from specdec.kernels import cpu, cpu_attention, cpu_layers
 from specdec.kernels.verify_attention import verify_attention_reference
 from specdec.models import as_native
 from specdec.models.llama import _rotate
@@ -125,3 +126,59 @@ def test_a_pass_of_several_tokens_gives_each_the_bits_of_single_steps(arch, dtyp
         cache.rollback(7)
         steps = torch.cat([model(ids[:, t:t + 1], torch.tensor([[t]]), cache) for t in range(7, 12)], dim=1)
     assert torch.equal(passed, steps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "smollm2"])
+@pytest.mark.parametrize("paged", [False, True])
+def test_the_layers_in_one_call_give_the_bits_of_the_python_loop(arch, dtype, paged):
+    # kernels/cpu_layers.c makes the same kernel calls as models/llama.py's loop: same logits, same cache
+    model = as_native(tiny_model(arch, dtype))
+    ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(5))
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8], [0, 1, 2, 3, 4, 5, -1, -1, -1]])
+    caches, logits = [], []
+    for one_call in (True, False):
+        if paged:
+            attn = model.model.layers[0].self_attn
+            pool = KVPool(num_layers=len(model.model.layers), num_blocks=8, block_size=4,
+                          num_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim, dtype=dtype)
+            cache = PagedKVCache(pool, [[5, 1, 6], [2, 7]], [0, 0])
+        else:
+            cache = model.new_cache(2, 12)
+        model.layers_in_one_call = one_call
+        try:
+            with torch.no_grad():
+                assert model._layer_addresses() is not None  # every layer is on the kernels' path
+                first = model(ids[:, :5], positions[:, :5], cache)
+                rest = model(ids[:, 5:], positions[:, 5:] - 5 * (positions[:, 5:] < 0), cache)  # a pass of 4
+        finally:
+            model.layers_in_one_call = True
+        logits.append(torch.cat([first, rest], dim=1))
+        caches.append(cache.pools(0)[0] if not paged else cache.pool.keys)
+    assert torch.equal(logits[0], logits[1])
+    assert torch.equal(caches[0], caches[1])
+
+
+def test_the_layers_in_one_call_refuse_bad_input_and_write_nothing():
+    # the model checks room itself; the C call must refuse on its own too, before any layer writes a key
+    model = as_native(tiny_model("smollm2", torch.float32))
+    attn = model.model.layers[0].self_attn
+    cache = model.new_cache(1, 6)
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7]]), torch.arange(3)[None], cache)
+        before = cache.keys.clone(), cache.values.clone()
+        x = model.model.embed_tokens(torch.tensor([[8, 9]]))
+        cos = sin = torch.ones(1, 2, 1, attn.head_dim)
+        call = functools.partial(cpu_layers.decoder_layers, x, model._layer_addresses(), 1e-5, cos, sin,
+                                 cache=cache, num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
+                                 inner=model.config.intermediate_size)
+        with pytest.raises(ValueError, match="outside the pool"):
+            call(positions=torch.tensor([[3, 40]]))
+        with pytest.raises(ValueError, match="positions"):
+            call(positions=torch.tensor([[3, 4, 5]]))
+        with pytest.raises(ValueError, match="addresses"):
+            cpu_layers.decoder_layers(x, model._layer_addresses()[:, :7], 1e-5, cos, sin, torch.tensor([[3, 4]]),
+                                      cache, attn.num_heads, attn.num_kv_heads, model.config.intermediate_size)
+        assert torch.equal(cache.keys, before[0]) and torch.equal(cache.values, before[1])
+        again = model(torch.tensor([[8]]), torch.tensor([[3]]), cache)  # and the cache still serves
+    assert again.shape == (1, 1, model.vocab_size)

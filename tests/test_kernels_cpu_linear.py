@@ -175,7 +175,11 @@ def test_native_model_uses_it_and_matches_float64(monkeypatch, dtype):
         want = model.double()(ids, torch.arange(3)[None], model.new_cache(1, 8))
         assert not calls  # float64 keeps torch's path
         got = model.to(dtype)(ids, torch.arange(3)[None], model.new_cache(1, 8))
-    assert len(calls) == 2 * 4 + 1  # qkv, o, gate_up, down per layer, and the output layer
+        assert len(calls) == 1  # the output layer; the decoder layers' kernels ran in one C call (cpu_layers.c)
+        model.layers_in_one_call = False
+        looped = model(ids, torch.arange(3)[None], model.new_cache(1, 8))
+    assert len(calls) == 1 + 2 * 4 + 1  # then qkv, o, gate_up, down per layer from Python, and the output layer
+    assert torch.equal(got, looped)
     assert got.dtype == torch.float32
     # bfloat16 weights and activations: 8 significant bits through 2 layers; float32: 24 bits
     tolerance = 0.05 if dtype == torch.bfloat16 else 1e-5

@@ -1,0 +1,54 @@
+"""All decoder layers of a Llama-family model in one C call on the CPU (``cpu_layers.c``): the same kernel
+calls as models/llama.py's loop over its layers, without ~150 Python calls around them per forward."""
+
+from __future__ import annotations
+
+import torch
+
+from specdec.kernels.cpu import library
+from specdec.kernels.cpu_attention import checked, raise_failure
+
+ADDRESSES = 8  # per layer: qkv, qkv bias, input norm, o, o bias, post-attention norm, gate/up, down (cpu_layers.c)
+
+
+def decoder_layers(x, addresses, eps: float, cos, sin, positions, cache, num_heads: int, num_kv_heads: int,
+                   inner: int):
+    """x [batch, T, hidden] (left as it is) -> the last layer's output [batch, T, hidden]; every layer's
+    rotated keys and values land in ``cache`` (any cache whose ``pools(layer)`` are slices of one tensor).
+
+    addresses int64 [layers, 8]: per layer the packed q/k/v weight, its bias (0: none), the input RMSNorm
+    weight, the packed output weight, its bias (0), the post-attention RMSNorm weight, the packed gate/up and
+    down weights, all of x's dtype (the caller holds what they point to); cos, sin, positions as for
+    cpu_attention.rope_write_attend.
+    """
+    lib = library()
+    batch, T, hidden = x.shape
+    layers = addresses.shape[0]
+    if addresses.shape != (layers, ADDRESSES) or addresses.dtype != torch.int64:
+        raise ValueError(f"decoder_layers: addresses must be int64 [layers, {ADDRESSES}], got "
+                         f"{tuple(addresses.shape)} {addresses.dtype}")
+    k_pool, v_pool, table = cache.pools(0)
+    elem = k_pool.element_size()
+    stride = 0 if layers == 1 else (cache.pools(1)[0].data_ptr() - k_pool.data_ptr()) // elem
+    for layer in (1, layers - 1)[: layers - 1]:  # the layers' pools must be one tensor's evenly spaced slices
+        k, v, _ = cache.pools(layer)
+        if (k.data_ptr() - k_pool.data_ptr(), v.data_ptr() - v_pool.data_ptr()) != (layer * stride * elem,) * 2 \
+                or k.stride() != k_pool.stride():
+            raise ValueError("decoder_layers: the cache's layers are not evenly spaced slices of one tensor")
+    width = (num_heads + 2 * num_kv_heads) * (k_pool.shape[-1])
+    qkv = torch.empty(batch, T, width, dtype=x.dtype)  # [batch, T, (q + k + v heads) * head_dim]
+    args = checked("decoder_layers", qkv, cos, sin, positions, k_pool, v_pool, table, num_heads, num_kv_heads)
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
+        raise ValueError(f"decoder_layers: x must be a float32 or bfloat16 CPU tensor, got {x.dtype} on {x.device}")
+    x = x.contiguous().clone()  # the residual stream, updated in place by C
+    attn = torch.empty(batch, T, num_heads * k_pool.shape[-1], dtype=x.dtype)  # [batch, T, heads * head_dim]
+    h = torch.empty(batch, T, 2 * inner, dtype=x.dtype)  # [batch, T, gate and up]
+    addresses = addresses.contiguous()
+    (cos_p, sin_p, pos_p, _, _, heads, kv_heads, head_dim, k_p, v_p, block, slot, head, table_p, max_blocks,
+     block_size, nblocks, scale, bf16, _held, _table) = args
+    failed = lib.specdec_layers(x.data_ptr(), batch, T, hidden, inner, addresses.data_ptr(), layers, eps,
+                                qkv.data_ptr(), attn.data_ptr(), h.data_ptr(), cos_p, sin_p, pos_p, heads, kv_heads,
+                                head_dim, k_p, v_p, stride, block, slot, head, table_p, max_blocks, block_size,
+                                nblocks, scale, bf16)
+    raise_failure("decoder_layers", failed, k_pool, batch, T)
+    return x
