@@ -267,6 +267,10 @@ class LlamaModel(nn.Module):
         """int64 [layers, 8] for kernels/cpu_layers.py, or None where some weight is not on the kernels' path.
         Made per forward: packing is checked on every call, as Linear.forward does (~0.3 ms for SmolLM2)."""
         rows = []
+        attn, hidden, inner = self.model.layers[0].self_attn, self.config.hidden_size, self.config.intermediate_size
+        heads = attn.num_heads * attn.head_dim
+        shapes = [(heads + 2 * attn.num_kv_heads * attn.head_dim, hidden), (hidden, heads), (2 * inner, hidden),
+                  (hidden, inner)]  # [out, in] of q/k/v, o, gate/up, down, as cpu_layers.c computes them
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             packed = [lin.packed() for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
@@ -274,7 +278,8 @@ class LlamaModel(nn.Module):
             extras = [t for t in (attn.qkv_proj.bias, attn.o_proj.bias, *(n.weight for n in norms)) if t is not None]
             if (any(type(p) is not cpu_linear.PackedWeight for p in packed)
                     or any(t.dtype != self.dtype or not t.is_contiguous() for t in extras)
-                    or any(n.eps != self.model.norm.eps for n in norms)):
+                    or any(n.eps != self.model.norm.eps for n in norms)
+                    or [(p.out_features, p.in_features) for p in packed] != shapes):  # C trusts the shapes
                 return None
             bias = [0 if b is None else b.data_ptr() for b in (attn.qkv_proj.bias, attn.o_proj.bias)]
             rows.append([packed[0].data.data_ptr(), bias[0], norms[0].weight.data_ptr(), packed[1].data.data_ptr(),
