@@ -262,28 +262,44 @@ class LlamaModel(nn.Module):
     #: a float32 SmolLM2 step spends ~3.8 ms in the ~150 Python calls of the loop. Off: the loop in Python over
     #: the same kernels (the same bits; bench/step_profile.py times the pieces that way)
     layers_in_one_call = True
+    _operands = None  # per layer the modules whose weights the C call reads (_layer_addresses)
+    _addresses = None  # (table, the packed weights it was made from, their biases' and norms' keys)
 
     def _layer_addresses(self) -> torch.Tensor | None:
         """int64 [layers, 8] for kernels/cpu_layers.py, or None where some weight is not on the kernels' path.
-        Made per forward: packing is checked on every call, as Linear.forward does (~0.3 ms for SmolLM2)."""
-        rows = []
+        Checked on every forward (a changed weight is repacked, as Linear.forward does), rebuilt only when a
+        packed weight, bias or norm weight changed: for SmolLM2 ~0.5 ms to check against 1.9 to rebuild."""
+        if self._operands is None:  # the modules the kernels read, gathered once: [layers] of 6
+            self._operands = [(layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                               layer.mlp.down_proj, layer.input_layernorm, layer.post_attention_layernorm)
+                              for layer in self.model.layers]
+        packed, extras = [], []
+        for qkv, o, gate_up, down, norm1, norm2 in self._operands:
+            packed += (qkv.packed(), o.packed(), gate_up.packed(), down.packed())
+            extras += (qkv._parameters["bias"], o._parameters["bias"], norm1._parameters["weight"],
+                       norm2._parameters["weight"])
+        key = [None if t is None else (t.data_ptr(), t.dtype, t.is_contiguous()) for t in extras]
+        cached = self._addresses
+        if cached is None or key != cached[2] or any(a is not b for a, b in zip(packed, cached[1])):
+            self._addresses = cached = (self._address_table(packed, extras), packed, key)
+        return cached[0]
+
+    def _address_table(self, packed, extras) -> torch.Tensor | None:
         attn, hidden, inner = self.model.layers[0].self_attn, self.config.hidden_size, self.config.intermediate_size
         heads = attn.num_heads * attn.head_dim
         shapes = [(heads + 2 * attn.num_kv_heads * attn.head_dim, hidden), (hidden, heads), (2 * inner, hidden),
                   (hidden, inner)]  # [out, in] of q/k/v, o, gate/up, down, as cpu_layers.c computes them
-        for layer in self.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            packed = [lin.packed() for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-            norms = (layer.input_layernorm, layer.post_attention_layernorm)
-            extras = [t for t in (attn.qkv_proj.bias, attn.o_proj.bias, *(n.weight for n in norms)) if t is not None]
-            if (any(type(p) is not cpu_linear.PackedWeight for p in packed)
-                    or any(t.dtype != self.dtype or not t.is_contiguous() for t in extras)
-                    or any(n.eps != self.model.norm.eps for n in norms)
-                    or [(p.out_features, p.in_features) for p in packed] != shapes):  # C trusts the shapes
-                return None
-            bias = [0 if b is None else b.data_ptr() for b in (attn.qkv_proj.bias, attn.o_proj.bias)]
-            rows.append([packed[0].data.data_ptr(), bias[0], norms[0].weight.data_ptr(), packed[1].data.data_ptr(),
-                         bias[1], norms[1].weight.data_ptr(), packed[2].data.data_ptr(), packed[3].data.data_ptr()])
+        eps = {m.eps for *_, norm1, norm2 in self._operands for m in (norm1, norm2)}
+        if (any(type(p) is not cpu_linear.PackedWeight for p in packed)
+                or any(t is not None and (t.dtype != self.dtype or not t.is_contiguous()) for t in extras)
+                or eps != {self.model.norm.eps}
+                or [(p.out_features, p.in_features) for p in packed] != shapes * len(self._operands)):
+            return None  # C trusts the dtypes and shapes: anything else takes the Python loop
+        rows = []
+        for i in range(len(self._operands)):
+            qkv, o, gate_up, down = (p.data.data_ptr() for p in packed[4 * i: 4 * i + 4])
+            qkv_bias, o_bias, norm1, norm2 = (0 if t is None else t.data_ptr() for t in extras[4 * i: 4 * i + 4])
+            rows.append([qkv, qkv_bias, norm1, o, o_bias, norm2, gate_up, down])  # cpu_layers.c's order
         return torch.tensor(rows, dtype=torch.int64)
 
     @property

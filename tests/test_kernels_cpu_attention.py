@@ -182,3 +182,32 @@ def test_the_layers_in_one_call_refuse_bad_input_and_write_nothing():
         assert torch.equal(cache.keys, before[0]) and torch.equal(cache.values, before[1])
         again = model(torch.tensor([[8]]), torch.tensor([[3]]), cache)  # and the cache still serves
     assert again.shape == (1, 1, model.vocab_size)
+
+
+def test_the_layers_in_one_call_see_a_weight_changed_in_place():
+    # the C call reads packed copies and raw addresses: a weight, bias or norm changed after the first forward
+    # must be repacked / re-read, exactly as the Python loop does
+    model = copy.deepcopy(as_native(tiny_model("qwen2", torch.float32)))
+    ids, positions = torch.tensor([[5, 6, 7]]), torch.arange(3)[None]
+
+    def both():
+        out = []
+        for one_call in (True, False):
+            model.layers_in_one_call = one_call
+            with torch.inference_mode():
+                out.append(model(ids, positions, model.new_cache(1, 4)))
+        model.layers_in_one_call = True
+        assert torch.equal(out[0], out[1])
+        return out[0]
+
+    before = both()
+    layer = model.model.layers[1]
+    changes = [lambda: layer.mlp.down_proj.weight.mul_(1.5), lambda: layer.self_attn.qkv_proj.bias.add_(0.3),
+               lambda: layer.post_attention_layernorm.weight.mul_(0.5),
+               lambda: setattr(layer.input_layernorm, "weight", torch.nn.Parameter(layer.input_layernorm.weight * 2))]
+    for change in changes:
+        with torch.no_grad():
+            change()
+        after = both()
+        assert not torch.equal(after, before)
+        before = after
