@@ -562,7 +562,7 @@ def check_draft_vocab(model: str, draft: str | None, head: str | None = None) ->
 def load_models(config: BenchConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from specdec.models.loading import checkpoint_folder
+    from specdec.models.loading import checkpoint_folder, load_draft
 
     dtype = getattr(torch, config.dtype)
     folder = checkpoint_folder(config.model)
@@ -572,7 +572,7 @@ def load_models(config: BenchConfig):
     if config.draft is not None:
         draft = AutoModelForCausalLM.from_pretrained(checkpoint_folder(config.draft), dtype=dtype).eval()
     if config.head is not None and {"head", "head-auto"} & set(config.methods):
-        head, _ = specdec.load(config.head, dtype=dtype)
+        head = load_draft(config.head, dtype)
     return target, draft, head, tokenizer
 
 

@@ -141,6 +141,7 @@ def main(argv=None) -> int:
         parser.error("the draft-* modes need --draft")
 
     import specdec
+    from specdec.models.loading import load_draft
     from specdec.server import EngineLoop, InProcessServer, Metrics, ServerConfig, create_app
 
     from specdec.bench.common import machine
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
     target, tokenizer = specdec.load(args.model, dtype=args.dtype)
-    draft_model = specdec.load(args.draft, dtype=args.dtype)[0] if args.draft else None
+    draft_model = load_draft(args.draft, args.dtype) if args.draft else None
     pool = prompts()
     report = {"machine": machine(), "args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "levels": []}

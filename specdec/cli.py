@@ -15,11 +15,12 @@ def _generate(args) -> int:
     from transformers import TextStreamer
 
     import specdec
+    from specdec.models.loading import load_draft
 
     model, tokenizer = specdec.load(args.model, dtype=args.dtype)
     draft = None
     if args.draft:
-        draft, _ = specdec.load(args.draft, dtype=args.dtype)
+        draft = args.draft if args.draft == "ngram" else load_draft(args.draft, args.dtype)
     prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
     if tokenizer.chat_template and not args.no_chat:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -107,7 +108,8 @@ def main(argv=None) -> int:
     gen = sub.add_parser("generate", help="generate text, streamed, then print the statistics table")
     gen.add_argument("prompt", nargs="?", help=f"the prompt (default: {DEFAULT_PROMPT!r})")
     gen.add_argument("--model", default=DEFAULT_MODEL, help="registered name, checkpoint folder or .gguf file")
-    gen.add_argument("--draft", default=None, help="draft model: registered name, folder or .gguf file")
+    gen.add_argument("--draft", default=None, help="'ngram', or a draft model or head: registered name, folder or "
+                     ".gguf file (a head runs in the dtype it was saved in)")
     gen.add_argument("-k", "--num-draft-tokens", default="auto",
                      help="drafts per step, or 'auto' (default: k picked each step from measured acceptance and cost)")
     gen.add_argument("--max-new-tokens", type=int, default=128)

@@ -11,6 +11,7 @@ from test_speculative import batches
 
 import specdec
 from specdec.models import DraftHead, as_native
+from specdec.models.loading import load_draft
 from specdec.proposers import HeadProposer
 from specdec.sampling import SamplingConfig
 
@@ -140,6 +141,11 @@ def test_save_and_load_round_trip(tmp_path):
     a = specdec.generate(target, ids, max_new_tokens=12, draft_model=head, return_dict_in_generate=True)
     b = specdec.generate(target, ids, max_new_tokens=12, draft_model=loaded, return_dict_in_generate=True)
     assert torch.equal(a.sequences, b.sequences) and a.stats.accepted == b.stats.accepted
+    # as a draft, a head keeps the dtype it was saved in whatever the target's (its cost is its weights' bytes)
+    head.to(torch.bfloat16).save(tmp_path / "head16")
+    assert load_draft(tmp_path / "head16", torch.float64).dtype == torch.bfloat16
+    assert torch.equal(specdec.generate(target, ids, max_new_tokens=12, draft_model=load_draft(tmp_path / "head16")),
+                       a.sequences)  # the output does not change
 
 
 def test_a_head_for_another_target_is_refused():

@@ -6,6 +6,7 @@ from conftest import tiny_model
 
 import specdec
 from specdec.models import LlamaModel, as_native
+from specdec.models.loading import load_draft
 
 
 def test_transformers_model_converts_once_and_shares_weights():
@@ -38,6 +39,8 @@ def test_checkpoint_folder_roundtrip(tmp_path, arch):
     model16, _ = specdec.load(str(tmp_path), dtype=torch.bfloat16)
     assert model16.dtype == torch.bfloat16 and model16.inv_freq.dtype == torch.float32
     assert isinstance(tokenizer, type(AutoTokenizer.from_pretrained(tmp_path)))
+    # as a draft, a model takes its target's dtype (a draft head keeps its own: test_head.py)
+    assert load_draft(tmp_path, torch.bfloat16).dtype == torch.bfloat16
 
 
 def test_fallback_architecture_loads_from_a_folder(tmp_path):
