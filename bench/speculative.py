@@ -2,7 +2,8 @@
 draft (acceptance 1: tokens per target forward must be k + 1), and a random small draft (acceptance ~0:
 the overhead floor).
 
-    python bench/speculative.py [--tokens 64] [--repeats 3] [--cost-runs 3] [--dtypes float32 bfloat16] [--json out.json]
+    python bench/speculative.py [--tokens 64] [--repeats 3] [--cost-runs 3] [--dtypes float32 bfloat16]
+                                [--json out.json]
 
 The verification cost is measured --cost-runs times (each a median of 15 passes per k); the table gives the
 median of the runs and the k = 7 figure of each run, since single runs on a noisy machine differ by ~0.1.

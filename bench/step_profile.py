@@ -78,7 +78,8 @@ def profile(model, context: int, steps: int) -> dict:
     with _patched_linear(stub):
         glue = _steps(model, context, steps)
     model.layers_in_one_call = True
-    return {"step_ms": 1e3 * statistics.median(whole), "python_loop_step_ms": 1e3 * statistics.median(loop), "linear_ms_inside_step": 1e3 * statistics.median(inside[1 + WARMUP:]),
+    return {"step_ms": 1e3 * statistics.median(whole), "python_loop_step_ms": 1e3 * statistics.median(loop),
+            "linear_ms_inside_step": 1e3 * statistics.median(inside[1 + WARMUP:]),
             "glue_ms_linears_stubbed": 1e3 * statistics.median(glue)}
 
 
