@@ -63,21 +63,23 @@ def profile(model, context: int, steps: int) -> dict:
 
     whole = _steps(model, context, steps)
     model.layers_in_one_call = False  # the pieces below are timed around Python calls
-    loop = _steps(model, context, steps)
-    with _patched_linear(timed):
-        _steps(model, context, steps, before_each=lambda: inside.append(0.0))
-    outputs = {}
+    try:
+        loop = _steps(model, context, steps)
+        with _patched_linear(timed):
+            _steps(model, context, steps, before_each=lambda: inside.append(0.0))
+        outputs = {}
 
-    def stub(self, x, **fused):  # a preallocated output of the right shape: the step minus its linear layers
-        # (and minus the norms, SiLU and residual adds fused into them)
-        key = (tuple(x.shape[:-1]), self.out_features)
-        if key not in outputs:
-            outputs[key] = torch.zeros(*key[0], key[1], dtype=x.dtype)
-        return outputs[key]
+        def stub(self, x, **fused):  # a preallocated output of the right shape: the step minus its linear layers
+            # (and minus the norms, SiLU and residual adds fused into them)
+            key = (tuple(x.shape[:-1]), self.out_features)
+            if key not in outputs:
+                outputs[key] = torch.zeros(*key[0], key[1], dtype=x.dtype)
+            return outputs[key]
 
-    with _patched_linear(stub):
-        glue = _steps(model, context, steps)
-    model.layers_in_one_call = True
+        with _patched_linear(stub):
+            glue = _steps(model, context, steps)
+    finally:
+        model.layers_in_one_call = True
     return {"step_ms": 1e3 * statistics.median(whole), "python_loop_step_ms": 1e3 * statistics.median(loop),
             "linear_ms_inside_step": 1e3 * statistics.median(inside[1 + WARMUP:]),
             "glue_ms_linears_stubbed": 1e3 * statistics.median(glue)}

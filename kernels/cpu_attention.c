@@ -208,6 +208,7 @@ int specdec_attention(const void *qkv, const void *cos, const void *sin, const l
                       long H, long Hkv, long D, void *kbase, void *vbase, long block_stride, long slot_stride,
                       long head_stride, const long *table, long max_blocks, long block_size, long nblocks,
                       float scale, int bf16, void *out) {
+    if (Hkv < 1 || H % Hkv || H / Hkv > MAX_GROUP) return -2; /* the per-item arrays hold MAX_QUERY_HEADS */
     const long elem = bf16 ? 2 : 4, width = H + 2 * Hkv, G = H / Hkv;
     for (long bt = 0; bt < B * T; bt++) {
         const long pos = positions[bt];

@@ -28,7 +28,8 @@ def rope_write_attend(qkv, cos, sin, positions, k_pool, v_pool, block_table, num
     batch, T, width = qkv.shape
     args = checked("rope_write_attend", qkv, cos, sin, positions, k_pool, v_pool, block_table, num_heads, num_kv_heads)
     out = torch.empty(batch, T, num_heads, width // (num_heads + 2 * num_kv_heads), dtype=qkv.dtype)
-    failed = lib.specdec_attention(qkv.contiguous().data_ptr(), *args[:-2], out.data_ptr())
+    qkv = qkv.contiguous()  # held until the call returns
+    failed = lib.specdec_attention(qkv.data_ptr(), *args[:-2], out.data_ptr())
     raise_failure("rope_write_attend", failed, k_pool, batch, T)
     return out
 

@@ -12,14 +12,17 @@ ADDRESSES = 8  # per layer: qkv, qkv bias, input norm, o, o bias, post-attention
 
 
 def decoder_layers(x, addresses, eps: float, cos, sin, positions, cache, num_heads: int, num_kv_heads: int,
-                   inner: int):
+                   head_dim: int, inner: int):
     """x [batch, T, hidden] (left as it is) -> the last layer's output [batch, T, hidden]; every layer's
     rotated keys and values land in ``cache`` (any cache whose ``pools(layer)`` are slices of one tensor).
 
     addresses int64 [layers, 8]: per layer the packed q/k/v weight, its bias (0: none), the input RMSNorm
     weight, the packed output weight, its bias (0), the post-attention RMSNorm weight, the packed gate/up and
-    down weights, all of x's dtype (the caller holds what they point to); cos, sin, positions as for
-    cpu_attention.rope_write_attend.
+    down weights. The caller guarantees what C cannot see: that they are alive and of x's dtype, with the
+    shapes [out, in] that hidden = x.shape[-1], the heads, head_dim and inner give (q/k/v [(heads + 2
+    kv_heads) head_dim, hidden], o [hidden, heads head_dim], gate/up [2 inner, hidden], down [hidden, inner];
+    biases and norms of their layer's out / hidden); x and the cache are checked here against those sizes.
+    cos, sin, positions as for cpu_attention.rope_write_attend.
     """
     lib = library()
     batch, T, hidden = x.shape
@@ -35,13 +38,13 @@ def decoder_layers(x, addresses, eps: float, cos, sin, positions, cache, num_hea
         if (k.data_ptr() - k_pool.data_ptr(), v.data_ptr() - v_pool.data_ptr()) != (layer * stride * elem,) * 2 \
                 or k.stride() != k_pool.stride():
             raise ValueError("decoder_layers: the cache's layers are not evenly spaced slices of one tensor")
-    width = (num_heads + 2 * num_kv_heads) * (k_pool.shape[-1])
+    width = (num_heads + 2 * num_kv_heads) * head_dim
     qkv = torch.empty(batch, T, width, dtype=x.dtype)  # [batch, T, (q + k + v heads) * head_dim]
     args = checked("decoder_layers", qkv, cos, sin, positions, k_pool, v_pool, table, num_heads, num_kv_heads)
     if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
         raise ValueError(f"decoder_layers: x must be a float32 or bfloat16 CPU tensor, got {x.dtype} on {x.device}")
-    x = x.contiguous().clone()  # the residual stream, updated in place by C
-    attn = torch.empty(batch, T, num_heads * k_pool.shape[-1], dtype=x.dtype)  # [batch, T, heads * head_dim]
+    x = x.clone(memory_format=torch.contiguous_format)  # the residual stream, updated in place by C
+    attn = torch.empty(batch, T, num_heads * head_dim, dtype=x.dtype)  # [batch, T, heads * head_dim]
     h = torch.empty(batch, T, 2 * inner, dtype=x.dtype)  # [batch, T, gate and up]
     addresses = addresses.contiguous()
     (cos_p, sin_p, pos_p, _, _, heads, kv_heads, head_dim, k_p, v_p, block, slot, head, table_p, max_blocks,

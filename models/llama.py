@@ -72,7 +72,7 @@ class Linear(nn.Linear):
     def packed(self):
         """The weight in specdec's kernel layout (a PackedWeight) or oneDNN's (a tensor), made on first use and
         remade whenever the weight changed; None for torch's own path (another device, training, float64)."""
-        w = self.weight
+        w = self._parameters["weight"]  # (not self.weight: nn.Module's attribute lookup is ~5x slower, ~1 us)
         if w.device.type != "cpu" or torch.is_grad_enabled():
             return None
         key = _weight_key(w)
@@ -262,41 +262,47 @@ class LlamaModel(nn.Module):
     #: a float32 SmolLM2 step spends ~3.8 ms in the ~150 Python calls of the loop. Off: the loop in Python over
     #: the same kernels (the same bits; bench/step_profile.py times the pieces that way)
     layers_in_one_call = True
-    _operands = None  # per layer the modules whose weights the C call reads (_layer_addresses)
-    _addresses = None  # (table, the packed weights it was made from, their biases' and norms' keys)
+    _addresses = None  # (table, the packed weights it was made from, the key of their biases, norms and eps)
 
     def _layer_addresses(self) -> torch.Tensor | None:
         """int64 [layers, 8] for kernels/cpu_layers.py, or None where some weight is not on the kernels' path.
-        Checked on every forward (a changed weight is repacked, as Linear.forward does), rebuilt only when a
-        packed weight, bias or norm weight changed: for SmolLM2 ~0.5 ms to check against 1.9 to rebuild."""
-        if self._operands is None:  # the modules the kernels read, gathered once: [layers] of 6
-            self._operands = [(layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
-                               layer.mlp.down_proj, layer.input_layernorm, layer.post_attention_layernorm)
-                              for layer in self.model.layers]
+        Checked on every forward (a changed weight is repacked, as Linear.forward does; a replaced module,
+        parameter or eps is seen), rebuilt only when something changed: for SmolLM2 ~0.3 ms to check against
+        1.9 to rebuild."""
+        operands = []  # per layer the modules C reads (through _modules: a module attribute costs ~1 us)
+        for layer in self.model.layers:
+            attn, mlp, mods = layer._modules["self_attn"]._modules, layer._modules["mlp"]._modules, layer._modules
+            operands.append((attn["qkv_proj"], attn["o_proj"], mlp["gate_up_proj"], mlp["down_proj"],
+                             mods["input_layernorm"], mods["post_attention_layernorm"]))
         packed, extras = [], []
-        for qkv, o, gate_up, down, norm1, norm2 in self._operands:
+        for qkv, o, gate_up, down, norm1, norm2 in operands:
             packed += (qkv.packed(), o.packed(), gate_up.packed(), down.packed())
             extras += (qkv._parameters["bias"], o._parameters["bias"], norm1._parameters["weight"],
                        norm2._parameters["weight"])
-        key = [None if t is None else (t.data_ptr(), t.dtype, t.is_contiguous()) for t in extras]
+        key = [None if t is None else (t.data_ptr(), t.dtype, t.shape, t.is_contiguous()) for t in extras]
+        key += [norm.eps for *_, norm1, norm2 in operands for norm in (norm1, norm2)] + [self.model.norm.eps]
         cached = self._addresses
-        if cached is None or key != cached[2] or any(a is not b for a, b in zip(packed, cached[1])):
-            self._addresses = cached = (self._address_table(packed, extras), packed, key)
+        if cached is None or key != cached[2] or len(packed) != len(cached[1]) \
+                or any(a is not b for a, b in zip(packed, cached[1])):
+            self._addresses = cached = (self._address_table(packed, extras, key[len(extras):]), packed, key)
         return cached[0]
 
-    def _address_table(self, packed, extras) -> torch.Tensor | None:
+    def _address_table(self, packed, extras, eps) -> torch.Tensor | None:
+        """The table for these packed weights and biases / norm weights (4 each per layer), or None where C
+        could not take them: C trusts every dtype and shape, so anything unexpected takes the Python loop."""
         attn, hidden, inner = self.model.layers[0].self_attn, self.config.hidden_size, self.config.intermediate_size
         heads = attn.num_heads * attn.head_dim
         shapes = [(heads + 2 * attn.num_kv_heads * attn.head_dim, hidden), (hidden, heads), (2 * inner, hidden),
                   (hidden, inner)]  # [out, in] of q/k/v, o, gate/up, down, as cpu_layers.c computes them
-        eps = {m.eps for *_, norm1, norm2 in self._operands for m in (norm1, norm2)}
-        if (any(type(p) is not cpu_linear.PackedWeight for p in packed)
-                or any(t is not None and (t.dtype != self.dtype or not t.is_contiguous()) for t in extras)
-                or eps != {self.model.norm.eps}
-                or [(p.out_features, p.in_features) for p in packed] != shapes * len(self._operands)):
-            return None  # C trusts the dtypes and shapes: anything else takes the Python loop
+        sizes = [shapes[0][0], hidden, hidden, hidden]  # of the q/k/v bias, the o bias, the two norms
+        if (any(type(p) is not cpu_linear.PackedWeight or p.dtype != self.dtype for p in packed)
+                or any(t is not None and (t.dtype != self.dtype or not t.is_contiguous() or t.shape != (n,))
+                       for t, n in zip(extras, sizes * len(self.model.layers)))
+                or any(t is None for t in extras[2::4] + extras[3::4]) or len(set(eps)) != 1
+                or [(p.out_features, p.in_features) for p in packed] != shapes * len(self.model.layers)):
+            return None
         rows = []
-        for i in range(len(self._operands)):
+        for i in range(len(self.model.layers)):
             qkv, o, gate_up, down = (p.data.data_ptr() for p in packed[4 * i: 4 * i + 4])
             qkv_bias, o_bias, norm1, norm2 = (0 if t is None else t.data_ptr() for t in extras[4 * i: 4 * i + 4])
             rows.append([qkv, qkv_bias, norm1, o, o_bias, norm2, gate_up, down])  # cpu_layers.c's order
@@ -373,10 +379,13 @@ class LlamaModel(nn.Module):
         step = Step(cos=cos, sin=sin, slots=None if cpu_kernel else cache.slots(positions), context_lens=context_lens,
                     query_lens=query_lens, span=span, mask=mask, row_ok=row_ok, positions=positions,
                     cpu_kernel=cpu_kernel)
-        addresses = self._layer_addresses() if cpu_kernel and self.layers_in_one_call else None
-        if addresses is not None and x.dtype == self.dtype:  # the same kernels, without Python between them
+        one_call = (cpu_kernel and self.layers_in_one_call and x.dtype == self.dtype
+                    and x.shape[-1] == self.config.hidden_size)
+        addresses = self._layer_addresses() if one_call else None
+        if addresses is not None:  # the same kernels, without Python between them
             x = cpu_layers.decoder_layers(x, addresses, self.model.norm.eps, cos, sin, positions, cache,
-                                          attn.num_heads, attn.num_kv_heads, self.config.intermediate_size)
+                                          attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                                          self.config.intermediate_size)
         else:
             for layer in self.model.layers:
                 x = layer(x, step, cache)

@@ -217,7 +217,9 @@ def load_draft(name_or_path, target_dtype=None, device=None):
     """A draft for a target of ``target_dtype``: a draft model in the target's dtype; a draft head in the dtype
     it was saved in (bfloat16 for the shipped one), since a draft step costs what its weights take to read —
     half in bfloat16 (SmolLM2's head for a float32 target, 3 prompts, 64 tokens, k = 2: 57 -> 62 tok/s, same
-    drafts) — while its drafts stay proposals the target verifies: the output does not change."""
+    drafts) — while its drafts stay proposals the target verifies: greedy output does not change, and sampled
+    output keeps the target's distribution (a given seed may draw other tokens: the draft probabilities
+    that the accept/reject draws compare against differ)."""
     folder = checkpoint_folder(name_or_path, "draft")
     if is_head_folder(folder):
         return DraftHead.load(folder, device=device)

@@ -145,7 +145,7 @@ def test_save_and_load_round_trip(tmp_path):
     head.to(torch.bfloat16).save(tmp_path / "head16")
     assert load_draft(tmp_path / "head16", torch.float64).dtype == torch.bfloat16
     assert torch.equal(specdec.generate(target, ids, max_new_tokens=12, draft_model=load_draft(tmp_path / "head16")),
-                       a.sequences)  # the output does not change
+                       a.sequences)  # greedy output does not change
 
 
 def test_a_head_for_another_target_is_refused():

@@ -129,11 +129,18 @@ def test_a_pass_of_several_tokens_gives_each_the_bits_of_single_steps(arch, dtyp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "smollm2"])
+@pytest.mark.parametrize("arch", ["llama", "llama-bias", "qwen2", "smollm2"])
 @pytest.mark.parametrize("paged", [False, True])
 def test_the_layers_in_one_call_give_the_bits_of_the_python_loop(arch, dtype, paged):
-    # kernels/cpu_layers.c makes the same kernel calls as models/llama.py's loop: same logits, same cache
-    model = as_native(tiny_model(arch, dtype))
+    # kernels/cpu_layers.c makes the same kernel calls as models/llama.py's loop: same logits, same cache.
+    # Biases (q/k/v for qwen2, also o for llama-bias) and norm weights made random: initialised to 0 and 1,
+    # a dropped or swapped one would give the same bits
+    model = copy.deepcopy(as_native(tiny_model(arch, dtype)))
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if "norm" in name else 0.0))
     ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(5))
     positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8], [0, 1, 2, 3, 4, 5, -1, -1, -1]])
     caches, logits = [], []
@@ -154,9 +161,10 @@ def test_the_layers_in_one_call_give_the_bits_of_the_python_loop(arch, dtype, pa
         finally:
             model.layers_in_one_call = True
         logits.append(torch.cat([first, rest], dim=1))
-        caches.append(cache.pools(0)[0] if not paged else cache.pool.keys)
+        caches.append((cache.pool.keys, cache.pool.values) if paged else (cache.keys, cache.values))
     assert torch.equal(logits[0], logits[1])
-    assert torch.equal(caches[0], caches[1])
+    for mine, theirs in zip(*caches):  # every layer's keys and values
+        assert torch.equal(mine, theirs)
 
 
 def test_the_layers_in_one_call_refuse_bad_input_and_write_nothing():
@@ -171,14 +179,19 @@ def test_the_layers_in_one_call_refuse_bad_input_and_write_nothing():
         cos = sin = torch.ones(1, 2, 1, attn.head_dim)
         call = functools.partial(cpu_layers.decoder_layers, x, model._layer_addresses(), 1e-5, cos, sin,
                                  cache=cache, num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
-                                 inner=model.config.intermediate_size)
+                                 head_dim=attn.head_dim, inner=model.config.intermediate_size)
         with pytest.raises(ValueError, match="outside the pool"):
             call(positions=torch.tensor([[3, 40]]))
         with pytest.raises(ValueError, match="positions"):
             call(positions=torch.tensor([[3, 4, 5]]))
+        with pytest.raises(ValueError, match="k_pool"):  # a cache of another head_dim than the weights'
+            wide = model.new_cache(1, 6)
+            wide.keys = wide.values = torch.zeros(*wide.keys.shape[:-1], 2 * attn.head_dim)
+            call(positions=torch.tensor([[3, 4]]), cache=wide)
         with pytest.raises(ValueError, match="addresses"):
             cpu_layers.decoder_layers(x, model._layer_addresses()[:, :7], 1e-5, cos, sin, torch.tensor([[3, 4]]),
-                                      cache, attn.num_heads, attn.num_kv_heads, model.config.intermediate_size)
+                                      cache, attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                                      model.config.intermediate_size)
         assert torch.equal(cache.keys, before[0]) and torch.equal(cache.values, before[1])
         again = model(torch.tensor([[8]]), torch.tensor([[3]]), cache)  # and the cache still serves
     assert again.shape == (1, 1, model.vocab_size)
@@ -211,3 +224,7 @@ def test_the_layers_in_one_call_see_a_weight_changed_in_place():
         after = both()
         assert not torch.equal(after, before)
         before = after
+    model.to(torch.bfloat16)  # every weight replaced after the table was made: repacked, re-read
+    with torch.inference_mode():
+        assert model._layer_addresses() is not None
+    assert not torch.equal(both(), before)
