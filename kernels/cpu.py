@@ -29,7 +29,7 @@ P, L, I, F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 SIGNATURES = {  # name: argument types (each returns 0; -1: no memory for its scratch; -2: bad input)
     "specdec_linear": [P, P, P, P, L, L, L, I, P, F, I, P],
     "specdec_attention": [P, P, P, P, L, L, L, L, L, P, P, L, L, L, P, L, L, L, F, I, P],
-    "specdec_layers": [P, L, L, L, L, P, L, F, P, P, P, P, P, P, L, L, L, P, P, L, L, L, L, P, L, L, L, F, I],
+    "specdec_layers": [P, L, L, P, L, F, P, P, P, L, P, P, P, L, L, L, L, L, P, P, L, L, L, P, L, L, L, F, I],
 }
 
 

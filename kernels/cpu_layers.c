@@ -26,9 +26,10 @@ int specdec_attention(const void *qkv, const void *cos, const void *sin, const l
 
 enum { QKV, QKV_BIAS, NORM1, O, O_BIAS, NORM2, GATE_UP, DOWN, ADDRESSES };
 
-int specdec_layers(void *x, long B, long T, long hidden, long inner, const int64_t *weights, long layers, float eps,
-                   void *qkv, void *attn, void *h, const void *cos, const void *sin, const long *positions, long H,
-                   long Hkv, long D, void *kbase, void *vbase, long layer_stride, long block_stride,
+/* After the layers' own arguments, those of specdec_attention between its qkv and out, in its order. */
+int specdec_layers(void *x, long hidden, long inner, const int64_t *weights, long layers, float eps, void *qkv,
+                   void *attn, void *h, long layer_stride, const void *cos, const void *sin, const long *positions,
+                   long B, long T, long H, long Hkv, long D, void *kbase, void *vbase, long block_stride,
                    long slot_stride, long head_stride, const long *table, long max_blocks, long block_size,
                    long nblocks, float scale, int bf16) {
     const long M = B * T, elem = bf16 ? 2 : 4;

@@ -33,7 +33,7 @@ def decoder_layers(x, addresses, eps: float, cos, sin, positions, cache, num_hea
     k_pool, v_pool, table = cache.pools(0)
     elem = k_pool.element_size()
     stride = 0 if layers == 1 else (cache.pools(1)[0].data_ptr() - k_pool.data_ptr()) // elem
-    for layer in (1, layers - 1)[: layers - 1]:  # the layers' pools must be one tensor's evenly spaced slices
+    for layer in (1, layers - 1) if layers > 1 else ():  # the layers' pools must be one tensor's evenly spaced slices
         k, v, _ = cache.pools(layer)
         if (k.data_ptr() - k_pool.data_ptr(), v.data_ptr() - v_pool.data_ptr()) != (layer * stride * elem,) * 2 \
                 or k.stride() != k_pool.stride():
@@ -47,11 +47,7 @@ def decoder_layers(x, addresses, eps: float, cos, sin, positions, cache, num_hea
     attn = torch.empty(batch, T, num_heads * head_dim, dtype=x.dtype)  # [batch, T, heads * head_dim]
     h = torch.empty(batch, T, 2 * inner, dtype=x.dtype)  # [batch, T, gate and up]
     addresses = addresses.contiguous()
-    (cos_p, sin_p, pos_p, _, _, heads, kv_heads, head_dim, k_p, v_p, block, slot, head, table_p, max_blocks,
-     block_size, nblocks, scale, bf16, _held, _table) = args
-    failed = lib.specdec_layers(x.data_ptr(), batch, T, hidden, inner, addresses.data_ptr(), layers, eps,
-                                qkv.data_ptr(), attn.data_ptr(), h.data_ptr(), cos_p, sin_p, pos_p, heads, kv_heads,
-                                head_dim, k_p, v_p, stride, block, slot, head, table_p, max_blocks, block_size,
-                                nblocks, scale, bf16)
+    failed = lib.specdec_layers(x.data_ptr(), hidden, inner, addresses.data_ptr(), layers, eps, qkv.data_ptr(),
+                                attn.data_ptr(), h.data_ptr(), stride, *args[:-2])
     raise_failure("decoder_layers", failed, k_pool, batch, T)
     return x

@@ -262,7 +262,8 @@ class LlamaModel(nn.Module):
     #: a float32 SmolLM2 step spends ~3.8 ms in the ~150 Python calls of the loop. Off: the loop in Python over
     #: the same kernels (the same bits; bench/step_profile.py times the pieces that way)
     layers_in_one_call = True
-    _addresses = None  # (table, the packed weights it was made from, the key of their biases, norms and eps)
+    _addresses = None  # (table, the packed weights it was made from, the key of their biases, norms and eps: as
+    #                      many entries per layer as packed weights, so a changed layer count changes the key)
 
     def _layer_addresses(self) -> torch.Tensor | None:
         """int64 [layers, 8] for kernels/cpu_layers.py, or None where some weight is not on the kernels' path.
@@ -282,8 +283,7 @@ class LlamaModel(nn.Module):
         key = [None if t is None else (t.data_ptr(), t.dtype, t.shape, t.is_contiguous()) for t in extras]
         key += [norm.eps for *_, norm1, norm2 in operands for norm in (norm1, norm2)] + [self.model.norm.eps]
         cached = self._addresses
-        if cached is None or key != cached[2] or len(packed) != len(cached[1]) \
-                or any(a is not b for a, b in zip(packed, cached[1])):
+        if cached is None or key != cached[2] or any(a is not b for a, b in zip(packed, cached[1])):
             self._addresses = cached = (self._address_table(packed, extras, key[len(extras):]), packed, key)
         return cached[0]
 

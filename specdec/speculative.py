@@ -228,12 +228,12 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
         streamer.put(input_ids.cpu())
     start = time.perf_counter()
     with torch.inference_mode():
+        head = needs_features(proposer)
         # (only then the keyword: a transformers-fallback target's cache has no features)
-        features = {"features": True} if needs_features(proposer) else {}
-        cache = state.target_cache = target.new_cache(batch, state.max_len, **features)
+        cache = state.target_cache = target.new_cache(batch, state.max_len, **({"features": True} if head else {}))
         while bool(state.active.any()):
             k = length.next(state.stats) if proposer is not None else 0
-            if needs_features(proposer) and state.stats.target_passes == 0:
+            if head and state.stats.target_passes == 0:
                 k = 0  # a draft head drafts from the target's features, which the prefill makes
             remaining = max_new_tokens - (state.num_tokens - prompt_lengths)
             num_drafts = torch.where(state.active, (remaining - 1).clamp(min=0, max=k), 0)  # [batch]
