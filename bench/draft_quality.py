@@ -11,6 +11,7 @@ figures are deterministic, so two heads compare without machine noise (speed is 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 import specdec
-from specdec.distill import HEAD, DistillConfig, evaluate_head, generate_features, load_data
+from specdec.distill import HEAD, DistillConfig, evaluate_head, feature_records, make_chunks
 
 PROMPTS = Path(__file__).resolve().parent / "prompts"
 
@@ -34,14 +35,14 @@ def main(argv=None):
     heads = {name: specdec.load(name)[0] for name in args.heads}
     config = DistillConfig(**{**HEAD, "max_new_tokens": args.tokens})
     figures = {name: {} for name in heads}
+    every = []
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         for file in sorted(PROMPTS.glob("*.json")):
-            folder = Path(tmp) / file.stem
-            generate_features(target, tokenizer, json.loads(file.read_text()), folder, config, file.stem, 0.0)
-            records = load_data(folder)
+            records = make_chunks(json.loads(file.read_text()), Path(tmp) / file.stem, config.gen_batch, file.stem,
+                                  functools.partial(feature_records, target, tokenizer, config, 0.0))
+            every += records
             for name, head in heads.items():
                 figures[name][file.stem] = evaluate_head(head, target, records, max_k=4)
-        every = [r for folder in sorted(Path(tmp).iterdir()) for r in load_data(folder)]
         for name, head in heads.items():
             figures[name]["all"] = evaluate_head(head, target, every, max_k=4)
     print(f"\n{args.tokens}-token greedy answers of the target to bench/prompts/; per head and category: first-draft "

@@ -6,7 +6,8 @@ Three resumable stages, each writing into the output folder:
    ``self_prompts`` user messages it wrote itself: ``self_written_prompts``), batched; each answer is kept
    with the target's top-``teacher_top_k`` logits at every answer position (transformers' ``generate``
    returns them, so the teacher costs no extra pass). On-policy: the draft learns the text it will be asked
-   to predict. Chunks land in ``data/`` one batch at a time; a restart skips the finished ones.
+   to predict. Chunks land in ``data/<source>/`` one batch at a time; a restart skips the finished ones,
+   and a run resumed with more prompts (``GROWABLE``) only makes the new ones.
 2. **train** — a Llama-shaped draft (tied embeddings initialised from a PCA of the target's) minimises the
    cross-entropy against the teacher's top-k distribution on answer positions. ``trainer.pt`` is saved every
    ``checkpoint_every`` steps and on Ctrl-C; ``--resume`` continues from it.
@@ -38,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from specdec.prompts import training_prompts
+from specdec.sampling import SamplingConfig, sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +94,14 @@ class DistillConfig:
             raise ValueError(f"lr must be a positive number, got lr={self.lr}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got dtype={self.dtype!r}")
+
+
+#: settings a resumed run may change: more prompts (or another batch size) add chunks to the data it has
+GROWABLE = ("num_prompts", "self_prompts", "gen_batch")
+
+
+def _fixed(settings: dict) -> dict:
+    return {**settings, "config": {k: v for k, v in settings["config"].items() if k not in GROWABLE}}
 
 
 #: ``--head``'s defaults: one layer like the target's; answers in batches of 16 (the native model generates
@@ -200,44 +210,56 @@ def self_written_prompts(target, tokenizer, n: int, file: Path, config: DistillC
     return state["prompts"][:n]
 
 
-@torch.no_grad()
-def generate_data(model, tokenizer, prompts: list[str], folder: Path, config: DistillConfig, desc: str) -> None:
-    """Chunks ``folder/NNNNN.pt``: per answer the prompt ids, answer ids and the teacher's top-k logits."""
+def make_chunks(prompts: list[str], folder: Path, batch: int, desc: str, make) -> list[dict]:
+    """Resumable, growable data: ``folder/START-STOP.pt`` holds the records ``make(START, prompts[START:STOP])``
+    made (one batch). Prompts no chunk covers are made in batches of ``batch``: a run resumed with more
+    prompts, or with another batch size, adds to what is there. -> the records of ``prompts``, in order."""
     from tqdm.auto import tqdm
 
     folder.mkdir(parents=True, exist_ok=True)
+    chunks = {tuple(map(int, f.stem.split("-"))): f for f in folder.glob("*-*.pt")}
+    covered = {i for start, stop in chunks for i in range(start, stop)}
+    todo = []  # [start, stop) batches of consecutive uncovered prompts
+    for i in range(len(prompts)):
+        if i in covered:
+            continue
+        if todo and todo[-1][1] == i and i - todo[-1][0] < batch:
+            todo[-1][1] = i + 1
+        else:
+            todo.append([i, i + 1])
+    for start, stop in tqdm(todo, desc=desc, unit="batch"):
+        chunk = folder / f"{start:05d}-{stop:05d}.pt"
+        tmp = chunk.with_suffix(".tmp")
+        torch.save(make(start, prompts[start:stop]), tmp)
+        os.replace(tmp, chunk)  # atomic: an interrupted run leaves whole chunks only
+        chunks[start, stop] = chunk
+    return [r for (start, stop), f in sorted(chunks.items()) if stop <= len(prompts) for r in torch.load(f)]
+
+
+@torch.no_grad()
+def teacher_records(model, tokenizer, config: DistillConfig, start: int, prompts: list[str]) -> list[dict]:
+    """One batch for a small draft: per answer the prompt ids, answer ids and the teacher's top-k logits."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = _eos_ids(model)
-    batches = range(0, len(prompts), config.gen_batch)
-    for start in tqdm(batches, desc=desc, unit="batch"):
-        chunk = folder / f"{start:05d}.pt"
-        if chunk.exists():
-            continue  # resumed: made by an earlier run
-        ids = [_prompt_ids(tokenizer, p) for p in prompts[start:start + config.gen_batch]]
-        width = max(map(len, ids))
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])  # [B, width], left-padded
-        attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-        sample = (start // config.gen_batch) % 4 < round(4 * config.sample_fraction)
-        torch.manual_seed(config.seed + start)  # transformers samples from the global generator
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=config.max_new_tokens,
-                             do_sample=sample, temperature=0.7 if sample else None, top_p=0.9 if sample else None,
-                             top_k=None, pad_token_id=pad, output_logits=True, return_dict_in_generate=True)
-        answers = out.sequences[:, width:]  # [B, new]
-        logits = torch.stack(out.logits, dim=1)  # [B, new, vocab]: the target's raw logits for each answer token
-        values, indices = logits.float().topk(config.teacher_top_k, dim=-1)  # [B, new, top_k]
-        records = []
-        for row, prompt in enumerate(ids):
-            answer = answers[row].tolist()
-            n = next((i + 1 for i, t in enumerate(answer) if t in eos), len(answer))  # through the first EOS
-            records.append({"prompt": torch.tensor(prompt), "answer": torch.tensor(answer[:n]),
-                            "values": values[row, :n].half(), "indices": indices[row, :n].int()})
-        tmp = chunk.with_suffix(".tmp")
-        torch.save(records, tmp)
-        os.replace(tmp, chunk)
-
-
-def load_data(folder: Path) -> list[dict]:
-    return [r for chunk in sorted(folder.glob("*.pt")) for r in torch.load(chunk)]
+    ids = [_prompt_ids(tokenizer, p) for p in prompts]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])  # [B, width], left-padded
+    attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    sample = (start // config.gen_batch) % 4 < round(4 * config.sample_fraction)
+    torch.manual_seed(config.seed + start)  # transformers samples from the global generator
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=config.max_new_tokens,
+                         do_sample=sample, temperature=0.7 if sample else None, top_p=0.9 if sample else None,
+                         top_k=None, pad_token_id=pad, output_logits=True, return_dict_in_generate=True)
+    answers = out.sequences[:, width:]  # [B, new]
+    logits = torch.stack(out.logits, dim=1)  # [B, new, vocab]: the target's raw logits for each answer token
+    values, indices = logits.float().topk(config.teacher_top_k, dim=-1)  # [B, new, top_k]
+    records = []
+    for row, prompt in enumerate(ids):
+        answer = answers[row].tolist()
+        n = next((i + 1 for i, t in enumerate(answer) if t in eos), len(answer))  # through the first EOS
+        records.append({"prompt": torch.tensor(prompt), "answer": torch.tensor(answer[:n]),
+                        "values": values[row, :n].half(), "indices": indices[row, :n].int()})
+    return records
 
 
 def make_draft(target, config: DistillConfig):
@@ -421,49 +443,53 @@ def cost_ratio(draft, target, context: int = 64, repeats: int = 30) -> float:
     return statistics.median(times[0]) / statistics.median(times[1])
 
 
-@torch.no_grad()
-def generate_features(target, tokenizer, prompts: list[str], folder: Path, config: DistillConfig, desc: str,
-                      sample_fraction: float) -> None:
-    """Chunks ``folder/NNNNN.pt`` for a draft head: per answer the ids of prompt + answer and the target's
-    feature (last layer's output, bfloat16) at every position. The native target answers (as specdec.generate
-    would) and then runs once more over prompt + answer to record the features: a head learns the features
-    of text the target wrote itself."""
-    from tqdm.auto import tqdm
-
-    from specdec.speculative import generate
-
-    folder.mkdir(parents=True, exist_ok=True)
+def feature_records(target, tokenizer, config: DistillConfig, sample_fraction: float, start: int,
+                    prompts: list[str]) -> list[dict]:
+    """One batch for a draft head: per answer the ids of prompt + answer and the target's feature (last
+    layer's output, bfloat16) at every position. The native target answers in a cache that keeps its
+    features (``answer_with_features``): a head learns the features of text the target wrote itself."""
     eos = _eos_ids(target)
-    for start in tqdm(range(0, len(prompts), config.gen_batch), desc=desc, unit="batch"):
-        chunk = folder / f"{start:05d}.pt"
-        if chunk.exists():
-            continue  # resumed: made by an earlier run
-        ids = [_prompt_ids(tokenizer, p) for p in prompts[start:start + config.gen_batch]]
-        width = max(map(len, ids))
-        input_ids = torch.tensor([[0] * (width - len(x)) + x for x in ids])  # [B, width], left-padded
-        attention_mask = torch.arange(width) >= torch.tensor([width - len(x) for x in ids])[:, None]
-        sample = (start // config.gen_batch) % 4 < round(4 * sample_fraction)
-        out = generate(target, input_ids, attention_mask.long(), max_new_tokens=config.max_new_tokens,
-                       do_sample=sample, temperature=0.7 if sample else None, top_p=0.9 if sample else None,
-                       generator=torch.Generator().manual_seed(config.seed + start))
-        seqs = []
-        for row, prompt in enumerate(ids):
-            answer = out[row, width:].tolist()
-            n = next((i + 1 for i, t in enumerate(answer) if t in eos), len(answer))  # through the first EOS
-            seqs.append(prompt + answer[:n])
-        length = max(map(len, seqs))
-        batch = torch.zeros(len(seqs), length, dtype=torch.long)  # [B, L] right-padded
-        positions = torch.full((len(seqs), length), -1)
-        for row, seq in enumerate(seqs):
-            batch[row, :len(seq)], positions[row, :len(seq)] = torch.tensor(seq), torch.arange(len(seq))
-        cache = target.new_cache(len(seqs), length, features=True)
-        target(batch, positions, cache, logits_index=positions[:, :1].clamp(min=0))
-        records = [{"prompt_len": len(prompt), "ids": torch.tensor(seq),
-                    "feats": cache.features[row, :len(seq)].bfloat16()}
-                   for row, (prompt, seq) in enumerate(zip(ids, seqs))]
-        tmp = chunk.with_suffix(".tmp")
-        torch.save(records, tmp)
-        os.replace(tmp, chunk)
+    ids = [_prompt_ids(tokenizer, p) for p in prompts]
+    sample = (start // config.gen_batch) % 4 < round(4 * sample_fraction)
+    sampling = SamplingConfig(do_sample=sample, temperature=0.7, top_p=0.9)
+    generator = torch.Generator().manual_seed(config.seed + start)
+    answers, feats = answer_with_features(target, ids, config.max_new_tokens, eos, sampling, generator)
+    records = []
+    for row, prompt in enumerate(ids):
+        answer = answers[row].tolist()
+        n = len(prompt) + next((i + 1 for i, t in enumerate(answer) if t in eos), len(answer))  # through EOS
+        records.append({"prompt_len": len(prompt), "ids": torch.tensor(prompt + answer)[:n],
+                        "feats": feats[row, :n].bfloat16()})
+    return records
+
+
+@torch.inference_mode()
+def answer_with_features(target, prompts: list[list[int]], max_new_tokens: int, eos: set[int],
+                         sampling: SamplingConfig, generator=None):
+    """The native ``target`` answers the ``prompts`` (token ids) as ``specdec.generate`` would, one decode
+    step at a time, in a cache that keeps every position's feature: no second pass over prompt + answer to
+    record them (that pass cost as much as the answers). Greedy answers are ``specdec.generate``'s; rows run
+    until every row has answered an EOS or ``max_new_tokens`` (tokens after a row's EOS are the caller's to
+    drop). -> answers [B, new], features [B, >= P + new, hidden] (slot == position)"""
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)  # [B, P] right-padded, as the native model takes
+    positions = torch.full((len(prompts), width), -1)
+    for row, prompt in enumerate(prompts):
+        ids[row, :len(prompt)], positions[row, :len(prompt)] = torch.tensor(prompt), torch.arange(len(prompt))
+    lengths = (positions >= 0).sum(1)  # [B]
+    cache = target.new_cache(len(prompts), width + max_new_tokens, features=True)
+    logits = target(ids, positions, cache, logits_index=(lengths - 1)[:, None])  # [B, 1, vocab]
+    answers, finished, eos = [], torch.zeros(len(prompts), dtype=torch.bool), torch.tensor(sorted(eos))
+    for _ in range(max_new_tokens):
+        logits = logits[:, -1]  # [B, vocab]
+        token = logits.argmax(-1) if sampling.greedy else sample(sampling.probs(logits), generator)  # [B]
+        answers.append(token)
+        logits = target(token[:, None], lengths[:, None], cache)  # (the last one only writes its feature)
+        lengths = lengths + 1
+        finished |= torch.isin(token, eos)
+        if bool(finished.all()):
+            break
+    return torch.stack(answers, 1), cache.features
 
 
 def kept_vocabulary(records: list[dict], vocab_size: int, kept: int):
@@ -604,24 +630,23 @@ def distill(target, out, config: DistillConfig = DistillConfig(), resume: bool =
         before = json.loads(settings_file.read_text())
         # a run made before a setting existed ran with its default
         before["config"] = {**dataclasses.asdict(DistillConfig()), **before.get("config", {})}
-        if before != settings:
-            raise ValueError(f"out={str(out)!r} holds a run with other settings ({before}); resume it with those")
-    else:
-        settings_file.write_text(json.dumps(settings, indent=2))
+        if _fixed(before) != _fixed(settings):
+            raise ValueError(f"out={str(out)!r} holds a run with other settings ({before}); resume it with those "
+                             f"(only {', '.join(GROWABLE)} may change: the data grows)")
+    settings_file.write_text(json.dumps(settings, indent=2))
 
     templated = training_prompts(config.num_prompts + config.eval_prompts, seed=config.seed)
     written = self_written_prompts(model, tokenizer, config.self_prompts + config.eval_prompts,
                                    out / "self_prompts.json", config, progress, exclude=templated
                                    ) if config.self_prompts else []
-    prompts = {"train": templated[config.eval_prompts:] + written[config.eval_prompts:],
+    sources = {"train": templated[config.eval_prompts:], "train_self": written[config.eval_prompts:],
                "eval": templated[:config.eval_prompts], "eval_self": written[:config.eval_prompts]}
-    (out / "prompts.json").write_text(json.dumps(prompts, indent=1))
+    (out / "prompts.json").write_text(json.dumps({"train": sources["train"] + sources["train_self"],
+                                                  "eval": sources["eval"], "eval_self": sources["eval_self"]},
+                                                 indent=1))
     if config.head:
-        return _distill_head(model, tokenizer, prompts, out, config, resume, progress)
-    make = functools.partial(generate_data, model, tokenizer, config=config)
-    make(prompts["train"], out / "data" / "train", desc="target answers")
-    held_out = _held_out(prompts, out, make)
-    records = load_data(out / "data" / "train")
+        return _distill_head(model, tokenizer, sources, out, config, resume, progress)
+    records, held_out = _data(sources, out, config, functools.partial(teacher_records, model, tokenizer, config))
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     draft = make_draft(model, config)
@@ -634,16 +659,19 @@ def distill(target, out, config: DistillConfig = DistillConfig(), resume: bool =
     return _finish(report, history, draft, lambda: save_draft(draft, tokenizer, out, config), out)
 
 
-def _held_out(prompts: dict, out: Path, make) -> dict[str, list]:
-    """Per source of held-out prompts (templates, self-written) the records ``make(prompts, folder, desc=...)``
-    wrote for them."""
-    held_out = {}
-    for source in ("eval", "eval_self"):
-        if prompts[source]:
-            folder = out / "data" / source.replace("_", "-")
-            make(prompts[source], folder, desc=f"held-out answers ({source})")
-            held_out[source] = load_data(folder)
-    return held_out
+def _data(sources: dict[str, list[str]], out: Path, config: DistillConfig, make, held_out_make=None):
+    """The records of every source of prompts (``make_chunks`` into ``out/data/<source>``; ``make(start,
+    prompts)`` makes a batch, ``held_out_make`` one of held-out prompts if they differ). -> (training records,
+    {held-out source: records} for the sources that have prompts)."""
+    made = {}
+    for source, prompts in sources.items():
+        held = source.startswith("eval")
+        if prompts:
+            made[source] = make_chunks(prompts, out / "data" / source.replace("_", "-"), config.gen_batch,
+                                       f"{'held-out answers' if held else 'target answers'} ({source})",
+                                       (held_out_make or make) if held else make)
+    return ([r for s in ("train", "train_self") for r in made.get(s, [])],
+            {s: made[s] for s in ("eval", "eval_self") if s in made})
 
 
 def _by_source(evaluate_on, held_out: dict[str, list]) -> dict:
@@ -664,13 +692,11 @@ def _finish(report: dict, history, draft, save, out: Path) -> dict:
     return report
 
 
-def _distill_head(target, tokenizer, prompts: dict, out: Path, config: DistillConfig, resume: bool, progress: bool):
-    generate_features(target, tokenizer, prompts["train"], out / "data" / "train", config, "target answers",
-                      config.sample_fraction)
+def _distill_head(target, tokenizer, sources: dict, out: Path, config: DistillConfig, resume: bool, progress: bool):
     # held-out answers greedy: the evaluation compares greedy drafts with the target's greedy tokens
-    held_out = _held_out(prompts, out, functools.partial(generate_features, target, tokenizer, config=config,
-                                                         sample_fraction=0.0))
-    records = load_data(out / "data" / "train")
+    records, held_out = _data(sources, out, config,
+                              functools.partial(feature_records, target, tokenizer, config, config.sample_fraction),
+                              functools.partial(feature_records, target, tokenizer, config, 0.0))
     head = make_head(target, records, config)
     started = time.perf_counter()
     history = train(head, records, out, config, lambda picked: head_loss(head, target, picked, config.unroll),

@@ -3,6 +3,7 @@ transformers checkpoint, runs resume, and bad input is refused without overwriti
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -16,7 +17,7 @@ from transformers import (
 )
 
 import specdec
-from specdec.distill import HEAD, DistillConfig, _batch, distill, distill_loss, load_data, make_draft, train
+from specdec.distill import HEAD, DistillConfig, _batch, distill, distill_loss, make_chunks, make_draft, train
 from specdec.models import DraftHead
 from specdec.prompts import training_prompts
 
@@ -78,6 +79,16 @@ def test_distill_reduces_loss_and_saves_a_transformers_checkpoint(target_folder,
     assert {p: p.stat().st_mtime_ns for p in (out / "data").rglob("*.pt")} == chunks
     assert again["agreement"] == pytest.approx(report["agreement"], abs=0.02)  # bfloat16 save/reload
 
+    # resumed with more prompts (in another batch size) the data grows, the chunks made stay; other settings
+    # may not change
+    grown = DistillConfig(**{**SMALL.__dict__, "num_prompts": 48, "gen_batch": 4})
+    distill(str(target_folder), out, grown, resume=True, progress=False)
+    after = {p: p.stat().st_mtime_ns for p in (out / "data").rglob("*.pt")}
+    assert {p: after[p] for p in chunks} == chunks
+    assert sorted(p.name for p in set(after) - set(chunks)) == ["00040-00044.pt", "00044-00048.pt"]
+    with pytest.raises(ValueError, match="other settings"):
+        distill(str(target_folder), out, DistillConfig(**{**grown.__dict__, "lr": 1e-4}), resume=True, progress=False)
+
 
 SMALL_HEAD = DistillConfig(**{**HEAD, "num_prompts": 24, "eval_prompts": 8, "max_new_tokens": 16, "gen_batch": 8,
                                 "steps": 60, "batch_size": 8, "warmup": 5, "lr": 3e-3, "kept_vocab": 200,
@@ -102,12 +113,12 @@ def test_distill_head_reduces_loss_and_the_head_drafts_exactly(target_folder, tm
 
 
 def test_training_resumes_from_its_checkpoint(target_folder, tmp_path):
-    from specdec.distill import _load_target, generate_data, load_data
+    from specdec.distill import _load_target, teacher_records
 
     model, tokenizer = _load_target(str(target_folder))
     config = DistillConfig(**{**SMALL.__dict__, "steps": 10, "num_prompts": 8})
-    generate_data(model, tokenizer, training_prompts(8), tmp_path / "data", config, "answers")
-    records = load_data(tmp_path / "data")
+    records = make_chunks(training_prompts(8), tmp_path / "data", 4, "answers",
+                          functools.partial(teacher_records, model, tokenizer, config))
     draft = make_draft(model, config)
     first = train(draft, records, tmp_path, config, lambda rs: distill_loss(draft, *_batch(rs, 2)), resume=False,
                   progress=False)
@@ -166,7 +177,45 @@ def test_distill_with_self_written_prompts_holds_some_out_and_reports_each_sourc
     by_source = report["by_source"]
     assert set(by_source) == {"eval", "eval_self"}
     assert report["answer_tokens"] == by_source["eval"]["answer_tokens"] + by_source["eval_self"]["answer_tokens"]
-    assert len(load_data(out / "data" / "eval-self")) == 8
+    assert sum(len(torch.load(f)) for f in (out / "data" / "eval-self").glob("*.pt")) == 8
+
+
+def test_make_chunks_resumes_and_grows(tmp_path):
+    """Chunks cover prompt ranges: a second call makes only what no chunk covers, in its own batch size, and
+    returns every prompt's records in order; prompts past the list (a run resumed with fewer) are left out."""
+    made = []
+
+    def make(start, prompts):
+        made.append((start, len(prompts)))
+        return [{"prompt": p, "start": start} for p in prompts]
+
+    prompts = [f"p{i}" for i in range(10)]
+    first = make_chunks(prompts[:6], tmp_path, 4, "test", make)
+    assert made == [(0, 4), (4, 2)] and [r["prompt"] for r in first] == prompts[:6]
+    (tmp_path / "00004-00006.pt").unlink()  # as if that batch had been interrupted
+    grown = make_chunks(prompts, tmp_path, 3, "test", make)
+    assert made[2:] == [(4, 3), (7, 3)] and [r["prompt"] for r in grown] == prompts
+    assert [r["prompt"] for r in make_chunks(prompts[:4], tmp_path, 3, "test", make)] == prompts[:4]
+    assert len(made) == 4  # nothing made again
+
+
+def test_answers_with_features_are_generate_s_and_a_second_pass_s(target_folder):
+    """The answers are specdec.generate's greedy ones, and the features recorded while answering are the
+    bits one pass over prompt + answer records (each row's bits do not depend on how it was batched)."""
+    from specdec.distill import answer_with_features
+    from specdec.sampling import SamplingConfig
+
+    target, _ = specdec.load(target_folder)
+    prompts = [[1, 5, 9, 13], [1, 7], [1, 3, 3, 8, 2, 6]]
+    answers, feats = answer_with_features(target, prompts, 12, {-1}, SamplingConfig())
+    for row, prompt in enumerate(prompts):
+        plain = specdec.generate(target, torch.tensor([prompt]), max_new_tokens=12, eos_token_id=[])
+        assert plain[0, len(prompt):].tolist() == answers[row].tolist()
+        seq = plain[0]
+        cache = target.new_cache(1, len(seq), features=True)
+        with torch.inference_mode():
+            target(seq[None], torch.arange(len(seq))[None], cache, logits_index=torch.zeros(1, 1, dtype=torch.long))
+        assert torch.equal(feats[row, :len(seq)], cache.features[0, :len(seq)])
 
 
 def test_self_written_prompts_keep_finished_new_messages_and_resume(target_folder, tmp_path, monkeypatch):
