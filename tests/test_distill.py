@@ -197,6 +197,8 @@ def test_make_chunks_resumes_and_grows(tmp_path):
     assert made[2:] == [(4, 3), (7, 3)] and [r["prompt"] for r in grown] == prompts
     assert [r["prompt"] for r in make_chunks(prompts[:4], tmp_path, 3, "test", make)] == prompts[:4]
     assert len(made) == 4  # nothing made again
+    with pytest.raises(ValueError, match="00004-00007.pt.*at least 7"):  # a chunk half past the prompts
+        make_chunks(prompts[:5], tmp_path, 3, "test", make)
 
 
 def test_answers_with_features_are_generate_s_and_a_second_pass_s(target_folder):
