@@ -219,7 +219,10 @@ def load_draft(name_or_path, target_dtype=None, device=None):
     half in bfloat16 (SmolLM2's head for a float32 target, 3 prompts, 64 tokens, k = 2: 57 -> 62 tok/s, same
     drafts) — while its drafts stay proposals the target verifies: greedy output does not change, and sampled
     output keeps the target's distribution (a given seed may draw other tokens: the draft probabilities
-    that the accept/reject draws compare against differ)."""
+    that the accept/reject draws compare against differ). ``"ngram"`` (prompt lookup, no weights) is
+    returned as it is, for ``generate(draft_model=...)`` and the engine to take."""
+    if name_or_path == "ngram":
+        return name_or_path
     folder = checkpoint_folder(name_or_path, "draft")
     if is_head_folder(folder):
         return DraftHead.load(folder, device=device)

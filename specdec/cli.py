@@ -20,7 +20,7 @@ def _generate(args) -> int:
     model, tokenizer = specdec.load(args.model, dtype=args.dtype)
     draft = None
     if args.draft:
-        draft = args.draft if args.draft == "ngram" else load_draft(args.draft, args.dtype)
+        draft = load_draft(args.draft, args.dtype)
     prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
     if tokenizer.chat_template and not args.no_chat:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,

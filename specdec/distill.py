@@ -242,6 +242,16 @@ def make_chunks(prompts: list[str], folder: Path, batch: int, desc: str, make) -
     return [r for _, f in sorted(chunks.items()) for r in torch.load(f)]
 
 
+def _sampled(start: int, batch: int, fraction: float) -> bool:
+    """Whether the batch of answers starting at prompt ``start`` is sampled: ``fraction`` of every 4 batches."""
+    return (start // batch) % 4 < round(4 * fraction)
+
+
+def _through_eos(answer: list[int], eos: set[int]) -> int:
+    """How many of the answer's tokens to keep: through its first EOS, or all."""
+    return next((i + 1 for i, t in enumerate(answer) if t in eos), len(answer))
+
+
 @torch.no_grad()
 def teacher_records(model, tokenizer, config: DistillConfig, start: int, prompts: list[str]) -> list[dict]:
     """One batch for a small draft: per answer the prompt ids, answer ids and the teacher's top-k logits."""
@@ -251,7 +261,7 @@ def teacher_records(model, tokenizer, config: DistillConfig, start: int, prompts
     width = max(map(len, ids))
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])  # [B, width], left-padded
     attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-    sample = (start // config.gen_batch) % 4 < round(4 * config.sample_fraction)
+    sample = _sampled(start, config.gen_batch, config.sample_fraction)
     torch.manual_seed(config.seed + start)  # transformers samples from the global generator
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=config.max_new_tokens,
                          do_sample=sample, temperature=0.7 if sample else None, top_p=0.9 if sample else None,
@@ -262,7 +272,7 @@ def teacher_records(model, tokenizer, config: DistillConfig, start: int, prompts
     records = []
     for row, prompt in enumerate(ids):
         answer = answers[row].tolist()
-        n = next((i + 1 for i, t in enumerate(answer) if t in eos), len(answer))  # through the first EOS
+        n = _through_eos(answer, eos)
         records.append({"prompt": torch.tensor(prompt), "answer": torch.tensor(answer[:n]),
                         "values": values[row, :n].half(), "indices": indices[row, :n].int()})
     return records
@@ -456,14 +466,14 @@ def feature_records(target, tokenizer, config: DistillConfig, sample_fraction: f
     features (``answer_with_features``): a head learns the features of text the target wrote itself."""
     eos = _eos_ids(target)
     ids = [_prompt_ids(tokenizer, p) for p in prompts]
-    sample = (start // config.gen_batch) % 4 < round(4 * sample_fraction)
+    sample = _sampled(start, config.gen_batch, sample_fraction)
     sampling = SamplingConfig(do_sample=sample, temperature=0.7, top_p=0.9)
     generator = torch.Generator().manual_seed(config.seed + start)
     answers, feats = answer_with_features(target, ids, config.max_new_tokens, eos, sampling, generator)
     records = []
     for row, prompt in enumerate(ids):
         answer = answers[row].tolist()
-        n = len(prompt) + next((i + 1 for i, t in enumerate(answer) if t in eos), len(answer))  # through EOS
+        n = len(prompt) + _through_eos(answer, eos)
         records.append({"prompt_len": len(prompt), "ids": torch.tensor(prompt + answer)[:n],
                         "feats": feats[row, :n].bfloat16()})
     return records

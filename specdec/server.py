@@ -677,9 +677,7 @@ def serve(model: str, draft: str | None = "ngram", host: str = "127.0.0.1", port
     from specdec.models.loading import load_draft
 
     target, tokenizer = specdec.load(model, dtype=dtype)
-    draft_model = draft
-    if draft not in (None, "ngram"):
-        draft_model = load_draft(draft, dtype)
+    draft_model = None if draft is None else load_draft(draft, dtype)
     engine = Engine(target, draft_model, num_draft_tokens=num_draft_tokens if draft else 1, max_num_seqs=max_num_seqs,
                     kv_blocks=kv_blocks, block_size=block_size)
     worker = EngineLoop(engine, Metrics())

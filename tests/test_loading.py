@@ -41,6 +41,7 @@ def test_checkpoint_folder_roundtrip(tmp_path, arch):
     assert isinstance(tokenizer, type(AutoTokenizer.from_pretrained(tmp_path)))
     # as a draft, a model takes its target's dtype (a draft head keeps its own: test_head.py)
     assert load_draft(tmp_path, torch.bfloat16).dtype == torch.bfloat16
+    assert load_draft("ngram", torch.float32) == "ngram"  # prompt lookup has no weights to load
 
 
 def test_fallback_architecture_loads_from_a_folder(tmp_path):
