@@ -592,6 +592,7 @@ def main(config: BenchConfig, json_path: Path | None = None, plot_dir: Path | No
         from specdec.bench.large_model import report as large_model_report
 
         report["gpu"] = large_model_report("cuda", progress=progress)
+        report["mismatches"] += report["gpu"]["mismatches"]
     print(table(report))
     if report["mismatches"]:
         print(f"\x1b[31m{report['mismatches']} greedy call(s) departed from plain greedy output\x1b[0m",

@@ -29,7 +29,7 @@ PRESETS = {
 }
 
 
-def random_model(preset: str, device, dtype):
+def random_model(preset: str, device, dtype, seed: int = 0):
     """A native Llama of the preset's shape, weights ~ N(0, 0.02), made directly on ``device``."""
     from specdec.models.llama import LlamaModel
     from specdec.models.loading import _finish
@@ -39,7 +39,7 @@ def random_model(preset: str, device, dtype):
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
     with torch.device(device):
         model = LlamaModel(config).to(dtype)
-    gen = torch.Generator(device=device).manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
@@ -85,17 +85,23 @@ def report(device="cuda", preset: str = "llama3-8b", dtype=torch.bfloat16, ks=ra
         ids = torch.randint(3, model.vocab_size, (batch, prompt_len), generator=gen).to(device)
         reference, plain_s = timed(ids)
         rows = [seq for seq in reference.sequences]  # no padding: every prompt has prompt_len tokens
-        speedups = []
+        speedups, departed = [], []
         for rate in rates:
             proposer = SyntheticProposer(rows, rate, torch.Generator().manual_seed(batch))
             res, secs = timed(ids, proposer, synthetic_k)
-            if not torch.equal(res.sequences, reference.sequences):
-                raise AssertionError(f"synthetic run at batch {batch}, rate {rate} departed from plain greedy")
+            # counted, not raised: a departure is a finding to report beside the timings (a verification
+            # pass over k + 1 tokens whose argmax differs from the one-token step's, e.g. a near-tie that
+            # another matrix-product tiling rounds the other way), and the run goes on
+            departed.append(int((res.sequences != reference.sequences).any(dim=1).sum()))
             speedups.append(plain_s / secs)
         curves[batch] = {"plain_tokens_per_s": batch * tokens / plain_s, "rates": list(rates),
-                         "speedups": speedups, "break_even_rate": break_even(list(rates), speedups)}
+                         "speedups": speedups, "break_even_rate": break_even(list(rates), speedups),
+                         "rows_departed": departed}
         if progress:
             print(f"batch {batch}: plain {batch * tokens / plain_s:.0f} tok/s, synthetic speedups "
-                  + ", ".join(f"{r:g}: {s:.2f}x" for r, s in zip(rates, speedups)), flush=True)
+                  + ", ".join(f"{r:g}: {s:.2f}x" for r, s in zip(rates, speedups))
+                  + (f"; \x1b[31m{sum(departed)} row(s) departed from plain greedy\x1b[0m" if sum(departed) else ""),
+                  flush=True)
     out["synthetic"] = {"k": synthetic_k, "curves": curves}
+    out["mismatches"] = sum(sum(c["rows_departed"]) for c in curves.values())
     return out
