@@ -8,9 +8,15 @@ Three figures, each about the system rather than a draft's quality:
   probability and that cost nothing, so the curve is the best any draft of that acceptance could do, and
   the batch size where it falls under 1.0 is where speculation stops paying.
 
-Random weights give near-uniform logits; greedy decoding of them is still deterministic, which is all the
-synthetic proposer needs (it replays the plain greedy output). On the CPU the ``tiny`` preset runs the same
-code in seconds (tests/test_bench.py).
+Random weights give near-uniform logits, and that is a trap for the synthetic proposer, which replays the
+plain greedy output: in bfloat16 on a GPU the matrix products of a (k + 1)-token verification pass and of a
+one-token step are tiled differently and round differently, and with near-uniform logits that flips argmax
+near-ties. The first H200 run (bench/RESULTS.md) saw every row depart from plain greedy within 64 tokens,
+after which the replayed drafts were all wrong and the curves measured nothing. So the synthetic runs use a
+*predictable* random model (``random_model(..., predictable=True)``): its greedy next token is a fixed random
+permutation of the current one, with a margin of ~75 logits that no rounding reaches. Every layer still runs
+in full on random weights of the full shape, so its timings are those of any model of that shape. On the CPU
+the ``tiny`` preset runs the same code in seconds (tests/test_bench.py).
 """
 
 from __future__ import annotations
@@ -29,8 +35,13 @@ PRESETS = {
 }
 
 
-def random_model(preset: str, device, dtype, seed: int = 0):
-    """A native Llama of the preset's shape, weights ~ N(0, 0.02), made directly on ``device``."""
+def random_model(preset: str, device, dtype, seed: int = 0, predictable: bool = False):
+    """A native Llama of the preset's shape, weights ~ N(0, 0.02), made directly on ``device``.
+
+    predictable: the layers' output projections scaled down 200x, so the residual stream stays the input
+    token's embedding e (|e| = 0.02 sqrt(hidden)) plus ~1% of noise, and the output layer's row of token
+    perm[x] set to e_x: the logit of perm[x] is |e|^2 / rms(e) = 0.02 * hidden (82 for Llama-3-8B) against
+    ~N(0, 0.02 sqrt(hidden)) (1.3) for every other token. Greedy decoding walks the permutation."""
     from specdec.models.llama import LlamaModel
     from specdec.models.loading import _finish
     from transformers import LlamaConfig
@@ -44,6 +55,12 @@ def random_model(preset: str, device, dtype, seed: int = 0):
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.02, generator=gen)
+        if predictable:
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight.mul_(0.005)
+                layer.mlp.down_proj.weight.mul_(0.005)
+            perm = torch.randperm(config.vocab_size, generator=gen, device=device)
+            model.lm_head.weight[perm] = model.model.embed_tokens.weight
     model.inv_freq = model.inv_freq.to(device).float()
     return _finish(model, None, device=device)
 
@@ -56,7 +73,7 @@ def report(device="cuda", preset: str = "llama3-8b", dtype=torch.bfloat16, ks=ra
 
     import specdec
 
-    model = random_model(preset, device, dtype)
+    model = random_model(preset, device, dtype, predictable=True)
     weights = weight_bytes(model)
     bandwidth = 1e9 * bandwidth_gbs(1024 if torch.device(device).type == "cuda" else 64, device=device)
     gen = torch.Generator().manual_seed(0)

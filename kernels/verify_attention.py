@@ -30,7 +30,7 @@ def verify_attention(q, k_pool, v_pool, block_table, context_lens, query_lens, s
     span, mask, row_ok: what the reference derives from the lengths (``attention_span_and_mask``), for a
     caller that has them already — the native model makes them once per forward instead of once per layer"""
     if use_triton(q) and q.dtype != torch.float64:  # the kernel computes in float32
-        return verify_attention_triton(q, k_pool, v_pool, block_table, context_lens, query_lens, scale)
+        return verify_attention_triton(q, k_pool, v_pool, block_table, context_lens, query_lens, scale, span=span)
     return verify_attention_reference(q, k_pool, v_pool, block_table, context_lens, query_lens, scale,
                                       span=span, mask=mask, row_ok=row_ok)
 
@@ -81,17 +81,22 @@ if triton_available():
 
     @triton.jit
     def _verify_attention_kernel(
-        q_ptr, k_ptr, v_ptr, out_ptr,  # q, out [batch, T, heads, D]; k, v pools [blocks, block_size, kv_heads, D]
+        q_ptr, k_ptr, v_ptr, out_ptr,  # q [batch, T, heads, D]; k, v pools [blocks, block_size, kv_heads, D]
+        m_ptr, l_ptr,  # with splits: running max and sum [batch, T, heads, splits] (out is then [..., splits, D])
         table_ptr, ctx_ptr, qlen_ptr,  # block table [batch, max_blocks]; context_lens, query_lens [batch]
         sq_b, sq_t, sq_h, sq_d, sk_b, sk_s, sk_h, sk_d, sv_b, sv_s, sv_h, sv_d, so_b, so_t, so_h, so_d,
-        st_b, block_size, group, scale,
+        st_b, block_size, group, scale, num_splits, chunk,
         HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        SPLIT: tl.constexpr, LOW_PRECISION: tl.constexpr,
     ):
-        # One program per (sequence, kv head, tile of BLOCK_T queries): its rows are every query head of the
-        # group times those queries (row r: head kv_head * group + r // BLOCK_T, query r % BLOCK_T), so each
-        # key and value tile is read once for the whole group — GQA's 4 query heads per kv head in Llama 3
-        # would otherwise read the cache 4 times.
-        b, kv_head, tb = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2)
+        # One program per (sequence, kv head, tile of BLOCK_T queries, split of the keys): its rows are every
+        # query head of the group times those queries (row r: head kv_head * group + r // BLOCK_T, query
+        # r % BLOCK_T), so each key and value tile is read once for the whole group — GQA's 4 query heads per
+        # kv head in Llama 3 would otherwise read the cache 4 times. Split s covers keys [s * chunk,
+        # (s + 1) * chunk): at batch 1 a Llama-3-8B layer has 8 (sequence, kv head) pairs for 132
+        # multiprocessors, so without splits 94% of an H100 idles while one program walks the whole context.
+        b, kv_head = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+        tb, split = tl.program_id(2) // num_splits, tl.program_id(2) % num_splits
         L = tl.load(ctx_ptr + b).to(tl.int64)
         n = tl.load(qlen_ptr + b).to(tl.int64)
         r = tl.arange(0, BLOCK_M)
@@ -101,38 +106,81 @@ if triton_available():
         row_ok = (g < group) & (t < n)
         d = tl.arange(0, HEAD_DIM)
         q = tl.load(q_ptr + b * sq_b + t[:, None] * sq_t + head[:, None] * sq_h + d[None, :] * sq_d,
-                    mask=row_ok[:, None], other=0.0).to(tl.float32)  # [BLOCK_M, HEAD_DIM]
-        # keys up to the last valid query of this tile; none at all when the tile is padding
+                    mask=row_ok[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
+        if not LOW_PRECISION:
+            q = q.to(tl.float32)
+        # keys up to the last valid query of this tile (none at all when the tile is padding), this split's part
         end = tl.where(tb * BLOCK_T < n, L + tl.minimum(n, (tb + 1) * BLOCK_T), 0)
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, end)
+        qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e)): one multiply folded into the scale
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        for start in range(0, end, BLOCK_N):
+        for start in range(lo, hi, BLOCK_N):
             j = start + tl.arange(0, BLOCK_N)  # key positions
-            block = tl.load(table_ptr + b * st_b + j // block_size, mask=j < end, other=0).to(tl.int64)
+            block = tl.load(table_ptr + b * st_b + j // block_size, mask=j < hi, other=0).to(tl.int64)
             slot = j % block_size
-            kv_mask = j[:, None] < end
+            kv_mask = j[:, None] < hi
             k = tl.load(k_ptr + block[:, None] * sk_b + slot[:, None] * sk_s + kv_head * sk_h + d[None, :] * sk_d,
-                        mask=kv_mask, other=0.0).to(tl.float32)  # [BLOCK_N, HEAD_DIM]
+                        mask=kv_mask, other=0.0)  # [BLOCK_N, HEAD_DIM]
             v = tl.load(v_ptr + block[:, None] * sv_b + slot[:, None] * sv_s + kv_head * sv_h + d[None, :] * sv_d,
-                        mask=kv_mask, other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BLOCK_M, BLOCK_N]
-            visible = (j[None, :] <= L + t[:, None]) & (j[None, :] < end)
+                        mask=kv_mask, other=0.0)
+            if LOW_PRECISION:  # tensor cores: 16-bit products, float32 sums (what flash attention does)
+                s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N]
+            else:
+                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * qk_scale
+            visible = (j[None, :] <= L + t[:, None]) & (j[None, :] < hi)
             s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            if LOW_PRECISION:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
             m_i = m_new
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(out_ptr + b * so_b + t[:, None] * so_t + head[:, None] * so_h + d[None, :] * so_d,
-                 out, mask=row_ok[:, None])
+        o = b * so_b + t[:, None] * so_t + head[:, None] * so_h
+        if SPLIT:  # unnormalised; _combine_splits weighs the splits by their maxima and sums
+            stats = ((b * so_b + t * so_t + head * so_h) // HEAD_DIM) + split  # [batch, T, heads, splits]
+            tl.store(m_ptr + stats, m_i, mask=row_ok)
+            tl.store(l_ptr + stats, l_i, mask=row_ok)
+            tl.store(out_ptr + o + split * HEAD_DIM + d[None, :] * so_d, acc, mask=row_ok[:, None])
+        else:
+            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+            tl.store(out_ptr + o + d[None, :] * so_d, out, mask=row_ok[:, None])
+
+    @triton.jit
+    def _combine_splits(part_ptr, m_ptr, l_ptr, out_ptr, qlen_ptr, T, heads, num_splits,
+                        HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+        # one program per (sequence, query, head): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s
+        row = tl.program_id(0).to(tl.int64)  # b * T * heads + t * heads + head
+        t = (row // heads) % T
+        n = tl.load(qlen_ptr + row // (T * heads))
+        s = tl.arange(0, SPLITS)
+        d = tl.arange(0, HEAD_DIM)
+        ok = (s < num_splits) & (s * 0 + t < n)  # [SPLITS] (the interpreter wants the mask a vector)
+        m = tl.load(m_ptr + row * num_splits + s, mask=ok, other=float("-inf"))
+        l_s = tl.load(l_ptr + row * num_splits + s, mask=ok, other=0.0)
+        acc = tl.load(part_ptr + (row * num_splits + s[:, None]) * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
+        top = tl.max(m, axis=0)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - tl.where(top == float("-inf"), 0.0, top)))
+        total = tl.sum(w * l_s, axis=0)
+        out = tl.sum(w[:, None] * acc, axis=0) / tl.where(total == 0.0, 1.0, total)
+        tl.store(out_ptr + row * HEAD_DIM + d, out)
+
+
+def _multiprocessors(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def verify_attention_triton(q, k_pool, v_pool, block_table, context_lens, query_lens, scale=None,
-                            block_n=16, out_dtype=None):
+                            block_n=None, out_dtype=None, span=None, num_splits=None):
+    """span: an upper bound on the keys any row attends to (the model knows it from its one host sync;
+    otherwise the pool's capacity per row); num_splits: programs per (sequence, kv head, query tile) that
+    share its keys, default enough to give every multiprocessor two programs (1 on the CPU)."""
     batch, T, heads, head_dim = q.shape
     # float32 out, rounded by torch at the end: Triton's interpreter truncates float32 -> bfloat16 stores,
     # which would put a whole unit in the last place between the CPU test and the GPU; the extra write is
@@ -143,13 +191,32 @@ def verify_attention_triton(q, k_pool, v_pool, block_table, context_lens, query_
     group = heads // kv_heads
     block_t = triton.next_power_of_2(min(T, 16))
     block_m = max(16, triton.next_power_of_2(group) * block_t)  # tl.dot wants at least 16 rows
-    grid = (batch, kv_heads, triton.cdiv(T, block_t))
+    # 64 keys a tile on a GPU; 16 in the interpreter, so that the CPU tests cross many tiles
+    block_n = block_n or (64 if q.is_cuda else 16)
+    # Triton's interpreter computes 16-bit dots wrongly, so there (and for float32) the products are float32
+    low_precision = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
     if block_table is None:  # contiguous: row b is block b, as long as the row's capacity
         block_table = torch.arange(batch, dtype=torch.int32, device=q.device)[:, None]
-    _verify_attention_kernel[grid](
-        q, k_pool, v_pool, out, block_table, context_lens, query_lens,
-        *q.stride(), *k_pool.stride(), *v_pool.stride(), *out.stride(), block_table.stride(0),
-        k_pool.shape[1], group, scale,
-        HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_N=block_n,
+    if span is None:
+        span = block_table.shape[1] * k_pool.shape[1]
+    tiles = triton.cdiv(T, block_t)
+    if num_splits is None:  # each split keeps at least 4 key tiles: below that the combine costs more
+        wanted = triton.cdiv(2 * _multiprocessors(q.device), batch * kv_heads * tiles)
+        num_splits = max(1, min(wanted, triton.cdiv(span, 4 * block_n)))
+    chunk = triton.cdiv(triton.cdiv(max(span, 1), num_splits), block_n) * block_n  # keys per split
+    num_splits = triton.cdiv(max(span, 1), chunk)
+    split = num_splits > 1
+    part = torch.empty(batch, T, heads, num_splits, head_dim, dtype=torch.float32, device=q.device) if split else out
+    m = torch.empty(batch, T, heads, num_splits, dtype=torch.float32, device=q.device) if split else out
+    l_sum = torch.empty_like(m) if split else out
+    _verify_attention_kernel[(batch, kv_heads, tiles * num_splits)](
+        q, k_pool, v_pool, part, m, l_sum, block_table, context_lens, query_lens,
+        *q.stride(), *k_pool.stride(), *v_pool.stride(), *(part.stride()[:3] if split else out.stride()[:3]),
+        part.stride(-1), block_table.stride(0), k_pool.shape[1], group, scale, num_splits, chunk,
+        HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split,
+        LOW_PRECISION=low_precision,
     )
+    if split:
+        _combine_splits[(batch * T * heads,)](part, m, l_sum, out, query_lens, T, heads, num_splits,
+                                              HEAD_DIM=head_dim, SPLITS=triton.next_power_of_2(num_splits))
     return out.to(out_dtype or q.dtype)

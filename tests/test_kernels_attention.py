@@ -47,8 +47,13 @@ def test_kernel_matches_reference_on_ragged_paged_batches(dtype, head_dim):
     # bound is on the accumulation; the cast itself is then checked to be torch's round-to-nearest.
     want = verify_attention_reference(q.float(), k_pool.float(), v_pool.float(), *rest)
     got32 = verify_attention_triton(*args, out_dtype=torch.float32)
-    assert _relative(got32, want) < TOLERANCE[dtype]
     got = verify_attention_triton(*args)
+    if DEVICE == "cuda" and dtype != torch.float32:
+        # on a GPU 16-bit inputs multiply on tensor cores (16-bit products, float32 sums), as torch's own
+        # flash attention does; the bound is then torch's SDPA in that dtype on the same data, within 2x
+        assert _relative(got, want) <= 2 * _relative(verify_attention_reference(*args), want)
+    else:
+        assert _relative(got32, want) < TOLERANCE[dtype]
     assert got.dtype == dtype and torch.equal(got, got32.to(dtype))
     assert (got[1, 1:] == 0).all() and (got[3, 1:] == 0).all()  # the kernel leaves padding rows at zero
 
@@ -119,3 +124,27 @@ def test_more_queries_than_one_tile_and_a_group_of_four():
     """T = 20 spans two query tiles (a prefill); 8 query heads on 2 kv heads."""
     args = _paged_case(torch.float32, 64, contexts=[3, 0], query_lens=[20, 7], heads=8, kv_heads=2, seed=4)
     assert _relative(verify_attention_triton(*args), verify_attention_reference(*args)) < 1e-5
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 7])
+def test_keys_split_across_programs_combine_to_the_same_attention(num_splits):
+    """Flash-decoding: the keys of each row shared out among programs, their partial softmaxes merged.
+    Contexts 0 and 1 leave most splits empty; 300 crosses every split; T = 9 and T = 1 side by side."""
+    args = _paged_case(torch.float32, 64, contexts=[0, 1, 17, 300], query_lens=[9, 1, 9, 1], seed=5)
+    want = verify_attention_reference(*args)
+    got = verify_attention_triton(*args, num_splits=num_splits)
+    assert _relative(got, want) < 1e-5
+    assert (got[1, 1:] == 0).all() and (got[3, 1:] == 0).all()  # padding rows stay zero through the combine
+    # span: the model's bound on the keys attended (here exact) gives the same result with fewer empty splits
+    assert _relative(verify_attention_triton(*args, num_splits=num_splits, span=309), want) < 1e-5
+
+
+def test_a_split_that_drops_its_share_is_caught():
+    """The combine must add every split's values: zeroing the values of the first 64 keys (what a combine
+    that lost split 0's sum would see) moves the result far beyond the bound above."""
+    q, k_pool, v_pool, table, contexts, qlens = _paged_case(torch.float32, 64, contexts=[200], query_lens=[1])
+    want = verify_attention_reference(q, k_pool, v_pool, table, contexts, qlens)
+    v_lost = v_pool.clone()
+    v_lost[table[0, :4].long()] = 0.0  # blocks of 16: keys 0..63
+    got = verify_attention_triton(q, k_pool, v_lost, table, contexts, qlens, num_splits=3)
+    assert _relative(got, want) > 1e-2
