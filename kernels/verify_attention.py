@@ -6,12 +6,12 @@ live in a paged pool [num_blocks, block_size, kv_heads, head_dim] (any strides) 
 block_table [batch, max_blocks]; a contiguous per-sequence cache is the special case of one block per
 sequence (block_table[b] = [b], block_size = its capacity). GQA: query head h reads kv head h // group.
 The kernel is flash-style: one pass over the keys with an online softmax in float32 accumulators, so each
-key and value is read once per (sequence, kv head) instead of materialising a [T, L + T] score matrix. Inputs
-of any float dtype are upcast to float32 and multiplied in IEEE float32, because that is what Triton's CPU
-interpreter (the only place CI can run it) computes correctly: its bfloat16 dot returns garbage. On a GPU
-that costs tensor-core throughput (a 64-row tile is ~64 flop per byte of cache); bfloat16 dots with float32
-accumulation, and splitting long contexts across programs (flash-decoding) so that batch 1 fills the GPU,
-are the next steps, to be measured with bench/gpu_check.py.
+key and value is read once per (sequence, kv head) instead of materialising a [T, L + T] score matrix. Long
+contexts are split across programs (flash-decoding) whose partial softmaxes a second kernel merges, so that
+batch 1 fills the GPU. On a GPU 16-bit inputs multiply on tensor cores (16-bit products, float32 sums, as
+torch's flash attention does); in Triton's CPU interpreter (the only place CI can run it), whose bfloat16
+dot returns garbage, and for float32 inputs the products are IEEE float32. bench/gpu_check.py measures it
+against torch's SDPA on the same data (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def verify_attention_triton(q, k_pool, v_pool, block_table, context_lens, query_
                             block_n=None, out_dtype=None, span=None, num_splits=None):
     """span: an upper bound on the keys any row attends to (the model knows it from its one host sync;
     otherwise the pool's capacity per row); num_splits: programs per (sequence, kv head, query tile) that
-    share its keys, default enough to give every multiprocessor two programs (1 on the CPU)."""
+    share its keys, default enough to give every multiprocessor two programs (1 on the CPU), each >= 1024 keys."""
     batch, T, heads, head_dim = q.shape
     # float32 out, rounded by torch at the end: Triton's interpreter truncates float32 -> bfloat16 stores,
     # which would put a whole unit in the last place between the CPU test and the GPU; the extra write is
@@ -200,9 +200,14 @@ def verify_attention_triton(q, k_pool, v_pool, block_table, context_lens, query_
     if span is None:
         span = block_table.shape[1] * k_pool.shape[1]
     tiles = triton.cdiv(T, block_t)
-    if num_splits is None:  # each split keeps at least 4 key tiles: below that the combine costs more
-        wanted = triton.cdiv(2 * _multiprocessors(q.device), batch * kv_heads * tiles)
-        num_splits = max(1, min(wanted, triton.cdiv(span, 4 * block_n)))
+    if num_splits is None:
+        # Split only while the programs are fewer than the multiprocessors, each split >= 1024 keys. On an
+        # H200 (bench/RESULTS.md, session 9) splitting 512 keys cost 150 -> 200-300 us (a second launch and
+        # three allocations, where launches dominate), 4096 keys came out even, 16384 keys gained 2-3x at
+        # batch 1 and 8 (869 -> 269 us); at batch 32 (256 programs already) splits lost 5-20% but one case.
+        programs = batch * kv_heads * tiles
+        sms = _multiprocessors(q.device)
+        num_splits = max(1, min(triton.cdiv(2 * sms, programs), span // 1024)) if programs < sms else 1
     chunk = triton.cdiv(triton.cdiv(max(span, 1), num_splits), block_n) * block_n  # keys per split
     num_splits = triton.cdiv(max(span, 1), chunk)
     split = num_splits > 1
