@@ -115,6 +115,8 @@ def random_numbers(shape, vocab: int, generator, dtype, device):
     exactly 0: 0/0 is NaN). shape = (batch, k). The engine draws each request's numbers with this too, so
     a seeded request draws the same numbers alone or in a batch."""
     uniforms = torch.rand(shape, generator=generator, device=device, dtype=dtype)
-    exponentials = torch.empty(shape[0], vocab, device=device, dtype=dtype)
-    exponentials = exponentials.exponential_(generator=generator).clamp_(min=torch.finfo(dtype).tiny)
+    # Exp(1) by inversion, -log(1 - u): on the CPU 4x cheaper than torch's exponential_ (49152 ids: 1.1 ms
+    # a row against 0.3 on the 2-core VM), which every sampled row pays at every step
+    exponentials = torch.rand(shape[0], vocab, generator=generator, device=device, dtype=dtype)
+    exponentials = exponentials.neg_().log1p_().neg_().clamp_(min=torch.finfo(dtype).tiny)
     return uniforms, exponentials
