@@ -154,7 +154,8 @@ class HeadProposer:
             input_ids, positions = token[:, None], cache.next_positions(ready.long(), 1)
             last = torch.zeros_like(last)
         # keep what the target's features made; the positions drafted on the head's own are redone next round
-        cache.rollback(torch.minimum(cache.lengths, torch.where(ready, state.num_tokens, 0)))
+        # (a row that did not draft keeps its cache as it was: all of it came from the target's features)
+        cache.rollback(torch.where(ready, torch.minimum(cache.lengths, state.num_tokens), cache.lengths))
         state.stats.draft_passes += k
         drafts = torch.stack(drafts, dim=1).masked_fill(~ready[:, None], -1)
         return drafts, (torch.stack(probs, dim=1) if probs else None)

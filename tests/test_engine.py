@@ -326,3 +326,37 @@ def test_float32_engine_equals_single_request_generate_bit_for_bit(draft):
     for i, (prompt, _) in enumerate(requests):
         want = specdec.generate(target, torch.tensor([prompt]), max_new_tokens=12)[0, len(prompt):].tolist()
         assert tokens[f"r{i}"] == want, f"request {i}"
+
+
+def test_a_reprobe_at_a_large_batch_drafts_for_a_few_rows_and_is_not_timed(monkeypatch):
+    """After a plain stretch "auto" reprobes with k = 1; with more rows than DraftLength.PROBE only PROBE
+    rows draft (the others' drafts would first catch up on everything they skipped), the proposer sees only
+    those rows, and the pass is not timed as a k = 1 pass for every row. Outputs stay those of plain."""
+    from specdec.proposers import DraftModelProposer
+    from specdec.speculative import DraftLength
+    from specdec.stats import SpecStats
+
+    monkeypatch.setattr(DraftLength, "REPROBE", 2)
+    calls, timed = [], []
+    real_propose, real_record = DraftModelProposer.propose, SpecStats.record_pass
+
+    def propose(self, state, k):
+        calls.append((k, int(state.active.sum())))
+        return real_propose(self, state, k)
+
+    def record_pass(self, k, **seconds):
+        timed.append(k)
+        return real_record(self, k, **seconds)
+
+    monkeypatch.setattr(DraftModelProposer, "propose", propose)
+    monkeypatch.setattr(SpecStats, "record_pass", record_pass)
+    # an unrelated draft: almost everything rejected, so "auto" goes plain and reprobes every 2 plain steps
+    engine = Engine(tiny_model("llama"), tiny_model("smollm2", seed=7), num_draft_tokens="auto", max_num_seqs=8)
+    requests = [((3 + i, 4, 5, 6), RequestParams(max_new_tokens=40)) for i in range(8)]
+    tokens, _ = run(engine, requests)
+    for i, (prompt, params) in enumerate(requests):
+        assert tokens[f"r{i}"] == single(prompt, params.max_new_tokens)
+    partial = [k for k, rows in calls if rows <= DraftLength.PROBE]
+    assert partial and set(partial) == {1}
+    full_k1 = sum(1 for k, rows in calls if k == 1 and rows == 8)
+    assert timed.count(1) <= full_k1  # every timed k = 1 pass drafted for all 8 rows
