@@ -355,19 +355,9 @@ class Engine:
             state.scratch[self.proposer] = draft_cache
         remaining = max_new - (num_tokens - prompt_lengths)
         num_drafts = (remaining - 1).clamp(min=0, max=k)  # [batch] as generate() asks
-        # A reprobe after a plain stretch asks only the PROBE rows whose draft caches lag least: every other
-        # row's draft would first catch up on all it skipped (at 32 rows, 500-1000 positions through the head,
-        # 2-3 plain steps: what made "auto" lose 4-6% to plain at 32 clients in session 7). Its pass is not
-        # timed: it is not what k = 1 for every row costs.
-        partial = control is not None and control[0].reprobing and len(seqs) > DraftLength.PROBE
-        if partial:
-            lag = torch.tensor([len(s.tokens) - s.draft_cached for s in seqs])
-            probing = torch.zeros(len(seqs), dtype=torch.bool)
-            probing[lag.argsort(stable=True)[: DraftLength.PROBE]] = True
-            num_drafts = num_drafts * probing.to(device)
         with torch.inference_mode():
             emitted, num_accepted, num_drafts = speculative_step(self.target, cache, self.proposer, state, num_drafts,
-                                                                 verifier=_row_verifier(seqs), timed=not partial)
+                                                                 verifier=_row_verifier(seqs))
             counts = _commit(state, emitted, num_accepted, num_drafts)
         counts, lengths, active = counts.tolist(), cache.lengths.tolist(), state.active.tolist()
         draft_lengths = draft_cache.lengths.tolist() if draft_cache is not None else [0] * len(seqs)

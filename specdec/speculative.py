@@ -24,15 +24,13 @@ class GenerateOutput:
     stats: SpecStats
 
 
-def speculative_step(target, cache, proposer, state: DecodeState, num_drafts, verifier=None, timed: bool = True):
+def speculative_step(target, cache, proposer, state: DecodeState, num_drafts, verifier=None):
     """One round: draft, verify all drafts in one target pass, roll back, commit.
 
     num_drafts [batch] drafts wanted per row (0 = plain step); the proposer sees only the rows that want
                some as active, so a row that takes a plain step costs the draft nothing
     verifier   None (``verify``) or a function of its signature (the engine's applies each request's own
                sampling settings and generator to its row)
-    timed      record this pass's seconds for the k controller (the engine's partial reprobes are not: their
-               cost is not that of k drafts for every row)
     returns emitted [batch, k + 1], num_accepted [batch] (row b emits num_accepted[b] + 1 tokens) and
             num_drafts [batch] as offered (a proposer may offer fewer)
     """
@@ -60,7 +58,7 @@ def speculative_step(target, cache, proposer, state: DecodeState, num_drafts, ve
     # Keep the pending token and the accepted drafts; the recovered/bonus token becomes the new pending one.
     cache.rollback(torch.where(state.active, state.num_tokens + num_accepted, cache.lengths))
     _sync(state.tokens)
-    if timed and state.stats.target_passes > 0:  # the first pass is the prefill: keep it out of the timings
+    if state.stats.target_passes > 0:  # the first pass is the prefill: keep it out of the timings
         state.stats.record_pass(k, target_seconds=time.perf_counter() - tock, draft_seconds=tock - tick)
     return emitted, num_accepted, num_drafts
 
