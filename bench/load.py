@@ -11,6 +11,11 @@ prompts of bench/prompts/ in turn) back to back, bounded by a request count and 
 Reported per (mode, concurrency): aggregate completion tokens/s, time to first token and inter-token
 latency (per request: (last token time - first token time) / (tokens - 1)) at p50/p90/p99, the engine's
 tokens per target forward, acceptance rate and mean k per step (what the "auto" controller chose).
+
+``--rounds N`` runs every mode N times, alternating (plain, draft, plain, draft, ...), each round on a fresh
+engine: the table then shows medians over rounds, and each mode's ITL and tokens/s against plain are also
+given round by round (the same round's plain run, minutes apart at most), since on a shared machine the
+drift between two sequential runs is as large as the effects measured.
 """
 
 from __future__ import annotations
@@ -133,10 +138,13 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's). On a CPU shared with another busy process, 1 "
                              "avoids OpenMP barriers waiting for a descheduled thread")
+    parser.add_argument("--rounds", type=int, default=1, help="run every mode this many times, alternating")
     parser.add_argument("--json", help="write every figure here")
     args = parser.parse_args(argv)
     if any(c < 1 or c > 64 for c in args.concurrency) or args.max_tokens < 1 or args.level_seconds <= 0:
         parser.error("concurrency must lie in 1..64, max-tokens >= 1, level-seconds > 0")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     if any(m.startswith("draft") for m in args.modes) and not args.draft:
         parser.error("the draft-* modes need --draft")
 
@@ -156,7 +164,7 @@ def main(argv=None) -> int:
     report = {"machine": machine(), "args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "levels": []}
     texts: dict[tuple, dict[str, str]] = {}
-    for mode in args.modes:
+    for round_, mode in ((r, m) for r in range(args.rounds) for m in args.modes):
         draft, k = MODES[mode]
         draft = draft_model if draft == "model" else draft
         engine = specdec.Engine(target, draft, num_draft_tokens=k, max_num_seqs=args.max_num_seqs,
@@ -166,9 +174,9 @@ def main(argv=None) -> int:
         with InProcessServer(app) as server:
             failed = []
 
-            def clients(engine=engine, mode=mode, url=server.url):
+            def clients(engine=engine, mode=mode, url=server.url, round_=round_):
                 try:
-                    run_levels(args, engine, mode, url, pool, report, texts)
+                    run_levels(args, engine, mode, url, pool, report, texts, round_)
                 except BaseException as err:  # noqa: BLE001 - re-raised on the main thread below
                     failed.append(err)
                 finally:
@@ -184,28 +192,30 @@ def main(argv=None) -> int:
     # greedy outputs of speculative modes against plain at the same concurrency (float32 batching may flip
     # near-ties; the float64 tests hold exact identity)
     for row in report["levels"]:
-        plain = texts.get(("plain", row["concurrency"]), {})
-        mine = texts[(row["mode"], row["concurrency"])]
+        plain = texts.get((row["round"], "plain", row["concurrency"]), {})
+        mine = texts[(row["round"], row["mode"], row["concurrency"])]
         common = [p for p in mine if p in plain]
-        row["same_text_as_plain"] = f"{sum(mine[p] == plain[p] for p in common)}/{len(common)}" if common else "-"
+        row["same_text"] = [sum(mine[p] == plain[p] for p in common), len(common)]
 
+    report["medians"] = medians(report["levels"])
+    report["against_plain_by_round"] = against_plain(report["levels"])
     print(table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
 
 
-def run_levels(args, engine, mode: str, url: str, pool: list[str], report: dict, texts: dict) -> None:
+def run_levels(args, engine, mode: str, url: str, pool: list[str], report: dict, texts: dict, round_: int = 0):
     """The warm-up and every concurrency level of one mode against the server at ``url``."""
     asyncio.run(level(url, args.model, 1, 1, 60, 8, pool))  # warm-up: first-call costs
     for c in args.concurrency:
         before = engine.stats
         results, wall = asyncio.run(level(url, args.model, c, max(args.min_requests, c), args.level_seconds,
                                           args.max_tokens, pool))
-        row = {"mode": mode, "concurrency": c, **summary(results, wall, before, engine.stats)}
+        row = {"mode": mode, "concurrency": c, "round": round_, **summary(results, wall, before, engine.stats)}
         report["levels"].append(row)
-        texts[(mode, c)] = {r["prompt"]: r["text"] for r in results}
-        print(f"{mode:>10} c={c:<3} {row['tokens_per_second']:7.1f} tok/s  ttft p50 {fmt(row['ttft_p50'])} s  "
+        texts[(round_, mode, c)] = {r["prompt"]: r["text"] for r in results}
+        print(f"{mode:>10} c={c:<3} round {round_} {row['tokens_per_second']:7.1f} tok/s  ttft p50 {fmt(row['ttft_p50'])} s  "
               f"itl p50 {fmt(row['itl_p50'], '.3f')} s  mean k {row['mean_k']:.2f}  "
               f"tok/fwd {fmt(row['tokens_per_target_forward'])}  ({row['requests']} requests, "
               f"{wall:.1f} s)", file=sys.stderr, flush=True)
@@ -217,25 +227,70 @@ def run_levels(args, engine, mode: str, url: str, pool: list[str], report: dict,
             Path(args.json).write_text(json.dumps(report, indent=2))
 
 
+MEDIAN_FIELDS = ("tokens_per_second", "ttft_p50", "ttft_p90", "ttft_p99", "itl_p50", "itl_p90", "itl_p99",
+                 "tokens_per_target_forward", "acceptance", "mean_k")
+
+
+def _by_level(levels: list[dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in levels:
+        groups.setdefault((r["mode"], r["concurrency"]), []).append(r)
+    return groups
+
+
+def medians(levels: list[dict]) -> list[dict]:
+    """One row per (mode, concurrency): the median of each figure over the rounds, requests and identical
+    texts summed."""
+    rows = []
+    for (mode, c), rs in _by_level(levels).items():
+        row = {"mode": mode, "concurrency": c, "rounds": len(rs), "requests": sum(r["requests"] for r in rs)}
+        for key in MEDIAN_FIELDS:
+            values = [r[key] for r in rs if r[key] is not None]
+            row[key] = statistics.median(values) if values else None
+        same = [r["same_text"] for r in rs if r["same_text"][1]]
+        row["same_text_as_plain"] = f"{sum(a for a, _ in same)}/{sum(b for _, b in same)}" if same else "-"
+        rows.append(row)
+    return rows
+
+
+def against_plain(levels: list[dict]) -> list[dict]:
+    """Each speculative mode's ITL p50 and tokens/s over the same round's plain run, round by round."""
+    plain = {(r["round"], r["concurrency"]): r for r in levels if r["mode"] == "plain"}
+    out = []
+    for (mode, c), rs in _by_level(levels).items():
+        pairs = [(r, plain[r["round"], c]) for r in rs if mode != "plain" and (r["round"], c) in plain]
+        if pairs:
+            out.append({"mode": mode, "concurrency": c,
+                        "itl_p50_ratio": [r["itl_p50"] / p["itl_p50"] for r, p in pairs if r["itl_p50"] and p["itl_p50"]],
+                        "tokens_per_second_ratio": [r["tokens_per_second"] / p["tokens_per_second"] for r, p in pairs]})
+    return out
+
+
 def table(report: dict) -> str:
-    levels = report["levels"]
+    levels = report["medians"]
     base = {r["concurrency"]: r for r in levels if r["mode"] == "plain"}
     one = {r["mode"]: r for r in levels if r["concurrency"] == 1}
-    header = ("| mode | concurrency | requests | tokens/s | vs 1 client | vs plain | TTFT p50 / p90 / p99 (s) | "
+    header = ("| mode | concurrency | rounds | requests | tokens/s | vs 1 client | vs plain | TTFT p50 / p90 / p99 (s) | "
               "ITL p50 / p90 / p99 (ms) | tokens/target fwd | acceptance | mean k | same text as plain |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in levels:
         c = r["concurrency"]
         vs_one = r["tokens_per_second"] / one[r["mode"]]["tokens_per_second"] if r["mode"] in one else None
         vs_plain = r["tokens_per_second"] / base[c]["tokens_per_second"] if c in base else None
         ms = [None if r[f"itl_p{q}"] is None else 1000 * r[f"itl_p{q}"] for q in (50, 90, 99)]
         lines.append(
-            f"| {r['mode']} | {c} | {r['requests']} | {r['tokens_per_second']:.1f} | {fmt(vs_one)}x | {fmt(vs_plain)}x | "
-            f"{fmt(r['ttft_p50'])} / {fmt(r['ttft_p90'])} / {fmt(r['ttft_p99'])} | "
+            f"| {r['mode']} | {c} | {r['rounds']} | {r['requests']} | {r['tokens_per_second']:.1f} | {fmt(vs_one)}x | "
+            f"{fmt(vs_plain)}x | {fmt(r['ttft_p50'])} / {fmt(r['ttft_p90'])} / {fmt(r['ttft_p99'])} | "
             f"{fmt(ms[0], '.0f')} / {fmt(ms[1], '.0f')} / {fmt(ms[2], '.0f')} | {fmt(r['tokens_per_target_forward'])} | "
-            f"{fmt(r['acceptance'])} | {r['mean_k']:.2f} | {r.get('same_text_as_plain', '-')} |")
+            f"{fmt(r['acceptance'])} | {r['mean_k']:.2f} | {r['same_text_as_plain']} |")
+    if report["against_plain_by_round"]:
+        lines.append("\nAgainst the same round's plain run (round by round; median):\n")
+        for r in report["against_plain_by_round"]:
+            itl, tps = r["itl_p50_ratio"], r["tokens_per_second_ratio"]
+            lines.append(f"- {r['mode']} at {r['concurrency']} client(s): ITL p50 "
+                         f"{', '.join(f'{x:.2f}' for x in itl)}x (median {fmt(statistics.median(itl) if itl else None)}x); "
+                         f"tokens/s {', '.join(f'{x:.2f}' for x in tps)}x (median {statistics.median(tps):.2f}x)")
     return "\n".join(lines)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -176,3 +176,26 @@ def test_gpu_mode_runs_its_code_on_a_tiny_shape():
         assert len(curve["speedups"]) == 2 and curve["rows_departed"] == [0, 0]
     assert out["mismatches"] == 0
     json.dumps(out)
+
+
+def test_load_rounds_take_medians_and_pair_each_round_with_its_own_plain_run():
+    """bench/load.py --rounds: medians over rounds per (mode, concurrency), and ratios against the plain run
+    of the same round (a slow round for both modes must not read as a speedup or a loss)."""
+    from specdec.bench.load import against_plain, medians, table
+
+    def row(mode, rnd, tps, itl):
+        return {"mode": mode, "concurrency": 1, "round": rnd, "requests": 4, "tokens_per_second": tps,
+                "ttft_p50": 0.1, "ttft_p90": 0.1, "ttft_p99": 0.1, "itl_p50": itl, "itl_p90": itl, "itl_p99": itl,
+                "tokens_per_target_forward": 1.0, "acceptance": None, "mean_k": 0.0, "same_text": [4, 4]}
+
+    # round 1 ran on a machine twice as slow for both modes
+    levels = [row("plain", 0, 40.0, 0.025), row("draft-auto", 0, 60.0, 0.015),
+              row("plain", 1, 20.0, 0.050), row("draft-auto", 1, 30.0, 0.030)]
+    med = {r["mode"]: r for r in medians(levels)}
+    assert med["plain"]["tokens_per_second"] == 30.0 and med["plain"]["requests"] == 8
+    assert med["draft-auto"]["itl_p50"] == 0.0225 and med["draft-auto"]["same_text_as_plain"] == "8/8"
+    (ratio,) = against_plain(levels)
+    assert ratio["itl_p50_ratio"] == pytest.approx([0.6, 0.6])
+    assert ratio["tokens_per_second_ratio"] == pytest.approx([1.5, 1.5])
+    text = table({"medians": medians(levels), "against_plain_by_round": [ratio]})
+    assert "median 0.60x" in text and "median 1.50x" in text
