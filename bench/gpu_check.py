@@ -5,8 +5,9 @@
 3. verification attention (Triton, paged pool) against torch's SDPA on the same data: error and time;
 4. end to end on a small random model in float32 on CUDA: plain greedy through the Triton kernels against the
    PyTorch references, and speculative greedy (a random draft model, a synthetic proposer, the paged
-   engine) against plain greedy, token for token;
-5. the benchmark's GPU mode (bench/large_model.py): Llama-3-8B shape, random bfloat16 weights;
+   engine, CUDA graphs of the layers) against plain greedy, token for token;
+5. the benchmark's GPU mode (bench/large_model.py): Llama-3-8B shape, random bfloat16 weights, without and
+   with CUDA graphs;
 6. the kernel test files on CUDA (pytest, with a time limit).
 
 A section that fails is recorded with its traceback and the next one runs; gpu_check.json is rewritten after
@@ -196,6 +197,15 @@ def end_to_end(report, device):
                                         generator=torch.Generator(device=device).manual_seed(0)))
     finally:
         del os.environ["SPECDEC_REFERENCE_KERNELS"]
+    if device == "cuda":  # CUDA graphs of the layers (LlamaModel.use_cuda_graphs): the same tokens
+        target.use_cuda_graphs()
+        try:
+            checks["graphs_plain_equals_plain"] = torch.equal(run(), plain)
+            checks["graphs_draft_model_k4_equals_plain"] = torch.equal(run(draft, 4), plain)
+            synthetic = SyntheticProposer(rows, 0.6, torch.Generator().manual_seed(2))
+            checks["graphs_synthetic_0.6_k8_equals_plain"] = torch.equal(run(synthetic, 8), plain)
+        finally:
+            target.use_cuda_graphs(False)
     report["end_to_end"] = {**checks, "sampled_tokens_same_kernels_vs_references":
                             (sampled[0] == sampled[1]).float().mean().item()}
     print(report["end_to_end"], flush=True)
@@ -242,6 +252,9 @@ def main(argv=None):
             device, "llama3-8b" if device == "cuda" else "tiny", torch.bfloat16 if device == "cuda" else torch.float32,
             **({} if device == "cuda" else dict(ks=(1, 2), batch_sizes=(1, 2), tokens=8)))
     if not args.smoke:
+        with report.section("large_model_graphs"):
+            report["large_model_graphs"] = large_model_report(device, "llama3-8b", torch.bfloat16, ks=(1, 2, 4, 8),
+                                                              cuda_graphs=True)
         with report.section("kernel_tests"):
             try:
                 tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "tests/test_kernels_attention.py",
@@ -267,12 +280,13 @@ def main(argv=None):
     for r in report["sampler"]:
         print(f"| {r['vocab']} | {r['batch']} | {r['k']} | {r['kernel_us']:.0f} | {r['reference_us']:.0f} "
               f"| {r['speedup']:.1f}x | {r['bit_identical']} |")
-    if "large_model" in report:
-        big = report["large_model"]
-        print(f"\n{big['preset']}: plain {big['plain_tokens_per_s']:.1f} tok/s = "
-              f"{100 * big['fraction_of_roofline']:.0f}% of the HBM roofline ({big['roofline_tokens_per_s']:.0f} tok/s)")
-        print("verification pass of k + 1 tokens / plain step: "
-              + ", ".join(f"k={k}: {v:.2f}" for k, v in big["verification_cost"].items()))
+    for name in ("large_model", "large_model_graphs"):
+        if name in report:
+            big = report[name]
+            print(f"\n{big['preset']}, CUDA graphs {big['cuda_graphs']}: plain {big['plain_tokens_per_s']:.1f} tok/s = "
+                  f"{100 * big['fraction_of_roofline']:.0f}% of the HBM roofline ({big['roofline_tokens_per_s']:.0f} "
+                  "tok/s); verification pass of k + 1 tokens / plain step: "
+                  + ", ".join(f"k={k}: {v:.2f}" for k, v in big["verification_cost"].items()))
     print("sections failed:", ", ".join(report["errors"]) or "none", "; seconds:", report["seconds"])
 
 

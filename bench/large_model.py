@@ -67,17 +67,21 @@ def random_model(preset: str, device, dtype, seed: int = 0, predictable: bool = 
 
 def report(device="cuda", preset: str = "llama3-8b", dtype=torch.bfloat16, ks=range(1, 9),
            batch_sizes=(1, 2, 4, 8, 16, 32, 64), rates=(0.5, 0.7, 0.9), synthetic_k: int = 4, tokens: int = 64,
-           prompt_len: int = 128, progress: bool = True) -> dict:
+           prompt_len: int = 128, progress: bool = True, cuda_graphs: bool = False) -> dict:
+    """cuda_graphs: the target replays its layers as CUDA graphs (``LlamaModel.use_cuda_graphs``); every
+    generate() call captures its shapes anew, inside the timed region."""
     from specdec.bench.common import bandwidth_gbs, sync, verification_cost, weight_bytes
     from specdec.bench.harness import SyntheticProposer, break_even
 
     import specdec
 
     model = random_model(preset, device, dtype, predictable=True)
+    if cuda_graphs:
+        model.use_cuda_graphs()
     weights = weight_bytes(model)
     bandwidth = 1e9 * bandwidth_gbs(1024 if torch.device(device).type == "cuda" else 64, device=device)
     gen = torch.Generator().manual_seed(0)
-    out = {"preset": preset, "dtype": str(dtype).removeprefix("torch."), "weight_bytes": weights,
+    out = {"preset": preset, "dtype": str(dtype).removeprefix("torch."), "cuda_graphs": cuda_graphs, "weight_bytes": weights,
            "bandwidth_gbs": bandwidth / 1e9, "device": torch.cuda.get_device_name() if torch.device(
                device).type == "cuda" else "cpu"}
 

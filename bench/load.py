@@ -33,7 +33,7 @@ import httpx
 
 HERE = Path(__file__).resolve().parent
 MODES = {"plain": (None, 1), "ngram-k4": ("ngram", 4), "ngram-auto": ("ngram", "auto"),
-         "draft-k4": ("model", 4), "draft-auto": ("model", "auto")}  # draft-*: the --draft model
+         **{f"draft-k{k}": ("model", k) for k in (1, 2, 3, 4)}, "draft-auto": ("model", "auto")}  # the --draft model
 
 
 def prompts() -> list[str]:

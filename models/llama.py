@@ -236,6 +236,66 @@ def _rope_frequencies(config: PretrainedConfig, head_dim: int):
     return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)), 1.0
 
 
+GRAPH_MAX_TOKENS = 16  # new tokens per row up to which a forward's layers replay a CUDA graph (not prefills)
+_STEP_TENSORS = ("cos", "sin", "slots", "context_lens", "query_lens", "positions")
+
+
+def cuda_capture(run):
+    """run() once to warm up (Triton compiles, the allocator settles), then capture it in a CUDA graph;
+    returns the graph's replay. The warm-up runs on a side stream, as torch's graph-capture recipe asks."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph.replay
+
+
+class LayerGraphs:
+    """The decoder layers of one model over one contiguous KV cache, captured as a CUDA graph per shape
+    (rows, new tokens) and replayed: a Llama-3-8B-shaped decode step is ~15 kernel launches per layer x 32
+    layers from Python, which held plain decode on an H200 at 13-18% of the HBM roofline (bench/RESULTS.md,
+    session 9). A replay reads the step's tensors from static copies and the cache's fixed tensors, so a
+    graph is valid for as long as its cache lives (it is kept in ``cache.graphs``).
+
+    capture(run) -> replay: ``cuda_capture`` on a GPU; the CPU tests pass one that replays by calling run
+    again, which checks everything but the capture itself (bench/gpu_check.py checks that on a GPU).
+    """
+
+    def __init__(self, layers, cache: KVCache, capture=cuda_capture):
+        self.layers, self.cache, self.capture = layers, cache, capture
+        self.graphs = {}  # (rows, new tokens) -> (static x, static step, replay, static output)
+
+    def __call__(self, x, step: Step):
+        """x [batch, T, hidden] -> the layers' output, as ``for layer in layers: x = layer(x, step, cache)``"""
+        key = tuple(x.shape[:2])
+        if key not in self.graphs:
+            static_x = x.clone()
+            fields = {name: getattr(step, name).clone() for name in _STEP_TENSORS}
+            # keys attended: the whole cache, a bound that holds for every replay (attention stops at each
+            # row's own length; the kernel's splits over the rest of the cache find nothing to do)
+            static = Step(**fields, span=self.cache.max_len + 1, mask=None, row_ok=None, cpu_kernel=False)
+            out = torch.empty_like(x)
+
+            def run():
+                y = static_x
+                for layer in self.layers:
+                    y = layer(y, static, self.cache)
+                out.copy_(y)
+
+            self.graphs[key] = (static_x, static, self.capture(run), out)
+            return out.clone()  # the capture ran the layers on this step's inputs (the warm-up did)
+        static_x, static, replay, out = self.graphs[key]
+        static_x.copy_(x)
+        for name in _STEP_TENSORS:
+            getattr(static, name).copy_(getattr(step, name))
+        replay()
+        return out.clone()
+
+
 class LlamaModel(nn.Module):
     """Native Llama-family causal LM. Build with ``LlamaModel(config)`` from a transformers config."""
 
@@ -262,6 +322,9 @@ class LlamaModel(nn.Module):
     #: a float32 SmolLM2 step spends ~3.8 ms in the ~150 Python calls of the loop. Off: the loop in Python over
     #: the same kernels (the same bits; bench/step_profile.py times the pieces that way)
     layers_in_one_call = True
+    #: how decode and verification passes (up to GRAPH_MAX_TOKENS new tokens a row, contiguous cache) capture
+    #: their layers as graphs to replay (LayerGraphs); None: no graphs. ``use_cuda_graphs()`` sets cuda_capture
+    graph_capture = None
     _addresses = None  # (table, the packed weights it was made from, the key of their biases, norms and eps: as
     #                      many entries per layer as packed weights, so a changed layer count changes the key)
 
@@ -319,6 +382,13 @@ class LlamaModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
+
+    def use_cuda_graphs(self, enabled: bool = True) -> None:
+        """Replay the layers of decode and verification passes as CUDA graphs (``LayerGraphs``): one capture
+        per (rows, new tokens) shape per generate() call, then one launch instead of ~15 per layer."""
+        if enabled and self.device.type != "cuda":
+            raise ValueError(f"use_cuda_graphs needs the model on a CUDA device, it is on {self.device}")
+        self.graph_capture = cuda_capture if enabled else None
 
     def new_cache(self, batch_size: int, max_len: int, features: bool = False) -> KVCache:
         """features: the cache also keeps each position's last hidden state (for a draft head)"""
@@ -386,6 +456,12 @@ class LlamaModel(nn.Module):
             x = cpu_layers.decoder_layers(x, addresses, self.model.norm.eps, cos, sin, positions, cache,
                                           attn.num_heads, attn.num_kv_heads, attn.head_dim,
                                           self.config.intermediate_size)
+        elif (self.graph_capture is not None and type(cache) is KVCache and x.shape[1] <= GRAPH_MAX_TOKENS
+              and not step.cpu_kernel and not torch.is_grad_enabled()):
+            graphs = cache.graphs.get(self)
+            if graphs is None:
+                graphs = cache.graphs[self] = LayerGraphs(self.model.layers, cache, self.graph_capture)
+            x = graphs(x, step)
         else:
             for layer in self.model.layers:
                 x = layer(x, step, cache)

@@ -70,6 +70,7 @@ class KVCache(SequenceLengths):
         self._rows = torch.arange(batch_size, device=device)[:, None]  # [batch, 1]
         # [batch, max_len + 1, features] or None
         self.features = torch.zeros(batch_size, max_len + 1, features, dtype=dtype, device=device) if features else None
+        self.graphs = {}  # model -> its LayerGraphs over this cache (CUDA graphs hold these tensors' addresses)
 
     def slots(self, positions):
         """Where new tokens go: slot == position, padding (-1) to the trash slot. [batch, T] -> [batch, T]"""

@@ -92,3 +92,38 @@ def test_cpu_linear_matches_plain_and_follows_weight_changes(rows, dtype):
         layer.weight.mul_(2)  # in place: the packed copy must be remade
         assert torch.allclose(layer(x).float(), F.linear(x, layer.weight, layer.bias).float(), rtol=tol, atol=tol)
         assert layer._packed is not packed or packed is None
+
+
+def test_layer_graphs_replay_the_layers_with_each_steps_inputs(monkeypatch):
+    """LayerGraphs (CUDA graphs of the layers on a GPU) with a capture that replays by running again: every
+    decode and verification pass goes through one static copy of its inputs per shape, and greedy output,
+    plain and speculative, equals the model without graphs. (The capture itself: bench/gpu_check.py.)"""
+    import specdec
+    from specdec.models import llama
+
+    captured, replays = [], []
+
+    def capture(run):
+        run()
+        captured.append(run)
+
+        def replay():
+            replays.append(run)
+            run()
+        return replay
+
+    target = tiny_model("llama")  # float64: the torch path, as on a GPU (no C kernels)
+    draft = tiny_model("smollm2", seed=7)
+    ids = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    want = [specdec.generate(target, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], draft_model=d,
+                             num_draft_tokens=3) for d in (None, draft, "ngram")]
+    native = as_native(target)
+    monkeypatch.setattr(native, "graph_capture", capture)
+    got = [specdec.generate(target, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], draft_model=d,
+                            num_draft_tokens=3) for d in (None, draft, "ngram")]
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert captured and len(replays) > 2 * len(captured)  # most passes replay a graph made earlier
+    with pytest.raises(ValueError, match="use_cuda_graphs needs the model on a CUDA device"):
+        native.use_cuda_graphs()
+    assert llama.GRAPH_MAX_TOKENS >= 9  # k = 8 verification passes are graphed
