@@ -215,6 +215,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--test-timeout", type=int, default=150, help="seconds for the kernel test files")
+    parser.add_argument("--only", nargs="+", help="run only these sections (machine always runs)")
     args = parser.parse_args(argv)
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -239,34 +240,35 @@ def main(argv=None):
               f"copy {report['copy_bandwidth_gbs']:.0f} GB/s", flush=True)
     bandwidth = report.get("copy_bandwidth_gbs", float("nan"))
 
-    with report.section("sampler"):
-        sampler(report, device)
-    with report.section("attention"):
-        attention(report, device, bandwidth)
-    with report.section("end_to_end"):
-        end_to_end(report, device)
-    with report.section("large_model"):
-        from specdec.bench.large_model import report as large_model_report
+    from specdec.bench.large_model import report as large_model_report
 
-        report["large_model"] = large_model_report(
+    def large_model(cuda_graphs: bool):
+        name = "large_model_graphs" if cuda_graphs else "large_model"
+        report[name] = large_model_report(
             device, "llama3-8b" if device == "cuda" else "tiny", torch.bfloat16 if device == "cuda" else torch.float32,
-            **({} if device == "cuda" else dict(ks=(1, 2), batch_sizes=(1, 2), tokens=8)))
-    if not args.smoke:
-        with report.section("large_model_graphs"):
-            report["large_model_graphs"] = large_model_report(device, "llama3-8b", torch.bfloat16, ks=(1, 2, 4, 8),
-                                                              cuda_graphs=True)
-        with report.section("kernel_tests"):
-            try:
-                tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "tests/test_kernels_attention.py",
-                                        "tests/test_kernels_sampler.py"], capture_output=True, text=True,
-                                       timeout=args.test_timeout)
-                report["kernel_tests"] = tests.stdout.strip().splitlines()[-1] if tests.stdout else tests.stderr[-500:]
-                if tests.returncode not in (0,):
-                    report["kernel_tests_output"] = tests.stdout[-4000:] + tests.stderr[-2000:]
-            except subprocess.TimeoutExpired as e:
-                report["kernel_tests"] = f"cut off after {args.test_timeout} s"
-                report["kernel_tests_output"] = str(e.stdout or "")[-4000:]
-            print("kernel tests on CUDA:", report["kernel_tests"], flush=True)
+            cuda_graphs=cuda_graphs, **({} if device == "cuda" else dict(ks=(1, 2), batch_sizes=(1, 2), tokens=8)))
+
+    def kernel_tests():
+        try:
+            tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "tests/test_kernels_attention.py",
+                                    "tests/test_kernels_sampler.py"], capture_output=True, text=True,
+                                   timeout=args.test_timeout)
+            report["kernel_tests"] = tests.stdout.strip().splitlines()[-1] if tests.stdout else tests.stderr[-500:]
+            if tests.returncode != 0:
+                report["kernel_tests_output"] = tests.stdout[-4000:] + tests.stderr[-2000:]
+        except subprocess.TimeoutExpired as e:
+            report["kernel_tests"] = f"cut off after {args.test_timeout} s"
+            report["kernel_tests_output"] = str(e.stdout or "")[-4000:]
+        print("kernel tests on CUDA:", report["kernel_tests"], flush=True)
+
+    sections = {"sampler": lambda: sampler(report, device), "attention": lambda: attention(report, device, bandwidth),
+                "end_to_end": lambda: end_to_end(report, device), "large_model": lambda: large_model(False)}
+    if not args.smoke:  # (graphs need a GPU; the interpreter runs the kernel tests in CI already)
+        sections.update(large_model_graphs=lambda: large_model(True), kernel_tests=kernel_tests)
+    for name, run in sections.items():
+        if not args.only or name in args.only:
+            with report.section(name):
+                run()
 
     print(f"\n{report.get('device')}, {report['date']}; copy bandwidth {bandwidth:.0f} GB/s\n")
     print("| batch | context | T | kernel µs | unsplit µs | SDPA µs | kernel GB/s | of bandwidth | max err kernel / SDPA |\n"

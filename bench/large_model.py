@@ -100,6 +100,10 @@ def report(device="cuda", preset: str = "llama3-8b", dtype=torch.bfloat16, ks=ra
     out["roofline_tokens_per_s"] = bandwidth / weights
     out["fraction_of_roofline"] = out["plain_tokens_per_s"] / out["roofline_tokens_per_s"]
     out["verification_cost"] = verification_cost(model, list(ks), context=512, repeats=10, device=device)
+    if progress:
+        print(f"plain {out['plain_tokens_per_s']:.1f} tok/s = {100 * out['fraction_of_roofline']:.0f}% of the roofline; "
+              "verification pass / plain step: " + ", ".join(f"k={k}: {v:.2f}" for k, v in out["verification_cost"].items()),
+              flush=True)
 
     curves = {}
     for batch in batch_sizes:

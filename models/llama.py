@@ -241,16 +241,19 @@ _STEP_TENSORS = ("cos", "sin", "slots", "context_lens", "query_lens", "positions
 
 
 def cuda_capture(run):
-    """run() once to warm up (Triton compiles, the allocator settles), then capture it in a CUDA graph;
-    returns the graph's replay. The warm-up runs on a side stream, as torch's graph-capture recipe asks."""
+    """run() to warm up (Triton compiles, the allocator and cuBLAS settle), then capture it in a CUDA graph;
+    returns the graph's replay. Warm-up and capture share one side stream, as torch's recipe asks: on an
+    H200 a capture on a stream of its own failed at 32 rows (a per-stream resource first made mid-capture)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         run()
+        run()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side):
         run()
+    torch.cuda.current_stream().wait_stream(side)
     return graph.replay
 
 
