@@ -591,8 +591,10 @@ def main(config: BenchConfig, json_path: Path | None = None, plot_dir: Path | No
     if torch.cuda.is_available():  # GPU mode: the same questions at a realistic size (bench/large_model.py)
         from specdec.bench.large_model import report as large_model_report
 
+        # eager, then with the target's layers replayed as CUDA graphs (launch-bound eager: bench/RESULTS.md)
         report["gpu"] = large_model_report("cuda", progress=progress)
-        report["mismatches"] += report["gpu"]["mismatches"]
+        report["gpu_graphs"] = large_model_report("cuda", progress=progress, cuda_graphs=True)
+        report["mismatches"] += report["gpu"]["mismatches"] + report["gpu_graphs"]["mismatches"]
     print(table(report))
     if report["mismatches"]:
         print(f"\x1b[31m{report['mismatches']} greedy call(s) departed from plain greedy output\x1b[0m",
