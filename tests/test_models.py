@@ -124,6 +124,11 @@ def test_layer_graphs_replay_the_layers_with_each_steps_inputs(monkeypatch):
                             num_draft_tokens=3) for d in (None, draft, "ngram")]
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert captured and len(replays) > 2 * len(captured)  # most passes replay a graph made earlier
+    # the narrower passes at the end of a generation (k + 1, k, ..., 1 new tokens) ride in the widest graph
+    captured.clear()
+    specdec.generate(target, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], draft_model=draft,
+                     num_draft_tokens=3)
+    assert len(captured) == 1
     with pytest.raises(ValueError, match="use_cuda_graphs needs the model on a CUDA device"):
         native.use_cuda_graphs()
     assert llama.GRAPH_MAX_TOKENS >= 9  # k = 8 verification passes are graphed
