@@ -271,7 +271,8 @@ def main(argv=None):
                 run()
 
     print(f"\n{report.get('device')}, {report['date']}; copy bandwidth {bandwidth:.0f} GB/s\n")
-    print("| batch | context | T | kernel µs | unsplit µs | SDPA µs | kernel GB/s | of bandwidth | max err kernel / SDPA |\n"
+    print("| batch | context | T | kernel µs | unsplit µs | SDPA µs | kernel GB/s | of bandwidth "
+          "| max err kernel / SDPA |\n"
           "|---|---|---|---|---|---|---|---|---|")
     for r in report["attention"]:
         print(f"| {r['batch']} | {r['context']} | {r['T']} | {r['kernel_us']:.0f} | {r['unsplit_kernel_us']:.0f} "

@@ -81,7 +81,8 @@ def report(device="cuda", preset: str = "llama3-8b", dtype=torch.bfloat16, ks=ra
     weights = weight_bytes(model)
     bandwidth = 1e9 * bandwidth_gbs(1024 if torch.device(device).type == "cuda" else 64, device=device)
     gen = torch.Generator().manual_seed(0)
-    out = {"preset": preset, "dtype": str(dtype).removeprefix("torch."), "cuda_graphs": cuda_graphs, "weight_bytes": weights,
+    out = {"preset": preset, "dtype": str(dtype).removeprefix("torch."), "cuda_graphs": cuda_graphs,
+           "weight_bytes": weights,
            "bandwidth_gbs": bandwidth / 1e9, "device": torch.cuda.get_device_name() if torch.device(
                device).type == "cuda" else "cpu"}
 
@@ -101,9 +102,9 @@ def report(device="cuda", preset: str = "llama3-8b", dtype=torch.bfloat16, ks=ra
     out["fraction_of_roofline"] = out["plain_tokens_per_s"] / out["roofline_tokens_per_s"]
     out["verification_cost"] = verification_cost(model, list(ks), context=512, repeats=10, device=device)
     if progress:
-        print(f"plain {out['plain_tokens_per_s']:.1f} tok/s = {100 * out['fraction_of_roofline']:.0f}% of the roofline; "
-              "verification pass / plain step: " + ", ".join(f"k={k}: {v:.2f}" for k, v in out["verification_cost"].items()),
-              flush=True)
+        costs = ", ".join(f"k={k}: {v:.2f}" for k, v in out["verification_cost"].items())
+        print(f"plain {out['plain_tokens_per_s']:.1f} tok/s = {100 * out['fraction_of_roofline']:.0f}% of the "
+              f"roofline; verification pass / plain step: {costs}", flush=True)
 
     curves = {}
     for batch in batch_sizes:

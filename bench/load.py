@@ -215,7 +215,8 @@ def run_levels(args, engine, mode: str, url: str, pool: list[str], report: dict,
         row = {"mode": mode, "concurrency": c, "round": round_, **summary(results, wall, before, engine.stats)}
         report["levels"].append(row)
         texts[(round_, mode, c)] = {r["prompt"]: r["text"] for r in results}
-        print(f"{mode:>10} c={c:<3} round {round_} {row['tokens_per_second']:7.1f} tok/s  ttft p50 {fmt(row['ttft_p50'])} s  "
+        print(f"{mode:>10} c={c:<3} round {round_} {row['tokens_per_second']:7.1f} tok/s  "
+              f"ttft p50 {fmt(row['ttft_p50'])} s  "
               f"itl p50 {fmt(row['itl_p50'], '.3f')} s  mean k {row['mean_k']:.2f}  "
               f"tok/fwd {fmt(row['tokens_per_target_forward'])}  ({row['requests']} requests, "
               f"{wall:.1f} s)", file=sys.stderr, flush=True)
@@ -261,7 +262,8 @@ def against_plain(levels: list[dict]) -> list[dict]:
         pairs = [(r, plain[r["round"], c]) for r in rs if mode != "plain" and (r["round"], c) in plain]
         if pairs:
             out.append({"mode": mode, "concurrency": c,
-                        "itl_p50_ratio": [r["itl_p50"] / p["itl_p50"] for r, p in pairs if r["itl_p50"] and p["itl_p50"]],
+                        "itl_p50_ratio": [r["itl_p50"] / p["itl_p50"] for r, p in pairs
+                                          if r["itl_p50"] and p["itl_p50"]],
                         "tokens_per_second_ratio": [r["tokens_per_second"] / p["tokens_per_second"] for r, p in pairs]})
     return out
 
@@ -270,7 +272,8 @@ def table(report: dict) -> str:
     levels = report["medians"]
     base = {r["concurrency"]: r for r in levels if r["mode"] == "plain"}
     one = {r["mode"]: r for r in levels if r["concurrency"] == 1}
-    header = ("| mode | concurrency | rounds | requests | tokens/s | vs 1 client | vs plain | TTFT p50 / p90 / p99 (s) | "
+    header = ("| mode | concurrency | rounds | requests | tokens/s | vs 1 client | vs plain "
+              "| TTFT p50 / p90 / p99 (s) | "
               "ITL p50 / p90 / p99 (ms) | tokens/target fwd | acceptance | mean k | same text as plain |")
     lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in levels:
@@ -281,16 +284,19 @@ def table(report: dict) -> str:
         lines.append(
             f"| {r['mode']} | {c} | {r['rounds']} | {r['requests']} | {r['tokens_per_second']:.1f} | {fmt(vs_one)}x | "
             f"{fmt(vs_plain)}x | {fmt(r['ttft_p50'])} / {fmt(r['ttft_p90'])} / {fmt(r['ttft_p99'])} | "
-            f"{fmt(ms[0], '.0f')} / {fmt(ms[1], '.0f')} / {fmt(ms[2], '.0f')} | {fmt(r['tokens_per_target_forward'])} | "
+            f"{fmt(ms[0], '.0f')} / {fmt(ms[1], '.0f')} / {fmt(ms[2], '.0f')} "
+            f"| {fmt(r['tokens_per_target_forward'])} | "
             f"{fmt(r['acceptance'])} | {r['mean_k']:.2f} | {r['same_text_as_plain']} |")
     if report["against_plain_by_round"]:
         lines.append("\nAgainst the same round's plain run (round by round; median):\n")
         for r in report["against_plain_by_round"]:
             itl, tps = r["itl_p50_ratio"], r["tokens_per_second_ratio"]
             lines.append(f"- {r['mode']} at {r['concurrency']} client(s): ITL p50 "
-                         f"{', '.join(f'{x:.2f}' for x in itl)}x (median {fmt(statistics.median(itl) if itl else None)}x); "
+                         f"{', '.join(f'{x:.2f}' for x in itl)}x "
+                         f"(median {fmt(statistics.median(itl) if itl else None)}x); "
                          f"tokens/s {', '.join(f'{x:.2f}' for x in tps)}x (median {statistics.median(tps):.2f}x)")
     return "\n".join(lines)
+
 
 if __name__ == "__main__":
     sys.exit(main())

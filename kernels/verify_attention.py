@@ -83,6 +83,7 @@ if triton_available():
     def _verify_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr,  # q [batch, T, heads, D]; k, v pools [blocks, block_size, kv_heads, D]
         m_ptr, l_ptr,  # with splits: running max and sum [batch, T, heads, splits] (out is then [..., splits, D])
+        sm_b, sm_t, sm_h,  # strides of m and l (the same layout)
         table_ptr, ctx_ptr, qlen_ptr,  # block table [batch, max_blocks]; context_lens, query_lens [batch]
         sq_b, sq_t, sq_h, sq_d, sk_b, sk_s, sk_h, sk_d, sv_b, sv_s, sv_h, sv_d, so_b, so_t, so_h, so_d,
         st_b, block_size, group, scale, num_splits, chunk,
@@ -144,7 +145,7 @@ if triton_available():
             m_i = m_new
         o = b * so_b + t[:, None] * so_t + head[:, None] * so_h
         if SPLIT:  # unnormalised; _combine_splits weighs the splits by their maxima and sums
-            stats = ((b * so_b + t * so_t + head * so_h) // HEAD_DIM) + split  # [batch, T, heads, splits]
+            stats = b * sm_b + t * sm_t + head * sm_h + split  # [BLOCK_M] into m, l
             tl.store(m_ptr + stats, m_i, mask=row_ok)
             tl.store(l_ptr + stats, l_i, mask=row_ok)
             tl.store(out_ptr + o + split * HEAD_DIM + d[None, :] * so_d, acc, mask=row_ok[:, None])
@@ -155,6 +156,8 @@ if triton_available():
     @triton.jit
     def _combine_splits(part_ptr, m_ptr, l_ptr, out_ptr, qlen_ptr, T, heads, num_splits,
                         HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+        # part [batch, T, heads, splits, D], m, l [batch, T, heads, splits] (contiguous), out [batch, T, heads, D]
+        # (contiguous), query_lens [batch]
         # one program per (sequence, query, head): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s
         row = tl.program_id(0).to(tl.int64)  # b * T * heads + t * heads + head
         t = (row // heads) % T
@@ -215,8 +218,9 @@ def verify_attention_triton(q, k_pool, v_pool, block_table, context_lens, query_
     m = torch.empty(batch, T, heads, num_splits, dtype=torch.float32, device=q.device) if split else out
     l_sum = torch.empty_like(m) if split else out
     _verify_attention_kernel[(batch, kv_heads, tiles * num_splits)](
-        q, k_pool, v_pool, part, m, l_sum, block_table, context_lens, query_lens,
-        *q.stride(), *k_pool.stride(), *v_pool.stride(), *(part.stride()[:3] if split else out.stride()[:3]),
+        q, k_pool, v_pool, part, m, l_sum, *(m.stride()[:3] if split else (0, 0, 0)),
+        block_table, context_lens, query_lens,
+        *q.stride(), *k_pool.stride(), *v_pool.stride(), *part.stride()[:3],
         part.stride(-1), block_table.stride(0), k_pool.shape[1], group, scale, num_splits, chunk,
         HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split,
         LOW_PRECISION=low_precision,

@@ -236,7 +236,7 @@ def _rope_frequencies(config: PretrainedConfig, head_dim: int):
     return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)), 1.0
 
 
-GRAPH_MAX_TOKENS = 16  # new tokens per row up to which a forward's layers replay a CUDA graph (not prefills)
+GRAPH_MAX_TOKENS = 16  # new tokens per row up to which a forward's layers replay a CUDA graph
 _STEP_TENSORS = ("cos", "sin", "slots", "context_lens", "query_lens", "positions")
 
 
@@ -275,10 +275,11 @@ class LayerGraphs:
     def __call__(self, x, step: Step):
         """x [batch, T, hidden] -> the layers' output, as ``for layer in layers: x = layer(x, step, cache)``"""
         rows, T = x.shape[:2]
-        # A pass narrower than a graph already made rides in it: the last rounds of a generation ask fewer
-        # drafts (k + 1, k, ..., 1 new tokens), and each capture costs ~3 eager passes (on the H200 at k = 4,
-        # up to five captures per 64-token call against plain's one). The extra queries are padding.
-        wider = [t for r, t in self.graphs if r == rows and t >= T]
+        # A pass narrower than a graph already made rides in it, up to twice its width: the last rounds of a
+        # generation ask fewer drafts (k + 1, k, ..., 1 new tokens), and each capture costs ~3 eager passes
+        # (on the H200 at k = 4, up to five captures per 64-token call against plain's one). The extra queries
+        # are padding; the bound keeps a one-token step from paying for nine columns at 64 rows.
+        wider = [t for r, t in self.graphs if r == rows and T <= t <= 2 * T]
         if wider:
             static_x, static, replay, out = self.graphs[rows, min(wider)]
             self._fill(static_x, static, x, step)
@@ -478,7 +479,8 @@ class LlamaModel(nn.Module):
                                           attn.num_heads, attn.num_kv_heads, attn.head_dim,
                                           self.config.intermediate_size)
         elif (self.graph_capture is not None and type(cache) is KVCache and x.shape[1] <= GRAPH_MAX_TOKENS
-              and not step.cpu_kernel and not torch.is_grad_enabled()):
+              and span > x.shape[1] and not step.cpu_kernel and not torch.is_grad_enabled()):
+            # (span > T: some row continues a cache. A first pass, a short prompt's prefill, runs once: no graph)
             graphs = cache.graphs.get(self)
             if graphs is None:
                 graphs = cache.graphs[self] = LayerGraphs(self.model.layers, cache, self.graph_capture)

@@ -28,7 +28,8 @@ def speculative_step(target, cache, proposer, state: DecodeState, num_drafts, ve
     """One round: draft, verify all drafts in one target pass, roll back, commit.
 
     num_drafts [batch] drafts wanted per row (0 = plain step); the proposer sees only the rows that want
-               some as active, so a row that takes a plain step costs the draft nothing
+               some as active: a row that takes a plain step is padding in the draft's forward (no catch-up
+               over its unseen tokens) and its draft cache is left as it is
     verifier   None (``verify``) or a function of its signature (the engine's applies each request's own
                sampling settings and generator to its row)
     returns emitted [batch, k + 1], num_accepted [batch] (row b emits num_accepted[b] + 1 tokens) and

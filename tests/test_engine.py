@@ -328,7 +328,6 @@ def test_float32_engine_equals_single_request_generate_bit_for_bit(draft):
         assert tokens[f"r{i}"] == want, f"request {i}"
 
 
-
 def test_a_row_that_wants_no_drafts_is_not_drafted_for(monkeypatch):
     """A row one token from its max_new_tokens wants no drafts: the proposer sees it inactive (its draft
     model does not run over it), while the other row drafts on; both outputs stay those of plain."""
@@ -348,3 +347,29 @@ def test_a_row_that_wants_no_drafts_is_not_drafted_for(monkeypatch):
     for i, (prompt, params) in enumerate(requests):
         assert tokens[f"r{i}"] == single(prompt, params.max_new_tokens)
     assert [False, True] in seen  # request 0 near its end, request 1 drafting
+
+
+def test_a_head_keeps_the_cache_of_a_row_that_does_not_draft(monkeypatch):
+    """A draft head's cache of a row that takes a plain step stays as it was (every entry came from the
+    target's features), rather than being dropped and recomputed from the prompt the next time it drafts."""
+    from specdec.proposers import HeadProposer
+
+    kept = []
+    real = HeadProposer.propose
+
+    def propose(self, state, k):
+        cache = state.scratch[self]  # the engine hands in the head's paged cache
+        before = cache.lengths.clone()
+        out = real(self, state, k)
+        idle = ~state.active
+        kept.append(bool(idle.any()) and torch.equal(cache.lengths[idle], before[idle]))
+        return out
+
+    monkeypatch.setattr(HeadProposer, "propose", propose)
+    target = tiny_model("llama")
+    engine = Engine(target, tiny_head(target, seed=1), num_draft_tokens=2, max_num_seqs=2)
+    requests = [((3, 4, 5), RequestParams(max_new_tokens=4)), ((6, 7, 8), RequestParams(max_new_tokens=30))]
+    tokens, _ = run(engine, requests)
+    for i, (prompt, params) in enumerate(requests):
+        assert tokens[f"r{i}"] == single(prompt, params.max_new_tokens)
+    assert any(kept)  # a step where request 0 did not draft, and its head cache stayed

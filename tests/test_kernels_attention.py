@@ -139,12 +139,15 @@ def test_keys_split_across_programs_combine_to_the_same_attention(num_splits):
     assert _relative(verify_attention_triton(*args, num_splits=num_splits, span=309), want) < 1e-5
 
 
-def test_a_split_that_drops_its_share_is_caught():
-    """The combine must add every split's values: zeroing the values of the first 64 keys (what a combine
-    that lost split 0's sum would see) moves the result far beyond the bound above."""
+def test_the_bound_would_catch_a_split_left_out_of_the_combine():
+    """What a combine that lost one split's share would return: attention over the keys of the other splits
+    only. Over 200 keys in 3 splits, leaving out the first 64 moves the result far past the bound above."""
     q, k_pool, v_pool, table, contexts, qlens = _paged_case(torch.float32, 64, contexts=[200], query_lens=[1])
-    want = verify_attention_reference(q, k_pool, v_pool, table, contexts, qlens)
-    v_lost = v_pool.clone()
-    v_lost[table[0, :4].long()] = 0.0  # blocks of 16: keys 0..63
-    got = verify_attention_triton(q, k_pool, v_lost, table, contexts, qlens, num_splits=3)
-    assert _relative(got, want) > 1e-2
+    full = verify_attention_triton(q, k_pool, v_pool, table, contexts, qlens, num_splits=3)
+    keys = k_pool[table[0].long()].reshape(-1, *k_pool.shape[2:])[:201]  # [201, kv_heads, D] in position order
+    values = v_pool[table[0].long()].reshape(-1, *v_pool.shape[2:])[:201]
+    without_first = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), keys[None, 64:].transpose(1, 2), values[None, 64:].transpose(1, 2),
+        enable_gqa=True).transpose(1, 2)  # [1, 1, heads, D]: the last query sees every key, no mask needed
+    assert _relative(full, verify_attention_reference(q, k_pool, v_pool, table, contexts, qlens)) < 1e-5
+    assert _relative(without_first, full) > 1e-2

@@ -208,7 +208,7 @@ def _recovered_counts(rows: int = 200_000):
 
 
 def test_the_recovered_token_follows_the_normalised_residual():
-    """The race argmax residual / e with e ~ Exp(1) (drawn by inversion, -log(1 - u)) samples the normalised
+    """The race argmax residual / e with e ~ Exp(1) (drawn by inversion, -log(u)) samples the normalised
     residual. Bound: 6 standard deviations of each count (a false alarm ~2e-9 per cell)."""
     counts, p = _recovered_counts()
     assert (counts - counts.sum() * p).abs().max() <= 6 * (counts.sum() * p * (1 - p)).sqrt().max()
@@ -228,3 +228,18 @@ def test_the_residual_test_catches_a_race_on_variates_that_are_not_exponential(m
     monkeypatch.setattr(sampling, "random_numbers", uniform)
     counts, p = _recovered_counts()
     assert (counts - counts.sum() * p).abs().max() > 6 * (counts.sum() * p * (1 - p)).sqrt().max()
+
+
+def test_no_exponential_variate_is_zero_in_float32():
+    """A variate of 0 wins the race outright whatever its token's residual. float32 uniforms lie on a 2^-24
+    grid in [0, 1): over 1000 rows of 49152 ids (49 M draws) u = 0 comes up ~3 times. -log(u) turns those into
+    +inf (they lose), never 0; the companion shows -log(1 - u) on the same draws would give 0s."""
+    from specdec.sampling import random_numbers
+
+    _, e = random_numbers((1000, 1), 49152, torch.Generator().manual_seed(0), torch.float32, "cpu")
+    assert bool((e > 0).all()) and not bool(e.isnan().any())
+    gen = torch.Generator().manual_seed(0)
+    torch.rand(1000, 1, generator=gen)  # (the uniforms for the acceptance tests come first)
+    u = torch.rand(1000, 49152, generator=gen)
+    assert torch.equal(e, u.log().neg())  # the very draws random_numbers made
+    assert int((u.neg().log1p().neg() == 0).sum()) > 0  # -log(1 - u): zeros that would win their races
