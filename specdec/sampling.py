@@ -15,6 +15,9 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from specdec.kernels.rejection_sample import greedy_accept, rejection_sample
 
 
+MIN_TEMPERATURE = 1e-6  # the smallest positive temperature: a logit gap of 1e-3 becomes 1e3, one-hot already
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How the next token is chosen. ``greedy`` covers do_sample=False, temperature=0 and top_k=1."""
@@ -28,6 +31,9 @@ class SamplingConfig:
         t = self.temperature
         if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got temperature={t!r}")
+        if 0 < t < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE:g}: below, logits / temperature "
+                             f"can overflow float32 and every probability turns NaN; got temperature={t!r}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0, got top_k={self.top_k!r}")
         p = self.top_p
@@ -77,6 +83,12 @@ def top_p_filter(scores: torch.Tensor, top_p: float, first: int = 256) -> torch.
     n = min(first, scores.shape[-1])
     while len(rows):
         top, ids = probs[rows].topk(n, dim=-1)  # [r, n] descending
+        # equal probabilities in the warper's order, the higher id first (its ascending sort drops the lower
+        # ids of a tie at the cut first); bfloat16 logits tie often: topk leaves their order unspecified
+        by_id = ids.argsort(dim=-1, descending=True, stable=True)
+        top, ids = top.gather(1, by_id), ids.gather(1, by_id)
+        by_prob = top.argsort(dim=-1, descending=True, stable=True)
+        top, ids = top.gather(1, by_prob), ids.gather(1, by_prob)
         above = top.double().cumsum(dim=-1) - top.double()  # mass of the tokens ranked above each
         done = (above[:, -1] + top[:, -1] >= top_p) | (n == scores.shape[-1])  # the cut lies within the top n
         keep[rows[done]] = keep[rows[done]].scatter(1, ids[done], above[done] < top_p)
@@ -112,13 +124,14 @@ def verify(drafts, draft_probs, target_logits, num_drafts, sampling: SamplingCon
 def random_numbers(shape, vocab: int, generator, dtype, device):
     """What rejection sampling draws, in this order: uniforms [batch, k] for the acceptance tests, then
     exponentials [batch, vocab], Exp(1) variates for the race that draws the recovered/bonus token (never
-    exactly 0: 0/0 is NaN; +inf where u = 0, which loses the race). shape = (batch, k). The engine draws each
+    exactly 0: 0/0 is NaN; never +inf: a race no token can win). shape = (batch, k). The engine draws each
     request's numbers with this too, so a seeded request draws the same numbers alone or in a batch."""
     uniforms = torch.rand(shape, generator=generator, device=device, dtype=dtype)
-    # Exp(1) by inversion, -log(u): on the CPU 4x cheaper than torch's exponential_ (49152 ids: 1.1 ms a row
-    # against 0.3 on the 2-core VM), which every sampled row pays at every step. -log(u), not -log(1 - u):
-    # float32 u lies on a 2^-24 grid in [0, 1), so u = 0 comes up once in 2^24 draws (0.3% of 49152-id rows).
-    # -log(1 - u) would make that variate 0, and its token would win the race outright; -log(u) makes it
-    # +inf, a token that loses a race it had a 6e-8 chance to be in, and never gives 0 (u < 1).
-    exponentials = torch.rand(shape[0], vocab, generator=generator, device=device, dtype=dtype).log_().neg_()
+    # Exp(1) by inversion, -log(u), from float64 uniforms: on the CPU 2-3x cheaper than torch's exponential_,
+    # which every sampled row pays at every step. float32 uniforms would not do: they lie on a 2^-24 grid, so
+    # the race's winner (the smallest variates, ~1 / vocab) ties with 0.14% of 49152-id rows (the lower id
+    # wins), and u = 0 (0.3% of rows) makes a variate 0, which wins outright, or +inf, which can leave no
+    # token to win. float64: a 2^-53 grid, and u >= tiny keeps every variate finite and > 0.
+    u = torch.rand(shape[0], vocab, generator=generator, device=device, dtype=torch.float64)
+    exponentials = u.clamp_(min=torch.finfo(torch.float64).tiny).log_().neg_().to(dtype)
     return uniforms, exponentials

@@ -1,5 +1,7 @@
 """The sampler: constructed logits with exact expectations, and the distribution proved statistically."""
 
+import math
+
 import pytest
 import torch
 from conftest import one_layer_llama
@@ -230,16 +232,37 @@ def test_the_residual_test_catches_a_race_on_variates_that_are_not_exponential(m
     assert (counts - counts.sum() * p).abs().max() > 6 * (counts.sum() * p * (1 - p)).sqrt().max()
 
 
-def test_no_exponential_variate_is_zero_in_float32():
-    """A variate of 0 wins the race outright whatever its token's residual. float32 uniforms lie on a 2^-24
-    grid in [0, 1): over 1000 rows of 49152 ids (49 M draws) u = 0 comes up ~3 times. -log(u) turns those into
-    +inf (they lose), never 0; the companion shows -log(1 - u) on the same draws would give 0s."""
+def test_exponential_variates_are_finite_and_positive_even_where_float32_uniforms_hit_0():
+    """A variate of 0 wins the race outright whatever its token's residual, and +inf can leave no token to
+    win. Over 1000 rows of 49152 ids (49 M draws) float32 uniforms hit u = 0 (their 2^-24 grid); the variates
+    come from float64 uniforms (clamped >= tiny), so every one is finite and > 0."""
     from specdec.sampling import random_numbers
 
     _, e = random_numbers((1000, 1), 49152, torch.Generator().manual_seed(0), torch.float32, "cpu")
-    assert bool((e > 0).all()) and not bool(e.isnan().any())
+    assert bool(torch.isfinite(e).all()) and bool((e > 0).all())
     gen = torch.Generator().manual_seed(0)
-    torch.rand(1000, 1, generator=gen)  # (the uniforms for the acceptance tests come first)
-    u = torch.rand(1000, 49152, generator=gen)
-    assert torch.equal(e, u.log().neg())  # the very draws random_numbers made
-    assert int((u.neg().log1p().neg() == 0).sum()) > 0  # -log(1 - u): zeros that would win their races
+    torch.rand(1000, 1, generator=gen, dtype=torch.float32)  # (the uniforms for the acceptance tests come first)
+    u = torch.rand(1000, 49152, generator=gen, dtype=torch.float64)
+    assert torch.equal(e, u.log().neg().float())  # the very draws random_numbers made
+    u32 = torch.rand(1000, 49152, generator=torch.Generator().manual_seed(0))
+    assert int((u32 == 0).sum()) > 0  # the hazard: float32 uniforms of 0
+
+
+def test_temperature_too_small_to_divide_by_is_refused():
+    """logits / 1e-38 overflows float32 and turns every probability NaN (which would emit token 0 silently)."""
+    with pytest.raises(ValueError, match="temperature must be 0 .greedy. or >= 1e-06"):
+        SamplingConfig(do_sample=True, temperature=1e-38)
+    assert SamplingConfig(do_sample=True, temperature=1e-6).temperature == 1e-6
+
+
+@pytest.mark.parametrize("top_p", [0.75, 0.8])
+def test_top_p_keeps_the_same_tied_tokens_as_transformers(top_p):
+    """Ties at the cut (frequent with bfloat16 logits): transformers' ascending sort drops the lower ids of a
+    tie first; so does top_p_filter. Four equal logits straddle the cut here."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from specdec.sampling import top_p_filter
+
+    scores = torch.tensor([[3.0, 1.0, 1.0, 1.0, 1.0, 0.0]])
+    want = TopPLogitsWarper(top_p)(None, scores.clone()) > -math.inf
+    assert torch.equal(top_p_filter(scores, top_p) > -math.inf, want)
