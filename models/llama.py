@@ -11,6 +11,7 @@ one matrix each (``fuse_state_dict`` maps a transformers state dict onto them).
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -269,7 +270,10 @@ class LayerGraphs:
     """
 
     def __init__(self, layers, cache: KVCache, capture=cuda_capture):
-        self.layers, self.cache, self.capture = layers, cache, capture
+        # the cache holds this object (cache.graphs): a weak reference back, so that no cycle keeps the cache's
+        # memory and the graphs' alive past the generate() call that made them, until the cyclic GC runs
+        self.layers, self.cache, self.capture = layers, weakref.ref(cache), capture
+        self.max_len = cache.max_len
         self.graphs = {}  # (rows, new tokens) -> (static x, static step, replay, static output)
 
     def __call__(self, x, step: Step):
@@ -287,16 +291,16 @@ class LayerGraphs:
             return out[:, :T].clone()
         static_x = torch.empty_like(x)
         static = Step(**{name: torch.empty_like(getattr(step, name)) for name in _STEP_TENSORS},
-                      span=self.cache.max_len + 1, mask=None, row_ok=None, cpu_kernel=False)
+                      span=self.max_len + 1, mask=None, row_ok=None, cpu_kernel=False)
         # span: the whole cache, a bound that holds for every replay (attention stops at each row's own
         # length; the kernel's splits over the rest of the cache find nothing to do)
         self._fill(static_x, static, x, step)
         out = torch.empty_like(x)
 
         def run():
-            y = static_x
+            y, cache = static_x, self.cache()
             for layer in self.layers:
-                y = layer(y, static, self.cache)
+                y = layer(y, static, cache)
             out.copy_(y)
 
         self.graphs[rows, T] = (static_x, static, self.capture(run), out)
@@ -313,7 +317,7 @@ class LayerGraphs:
         static.cos[:, T:].zero_()
         static.sin[:, T:].zero_()
         static.positions[:, T:] = -1
-        static.slots[:, T:] = self.cache.max_len  # the trash slot (KVCache.slots of position -1)
+        static.slots[:, T:] = self.max_len  # the trash slot (KVCache.slots of position -1)
         static.context_lens.copy_(step.context_lens)
         static.query_lens.copy_(step.query_lens)
 

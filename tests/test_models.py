@@ -136,3 +136,25 @@ def test_layer_graphs_replay_the_layers_with_each_steps_inputs(monkeypatch):
     assert [sorted(t for _, t in g.graphs) for g in made[:2]] == [[1], [1, 4]]
     with pytest.raises(ValueError, match="use_cuda_graphs needs the model on a CUDA device"):
         native.use_cuda_graphs()
+
+
+def test_a_cache_with_graphs_is_freed_when_its_last_reference_goes(monkeypatch):
+    """cache.graphs holds the LayerGraphs, which refers back to the cache only weakly: no cycle keeps the KV
+    memory (and on a GPU the graphs' pools) alive past the call, waiting for the cyclic GC."""
+    import gc
+    import weakref
+
+    native = as_native(tiny_model("llama"))
+    monkeypatch.setattr(native, "graph_capture", lambda run: (run(), lambda: None)[1])  # replay: no-op
+    cache = native.new_cache(1, 16)
+    with torch.no_grad():
+        native(torch.tensor([[3, 4, 5]]), torch.arange(3)[None], cache)  # prefill: no graph
+        native(torch.tensor([[6]]), torch.tensor([[3]]), cache)  # decode: captured
+    assert cache.graphs[native].graphs
+    gone = weakref.ref(cache)
+    gc.disable()
+    try:
+        del cache
+        assert gone() is None
+    finally:
+        gc.enable()
