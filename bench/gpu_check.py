@@ -158,16 +158,21 @@ def end_to_end(report, device):
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, target.vocab_size, (4, 24), generator=gen).to(device)  # [4, 24]
 
-    def run(proposer=None, k=4):
+    def run(proposer=None, k=4, **sampling):
         return specdec.generate(target, ids, draft_model=proposer, num_draft_tokens=k, max_new_tokens=40,
-                                eos_token_id=[], do_sample=False)
+                                eos_token_id=[], **(sampling or {"do_sample": False}))
+
+    @contextlib.contextmanager
+    def reference_kernels():  # the PyTorch references on CUDA too (kernels/dispatch.py)
+        os.environ["SPECDEC_REFERENCE_KERNELS"] = "1"
+        try:
+            yield
+        finally:
+            del os.environ["SPECDEC_REFERENCE_KERNELS"]
 
     plain = run()
-    os.environ["SPECDEC_REFERENCE_KERNELS"] = "1"
-    try:
+    with reference_kernels():
         reference = run()
-    finally:
-        del os.environ["SPECDEC_REFERENCE_KERNELS"]
     checks = {"plain_triton_equals_plain_reference": torch.equal(plain, reference),
               "draft_model_k4_equals_plain": torch.equal(run(draft, 4), plain),
               "draft_model_auto_equals_plain": torch.equal(run(draft, "auto"), plain)}
@@ -187,16 +192,13 @@ def end_to_end(report, device):
     checks["engine_with_draft_equals_plain"] = all(
         emitted[f"r{i}"] == plain[i, ids.shape[1]:].tolist() for i in range(len(ids)))
     # sampling: the same seed through kernels and references draws the same tokens unless logits differ
-    sampled = [specdec.generate(target, ids, draft_model=draft, num_draft_tokens=4, max_new_tokens=40, eos_token_id=[],
-                                do_sample=True, temperature=0.7, top_p=0.9,
-                                generator=torch.Generator(device=device).manual_seed(0))]
-    os.environ["SPECDEC_REFERENCE_KERNELS"] = "1"
-    try:
-        sampled.append(specdec.generate(target, ids, draft_model=draft, num_draft_tokens=4, max_new_tokens=40,
-                                        eos_token_id=[], do_sample=True, temperature=0.7, top_p=0.9,
-                                        generator=torch.Generator(device=device).manual_seed(0)))
-    finally:
-        del os.environ["SPECDEC_REFERENCE_KERNELS"]
+    def sampled():
+        return run(draft, 4, do_sample=True, temperature=0.7, top_p=0.9,
+                   generator=torch.Generator(device=device).manual_seed(0))
+
+    by_kernels = sampled()
+    with reference_kernels():
+        by_references = sampled()
     if device == "cuda":  # CUDA graphs of the layers (LlamaModel.use_cuda_graphs): the same tokens
         target.use_cuda_graphs()
         try:
@@ -207,7 +209,7 @@ def end_to_end(report, device):
         finally:
             target.use_cuda_graphs(False)
     report["end_to_end"] = {**checks, "sampled_tokens_same_kernels_vs_references":
-                            (sampled[0] == sampled[1]).float().mean().item()}
+                            (by_kernels == by_references).float().mean().item()}
     print(report["end_to_end"], flush=True)
 
 
@@ -230,12 +232,11 @@ def main(argv=None):
         import transformers
         import triton
 
+        from specdec.bench.common import bandwidth_gbs
+
         report.update(device=torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter smoke run)",
                       torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__)
-        big = torch.empty(2**28 if device == "cuda" else 2**20, dtype=torch.float32, device=device)
-        copy_s = _bench(lambda: big.clone(), device, repeats=10)
-        report["copy_bandwidth_gbs"] = 2 * big.numel() * 4 / copy_s / 1e9
-        big = None  # free the buffer before the attention shapes
+        report["copy_bandwidth_gbs"] = bandwidth_gbs(1024 if device == "cuda" else 4, repeats=10, device=device)
         print(report["device"], report["torch"], report["triton"], report["transformers"],
               f"copy {report['copy_bandwidth_gbs']:.0f} GB/s", flush=True)
     bandwidth = report.get("copy_bandwidth_gbs", float("nan"))

@@ -14,7 +14,7 @@ one-token step are tiled differently and round differently, and with near-unifor
 near-ties. The first H200 run (bench/RESULTS.md) saw every row depart from plain greedy within 64 tokens,
 after which the replayed drafts were all wrong and the curves measured nothing. So the synthetic runs use a
 *predictable* random model (``random_model(..., predictable=True)``): its greedy next token is a fixed random
-permutation of the current one, with a margin of ~75 logits that no rounding reaches. Every layer still runs
+permutation of the current one, with a margin of ~80 logits that no rounding reaches. Every layer still runs
 in full on random weights of the full shape, so its timings are those of any model of that shape. On the CPU
 the ``tiny`` preset runs the same code in seconds (tests/test_bench.py).
 """
@@ -81,10 +81,10 @@ def report(device="cuda", preset: str = "llama3-8b", dtype=torch.bfloat16, ks=ra
     weights = weight_bytes(model)
     bandwidth = 1e9 * bandwidth_gbs(1024 if torch.device(device).type == "cuda" else 64, device=device)
     gen = torch.Generator().manual_seed(0)
+    on_gpu = torch.device(device).type == "cuda"
     out = {"preset": preset, "dtype": str(dtype).removeprefix("torch."), "cuda_graphs": cuda_graphs,
-           "weight_bytes": weights,
-           "bandwidth_gbs": bandwidth / 1e9, "device": torch.cuda.get_device_name() if torch.device(
-               device).type == "cuda" else "cpu"}
+           "weight_bytes": weights, "bandwidth_gbs": bandwidth / 1e9,
+           "device": torch.cuda.get_device_name() if on_gpu else "cpu"}
 
     def timed(ids, draft=None, k=4):
         sync(device)

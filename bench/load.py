@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import sys
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
     report = {"machine": machine(), "args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "levels": []}
     texts: dict[tuple, dict[str, str]] = {}
-    for round_, mode in ((r, m) for r in range(args.rounds) for m in args.modes):
+    for round_, mode in itertools.product(range(args.rounds), args.modes):  # rounds alternate the modes
         draft, k = MODES[mode]
         draft = draft_model if draft == "model" else draft
         engine = specdec.Engine(target, draft, num_draft_tokens=k, max_num_seqs=args.max_num_seqs,

@@ -16,6 +16,8 @@ against torch's SDPA on the same data (bench/RESULTS.md).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from specdec.kernels.dispatch import triton_available, use_triton
@@ -175,7 +177,8 @@ if triton_available():
         tl.store(out_ptr + row * HEAD_DIM + d, out)
 
 
-def _multiprocessors(device) -> int:
+@functools.cache
+def _multiprocessors(device) -> int:  # (asked by every layer of every pass)
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
@@ -183,7 +186,8 @@ def verify_attention_triton(q, k_pool, v_pool, block_table, context_lens, query_
                             block_n=None, out_dtype=None, span=None, num_splits=None):
     """span: an upper bound on the keys any row attends to (the model knows it from its one host sync;
     otherwise the pool's capacity per row); num_splits: programs per (sequence, kv head, query tile) that
-    share its keys, default enough to give every multiprocessor two programs (1 on the CPU), each >= 1024 keys."""
+    share its keys; by default splits only while those programs are fewer than the multiprocessors, up to two
+    programs per multiprocessor, each >= 1024 keys (1 on the CPU)."""
     batch, T, heads, head_dim = q.shape
     # float32 out, rounded by torch at the end: Triton's interpreter truncates float32 -> bfloat16 stores,
     # which would put a whole unit in the last place between the CPU test and the GPU; the extra write is
