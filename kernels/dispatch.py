@@ -27,5 +27,8 @@ def _flag(name: str) -> bool:
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s op runs the Triton kernel. Not while autograd records it: the kernels have no
+    backward, so training (a draft head on a GPU) keeps the references, as the CPU path keeps its torch ops."""
     on_device = tensor.is_cuda or _flag("SPECDEC_TRITON_ON_CPU")
-    return on_device and not _flag("SPECDEC_REFERENCE_KERNELS") and triton_available()
+    training = tensor.requires_grad and torch.is_grad_enabled()
+    return on_device and not training and not _flag("SPECDEC_REFERENCE_KERNELS") and triton_available()

@@ -59,7 +59,7 @@ def _distill(args) -> int:
     fields = {f.name for f in dataclasses.fields(DistillConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None and k != "head"}
     config = DistillConfig(**{**(HEAD if args.head else {}), **given})
-    report = distill(args.target, args.out, config, resume=args.resume)
+    report = distill(args.target, args.out, config, resume=args.resume, device=args.device)
     per_k = report["tokens_per_target_forward"]
     best = max(per_k, key=lambda k: per_k[k] / (k * report["cost_ratio_c"] + 1))
     agreement = report.get("agreement", report.get("first_draft_agreement"))
@@ -132,6 +132,7 @@ def main(argv=None) -> int:
     dis.add_argument("--lr", type=float)
     dis.add_argument("--sample-fraction", type=float, dest="sample_fraction")
     dis.add_argument("--dtype", choices=["float32", "bfloat16"], help="of the saved weights (default bfloat16)")
+    dis.add_argument("--device", default="cpu", help="where a --head run answers and trains: cpu (default) or cuda")
     ben = sub.add_parser("bench", help="specdec against transformers and the memory roofline, side by side")
     ben.add_argument("--model", help=f"target (default {DEFAULT_MODEL})")
     ben.add_argument("--draft", help="draft model for hf-assisted/draft/auto ('none': no draft)")

@@ -138,8 +138,9 @@ def _eos_ids(model) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
 
-#: rows sampled per round of ``self_written_prompts`` (one prefix, no padding). Not a speed-up on a 2-core CPU:
-#: a SmolLM2-135M decode step over 64 rows takes 0.47 s, 3.3x one over 16 (0.14 s); it sets the file's grain
+#: rows sampled per round of ``self_written_prompts`` (one prefix, no padding), or gen_batch where that is more
+#: (a GPU run). Not a speed-up on a 2-core CPU: a SmolLM2-135M decode step over 64 rows takes 0.47 s, 3.3x one
+#: over 16 (0.14 s); it sets the file's grain
 SELF_PROMPT_BATCH = 64
 
 
@@ -183,18 +184,19 @@ def self_written_prompts(target, tokenizer, n: int, file: Path, config: DistillC
     prefix = _user_turn_prefix(tokenizer)
     eos = _eos_ids(target)
     seen = {_prompt_key(p) for p in [*state["prompts"], *exclude]}
+    rows_per_round = max(SELF_PROMPT_BATCH, config.gen_batch)
     bar = tqdm(total=n, initial=min(n, len(state["prompts"])), desc="self-written prompts", unit="prompt",
                disable=not progress)
     barren = 0  # rounds in a row that added nothing
     while len(state["prompts"]) < n:
         if barren == 20:
-            raise ValueError(f"self_prompts: 20 rounds of {SELF_PROMPT_BATCH} samples in a row made no new prompt "
+            raise ValueError(f"self_prompts: 20 rounds of {rows_per_round} samples in a row made no new prompt "
                              f"({len(state['prompts'])} of {n} so far); the target does not write user messages")
         before = len(state["prompts"])
-        rows = torch.tensor([prefix] * SELF_PROMPT_BATCH)  # [R, P]: one prefix, no padding
+        rows = torch.tensor([prefix] * rows_per_round, device=target.device)  # [R, P]: one prefix, no padding
+        generator = torch.Generator(target.device).manual_seed(config.seed * 1_000_003 + state["rounds"])
         out = generate(target, rows, max_new_tokens=config.max_prompt_tokens, do_sample=True, temperature=1.0,
-                       top_p=0.95, top_k=0, eos_token_id=sorted(eos),
-                       generator=torch.Generator().manual_seed(config.seed * 1_000_003 + state["rounds"]))
+                       top_p=0.95, top_k=0, eos_token_id=sorted(eos), generator=generator)
         for row in out[:, len(prefix):].tolist():
             end = next((i for i, t in enumerate(row) if t in eos), None)
             text = tokenizer.decode(row[:end], skip_special_tokens=True).strip() if end is not None else ""
@@ -426,14 +428,14 @@ def evaluate(draft, records: list[dict], pad: int, max_k: int = 8) -> dict:
 def _decode_step(model, context: int, head_of=None):
     """A closure running one decode step of ``model`` (batch 1, ``context`` tokens cached); a draft head
     needs its target (``head_of``) for the token embedding and a feature."""
-    cache = model.new_cache(1, context + 1)
-    ids, positions = torch.ones(1, context, dtype=torch.long), torch.arange(context)[None]
-    one, position = torch.ones(1, 1, dtype=torch.long), torch.tensor([[context]])
+    cache, device = model.new_cache(1, context + 1), model.device
+    ids, positions = torch.ones(1, context, dtype=torch.long, device=device), torch.arange(context, device=device)[None]
+    one, position = torch.ones(1, 1, dtype=torch.long, device=device), torch.tensor([[context]], device=device)
     if head_of is None:
         model(ids, positions, cache)
         return lambda: (cache.rollback(context), model(one, position, cache))
     embed = head_of.model.embed_tokens
-    features = torch.zeros(1, context, model.config.target_hidden_size, dtype=head_of.dtype)
+    features = torch.zeros(1, context, model.config.target_hidden_size, dtype=head_of.dtype, device=device)
     model(embed(ids), features, positions, cache)
     return lambda: (cache.rollback(context), model(embed(one), features[:, :1], position, cache))
 
@@ -451,10 +453,13 @@ def cost_ratio(draft, target, context: int = 64, repeats: int = 30) -> float:
     steps = [_decode_step(draft, context, head_of=target) if isinstance(draft, DraftHead)
              else _decode_step(as_native(draft), context), _decode_step(target, context)]
     times = [[], []]
+    sync = torch.cuda.synchronize if target.device.type == "cuda" else (lambda: None)
     for _ in range(repeats):
         for i, step in enumerate(steps):
+            sync()
             start = time.perf_counter()
             step()
+            sync()
             times[i].append(time.perf_counter() - start)
     return statistics.median(times[0]) / statistics.median(times[1])
 
@@ -468,14 +473,15 @@ def feature_records(target, tokenizer, config: DistillConfig, sample_fraction: f
     ids = [_prompt_ids(tokenizer, p) for p in prompts]
     sample = _sampled(start, config.gen_batch, sample_fraction)
     sampling = SamplingConfig(do_sample=sample, temperature=0.7, top_p=0.9)
-    generator = torch.Generator().manual_seed(config.seed + start)
+    generator = torch.Generator(target.device).manual_seed(config.seed + start)
     answers, feats = answer_with_features(target, ids, config.max_new_tokens, eos, sampling, generator)
+    answers, feats = answers.cpu(), feats.bfloat16().cpu()  # records live on the CPU; a step takes its batch
     records = []
     for row, prompt in enumerate(ids):
         answer = answers[row].tolist()
         n = len(prompt) + _through_eos(answer, eos)
         records.append({"prompt_len": len(prompt), "ids": torch.tensor(prompt + answer)[:n],
-                        "feats": feats[row, :n].bfloat16()})
+                        "feats": feats[row, :n].clone()})
     return records
 
 
@@ -492,10 +498,12 @@ def answer_with_features(target, prompts: list[list[int]], max_new_tokens: int, 
     positions = torch.full((len(prompts), width), -1)
     for row, prompt in enumerate(prompts):
         ids[row, :len(prompt)], positions[row, :len(prompt)] = torch.tensor(prompt), torch.arange(len(prompt))
+    ids, positions = ids.to(target.device), positions.to(target.device)
     lengths = (positions >= 0).sum(1)  # [B]
     cache = target.new_cache(len(prompts), width + max_new_tokens, features=True)
     logits = target(ids, positions, cache, logits_index=(lengths - 1)[:, None])  # [B, 1, vocab]
-    answers, finished, eos = [], torch.zeros(len(prompts), dtype=torch.bool), torch.tensor(sorted(eos))
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=target.device)
+    answers, eos = [], torch.tensor(sorted(eos), device=target.device)
     for _ in range(max_new_tokens):
         logits = logits[:, -1]  # [B, vocab]
         token = logits.argmax(-1) if sampling.greedy else sample(sampling.probs(logits), generator)  # [B]
@@ -521,7 +529,7 @@ def make_head(target, records: list[dict], config: DistillConfig):
 
     torch.manual_seed(config.seed)
     head = DraftHead.for_target(target.config, kept_vocabulary(records, target.vocab_size, config.kept_vocab),
-                                num_layers=config.num_layers).float()
+                                num_layers=config.num_layers).to(target.device, torch.float32)
     with torch.no_grad():
         for module in head.modules():
             if isinstance(module, torch.nn.Linear):
@@ -561,7 +569,7 @@ def head_loss(head, target, records: list[dict], unroll: int):
     on answer positions; summed over ``unroll`` passes, each fed the previous pass's predictions at every
     position, so the head also learns to draft on from its own features (at inference only the drafted
     positions read its own; the context reads the target's: an approximation, as in EAGLE)."""
-    ids, positions, feats, answer = _feature_batch(records)
+    ids, positions, feats, answer = (t.to(head.device) for t in _feature_batch(records))
     length = ids.shape[1]
     with torch.no_grad():
         embeds = target.model.embed_tokens(ids).float()  # [B, L, H]
@@ -570,7 +578,7 @@ def head_loss(head, target, records: list[dict], unroll: int):
     # the output layer (over 8192 kept ids, half of the head's weights) only at the answer positions, which
     # are consecutive in each row: ~55% of a padded batch of SmolLM2's answers
     counts = answer.sum(1)  # [B]
-    j = torch.arange(int(counts.max()))
+    j = torch.arange(int(counts.max()), device=head.device)
     index = (answer.long().argmax(1)[:, None] + j).clamp(max=length - 1)  # [B, A]
     valid = j < counts[:, None]  # [B, A]: index[valid] lists answer.nonzero() in its order
     loss, inputs, agree = 0.0, _previous(feats), None
@@ -596,15 +604,16 @@ def evaluate_head(head, target, records: list[dict], max_k: int = 8) -> dict:
     forward and per-position acceptance; ``answer_tokens`` counts the start positions."""
     runs = []
     for r in records:
-        n = len(r["ids"])
-        starts = torch.arange(r["prompt_len"], n - 1)  # [S] pending positions with a next token to guess
+        n, device = len(r["ids"]), head.device
+        starts = torch.arange(r["prompt_len"], n - 1, device=device)  # [S] pending positions with a next token
         if len(starts) == 0:
             continue
-        ids, feats = r["ids"][None], r["feats"].float()[None]  # [1, n], [1, n, H]
+        answer = r["ids"].to(device)
+        ids, feats = answer[None], r["feats"].to(device).float()[None]  # [1, n], [1, n, H]
         embeds = target.model.embed_tokens(ids).float()
         cache = head.new_cache(len(starts), n + max_k)
         full = head.new_cache(1, n + max_k)
-        head(embeds, _previous(feats), torch.arange(n)[None], full)  # every position from the target's features
+        head(embeds, _previous(feats), torch.arange(n, device=device)[None], full)  # all from the target's features
         cache.keys[:], cache.values[:], cache.features[:] = full.keys, full.values, full.features
         cache.lengths = full.lengths.expand(len(starts)).clone()
         cache.rollback(starts)
@@ -613,11 +622,11 @@ def evaluate_head(head, target, records: list[dict], max_k: int = 8) -> dict:
         for j in range(max_k):
             logits = head(target.model.embed_tokens(tokens).float(), inputs, positions, cache)
             tokens = head.vocab_ids[logits[:, -1].argmax(-1)][:, None]  # [S, 1]
-            truth = r["ids"][(starts + j + 1).clamp(max=n - 1)]
+            truth = answer[(starts + j + 1).clamp(max=n - 1)]
             hits.append((tokens[:, 0] == truth) & (starts + j + 1 < n))
             inputs = cache.features_at(positions)
             positions = positions + 1
-        runs.append(torch.stack(hits, 1).long().cumprod(1).sum(1))  # [S] leading matches
+        runs.append(torch.stack(hits, 1).long().cumprod(1).sum(1).cpu())  # [S] leading matches
     runs = torch.cat(runs).double()
     reached = [(runs >= i).sum().item() for i in range(max_k)]
     return {"first_draft_agreement": (runs >= 1).double().mean().item(), "answer_tokens": len(runs),
@@ -634,9 +643,12 @@ def save_draft(draft, tokenizer, out: Path, config: DistillConfig) -> None:
     draft.float()
 
 
-def distill(target, out, config: DistillConfig = DistillConfig(), resume: bool = False, progress: bool = True) -> dict:
-    """Train a draft for ``target`` into the folder ``out``; returns the held-out evaluation."""
+def distill(target, out, config: DistillConfig = DistillConfig(), resume: bool = False, progress: bool = True,
+            device="cpu") -> dict:
+    """Train a draft for ``target`` into the folder ``out``; returns the held-out evaluation. ``device``: where
+    a head's run answers and trains ("cuda" on a GPU; the data is kept on the CPU either way)."""
     out = Path(out)
+    device = _device(device, config)
     if out.exists() and not resume:
         raise ValueError(f"out={str(out)!r} exists; pass resume=True (--resume) to continue the run in it, "
                          f"or choose a new folder")
@@ -644,7 +656,7 @@ def distill(target, out, config: DistillConfig = DistillConfig(), resume: bool =
     if config.head:
         from specdec.models.loading import from_transformers
 
-        model = from_transformers(model)  # the native model writes the features a head learns from
+        model = from_transformers(model).to(device)  # the native model writes the features a head learns from
     out.mkdir(parents=True, exist_ok=True)
     settings = {"target": str(target), "config": dataclasses.asdict(config)}
     settings_file = out / "distill.json"
@@ -679,6 +691,20 @@ def distill(target, out, config: DistillConfig = DistillConfig(), resume: bool =
     report["cost_ratio_c"] = cost_ratio(draft, model)
     report["train_seconds_this_run"] = time.perf_counter() - started
     return _finish(report, history, draft, lambda: save_draft(draft, tokenizer, out, config), out)
+
+
+def _device(device, config: DistillConfig) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a torch device") from None
+    if device.type != "cpu" and not config.head:
+        raise ValueError(f"device={str(device)!r}: a small draft trains on the CPU only; --device is for --head runs")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but torch sees no CUDA device here")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={str(device)!r}: distill runs on cpu or cuda")
+    return device
 
 
 def _data(sources: dict[str, list[str]], out: Path, config: DistillConfig, make, held_out_make=None):
@@ -725,10 +751,11 @@ def _distill_head(target, tokenizer, sources: dict, out: Path, config: DistillCo
                     resume, progress)
     report = _by_source(lambda rs: evaluate_head(head, target, rs), held_out)
     answers = torch.cat([r["ids"][r["prompt_len"]:] for records in held_out.values() for r in records])
-    report["kept_vocab_coverage"] = torch.isin(answers, head.vocab_ids).double().mean().item()
+    report["kept_vocab_coverage"] = torch.isin(answers, head.vocab_ids.cpu()).double().mean().item()
     saved = head.to(getattr(torch, config.dtype))
-    report["cost_ratio_c"] = cost_ratio(saved, target)
+    report["cost_ratio_c"] = cost_ratio(saved, target)  # (on the run's device: c on a GPU is not c on a CPU)
     report["train_seconds_this_run"] = time.perf_counter() - started
+    saved = saved.cpu()
 
     def save():
         saved.save(out)
