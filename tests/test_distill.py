@@ -3,6 +3,7 @@ transformers checkpoint, runs resume, and bad input is refused without overwriti
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -147,6 +148,17 @@ def test_bad_input_is_refused_and_nothing_overwritten(target_folder, tmp_path):
 
     with pytest.raises(FileNotFoundError, match="target="):
         distill(str(tmp_path / "missing"), tmp_path / "new", SMALL, progress=False)
+    # --device: checked before the target is loaded or anything is written
+    head = dataclasses.replace(SMALL, head=True)
+    for device, config, message in (("gpu0", head, "device='gpu0' is not a torch device"),
+                                    ("cuda", SMALL, "a small draft trains on the CPU only"),
+                                    ("meta", head, "distill runs on cpu or cuda")):
+        with pytest.raises(ValueError, match=message):
+            distill(str(tmp_path / "missing"), tmp_path / "new", config, progress=False, device=device)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device"):
+            distill(str(tmp_path / "missing"), tmp_path / "new", head, progress=False, device="cuda")
+    assert not (tmp_path / "new").exists()
     for bad in (dict(num_layers=0), dict(hidden_size=30, num_heads=4), dict(sample_fraction=1.5), dict(lr=-1.0),
                 dict(kept_vocab=0), dict(unroll=0), dict(self_prompts=-1), dict(max_prompt_tokens=0)):
         with pytest.raises(ValueError):
@@ -259,6 +271,17 @@ def test_self_written_prompts_keep_finished_new_messages_and_resume(target_folde
         self_written_prompts(model, tokenizer, 4, file, config, progress=False)
     assert json.loads(file.read_text())["prompts"] == want + ["ten eleven twelve"]
     assert calls == [i for i in range(22)]  # round i seeded with i (seed 0): a resumed run repeats nothing
+
+    # a GPU run's larger batches sample larger rounds: gen_batch rows where that is more than 64
+    wide = dataclasses.replace(config, gen_batch=2 * SELF_PROMPT_BATCH)
+    rows_seen = []
+    monkeypatch.setattr(specdec.speculative, "generate",
+                        lambda model, rows, **kw: rows_seen.append(len(rows)) or scripted(model, rows[:SELF_PROMPT_BATCH], **kw))
+    assert self_written_prompts(model, tokenizer, 3, file, wide, progress=False) == want + ["ten eleven twelve"]
+    assert rows_seen == []  # (all three from the file)
+    with pytest.raises(ValueError, match=f"20 rounds of {2 * SELF_PROMPT_BATCH} samples"):
+        self_written_prompts(model, tokenizer, 4, file, wide, progress=False)
+    assert rows_seen == [2 * SELF_PROMPT_BATCH] * 20
 
 
 def test_training_prompts_are_varied_and_held_out_from_the_benchmark():

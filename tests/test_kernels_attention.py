@@ -120,6 +120,30 @@ def test_native_model_through_the_kernels_equals_the_cpu_path(monkeypatch):
     assert torch.equal(got, want)  # the sampler kernel draws bit-identically from the same random numbers
 
 
+def test_training_keeps_the_references(monkeypatch):
+    """The kernels have no backward: a forward that autograd records (a draft head training on a GPU) runs the
+    references, and its gradients reach the weights; the same forward without grad runs the kernel."""
+    from conftest import tiny_model
+
+    import specdec
+    from specdec.kernels.dispatch import use_triton
+    from specdec.models.head import DraftHead
+
+    monkeypatch.setenv("SPECDEC_TRITON_ON_CPU", "1")
+    x = torch.ones(2, requires_grad=True)
+    assert use_triton(x.detach()) and not use_triton(x)
+    with torch.no_grad():
+        assert use_triton(x)
+    target = specdec.models.as_native(tiny_model("llama", torch.float32))
+    head = DraftHead.for_target(target.config, torch.arange(32)).float()
+    ids, positions = torch.tensor([[3, 4, 5]]), torch.arange(3)[None]
+    features = torch.randn(1, 3, target.config.hidden_size)
+    logits = head(target.model.embed_tokens(ids).detach(), features, positions, head.new_cache(1, 8))
+    logits.sum().backward()
+    qkv = head.body.model.layers[0].self_attn.qkv_proj.weight  # its gradient flows through attention alone
+    assert qkv.grad is not None and bool(qkv.grad.abs().sum() > 0)
+
+
 def test_more_queries_than_one_tile_and_a_group_of_four():
     """T = 20 spans two query tiles (a prefill); 8 query heads on 2 kv heads."""
     args = _paged_case(torch.float32, 64, contexts=[3, 0], query_lens=[20, 7], heads=8, kv_heads=2, seed=4)
