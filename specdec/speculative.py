@@ -6,6 +6,7 @@ Plain decoding is the speculative step with k = 0: one loop, one mechanism.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, replace
 
 import torch
@@ -121,11 +122,17 @@ class DraftLength:
     in units of a plain target step and both measured in this call. v(k) is Leviathan et al.'s "1" made
     honest: on a CPU a 9-row pass costs 1.4-1.9 plain steps (bench/RESULTS.md), and a draft that pays at
     v = 1 can lose at the real v. Unmeasured k take v linear in k through the nearest measured one.
+    Each cost is the least of the last WINDOW timings of its kind: another process on the machine (a
+    server's own clients, on a 2-core box) only ever adds time, and one plain step timed in such a burst once
+    read 62 ms against 45-49 ms in quiet, made every verification look 1.3x cheaper than it was, and kept 16
+    rows drafting at 0.66x plain (bench/RESULTS.md, session 10).
     Schedule: two probing steps (the first is the prefill, untimed) with k = PROBE / batch rounded up, so
     that each probe yields about PROBE acceptance samples whatever the batch (at batch 16 a k = 4 probe
-    costs ~3.5 plain steps, a k = 1 probe ~1.5, and both say as much about alpha); one plain step (the
-    unit); then the argmax, k = 0 included. After `reprobe` plain steps in a row one step with k = 1, since
-    a plain step measures nothing and the text may change; each reprobe that leads back to plain doubles
+    costs ~3.5 plain steps, a k = 1 probe ~1.5, and both say as much about alpha); PLAIN_SAMPLES plain steps
+    (the unit); then the argmax, k = 0 included, with one plain step after every REFRESH drafting steps so
+    that the unit follows the batch and the machine (~1% of a generation's time at 2 tokens per forward).
+    After `reprobe` plain steps in a row one step with k = 1, since a plain step measures nothing and the
+    text may change; each reprobe that leads back to plain doubles
     the wait (16, 32, 64, ... up to MAX_REPROBE), so a draft that does not pay costs less and less of a long
     generation while a text that turns repetitive is still noticed within 256 steps.
     batch_size: the rows it decides for (the engine passes its batch-size class, a power of two).
@@ -134,6 +141,9 @@ class DraftLength:
     REPROBE = 16
     MAX_REPROBE = 256
     PROBE = 4
+    WINDOW = 8  # recent timings of each kind the costs are read from
+    PLAIN_SAMPLES = 3
+    REFRESH = 32
 
     def __init__(self, num_draft_tokens, batch_size: int = 1):
         self.auto = num_draft_tokens == "auto"
@@ -142,15 +152,35 @@ class DraftLength:
         self.plain_steps = 0
         self.reprobe = self.REPROBE
         self.reprobing = False  # the last step was a reprobe
+        self.passes: dict[int, deque] = {}  # k -> seconds of the last WINDOW timed passes verifying k drafts
+        self.draft_steps = deque(maxlen=self.WINDOW)  # seconds a draft step took, per recent drafting pass
+        self.drafting_steps = 0  # drafting steps since the last plain one
+        self._seen: dict[int, tuple[int, float]] = {}  # what stats held at the last call: k -> (passes, seconds)
+        self._seen_drafts = (0, 0.0)
+
+    def _observe(self, stats: SpecStats) -> None:
+        """Take the passes ``stats`` timed since the last call into the windows."""
+        for k, n in stats.passes_by_k.items():
+            seen, seconds = self._seen.get(k, (0, 0.0))
+            if n > seen:
+                each = (stats.pass_seconds_by_k[k] - seconds) / (n - seen)
+                self.passes.setdefault(k, deque(maxlen=self.WINDOW)).extend([each] * (n - seen))
+                self._seen[k] = (n, stats.pass_seconds_by_k[k])
+        steps, seconds = stats.timed_draft_passes - self._seen_drafts[0], stats.draft_seconds - self._seen_drafts[1]
+        if steps > 0:
+            self.draft_steps.append(seconds / steps)
+            self._seen_drafts = (stats.timed_draft_passes, stats.draft_seconds)
 
     def next(self, stats: SpecStats) -> int:
         if not self.auto:
             return self.k
-        if not stats.timed_draft_passes:
+        self._observe(stats)
+        if not self.draft_steps:
             return self.probe
-        plain = stats.pass_seconds(0)
-        if plain is None:
-            return 0
+        if len(self.passes.get(0, ())) < self.PLAIN_SAMPLES or self.drafting_steps >= self.REFRESH:
+            self.drafting_steps = 0
+            return 0  # time the unit
+        plain = min(self.passes[0])
         # alpha is E's per-token rate: accepted drafts over drafts *reached* (all predecessors accepted).
         # accepted / proposed would count the drafts after a rejection as failures too and underrate alpha
         # the more, the longer the probes (a = 0.26 probed at k = 4 reads as 0.09). Jeffreys prior (half a
@@ -159,14 +189,14 @@ class DraftLength:
         # the share of asked-for drafts the proposer had to offer: 1 for a draft model, the match rate for
         # n-gram lookup (a row without a match gains nothing, yet the pass still grows with the rows that do)
         fill = min(1.0, (stats.proposed + 1) / (stats.requested + 1)) if stats.requested else 1.0
-        draft = stats.draft_seconds / stats.timed_draft_passes / plain
-        measured = sorted(k for k in stats.passes_by_k if k > 0)
+        draft = min(self.draft_steps) / plain
+        measured = sorted(k for k in self.passes if k > 0)
 
         def verify_cost(k: int) -> float:
             if k == 0:
                 return 1.0
             near = min(measured, key=lambda m: abs(m - k))
-            return 1.0 + (stats.pass_seconds(near) / plain - 1.0) * k / near
+            return 1.0 + (min(self.passes[near]) / plain - 1.0) * k / near
 
         k = max(range(self.k + 1),
                 key=lambda k: (1 + fill * (expected_tokens(alpha, k) - 1)) / (k * draft + verify_cost(k)))
@@ -176,6 +206,7 @@ class DraftLength:
         self.plain_steps = self.plain_steps + 1 if k == 0 else 0
         if self.plain_steps > self.reprobe:
             self.plain_steps, self.reprobing, k = 0, True, 1
+        self.drafting_steps = self.drafting_steps + 1 if k > 0 else 0
         return k
 
 

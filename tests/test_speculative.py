@@ -137,23 +137,74 @@ def test_auto_k_controller_maximises_measured_speedup(accepted, proposed, c, gro
     from specdec.stats import SpecStats
 
     stats = SpecStats(accepted=accepted, proposed=proposed, reached_at=[proposed], accepted_at=[accepted])
-    stats.record_pass(0, target_seconds=1.0, draft_seconds=0.0)  # a plain step: the unit
+    _plain_steps(stats)  # the unit
     stats.record_pass(4, target_seconds=1.0 + 4 * growth, draft_seconds=4 * c)  # a measured step with k = 4
     assert DraftLength("auto").next(stats) == want
     assert DraftLength(5).next(stats) == 5
 
 
-def test_auto_k_probes_then_measures_a_plain_step_first():
+def _plain_steps(stats, seconds=(1.0, 1.0, 1.0)):
+    """Plain passes timed as the controller asks for them before its first decision (PLAIN_SAMPLES)."""
+    for t in seconds:
+        stats.record_pass(0, target_seconds=t, draft_seconds=0.0)
+
+
+def test_auto_k_probes_then_measures_plain_steps_first():
     from specdec.speculative import DraftLength
     from specdec.stats import SpecStats
 
     stats, length = SpecStats(), DraftLength("auto")
     assert length.next(stats) == DraftLength.PROBE  # nothing timed yet
     stats.record_pass(4, target_seconds=1.2, draft_seconds=0.2)
-    assert length.next(stats) == 0  # no plain step timed: take one, it is the unit of every cost
-    stats.record_pass(0, target_seconds=1.0, draft_seconds=0.0)
+    for _ in range(DraftLength.PLAIN_SAMPLES):  # no plain step timed: take some, they are the unit of every cost
+        assert length.next(stats) == 0
+        stats.record_pass(0, target_seconds=1.0, draft_seconds=0.0)
     stats.accepted, stats.proposed, stats.reached_at = 0, 8, [8]
     # eight rejections: alpha = 0.5 / 9, E(k=1) = 1.06 against a cost of 0.05 (draft) + 1.05 (verification)
+    assert length.next(stats) == 0
+
+
+@pytest.mark.parametrize("plain_times,speculates", [((1.3, 1.0, 1.0), False), ((1.3, 1.3, 1.3), True)])
+def test_auto_k_reads_each_cost_as_its_least_recent_timing(plain_times, speculates):
+    """One plain step timed while another process held the CPU (1.3 for 1.0) must not make the verification
+    look cheap: alpha 0.65, a k = 1 pass at 1.6 and draft steps at 0.17 lose to plain (1.65 / 1.77 = 0.93),
+    but pay against a unit read as 1.3 (1.65 / 1.36 = 1.21). The companion: where every plain step really
+    costs 1.3, the same passes do pay, so the least timing is what decides, not a rule against drafting."""
+    from specdec.speculative import DraftLength
+    from specdec.stats import SpecStats
+
+    stats, length = SpecStats(accepted=650, proposed=1000, reached_at=[1000], accepted_at=[650]), DraftLength("auto")
+    for t in plain_times:  # one step at a time, as the controller sees them
+        stats.record_pass(0, target_seconds=t, draft_seconds=0.0)
+        length.next(stats)
+    for _ in range(4):
+        stats.record_pass(1, target_seconds=1.6, draft_seconds=0.17)
+        length.next(stats)
+    assert (length.next(stats) > 0) == speculates
+
+
+def test_auto_k_retimes_the_plain_step_while_drafting():
+    """After REFRESH drafting steps one plain step re-times the unit, and its timing is what the next decision
+    reads: here the machine got faster (plain 1.0 -> 0.5, the verification pass with it), which the old unit
+    would have misread as a verification at half its cost."""
+    from specdec.speculative import DraftLength
+    from specdec.stats import SpecStats
+
+    stats, length = SpecStats(accepted=900, proposed=1000, reached_at=[1000], accepted_at=[900]), DraftLength("auto")
+    _plain_steps(stats)
+    stats.record_pass(4, target_seconds=1.2, draft_seconds=0.2)
+    ks = []
+    for _ in range(DraftLength.REFRESH + 1):
+        ks.append(length.next(stats))
+        if ks[-1]:
+            stats.record_pass(ks[-1], target_seconds=1.2, draft_seconds=0.05 * ks[-1])
+    assert all(ks[:-1]) and ks[-1] == 0
+    assert length.next(stats) > 0  # (no new plain timing yet: the window still holds the old ones)
+    for _ in range(DraftLength.WINDOW):
+        stats.record_pass(0, target_seconds=0.5, draft_seconds=0.0)
+    for _ in range(DraftLength.WINDOW):
+        stats.record_pass(8, target_seconds=1.2, draft_seconds=0.4)  # 2.4 plain steps now, and c = 0.1
+    stats.accepted = 100  # alpha ~0.1: plain pays
     assert length.next(stats) == 0
 
 
@@ -165,7 +216,7 @@ def test_auto_k_reads_alpha_per_reached_draft():
     # only 135 were reached (the rest followed a rejection). alpha = 0.26 makes k = 1 pay here (1.26 tokens
     # for 0.1 + 1.03 plain steps: 1.12); accepted / proposed = 0.09 would have said plain (0.96)
     stats = SpecStats(accepted=35, proposed=400, reached_at=[100, 26, 7, 2], accepted_at=[26, 7, 2, 0])
-    stats.record_pass(0, target_seconds=1.0, draft_seconds=0.0)
+    _plain_steps(stats)
     stats.record_pass(4, target_seconds=1.12, draft_seconds=0.4)
     assert DraftLength("auto").next(stats) == 1
 
@@ -178,7 +229,7 @@ def test_auto_k_discounts_rows_the_proposer_has_nothing_for(requested, speculate
     # alpha 0.6, free drafts, each draft adds 15% to the pass: pays when every row gets drafts (1.39 at k = 1),
     # not when only a fifth of the asked-for drafts exist (n-gram misses): (1 + 0.2 * 0.6) / 1.15 = 0.97
     stats = SpecStats(accepted=600, proposed=1000, requested=requested, reached_at=[1000], accepted_at=[600])
-    stats.record_pass(0, target_seconds=1.0, draft_seconds=0.0)
+    _plain_steps(stats)
     stats.record_pass(4, target_seconds=1.6, draft_seconds=0.0)
     assert (DraftLength("auto").next(stats) > 0) == speculates
 
@@ -196,7 +247,7 @@ def test_auto_k_reprobes_less_often_while_the_draft_does_not_pay():
     from specdec.stats import SpecStats
 
     stats, length = SpecStats(accepted=0, proposed=40, reached_at=[40], accepted_at=[0]), DraftLength("auto")
-    stats.record_pass(0, target_seconds=1.0, draft_seconds=0.0)
+    _plain_steps(stats)
     stats.record_pass(1, target_seconds=1.1, draft_seconds=0.1)  # alpha ~ 0: plain steps pay best
     ks = [length.next(stats) for _ in range(16 + 1 + 32 + 1 + 64 + 1)]
     reprobes = [i for i, k in enumerate(ks) if k]
@@ -210,7 +261,7 @@ def test_auto_k_reprobe_wait_is_capped():
     from specdec.stats import SpecStats
 
     stats, length = SpecStats(accepted=0, proposed=40, reached_at=[40], accepted_at=[0]), DraftLength("auto")
-    stats.record_pass(0, target_seconds=1.0, draft_seconds=0.0)
+    _plain_steps(stats)
     stats.record_pass(1, target_seconds=1.1, draft_seconds=0.1)
     at = [i for i in range(3000) if length.next(stats)]
     gaps = [b - a for a, b in zip(at, at[1:])]
