@@ -1,4 +1,5 @@
-"""Which implementation runs: Triton kernels for CUDA tensors, PyTorch references everywhere else.
+"""Which implementation runs: Triton kernels for CUDA tensors (except while autograd records: the kernels
+have no backward), PyTorch references everywhere else.
 
 SPECDEC_REFERENCE_KERNELS=1 forces the references on CUDA too (for debugging a kernel against its oracle).
 SPECDEC_TRITON_ON_CPU=1 sends CPU tensors to the kernels as well: with TRITON_INTERPRET=1 that is how the

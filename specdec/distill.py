@@ -139,7 +139,7 @@ def _eos_ids(model) -> set[int]:
 
 
 #: rows sampled per round of ``self_written_prompts`` (one prefix, no padding), or gen_batch where that is more
-#: (a GPU run). Not a speed-up on a 2-core CPU: a SmolLM2-135M decode step over 64 rows takes 0.47 s, 3.3x one
+#: (a GPU run's 1024). Not a speed-up on a 2-core CPU: a SmolLM2-135M decode step over 64 rows takes 0.47 s, 3.3x one
 #: over 16 (0.14 s); it sets the file's grain
 SELF_PROMPT_BATCH = 64
 
@@ -355,7 +355,7 @@ def train(draft, records: list[dict], out: Path, config: DistillConfig, loss_of,
     state_file = out / "trainer.pt"
     step, history = 0, []
     if resume and state_file.exists():
-        state = torch.load(state_file, weights_only=False)
+        state = torch.load(state_file, weights_only=False, map_location="cpu")  # (a GPU run resumes anywhere)
         draft.load_state_dict(state["draft"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -453,7 +453,8 @@ def cost_ratio(draft, target, context: int = 64, repeats: int = 30) -> float:
     steps = [_decode_step(draft, context, head_of=target) if isinstance(draft, DraftHead)
              else _decode_step(as_native(draft), context), _decode_step(target, context)]
     times = [[], []]
-    sync = torch.cuda.synchronize if target.device.type == "cuda" else (lambda: None)
+    cuda = target.device.type == "cuda"
+    sync = functools.partial(torch.cuda.synchronize, target.device) if cuda else (lambda: None)
     for _ in range(repeats):
         for i, step in enumerate(steps):
             sync()

@@ -122,15 +122,20 @@ class DraftLength:
     in units of a plain target step and both measured in this call. v(k) is Leviathan et al.'s "1" made
     honest: on a CPU a 9-row pass costs 1.4-1.9 plain steps (bench/RESULTS.md), and a draft that pays at
     v = 1 can lose at the real v. Unmeasured k take v linear in k through the nearest measured one.
-    Each cost is the least of the last WINDOW timings of its kind: another process on the machine (a
-    server's own clients, on a 2-core box) only ever adds time, and one plain step timed in such a burst once
-    read 62 ms against 45-49 ms in quiet, made every verification look 1.3x cheaper than it was, and kept 16
-    rows drafting at 0.66x plain (bench/RESULTS.md, session 10).
+    The target's costs are the least of the last WINDOW timed passes of each k: another process on the
+    machine (a server's own clients, on a 2-core box) only ever adds time, and one plain step timed in such a
+    burst once read 62 ms against 45-49 ms in quiet, made every verification look 1.3x cheaper than it was,
+    and kept 16 rows drafting at 0.66x plain (bench/RESULTS.md, session 10). A draft step's cost stays the
+    call's mean: the first drafting pass after plain ones includes the draft's catch-up over every token it
+    skipped, and a window of such passes alone (all a run of reprobes leaves) would read c several times
+    too high and never let drafting back.
     Schedule: two probing steps (the first is the prefill, untimed) with k = PROBE / batch rounded up, so
     that each probe yields about PROBE acceptance samples whatever the batch (at batch 16 a k = 4 probe
     costs ~3.5 plain steps, a k = 1 probe ~1.5, and both say as much about alpha); PLAIN_SAMPLES plain steps
-    (the unit); then the argmax, k = 0 included, with one plain step after every REFRESH drafting steps so
-    that the unit follows the batch and the machine (~1% of a generation's time at 2 tokens per forward).
+    (the unit); then the argmax, k = 0 included, with one plain step after every REFRESH drafting steps (~1%
+    of a generation's time at 2 tokens per forward): a cheaper unit counts from the next refresh on, a
+    dearer one (more rows, a busier machine) once it fills the window — the slow direction is the cautious
+    one, as a dearer unit can only make drafting look better.
     After `reprobe` plain steps in a row one step with k = 1, since a plain step measures nothing and the
     text may change; each reprobe that leads back to plain doubles
     the wait (16, 32, 64, ... up to MAX_REPROBE), so a draft that does not pay costs less and less of a long
@@ -153,29 +158,24 @@ class DraftLength:
         self.reprobe = self.REPROBE
         self.reprobing = False  # the last step was a reprobe
         self.passes: dict[int, deque] = {}  # k -> seconds of the last WINDOW timed passes verifying k drafts
-        self.draft_steps = deque(maxlen=self.WINDOW)  # seconds a draft step took, per recent drafting pass
         self.drafting_steps = 0  # drafting steps since the last plain one
         self._seen: dict[int, tuple[int, float]] = {}  # what stats held at the last call: k -> (passes, seconds)
-        self._seen_drafts = (0, 0.0)
 
     def _observe(self, stats: SpecStats) -> None:
-        """Take the passes ``stats`` timed since the last call into the windows."""
+        """Take the target passes ``stats`` timed since the last call into the windows (a controller's stats
+        only grow: the engine keeps one per controller, generate() one per call)."""
         for k, n in stats.passes_by_k.items():
             seen, seconds = self._seen.get(k, (0, 0.0))
             if n > seen:
                 each = (stats.pass_seconds_by_k[k] - seconds) / (n - seen)
                 self.passes.setdefault(k, deque(maxlen=self.WINDOW)).extend([each] * (n - seen))
                 self._seen[k] = (n, stats.pass_seconds_by_k[k])
-        steps, seconds = stats.timed_draft_passes - self._seen_drafts[0], stats.draft_seconds - self._seen_drafts[1]
-        if steps > 0:
-            self.draft_steps.append(seconds / steps)
-            self._seen_drafts = (stats.timed_draft_passes, stats.draft_seconds)
 
     def next(self, stats: SpecStats) -> int:
         if not self.auto:
             return self.k
         self._observe(stats)
-        if not self.draft_steps:
+        if not stats.timed_draft_passes:
             return self.probe
         if len(self.passes.get(0, ())) < self.PLAIN_SAMPLES or self.drafting_steps >= self.REFRESH:
             self.drafting_steps = 0
@@ -189,7 +189,7 @@ class DraftLength:
         # the share of asked-for drafts the proposer had to offer: 1 for a draft model, the match rate for
         # n-gram lookup (a row without a match gains nothing, yet the pass still grows with the rows that do)
         fill = min(1.0, (stats.proposed + 1) / (stats.requested + 1)) if stats.requested else 1.0
-        draft = min(self.draft_steps) / plain
+        draft = stats.draft_seconds / stats.timed_draft_passes / plain
         measured = sorted(k for k in self.passes if k > 0)
 
         def verify_cost(k: int) -> float:

@@ -275,8 +275,11 @@ def test_self_written_prompts_keep_finished_new_messages_and_resume(target_folde
     # a GPU run's larger batches sample larger rounds: gen_batch rows where that is more than 64
     wide = dataclasses.replace(config, gen_batch=2 * SELF_PROMPT_BATCH)
     rows_seen = []
-    monkeypatch.setattr(specdec.speculative, "generate",
-                        lambda model, rows, **kw: rows_seen.append(len(rows)) or scripted(model, rows[:SELF_PROMPT_BATCH], **kw))
+    def counted(model, rows, **kwargs):
+        rows_seen.append(len(rows))
+        return scripted(model, rows[:SELF_PROMPT_BATCH], **kwargs)
+
+    monkeypatch.setattr(specdec.speculative, "generate", counted)
     assert self_written_prompts(model, tokenizer, 3, file, wide, progress=False) == want + ["ten eleven twelve"]
     assert rows_seen == []  # (all three from the file)
     with pytest.raises(ValueError, match=f"20 rounds of {2 * SELF_PROMPT_BATCH} samples"):

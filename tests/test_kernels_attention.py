@@ -130,14 +130,14 @@ def test_training_keeps_the_references(monkeypatch):
     from specdec.models.head import DraftHead
 
     monkeypatch.setenv("SPECDEC_TRITON_ON_CPU", "1")
-    x = torch.ones(2, requires_grad=True)
+    x = torch.ones(2, device=DEVICE, requires_grad=True)
     assert use_triton(x.detach()) and not use_triton(x)
     with torch.no_grad():
         assert use_triton(x)
-    target = specdec.models.as_native(tiny_model("llama", torch.float32))
-    head = DraftHead.for_target(target.config, torch.arange(32)).float()
-    ids, positions = torch.tensor([[3, 4, 5]]), torch.arange(3)[None]
-    features = torch.randn(1, 3, target.config.hidden_size)
+    target = specdec.models.as_native(tiny_model("llama", torch.float32)).to(DEVICE)
+    head = DraftHead.for_target(target.config, torch.arange(32)).to(DEVICE, torch.float32)
+    ids, positions = torch.tensor([[3, 4, 5]], device=DEVICE), torch.arange(3, device=DEVICE)[None]
+    features = torch.randn(1, 3, target.config.hidden_size, device=DEVICE)
     logits = head(target.model.embed_tokens(ids).detach(), features, positions, head.new_cache(1, 8))
     logits.sum().backward()
     qkv = head.body.model.layers[0].self_attn.qkv_proj.weight  # its gradient flows through attention alone

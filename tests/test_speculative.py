@@ -165,7 +165,7 @@ def test_auto_k_probes_then_measures_plain_steps_first():
 
 
 @pytest.mark.parametrize("plain_times,speculates", [((1.3, 1.0, 1.0), False), ((1.3, 1.3, 1.3), True)])
-def test_auto_k_reads_each_cost_as_its_least_recent_timing(plain_times, speculates):
+def test_auto_k_reads_the_target_s_costs_as_the_least_of_their_recent_timings(plain_times, speculates):
     """One plain step timed while another process held the CPU (1.3 for 1.0) must not make the verification
     look cheap: alpha 0.65, a k = 1 pass at 1.6 and draft steps at 0.17 lose to plain (1.65 / 1.77 = 0.93),
     but pay against a unit read as 1.3 (1.65 / 1.36 = 1.21). The companion: where every plain step really
@@ -185,8 +185,8 @@ def test_auto_k_reads_each_cost_as_its_least_recent_timing(plain_times, speculat
 
 def test_auto_k_retimes_the_plain_step_while_drafting():
     """After REFRESH drafting steps one plain step re-times the unit, and its timing is what the next decision
-    reads: here the machine got faster (plain 1.0 -> 0.5, the verification pass with it), which the old unit
-    would have misread as a verification at half its cost."""
+    reads: here the machine got faster (plain 1.0 -> 0.5, the verification pass with it: 1.2 plain steps at
+    k = 8 now read 2.4), which the old unit would have misread as a verification at half its cost."""
     from specdec.speculative import DraftLength
     from specdec.stats import SpecStats
 
@@ -199,12 +199,12 @@ def test_auto_k_retimes_the_plain_step_while_drafting():
         if ks[-1]:
             stats.record_pass(ks[-1], target_seconds=1.2, draft_seconds=0.05 * ks[-1])
     assert all(ks[:-1]) and ks[-1] == 0
-    assert length.next(stats) > 0  # (no new plain timing yet: the window still holds the old ones)
+    stats.record_pass(0, target_seconds=0.5, draft_seconds=0.0)  # the refresh step, timed
+    stats.accepted, stats.accepted_at = 300, [300]  # alpha 0.3
     for _ in range(DraftLength.WINDOW):
-        stats.record_pass(0, target_seconds=0.5, draft_seconds=0.0)
-    for _ in range(DraftLength.WINDOW):
-        stats.record_pass(8, target_seconds=1.2, draft_seconds=0.4)  # 2.4 plain steps now, and c = 0.1
-    stats.accepted = 100  # alpha ~0.1: plain pays
+        stats.record_pass(8, target_seconds=1.2, draft_seconds=0.0)
+    # against the old unit (1.0) k = 1 would pay 1.19x (1.3 tokens for a verification read as 1.05 steps and
+    # 0.04 of a draft step); against the refreshed one (0.5) every pass costs twice the plain steps: plain
     assert length.next(stats) == 0
 
 
