@@ -138,9 +138,9 @@ def _eos_ids(model) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
 
-#: rows sampled per round of ``self_written_prompts`` (one prefix, no padding), or gen_batch where that is more
-#: (a GPU run's 1024). Not a speed-up on a 2-core CPU: a SmolLM2-135M decode step over 64 rows takes 0.47 s, 3.3x one
-#: over 16 (0.14 s); it sets the file's grain
+#: rows sampled per round of ``self_written_prompts`` (one prefix, no padding), or gen_batch where that is
+#: more (a GPU run's 1024). Not a speed-up on a 2-core CPU: a SmolLM2-135M decode step over 64 rows takes
+#: 0.47 s, 3.3x one over 16 (0.14 s); it sets the file's grain
 SELF_PROMPT_BATCH = 64
 
 

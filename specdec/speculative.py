@@ -134,8 +134,8 @@ class DraftLength:
     costs ~3.5 plain steps, a k = 1 probe ~1.5, and both say as much about alpha); PLAIN_SAMPLES plain steps
     (the unit); then the argmax, k = 0 included, with one plain step after every REFRESH drafting steps (~1%
     of a generation's time at 2 tokens per forward): a cheaper unit counts from the next refresh on, a
-    dearer one (more rows, a busier machine) once it fills the window — the slow direction is the cautious
-    one, as a dearer unit can only make drafting look better.
+    dearer one (more rows, a busier machine) once it fills the window, and until then the unit reads low,
+    which makes drafting look dearer, not cheaper: the cautious direction.
     After `reprobe` plain steps in a row one step with k = 1, since a plain step measures nothing and the
     text may change; each reprobe that leads back to plain doubles
     the wait (16, 32, 64, ... up to MAX_REPROBE), so a draft that does not pay costs less and less of a long
@@ -146,7 +146,7 @@ class DraftLength:
     REPROBE = 16
     MAX_REPROBE = 256
     PROBE = 4
-    WINDOW = 8  # recent timings of each kind the costs are read from
+    WINDOW = 8  # recent timed target passes per k that the costs are read from
     PLAIN_SAMPLES = 3
     REFRESH = 32
 
