@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from specdec.stats import synchronize
+
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
     "Explain how a hash table works and when it is a poor choice.",
@@ -30,12 +32,6 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
-def sync(device) -> None:
-    """Wait for queued GPU work, so that host timers measure it (a no-op on the CPU)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def bandwidth_gbs(megabytes: int = 1024, repeats: int = 5, device="cpu") -> float:
     """Copy bandwidth, counted as bytes read + bytes written, median of repeats (after one warm-up copy)."""
     src = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
@@ -43,10 +39,10 @@ def bandwidth_gbs(megabytes: int = 1024, repeats: int = 5, device="cpu") -> floa
     dst.copy_(src)
     times = []
     for _ in range(repeats):
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         dst.copy_(src)
-        sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return 2 * src.numel() * 4 / statistics.median(times) / 1e9
 
@@ -63,10 +59,10 @@ def verification_cost(model, ks, context: int, repeats: int, device="cpu") -> di
         for t in times:
             ids = torch.full((1, t), 7, device=device)
             pos = torch.arange(context, context + t, device=device)[None]
-            sync(device)
+            synchronize(device)
             start = time.perf_counter()
             model(ids, pos, cache)
-            sync(device)
+            synchronize(device)
             times[t].append(time.perf_counter() - start)
             cache.rollback(context)
     plain = statistics.median(times[1])

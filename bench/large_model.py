@@ -70,7 +70,8 @@ def report(device="cuda", preset: str = "llama3-8b", dtype=torch.bfloat16, ks=ra
            prompt_len: int = 128, progress: bool = True, cuda_graphs: bool = False) -> dict:
     """cuda_graphs: the target replays its layers as CUDA graphs (``LlamaModel.use_cuda_graphs``); every
     generate() call captures its shapes anew, inside the timed region."""
-    from specdec.bench.common import bandwidth_gbs, sync, verification_cost, weight_bytes
+    from specdec.bench.common import bandwidth_gbs, verification_cost, weight_bytes
+    from specdec.stats import synchronize
     from specdec.bench.harness import SyntheticProposer, break_even
 
     import specdec
@@ -87,11 +88,11 @@ def report(device="cuda", preset: str = "llama3-8b", dtype=torch.bfloat16, ks=ra
            "device": torch.cuda.get_device_name() if on_gpu else "cpu"}
 
     def timed(ids, draft=None, k=4):
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         res = specdec.generate(model, ids, draft_model=draft, num_draft_tokens=k, max_new_tokens=tokens,
                                eos_token_id=[], do_sample=False, return_dict_in_generate=True)
-        sync(device)
+        synchronize(device)
         return res, time.perf_counter() - start
 
     ids = torch.randint(3, model.vocab_size, (1, prompt_len), generator=gen).to(device)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from specdec.prompts import training_prompts
 from specdec.sampling import SamplingConfig, sample
+from specdec.stats import synchronize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -453,14 +454,12 @@ def cost_ratio(draft, target, context: int = 64, repeats: int = 30) -> float:
     steps = [_decode_step(draft, context, head_of=target) if isinstance(draft, DraftHead)
              else _decode_step(as_native(draft), context), _decode_step(target, context)]
     times = [[], []]
-    cuda = target.device.type == "cuda"
-    sync = functools.partial(torch.cuda.synchronize, target.device) if cuda else (lambda: None)
     for _ in range(repeats):
         for i, step in enumerate(steps):
-            sync()
+            synchronize(target.device)
             start = time.perf_counter()
             step()
-            sync()
+            synchronize(target.device)
             times[i].append(time.perf_counter() - start)
     return statistics.median(times[0]) / statistics.median(times[1])
 

@@ -14,7 +14,7 @@ import torch
 from specdec.proposers import DraftModelProposer, HeadProposer, NGramProposer
 from specdec.sampling import SamplingConfig, verify
 from specdec.state import DecodeState
-from specdec.stats import SpecStats, expected_tokens
+from specdec.stats import SpecStats, expected_tokens, synchronize
 
 MAX_AUTO_DRAFT_TOKENS = 8
 
@@ -48,7 +48,7 @@ def speculative_step(target, cache, proposer, state: DecodeState, num_drafts, ve
         drafts = drafts.clamp(min=0)
     else:
         drafts, draft_probs = state.tokens.new_zeros(state.batch_size, 0), None
-    _sync(state.tokens)
+    synchronize(state.tokens.device)
     tock = time.perf_counter()
     # One target pass over the pending token and the k drafts: k + 1 positions, one read of the weights.
     input_ids, positions, num_unseen = state.unseen(cache.lengths, drafts, num_drafts)
@@ -59,7 +59,7 @@ def speculative_step(target, cache, proposer, state: DecodeState, num_drafts, ve
                                                  state.generator)
     # Keep the pending token and the accepted drafts; the recovered/bonus token becomes the new pending one.
     cache.rollback(torch.where(state.active, state.num_tokens + num_accepted, cache.lengths))
-    _sync(state.tokens)
+    synchronize(state.tokens.device)
     if state.stats.target_passes > 0:  # the first pass is the prefill: keep it out of the timings
         state.stats.record_pass(k, target_seconds=time.perf_counter() - tock, draft_seconds=tock - tick)
     return emitted, num_accepted, num_drafts
@@ -75,11 +75,6 @@ def _check_proposal(drafts, draft_probs, state: DecodeState, k: int) -> None:
     if draft_probs is not None and tuple(draft_probs.shape) != (*want, state.vocab_size):
         raise ValueError(f"draft_model returned draft_probs of shape {tuple(draft_probs.shape)}, "
                          f"expected {(*want, state.vocab_size)}")
-
-
-def _sync(t):
-    if t.is_cuda:
-        torch.cuda.synchronize(t.device)
 
 
 def _commit(state: DecodeState, emitted, num_accepted, num_drafts):

@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
+
+def synchronize(device) -> None:
+    """Wait for the work queued on ``device``, so that a host timer measures it (a no-op on the CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
 
 def expected_tokens(alpha: float, k: int) -> float:
     """E = (1 - alpha^(k+1)) / (1 - alpha): expected tokens emitted per target pass with k drafts."""
