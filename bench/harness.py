@@ -156,6 +156,21 @@ def roofline(tokens_per_s: float, tokens_per_forward: float, batch: int, target_
             "ceiling_tokens_per_s": bandwidth * tokens_per_forward * batch / per_forward}
 
 
+def round_budget(tokens_per_forward: float, speedup: float, verify_seconds: float, draft_seconds: float,
+                 plain_step_seconds: float) -> dict:
+    """Where a speculative round's time goes, in plain steps (the wall time of one plain decode step of the
+    same batch in the same run): ``round`` = ``verify`` (the target pass over k + 1 tokens) + ``draft``
+    (drafting its k tokens) + ``rest`` (verification, rollback, bookkeeping: what plain pays too, and more).
+
+    A round emits ``tokens_per_forward`` tokens per row where a plain step emits 1, so speedup =
+    tokens_per_forward / round, and speculation pays exactly when tokens per forward exceed the round's cost.
+    round is that identity solved (tokens_per_forward / speedup); verify_seconds and draft_seconds are per
+    round, from the run's own timers."""
+    cost = tokens_per_forward / speedup
+    verify, draft = verify_seconds / plain_step_seconds, draft_seconds / plain_step_seconds
+    return {"round": cost, "verify": verify, "draft": draft, "rest": cost - verify - draft}
+
+
 def median_rate(tokens: list[int], seconds: list[float]) -> float:
     """Median over repeats of tokens / seconds (each repeat's totals)."""
     return statistics.median(t / s for t, s in zip(tokens, seconds))
@@ -395,6 +410,12 @@ class Bench:
                                          ("vs_hf_assisted", "hf-assisted", row["batch"])):
                 ref = base(method, row["mode"], batch)
                 row[label] = row["tokens_per_s"] / ref if ref else None
+        for row, run in zip(rows, tokens):
+            s, plain = stats[run], base("plain", row["mode"], row["batch"])
+            if run.method != "plain" and s.timed_target_passes and plain and row["vs_plain"]:
+                row["round_budget"] = round_budget(
+                    row["tokens_per_target_forward"], row["vs_plain"], s.target_seconds / s.timed_target_passes,
+                    s.draft_seconds / s.timed_target_passes, plain_step_seconds=row["batch"] / plain)
         synthetic = {}
         for mode_batch in {(r["mode"], r["batch"]) for r in rows if r["method"] == "synthetic"}:
             pts = [(r["rate"], r["vs_plain"]) for r in rows if r["method"] == "synthetic"
@@ -413,7 +434,7 @@ class Bench:
 def table(report: dict) -> str:
     """The terminal table: one line per run; mismatches in red."""
     head = ("| method | mode | batch | k | tokens/s | vs plain | vs hf | vs hf-assisted | tok/fwd | accept | c "
-            "| predicted | GB/s | roofline | ceiling | output |")
+            "| predicted | round = verify + draft + rest | GB/s | roofline | ceiling | output |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
     def f(x, spec=".2f", suffix=""):
@@ -423,6 +444,9 @@ def table(report: dict) -> str:
         k = "-" if r["k"] is None else str(r["k"])
         if r["rate"] is not None:
             k += f" @{r['rate']:g}"
+        budget = r.get("round_budget")
+        budget = "-" if budget is None else (f"{budget['round']:.2f} = {budget['verify']:.2f} + {budget['draft']:.2f} "
+                                             f"+ {budget['rest']:.2f}")
         check = r.get("check", "")
         if check.startswith("MISMATCH"):
             check = f"\x1b[31m{check}\x1b[0m"
@@ -430,7 +454,7 @@ def table(report: dict) -> str:
             f"| {r['method']} | {r['mode']} | {r['batch']} | {k} | {r['tokens_per_s']:.1f} | {f(r['vs_plain'], '.2f', 'x')} "
             f"| {f(r['vs_hf'], '.2f', 'x')} | {f(r['vs_hf_assisted'], '.2f', 'x')} "
             f"| {f(r.get('tokens_per_target_forward'))} | {f(r.get('acceptance_rate'))} | {f(r.get('cost_ratio'), '.3f')} "
-            f"| {f(r.get('predicted_speedup'))} | {f(r.get('weight_bytes_per_s') and r['weight_bytes_per_s'] / 1e9, '.1f')} "
+            f"| {f(r.get('predicted_speedup'))} | {budget} | {f(r.get('weight_bytes_per_s') and r['weight_bytes_per_s'] / 1e9, '.1f')} "
             f"| {f(r.get('bandwidth_fraction') and 100 * r['bandwidth_fraction'], '.0f', '%')} "
             f"| {f(r.get('ceiling_tokens_per_s'), '.0f')} | {check} |")
     return "\n".join(lines)
