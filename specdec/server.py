@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -163,8 +163,9 @@ class EngineLoop:
         self._wake.set()
         return request_id
 
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+    def abort(self, request_id: str, reason: str = "abort") -> None:
+        """Drop a request at the next step boundary; ``reason`` labels it in the finished-requests metric."""
+        self._inbox.put(("abort", request_id, reason))
         self._wake.set()
 
     def _drain(self) -> None:
@@ -178,15 +179,16 @@ class EngineLoop:
                 try:
                     self.engine.add_request(prompt_ids, params, request_id)
                 except ValueError as err:  # validated before submission; a late refusal still reaches the client
-                    sink(err)
+                    sink(ApiError(400, str(err)))
                     continue
                 self._sinks[request_id] = sink
                 if self.metrics is not None:
                     self.metrics.prompt.inc(len(prompt_ids))
-            else:
-                if self.engine.abort(item[1]) and self.metrics is not None:
-                    self.metrics.finished.labels(finish_reason="abort").inc()
-                self._sinks.pop(item[1], None)
+            else:  # ("abort", request_id, reason): "stop" when a stop string ended it, else "abort"
+                _, request_id, reason = item
+                if self.engine.abort(request_id) and self.metrics is not None:
+                    self.metrics.finished.labels(finish_reason=reason).inc()
+                self._sinks.pop(request_id, None)
 
     def run(self) -> None:
         while not self._stopping:
@@ -200,9 +202,9 @@ class EngineLoop:
             try:
                 outputs = self.engine.step()
             except Exception as err:  # noqa: BLE001 - a failed step fails its requests, not the server
-                for request_id, sink in list(self._sinks.items()):
+                for request_id, sink in list(self._sinks.items()):  # (the server's fault, not the requests')
                     self.engine.abort(request_id)
-                    sink(err)
+                    sink(ApiError(500, f"generation failed: {err}", None, "server_error"))
                 self._sinks.clear()
                 continue
             if self.metrics is not None:
@@ -219,7 +221,7 @@ class EngineLoop:
         self._drain()
         for request_id, sink in list(self._sinks.items()):
             self.engine.abort(request_id)
-            sink(RuntimeError("server shutting down"))
+            sink(ApiError(503, "server shutting down", None, "unavailable"))
         self._sinks.clear()
 
 
@@ -341,11 +343,11 @@ def _params(body: _Common, prompt_len: int, max_model_len: int, config: ServerCo
         raise ApiError(400, f"top_p must lie in (0, 1], got top_p={top_p}", "top_p")
     if top_k < 0:
         raise ApiError(400, f"top_k must be >= 0, got top_k={top_k}", "top_k")
-    if body.seed is not None and body.seed < 0:
-        raise ApiError(400, f"seed must be >= 0, got seed={body.seed}", "seed")
-    try:
+    if body.seed is not None and not -2**63 <= body.seed < 2**63:
+        raise ApiError(400, f"seed must be a 64-bit signed integer, got seed={body.seed}", "seed")
+    try:  # (a negative seed is as good as any: torch seeds are unsigned 64-bit, so it wraps)
         return RequestParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                             seed=body.seed)
+                             seed=None if body.seed is None else body.seed % 2**64)
     except ValueError as err:
         raise ApiError(400, str(err)) from None
 
@@ -440,7 +442,7 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig, worker: EngineLo
 
     def _check_model(name: str) -> None:
         if name != config.model_name:
-            raise ApiError(400, f"model: unknown model {name!r}; this server serves {config.model_name!r}",
+            raise ApiError(404, f"model: unknown model {name!r}; this server serves {config.model_name!r}",
                            "model", "model_not_found")
 
     def _admit() -> None:
@@ -451,7 +453,7 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig, worker: EngineLo
             raise ApiError(429, f"too many requests: {engine.max_num_seqs} running and {config.max_queued} queued "
                                 f"is the limit; retry later", None, "rate_limit_exceeded")
 
-    async def _run(body: _Common, prompt_ids: list[int], chat: bool):
+    async def _run(body: _Common, prompt_ids: list[int], chat: bool, request: Request):
         _check_model(body.model)
         if not prompt_ids:
             raise ApiError(400, "messages: the prompt is empty" if chat else "prompt: the prompt is empty",
@@ -498,16 +500,15 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig, worker: EngineLo
             try:
                 while True:
                     item = await outputs.get()
-                    if isinstance(item, Exception):
+                    if isinstance(item, ApiError):  # refused late, a failed step, or shutdown
                         progress["finished"] = True
-                        raise ApiError(400 if isinstance(item, ValueError) else 500, str(item), None,
-                                       "server_error")
+                        raise item
                     out: RequestOutput = item
                     _observe_latency(out)
                     delta = text.push(out.new_token_ids)
                     if text.stopped:  # a stop string: the engine may still be generating; drop it now
                         if not out.finished:
-                            engine_loop.abort(request_id)
+                            engine_loop.abort(request_id, reason="stop")
                         progress["finished"] = True
                         yield delta, "stop"
                         return
@@ -538,11 +539,30 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig, worker: EngineLo
 
         if not body.stream:
             pieces, reason = [], None
-            try:
+
+            async def collect():
+                nonlocal reason
                 async for delta, reason in events():
                     pieces.append(delta)
+
+            async def client_gone():  # the body is read: the next ASGI message is the client leaving
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+
+            # (a plain handler is not cancelled when its client goes: without the watch, an abandoned request
+            # would run to max_tokens, holding its slot and its blocks)
+            work, watch = asyncio.ensure_future(collect()), asyncio.ensure_future(client_gone())
+            try:
+                await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
             finally:
-                release()
+                watch.cancel()
+                abandoned = not work.done()
+                if abandoned:  # the client is gone (or the handler cancelled): abort the request now
+                    work.cancel()
+                    release()
+            if abandoned:
+                return Response(status_code=499)  # (nobody reads it: nginx's "client closed request")
+            work.result()  # an ApiError from the engine loop reaches the client here
             content = "".join(pieces)
             choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": reason}
                       if chat else {"index": 0, "text": content, "logprobs": None, "finish_reason": reason})
@@ -587,7 +607,7 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig, worker: EngineLo
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
@@ -600,10 +620,10 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig, worker: EngineLo
             vocab = engine.target.vocab_size
             if any(not 0 <= t < vocab for t in ids):
                 raise ApiError(400, f"prompt: token ids must lie in 0..{vocab - 1}", "prompt")
-        return await _run(body, ids, chat=False)
+        return await _run(body, ids, chat=False, request=request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):
+    async def chat_completions(body: ChatRequest, request: Request):
         if not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, f"messages: model {config.model_name!r} has no chat template; use /v1/completions",
                            "messages")
@@ -611,7 +631,7 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig, worker: EngineLo
             raise ApiError(400, "messages: at least one message is needed", "messages")
         messages = [{"role": m.role, "content": _chat_text(m.content)} for m in body.messages]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-        return await _run(body, list(ids["input_ids"]), chat=True)
+        return await _run(body, list(ids["input_ids"]), chat=True, request=request)
 
     @app.get("/v1/models")
     async def models():

@@ -59,10 +59,12 @@ class Server(InProcessServer):
     def client(self, **kw):
         return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, **kw)
 
-    def metric(self, name: str, labels: str = "") -> float:
+    def metric(self, name: str, labels: str = "", default: float | None = None) -> float:
         for line in httpx.get(self.url + "/metrics").text.splitlines():
             if not line.startswith("#") and line.rsplit(" ", 1)[0] == name + labels:
                 return float(line.rsplit(" ", 1)[1])
+        if default is not None:  # (a labelled counter appears once it is first counted)
+            return default
         raise KeyError(name + labels)
 
 
@@ -149,12 +151,19 @@ def test_stop_strings_cut_the_text_and_nothing_after_them_leaks(server):
     stop = full_text[start:start + 3]
     cut = full_text.index(stop)
     used = next(n for n in range(1, len(full) + 1) if stop in text_of(full[:n]))
+    finished = {reason: server.metric("specdec_requests_finished_total", f'{{finish_reason="{reason}"}}', default=0)
+                for reason in ("stop", "abort")}
     out = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0, stop=[stop, "@@@"])
     assert out.choices[0].text == full_text[:cut] and out.choices[0].finish_reason == "stop"
     assert out.usage.completion_tokens == used
     chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0, stop=stop,
                                             stream=True))
     assert "".join(c.choices[0].text for c in chunks) == full_text[:cut]
+    # the engine was still generating when the stop string came: ended early, it counts as a stop, not an abort
+    time.sleep(0.3)
+    for reason, more in (("stop", 2), ("abort", 0)):
+        assert server.metric("specdec_requests_finished_total", f'{{finish_reason="{reason}"}}',
+                             default=0) == finished[reason] + more, reason
 
 
 def test_text_stream_holds_back_partial_stops_and_incomplete_characters():
@@ -228,8 +237,8 @@ def test_metrics_are_prometheus_text(server):
     assert server.metric("specdec_kv_blocks_free") == 400 - server.metric("specdec_kv_blocks_used")
 
 
-def _post(url, body, **kw):
-    return httpx.post(url, content=body if isinstance(body, (bytes, str)) else json.dumps(body), timeout=30,
+def _post(url, body, timeout=30, **kw):
+    return httpx.post(url, content=body if isinstance(body, (bytes, str)) else json.dumps(body), timeout=timeout,
                       headers={"content-type": "application/json"}, **kw)
 
 
@@ -240,7 +249,7 @@ BAD_REQUESTS = [
     ({**GOOD, "top_p": 0}, 400, "top_p"),
     ({**GOOD, "top_p": 1.5}, 400, "top_p"),
     ({**GOOD, "top_k": -1}, 400, "top_k"),
-    ({**GOOD, "model": "gpt-4"}, 400, "model"),
+    ({**GOOD, "model": "gpt-4"}, 404, "model"),  # as OpenAI answers an unknown model
     ({**GOOD, "prompt": ""}, 400, "prompt"),
     ({**GOOD, "prompt": [1, 500]}, 400, "prompt"),
     ({**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
@@ -249,7 +258,7 @@ BAD_REQUESTS = [
     ({**GOOD, "max_tokens": 600}, 400, "max_tokens"),  # the tiny models' context is 512
     ({**GOOD, "max_tokens": "many"}, 400, "max_tokens"),
     ({**GOOD, "n": 2}, 400, "n"),
-    ({**GOOD, "seed": -3}, 400, "seed"),
+    ({**GOOD, "seed": 2**63}, 400, "seed"),  # OpenAI's seeds are signed 64-bit (negative ones are fine)
     ({**GOOD, "logprobs": 5}, 400, "logprobs"),
     ({**GOOD, "presence_penalty": 0.5}, 400, "presence_penalty"),
     ({"model": "tiny"}, 400, "prompt"),
@@ -330,6 +339,49 @@ def test_client_disconnect_aborts_the_request_and_frees_its_blocks():
         assert s.metric("specdec_requests_finished_total", '{finish_reason="abort"}') == 1
 
 
+def _slow_steps(engine, seconds: float):
+    """Each engine step takes at least ``seconds``: a request of a few hundred tokens then lasts long enough
+    for its client to leave in the middle."""
+    step = engine.step
+
+    def slow():
+        time.sleep(seconds)
+        return step()
+
+    engine.step = slow
+
+
+def test_a_non_streaming_client_that_leaves_has_its_request_aborted():
+    engine = Engine(tiny_model("llama"), None, max_num_seqs=2, kv_blocks=200, block_size=4, eos_token_id=[])
+    _slow_steps(engine, 0.02)  # 400 tokens: 8 s or more
+    with Server(engine) as s:
+        body = {"model": "tiny", "prompt": "goodbye", "max_tokens": 400, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            _post(s.url + "/v1/completions", body, timeout=0.5)
+        deadline = time.time() + 3
+        while engine.has_unfinished() or engine.pool.num_used:
+            assert time.time() < deadline, "the abandoned request still runs"
+            time.sleep(0.02)
+        assert s.metric("specdec_requests_finished_total", '{finish_reason="abort"}') == 1
+
+
+def test_a_failed_engine_step_is_a_server_error():
+    engine = Engine(tiny_model("llama"), None, max_num_seqs=2, kv_blocks=64, block_size=4)
+    step = engine.step
+
+    def broken():
+        engine.step = step  # one failure, then the engine works again
+        raise ValueError("an internal fault")
+
+    engine.step = broken
+    with Server(engine) as s:
+        response = _post(s.url + "/v1/completions", GOOD)
+        assert response.status_code == 500, response.text
+        assert "an internal fault" in response.json()["error"]["message"]
+        assert _post(s.url + "/v1/completions", GOOD).status_code == 200  # and the server serves on
+        assert engine.pool.num_used == 0
+
+
 def greedy_no_eos(ids, max_new):
     out = specdec.generate(tiny_model("llama"), torch.tensor([ids]), max_new_tokens=max_new, eos_token_id=[])
     return out[0, len(ids):].tolist()
@@ -337,9 +389,10 @@ def greedy_no_eos(ids, max_new):
 
 def test_sampling_parameters_reach_the_engine(server):
     """temperature, top_p, seed and the top_k extension are accepted (their effect is tested on the engine)."""
-    out = server.client().completions.create(model="tiny", prompt="abc", max_tokens=16, temperature=0.9, top_p=0.8,
-                                             seed=5, extra_body={"top_k": 20})
-    assert 1 <= out.usage.completion_tokens <= 16 and out.choices[0].finish_reason in ("stop", "length")
+    for seed in (5, -2**63):  # torch's seeds are unsigned: a negative one wraps around
+        out = server.client().completions.create(model="tiny", prompt="abc", max_tokens=16, temperature=0.9,
+                                                 top_p=0.8, seed=seed, extra_body={"top_k": 20})
+        assert 1 <= out.usage.completion_tokens <= 16 and out.choices[0].finish_reason in ("stop", "length")
 
 
 def test_sigterm_stops_accepting_finishes_running_requests_and_exits_0(tmp_path):
