@@ -50,8 +50,9 @@ class RequestParams:
         m = self.max_new_tokens
         if not isinstance(m, int) or isinstance(m, bool) or m < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got max_new_tokens={m!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
-            raise ValueError(f"seed must be an integer >= 0 or None, got seed={self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not 0 <= self.seed < 2**64):  # torch's seeds: unsigned 64-bit
+            raise ValueError(f"seed must be an integer in 0..2**64 - 1 or None, got seed={self.seed!r}")
         # SamplingConfig validates temperature, top_k and top_p and names the offending one
         SamplingConfig(True, self.temperature, self.top_k, self.top_p)
 
@@ -168,7 +169,7 @@ class Engine:
     max_num_seqs      sequences running at once
     kv_blocks         blocks in the target's pool (and the draft's); default max_num_seqs * 32
     block_size        positions per block
-    max_model_len     prompt + max_new_tokens limit; default the target's max_position_embeddings
+    max_model_len     prompt + max_new_tokens limit (an integer >= 1); default the target's max_position_embeddings
 
     ``add_request`` queues a request, ``step`` runs one step and returns what each scheduled request emitted,
     ``abort`` drops a request and frees its blocks. Not thread-safe: drive it from one thread.
@@ -185,7 +186,10 @@ class Engine:
         if num_draft_tokens != "auto" and (not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool)
                                            or num_draft_tokens < 1):
             raise ValueError(f"num_draft_tokens must be an integer >= 1 or 'auto', got {num_draft_tokens=!r}")
-        for name, value in (("max_num_seqs", max_num_seqs), ("block_size", block_size)):
+        sizes = {"max_num_seqs": max_num_seqs, "block_size": block_size}
+        if max_model_len is not None:  # (None: the target's own context)
+            sizes["max_model_len"] = max_model_len
+        for name, value in sizes.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}")
         if kv_blocks is None:

@@ -211,6 +211,9 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
     """Generate like transformers' ``model.generate()``; with ``draft_model``, speculatively and losslessly.
 
     input_ids       [batch, prompt_len] LongTensor; left padding allowed with attention_mask [batch, prompt_len]
+    generator       torch.Generator for sampling. With a fixed k, the same seed gives the same tokens. With
+                    num_draft_tokens="auto" it does not: k follows measured timings, and each k draws its own
+                    random numbers, so seeded runs agree in distribution only (pass an integer k to reproduce)
     draft_model     None (plain) | causal LM (native or transformers) | "ngram" | a draft head (``DraftHead``,
                     e.g. ``specdec.load("smollm2-135m-instruct-head")``) | a Proposer. A draft model must be on
                     the target's device (ValueError otherwise) but may have another dtype: a bfloat16 draft
@@ -250,7 +253,7 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
     state = DecodeState(
         tokens=tokens, num_tokens=prompt_lengths.clone(), prompt_lengths=prompt_lengths,
         active=torch.ones(batch, dtype=torch.bool, device=device), sampling=sampling, generator=generator,
-        vocab_size=target.vocab_size, max_len=capacity + length.k + 1,
+        vocab_size=target.vocab_size, max_len=capacity + min(length.k, max_new_tokens) + 1,
         eos=torch.tensor(eos, dtype=torch.long, device=device), max_new_tokens=max_new_tokens,
     )
     if streamer is not None:

@@ -223,10 +223,13 @@ BAD = [
     (lambda e: RequestParams(top_k=-2), "top_k"),
     (lambda e: RequestParams(max_new_tokens=0), "max_new_tokens"),
     (lambda e: RequestParams(seed=-1), "seed"),
+    (lambda e: RequestParams(seed=2**64), "seed"),  # beyond torch's unsigned 64-bit seeds
     (lambda e: Engine(tiny_model("llama"), num_draft_tokens=0), "num_draft_tokens"),
     (lambda e: Engine(tiny_model("llama"), max_num_seqs=0), "max_num_seqs"),
     (lambda e: Engine(tiny_model("llama"), kv_blocks=0), "kv_blocks"),
     (lambda e: Engine(tiny_model("llama"), block_size=0), "block_size"),
+    (lambda e: Engine(tiny_model("llama"), max_model_len=-5), "max_model_len"),
+    (lambda e: Engine(tiny_model("llama"), max_model_len=2.5), "max_model_len"),
     (lambda e: Engine(tiny_model("gpt2")), "native model"),
 ]
 

@@ -112,6 +112,15 @@ def test_bad_input_names_the_argument_and_leaves_the_model_usable(kwargs, argume
     assert torch.equal(hf.generate(prompt, max_new_tokens=4, do_sample=False), before)  # the caller's model too
 
 
+def test_a_k_beyond_the_generation_sizes_the_caches_by_what_can_be_drafted():
+    """k = 10^8 with 3 new tokens: at most 2 drafts fit, so the caches hold the prompt + 3 (+ 1), not 10^8 slots
+    (which would be ~100 GB for this tiny model)."""
+    hf = tiny_model("llama")
+    ids = torch.tensor([[3, 4, 5]])
+    out = specdec.generate(hf, ids, draft_model=hf, num_draft_tokens=10**8, max_new_tokens=3)
+    assert torch.equal(out, specdec.generate(hf, ids, max_new_tokens=3))
+
+
 def test_not_a_model_is_refused():
     with pytest.raises(ValueError, match="model"):
         specdec.generate(object(), torch.tensor([[1]]), max_new_tokens=1)
