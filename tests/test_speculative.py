@@ -108,9 +108,15 @@ def test_auto_k_stays_exact_and_picks_plain_for_a_useless_draft():
     assert out.stats.steps_by_k.get(0, 0) > 0  # speculation did not pay: plain steps were chosen
 
 
-def test_auto_k_drafts_long_with_a_perfect_free_draft():
-    """An oracle that proposes plain decoding's own tokens at no cost: auto must pick large k."""
-    target = tiny_model("llama")
+def test_auto_k_drafts_long_with_a_perfect_free_draft(monkeypatch):
+    """An oracle that proposes plain decoding's own tokens at no cost: auto must pick large k. The clock is
+    the test's own (a target pass costs 1 + 0.01 per token, drafting nothing), so a busy machine cannot make
+    a verification pass look dear and the decision is the controller's alone."""
+    from types import SimpleNamespace
+
+    from specdec import speculative
+
+    target = as_native(tiny_model("llama"))
     ids = torch.tensor([[3, 4, 5]])
     plain = specdec.generate(target, ids, max_new_tokens=60, eos_token_id=[])
 
@@ -119,6 +125,15 @@ def test_auto_k_drafts_long_with_a_perfect_free_draft():
             start = int(state.num_tokens[0])
             return plain[:, start:start + k], None
 
+    clock = [0.0]
+    forward = target.forward
+
+    def timed_forward(input_ids, *args, **kwargs):
+        clock[0] += 1.0 + 0.01 * input_ids.shape[1]
+        return forward(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(target, "forward", timed_forward)
+    monkeypatch.setattr(speculative, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     out = specdec.generate(target, ids, max_new_tokens=60, eos_token_id=[], draft_model=Oracle(),
                            num_draft_tokens="auto", return_dict_in_generate=True)
     assert torch.equal(out.sequences, plain)
