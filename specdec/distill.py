@@ -87,6 +87,11 @@ class DistillConfig:
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError(f"hidden_size={self.hidden_size} must divide by num_heads={self.num_heads}, "
                              f"which must divide by num_kv_heads={self.num_kv_heads}")
+        if (self.hidden_size // self.num_heads) % 2:  # RoPE turns pairs of features
+            raise ValueError(f"hidden_size / num_heads must be even, got hidden_size={self.hidden_size} and "
+                             f"num_heads={self.num_heads} (head size {self.hidden_size // self.num_heads})")
+        if self.head and self.max_new_tokens < 2:  # it learns the token after next: one answer token teaches nothing
+            raise ValueError(f"a head run needs max_new_tokens >= 2, got max_new_tokens={self.max_new_tokens}")
         if self.self_prompts < 0:
             raise ValueError(f"self_prompts must be >= 0, got self_prompts={self.self_prompts}")
         if not 0.0 <= self.sample_fraction <= 1.0:
@@ -652,7 +657,18 @@ def distill(target, out, config: DistillConfig = DistillConfig(), resume: bool =
     if out.exists() and not resume:
         raise ValueError(f"out={str(out)!r} exists; pass resume=True (--resume) to continue the run in it, "
                          f"or choose a new folder")
+    if out.exists() and not (out / "distill.json").is_file():  # resume continues a run; it overwrites nothing else
+        raise ValueError(f"out={str(out)!r} is not a distill run's folder (no distill.json): nothing to resume; "
+                         f"choose a new folder")
     model, tokenizer = _load_target(target)
+    from specdec.models.llama import ARCHITECTURES  # (models imports specdec: at call time)
+
+    if model.config.model_type not in ARCHITECTURES:
+        raise ValueError(f"target={str(target)!r} is a {model.config.model_type!r} model; distill trains drafts "
+                         f"for the native architectures ({', '.join(ARCHITECTURES)})")
+    if config.teacher_top_k > model.config.vocab_size:
+        raise ValueError(f"teacher_top_k={config.teacher_top_k} exceeds the target's vocabulary of "
+                         f"{model.config.vocab_size}")
     if config.head:
         from specdec.models.loading import from_transformers
 

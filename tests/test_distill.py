@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -160,9 +161,27 @@ def test_bad_input_is_refused_and_nothing_overwritten(target_folder, tmp_path):
             distill(str(tmp_path / "missing"), tmp_path / "new", head, progress=False, device="cuda")
     assert not (tmp_path / "new").exists()
     for bad in (dict(num_layers=0), dict(hidden_size=30, num_heads=4), dict(sample_fraction=1.5), dict(lr=-1.0),
-                dict(kept_vocab=0), dict(unroll=0), dict(self_prompts=-1), dict(max_prompt_tokens=0)):
+                dict(kept_vocab=0), dict(unroll=0), dict(self_prompts=-1), dict(max_prompt_tokens=0),
+                dict(hidden_size=12, num_heads=4, num_kv_heads=2), dict(head=True, max_new_tokens=1)):
         with pytest.raises(ValueError):
             DistillConfig(**bad)
+
+    # --resume continues a run; a folder that holds none (or a file) is refused, not overwritten
+    for not_a_run in (out, tmp_path / "file.txt"):
+        if not not_a_run.exists():
+            not_a_run.write_text("mine")
+        with pytest.raises(ValueError, match="not a distill run"):
+            distill(str(target_folder), not_a_run, SMALL, resume=True, progress=False)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (tmp_path / "file.txt").read_text() == "mine"
+    # settings that only the target can refute: refused once it is loaded, before anything is written
+    with pytest.raises(ValueError, match="teacher_top_k=1000000 exceeds"):
+        distill(str(target_folder), tmp_path / "new", dataclasses.replace(SMALL, teacher_top_k=10**6), progress=False)
+    gpt2 = tmp_path / "gpt2"
+    tiny_model("gpt2").save_pretrained(gpt2)
+    AutoTokenizer.from_pretrained(target_folder).save_pretrained(gpt2)
+    with pytest.raises(ValueError, match="'gpt2' model; distill trains drafts for the native architectures"):
+        distill(str(gpt2), tmp_path / "new", SMALL, progress=False)
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.fixture(scope="module")
