@@ -84,12 +84,25 @@ class BenchConfig:
             raise ValueError(f"synthetic_rates={list(self.synthetic_rates)}: each must lie in [0, 1]")
         if self.dtype not in ("float32", "bfloat16", "float64"):
             raise ValueError(f"dtype must be float32, bfloat16 or float64, got dtype={self.dtype!r}")
-        needs_draft = {"hf-assisted", "draft", "auto"} & set(self.methods)
+        needs_draft = DRAFT_METHODS & set(self.methods)
         if needs_draft and self.draft is None:
             raise ValueError(f"methods {sorted(needs_draft)} need a draft; got draft=None")
-        needs_head = {"head", "head-auto"} & set(self.methods)
+        needs_head = HEAD_METHODS & set(self.methods)
         if needs_head and self.head is None:
             raise ValueError(f"methods {sorted(needs_head)} need a draft head; got head=None")
+
+    @property
+    def draft_in_use(self) -> str | None:
+        """The draft, if some method runs it (a run of plain and n-gram lookup reads none)."""
+        return self.draft if DRAFT_METHODS & set(self.methods) else None
+
+    @property
+    def head_in_use(self) -> str | None:
+        return self.head if HEAD_METHODS & set(self.methods) else None
+
+
+DRAFT_METHODS = frozenset({"hf-assisted", "draft", "auto"})  # the methods that run ``draft``
+HEAD_METHODS = frozenset({"head", "head-auto"})  # and ``head``
 
 
 #: finishes in under 5 minutes on a 2-core CPU with SmolLM2-135M (measured: see bench/RESULTS.md)
@@ -547,17 +560,27 @@ def load_prompts(categories, per_category: int) -> dict[str, list[str]]:
 
 
 def check_outputs(json_path: Path | None, plot_dir: Path | None) -> None:
-    """Refuse unwritable output paths before any model is loaded."""
-    import os
+    """Refuse unwritable output paths before any model is loaded, by writing there (permission bits say
+    little: root passes every check, and a folder like /proc refuses new files whatever they say). An
+    existing JSON file is opened for appending, not truncated; a probe file is removed again."""
+    import tempfile
 
     if json_path is not None:
-        parent = json_path.resolve().parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK) or json_path.is_dir():
-            raise ValueError(f"--json {str(json_path)!r}: cannot write there")
+        existed = json_path.exists()
+        try:
+            with open(json_path, "a"):
+                pass
+        except OSError as err:
+            raise ValueError(f"--json {str(json_path)!r}: cannot write there ({err.strerror})") from None
+        if not existed:
+            json_path.unlink()
     if plot_dir is not None:
-        existing = next((p for p in [plot_dir.resolve(), *plot_dir.resolve().parents] if p.exists()), None)
-        if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
-            raise ValueError(f"--plot {str(plot_dir)!r}: cannot create or write that folder")
+        try:
+            plot_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=plot_dir):
+                pass
+        except OSError as err:
+            raise ValueError(f"--plot {str(plot_dir)!r}: cannot create or write that folder ({err.strerror})") from None
 
 
 def check_draft_vocab(model: str, draft: str | None, head: str | None = None) -> None:
@@ -575,7 +598,10 @@ def check_draft_vocab(model: str, draft: str | None, head: str | None = None) ->
     target = AutoConfig.from_pretrained(checkpoint_folder(model, "--model"))
     if draft is not None:
         config = AutoConfig.from_pretrained(checkpoint_folder(draft, "--draft"))
-        check_vocab(*(SimpleNamespace(vocab_size=c.vocab_size, config=c) for c in (config, target)))
+        try:
+            check_vocab(*(SimpleNamespace(vocab_size=c.vocab_size, config=c) for c in (config, target)))
+        except ValueError as err:
+            raise ValueError(f"--draft {draft!r}: {err}") from None
     if head is not None:
         config = AutoConfig.from_pretrained(checkpoint_folder(head, "--head"))
         if getattr(config, "target_hidden_size", None) != target.hidden_size:
@@ -593,9 +619,9 @@ def load_models(config: BenchConfig):
     target = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     draft = head = None
-    if config.draft is not None:
+    if config.draft_in_use is not None:
         draft = AutoModelForCausalLM.from_pretrained(checkpoint_folder(config.draft), dtype=dtype).eval()
-    if config.head is not None and {"head", "head-auto"} & set(config.methods):
+    if config.head_in_use is not None:
         head = load_draft(config.head, dtype)
     return target, draft, head, tokenizer
 
@@ -603,8 +629,7 @@ def load_models(config: BenchConfig):
 def main(config: BenchConfig, json_path: Path | None = None, plot_dir: Path | None = None,
          progress: bool = True) -> dict:
     check_outputs(json_path, plot_dir)
-    uses_head = bool({"head", "head-auto"} & set(config.methods))
-    check_draft_vocab(config.model, config.draft, config.head if uses_head else None)
+    check_draft_vocab(config.model, config.draft_in_use, config.head_in_use)
     target, draft, head, tokenizer = load_models(config)
     prompts = load_prompts(config.categories, config.prompts_per_category)
     from specdec.bench.common import chat_ids

@@ -226,7 +226,7 @@ def load_draft(name_or_path, target_dtype=None, device=None):
     folder = checkpoint_folder(name_or_path, "draft")
     if is_head_folder(folder):
         return DraftHead.load(folder, device=device)
-    return load(folder, dtype=target_dtype, device=device)[0]
+    return load_checkpoint(folder, dtype=target_dtype, device=device)  # (a draft needs no tokenizer of its own)
 
 
 def checkpoint_folder(name_or_path, argument: str = "name_or_path") -> Path:

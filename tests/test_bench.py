@@ -79,6 +79,8 @@ def test_bad_config(kwargs, word):
 @pytest.mark.parametrize("args, word", [
     (["--methods", "plain", "spec-magic"], "spec-magic"), (["--ks", "0"], "ks"), (["--ks", "17"], "ks"),
     (["--json", "/proc/no/such/dir/out.json"], "--json"), (["--draft", "/no/such/model"], "no such"),
+    (["--json", "/proc/out.json"], "--json"),  # a folder that exists and refuses new files (root or not)
+    (["--plot", "/proc/plots"], "--plot"),
 ])
 def test_cli_refuses_bad_input_before_loading(args, word, capsys, monkeypatch):
     from specdec.bench import harness
@@ -99,7 +101,32 @@ def test_cli_refuses_draft_with_other_vocabulary(tmp_path, capsys, monkeypatch):
     cfg.vocab_size = 200
     cfg.save_pretrained(tmp_path / "draft")
     assert cli(["bench", "--model", str(tmp_path / "target"), "--draft", str(tmp_path / "draft")]) == 2
-    assert "vocabulary" in capsys.readouterr().err
+    assert "--draft" in (err := capsys.readouterr().err) and "vocabulary" in err
+    # a run that uses no draft neither checks nor loads one: it gets as far as loading the target
+    class Loading(Exception):
+        pass
+
+    def load_models(config):
+        assert config.draft_in_use is None
+        raise Loading
+
+    monkeypatch.setattr(harness, "load_models", load_models)
+    with pytest.raises(Loading):
+        cli(["bench", "--model", str(tmp_path / "target"), "--draft", str(tmp_path / "draft"),
+             "--methods", "plain", "ngram"])
+
+
+def test_output_paths_are_probed_and_an_existing_json_is_not_truncated(tmp_path):
+    from specdec.bench.harness import check_outputs
+
+    kept = tmp_path / "old.json"
+    kept.write_text('{"mine": 1}')
+    check_outputs(kept, tmp_path / "new" / "plots")
+    assert kept.read_text() == '{"mine": 1}' and (tmp_path / "new" / "plots").is_dir()
+    check_outputs(tmp_path / "fresh.json", None)
+    assert not (tmp_path / "fresh.json").exists()  # the probe leaves nothing behind
+    with pytest.raises(ValueError, match="--json"):
+        check_outputs(tmp_path, None)  # a folder
 
 
 def _prompts():

@@ -42,6 +42,10 @@ def test_checkpoint_folder_roundtrip(tmp_path, arch):
     # as a draft, a model takes its target's dtype (a draft head keeps its own: test_head.py)
     assert load_draft(tmp_path, torch.bfloat16).dtype == torch.bfloat16
     assert load_draft("ngram", torch.float32) == "ngram"  # prompt lookup has no weights to load
+    bare = tmp_path / "bare"  # a draft shares its target's tokenizer: it needs none of its own
+    hf.save_pretrained(bare)
+    assert torch.equal(specdec.generate(model, ids, max_new_tokens=10, draft_model=load_draft(bare, torch.float32)),
+                       specdec.generate(model, ids, max_new_tokens=10))
 
 
 def test_fallback_architecture_loads_from_a_folder(tmp_path):
