@@ -194,7 +194,12 @@ def _convert_gguf(path: Path, out: Path) -> None:
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     hf.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, out)  # atomic: a half-written cache is never taken for a whole one
+    try:
+        os.replace(tmp, out)  # atomic: a half-written cache is never taken for a whole one
+    except OSError:
+        if not (out / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process converted the same file first: use its copy
 
 
 def load(name_or_path, dtype=None, device=None):
