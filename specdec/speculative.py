@@ -5,6 +5,7 @@ Plain decoding is the speculative step with k = 0: one loop, one mechanism.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, replace
@@ -38,6 +39,7 @@ def speculative_step(target, cache, proposer, state: DecodeState, num_drafts, ve
     """
     k, requested = torch.stack((num_drafts.max(), num_drafts.sum())).tolist()  # one host sync
     state.stats.requested += requested
+    draft_unseen = state.stats.draft_passes == 0  # (a draft with weights has not run on these rows yet)
     tick = time.perf_counter()
     if k > 0:
         drafting = replace(state, active=state.active & (num_drafts > 0))
@@ -60,7 +62,11 @@ def speculative_step(target, cache, proposer, state: DecodeState, num_drafts, ve
     # Keep the pending token and the accepted drafts; the recovered/bonus token becomes the new pending one.
     cache.rollback(torch.where(state.active, state.num_tokens + num_accepted, cache.lengths))
     synchronize(state.tokens.device)
-    if state.stats.target_passes > 0:  # the first pass is the prefill: keep it out of the timings
+    # Prefills are kept out of the timings: the target's first pass, and the draft's first one, which reads the
+    # whole prompt (a draft head's comes in the second step: the head drafts from features the first one makes).
+    # Timed, a head's prefill over a 40-token prompt read as c = 0.34-0.40 instead of ~0.07 and kept "auto"
+    # from drafting at all on some prompts.
+    if state.stats.target_passes > 0 and not (draft_unseen and state.stats.draft_passes > 0):
         state.stats.record_pass(k, target_seconds=time.perf_counter() - tock, draft_seconds=tock - tick)
     return emitted, num_accepted, num_drafts
 
@@ -124,11 +130,12 @@ class DraftLength:
     call's mean: the first drafting pass after plain ones includes the draft's catch-up over every token it
     skipped, and a window of such passes alone (all a run of reprobes leaves) would read c several times
     too high and never let drafting back.
-    Schedule: two probing steps (the first is the prefill, untimed) with k = PROBE / batch rounded up, so
-    that each probe yields about PROBE acceptance samples whatever the batch (at batch 16 a k = 4 probe
-    costs ~3.5 plain steps, a k = 1 probe ~1.5, and both say as much about alpha); PLAIN_SAMPLES plain steps
-    (the unit); then the argmax, k = 0 included, with one plain step after every REFRESH drafting steps (~1%
-    of a generation's time at 2 tokens per forward): a cheaper unit counts from the next refresh on, a
+    Schedule: two probing steps, the first untimed (a prefill: the target's, or a head's, which follows the
+    target's plain first step) with k = PROBE / batch rounded up, so that each probe yields about PROBE
+    acceptance samples whatever the batch (at batch 16 a k = 4 probe costs ~3.5 plain steps, a k = 1 probe
+    ~1.5, and both say as much about alpha); PLAIN_SAMPLES plain steps (the unit); then the argmax, k = 0
+    included — but k = 0 only where Wilson's upper bound on alpha says so too — with one plain step after
+    every REFRESH drafting steps (~1% of a generation's time at 2 tokens per forward): a cheaper unit counts from the next refresh on, a
     dearer one (more rows, a busier machine) once it fills the window, and until then the unit reads low,
     which makes drafting look dearer, not cheaper: the cautious direction.
     After `reprobe` plain steps in a row one step with k = 1, since a plain step measures nothing and the
@@ -180,7 +187,8 @@ class DraftLength:
         # accepted / proposed would count the drafts after a rejection as failures too and underrate alpha
         # the more, the longer the probes (a = 0.26 probed at k = 4 reads as 0.09). Jeffreys prior (half a
         # pseudo-draft each way): two rejections already say "alpha is small".
-        alpha = (stats.accepted + 0.5) / (sum(stats.reached_at) + 1)
+        reached = sum(stats.reached_at)
+        alpha = (stats.accepted + 0.5) / (reached + 1)
         # the share of asked-for drafts the proposer had to offer: 1 for a draft model, the match rate for
         # n-gram lookup (a row without a match gains nothing, yet the pass still grows with the rows that do)
         fill = min(1.0, (stats.proposed + 1) / (stats.requested + 1)) if stats.requested else 1.0
@@ -193,8 +201,18 @@ class DraftLength:
             near = min(measured, key=lambda m: abs(m - k))
             return 1.0 + (min(self.passes[near]) / plain - 1.0) * k / near
 
-        k = max(range(self.k + 1),
-                key=lambda k: (1 + fill * (expected_tokens(alpha, k) - 1)) / (k * draft + verify_cost(k)))
+        def best_k(alpha: float) -> int:
+            return max(range(self.k + 1),
+                       key=lambda k: (1 + fill * (expected_tokens(alpha, k) - 1)) / (k * draft + verify_cost(k)))
+
+        k = best_k(alpha)
+        if k == 0:
+            # Stop drafting only when an optimistic alpha (Wilson's upper bound, one standard deviation) agrees:
+            # a few rejections are weak evidence, and the first drafts of an answer are its hardest (three
+            # rejected k = 4 probes once sent a draft that keeps 0.56 of its tokens to plain decoding for a
+            # whole 128-token answer). A useless draft pays ~6 more k = 1 steps for it (alpha 0 is certain
+            # after ~9 rejections), well under 1% of such an answer.
+            k = best_k(_wilson_upper(stats.accepted, reached))
         if self.reprobing:  # the reprobe's verdict: back to plain waits twice as long next time
             self.reprobe = min(self.reprobe * 2, self.MAX_REPROBE) if k == 0 else self.REPROBE
             self.reprobing = False
@@ -203,6 +221,15 @@ class DraftLength:
             self.plain_steps, self.reprobing, k = 0, True, 1
         self.drafting_steps = self.drafting_steps + 1 if k > 0 else 0
         return k
+
+
+def _wilson_upper(successes: int, trials: int, z: float = 1.0) -> float:
+    """Wilson's score interval's upper end for a proportion (z standard deviations): sound at a few trials,
+    where the normal interval around successes / trials collapses to a point at 0 or 1."""
+    if trials == 0:
+        return 1.0
+    p, z2 = successes / trials, z * z
+    return (p + z2 / (2 * trials) + z * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials))) / (1 + z2 / trials)
 
 
 def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_draft_tokens=4, max_new_tokens=None,

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import ARCHS, FALLBACK_ARCHS, perturbed_copy, tiny_model
+from conftest import ARCHS, FALLBACK_ARCHS, perturbed_copy, tiny_head, tiny_model
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -174,8 +174,12 @@ def test_auto_k_probes_then_measures_plain_steps_first():
     for _ in range(DraftLength.PLAIN_SAMPLES):  # no plain step timed: take some, they are the unit of every cost
         assert length.next(stats) == 0
         stats.record_pass(0, target_seconds=1.0, draft_seconds=0.0)
-    stats.accepted, stats.proposed, stats.reached_at = 0, 8, [8]
-    # eight rejections: alpha = 0.5 / 9, E(k=1) = 1.06 against a cost of 0.05 (draft) + 1.05 (verification)
+    # five rejections are not yet enough to stop drafting: their alpha, 0.5 / 6, says plain (1.083 tokens for
+    # 0.05 draft + 1.05 verification: 0.98 of plain), but Wilson's upper bound, 1 / 6, says k = 1 (1.06)
+    stats.accepted, stats.proposed, stats.reached_at = 0, 5, [5]
+    assert length.next(stats) == 1
+    # twelve: the upper bound is 0.077 (1.077 / 1.10 < 1), and even an optimist takes plain steps
+    stats.accepted, stats.proposed, stats.reached_at = 0, 12, [12]
     assert length.next(stats) == 0
 
 
@@ -221,6 +225,28 @@ def test_auto_k_retimes_the_plain_step_while_drafting():
     # against the old unit (1.0) k = 1 would pay 1.19x (1.3 tokens for a verification read as 1.05 steps and
     # 0.04 of a draft step); against the refreshed one (0.5) every pass costs twice the plain steps: plain
     assert length.next(stats) == 0
+
+
+def test_prefills_are_not_timed_the_target_s_nor_the_draft_s():
+    """The controller's costs come from timed passes; a prefill is not a decode step. The target's is the first
+    pass; a draft model prefills in that same pass, a draft head (which needs the target's features) in the
+    second: both are left out, n-gram lookup (no weights) leaves out only the target's."""
+    target = tiny_model("llama")
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    for draft, untimed in ((target, 1), (tiny_head(target, seed=1), 2), ("ngram", 1)):
+        stats = specdec.generate(target, ids, max_new_tokens=12, draft_model=draft, num_draft_tokens=2,
+                                 eos_token_id=[], return_dict_in_generate=True).stats
+        assert stats.timed_target_passes == stats.target_passes - untimed, draft
+
+
+def test_wilson_upper_bound():
+    from specdec.speculative import _wilson_upper
+
+    assert _wilson_upper(0, 0) == 1.0
+    assert _wilson_upper(0, 3) == pytest.approx(0.25)  # (1/6 + sqrt(1/36)) / (4/3)
+    assert _wilson_upper(0, 12) == pytest.approx(1 / 13)  # z = 1, p = 0: 1 / (n + 1)
+    assert 0.6 < _wilson_upper(600, 1000) < 0.62  # 0.6 + one standard deviation (0.0155)
+    assert _wilson_upper(5, 5) == pytest.approx(1.0)
 
 
 def test_auto_k_reads_alpha_per_reached_draft():
