@@ -49,6 +49,22 @@ class ServerConfig:
                 raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
 
 
+class _Stream(StreamingResponse):
+    """A streaming response that calls ``on_close`` however it ends: its generator's own ``finally`` does not
+    run if the response fails before the first item is asked for (the client gone before the headers went
+    out), and then the request would run on to max_tokens, uncounted."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
         super().__init__(message)
@@ -603,8 +619,8 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig, worker: EngineLo
                 yield f"data: {json.dumps(payload)}\n\n"
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _Stream(sse(), release, media_type="text/event-stream",
+                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

@@ -365,6 +365,48 @@ def test_a_non_streaming_client_that_leaves_has_its_request_aborted():
         assert s.metric("specdec_requests_finished_total", '{finish_reason="abort"}') == 1
 
 
+def test_a_stream_whose_client_is_gone_before_its_first_byte_is_aborted():
+    """The response fails as it sends its headers (the connection was reset): the event generator never
+    starts, so its own cleanup never runs; the response's does, and the request is aborted."""
+    from specdec.server import EngineLoop, Metrics
+
+    engine = Engine(tiny_model("llama"), None, max_num_seqs=2, kv_blocks=200, block_size=4, eos_token_id=[])
+    _slow_steps(engine, 0.02)  # 400 tokens: 8 s or more
+    worker = EngineLoop(engine, Metrics())
+    worker.start()
+    try:
+        app = create_app(engine, TOKENIZER, ServerConfig(model_name="tiny"), worker=worker)
+        body = json.dumps({"model": "tiny", "prompt": "goodbye", "max_tokens": 400, "temperature": 0,
+                           "stream": True}).encode()
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+                 "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        messages = iter([{"type": "http.request", "body": body, "more_body": False}])
+
+        async def receive():
+            message = next(messages, None)
+            if message is None:
+                await asyncio.sleep(3600)  # (the client never says it left: the send fails instead)
+            return message
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                raise ConnectionResetError("the client is gone")
+
+        async def call():
+            with pytest.raises(Exception):  # noqa: B017 - the reset, as it reaches the ASGI server
+                await app(scope, receive, send)
+
+        asyncio.run(call())
+        deadline = time.time() + 3
+        while engine.has_unfinished() or engine.pool.num_used:
+            assert time.time() < deadline, "the request whose response failed still runs"
+            time.sleep(0.02)
+    finally:
+        worker.stop()
+
+
 def test_a_failed_engine_step_is_a_server_error():
     engine = Engine(tiny_model("llama"), None, max_num_seqs=2, kv_blocks=64, block_size=4)
     step = engine.step
