@@ -208,14 +208,20 @@ def load(name_or_path, dtype=None, device=None):
     name_or_path: a registered name (``specdec.models.REGISTRY``), a checkpoint folder, or a .gguf file.
     A draft head's folder (``models/head.py``) gives a ``DraftHead``: pass it as ``draft_model``.
     """
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None) if dtype in ("float32", "bfloat16", "float64", "float16") else dtype
-    if dtype is not None and not isinstance(dtype, torch.dtype):
-        raise ValueError(f"dtype must be a torch dtype or one of float32/bfloat16/float16/float64, got dtype={dtype!r}")
+    dtype = _dtype(dtype)
     folder = checkpoint_folder(name_or_path)
     if is_head_folder(folder):
         return DraftHead.load(folder, dtype=dtype, device=device), AutoTokenizer.from_pretrained(folder)
     return load_checkpoint(folder, dtype=dtype, device=device), AutoTokenizer.from_pretrained(folder)
+
+
+def _dtype(dtype):
+    """None, a torch dtype, or its name ("float32", ...: what the CLI passes) -> None or the torch dtype."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None) if dtype in ("float32", "bfloat16", "float64", "float16") else dtype
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype must be a torch dtype or one of float32/bfloat16/float16/float64, got dtype={dtype!r}")
+    return dtype
 
 
 def load_draft(name_or_path, target_dtype=None, device=None):
@@ -231,7 +237,7 @@ def load_draft(name_or_path, target_dtype=None, device=None):
     folder = checkpoint_folder(name_or_path, "draft")
     if is_head_folder(folder):
         return DraftHead.load(folder, device=device)
-    return load_checkpoint(folder, dtype=target_dtype, device=device)  # (a draft needs no tokenizer of its own)
+    return load_checkpoint(folder, dtype=_dtype(target_dtype), device=device)  # (no tokenizer of its own needed)
 
 
 def checkpoint_folder(name_or_path, argument: str = "name_or_path") -> Path:

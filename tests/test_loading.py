@@ -44,8 +44,8 @@ def test_checkpoint_folder_roundtrip(tmp_path, arch):
     assert load_draft("ngram", torch.float32) == "ngram"  # prompt lookup has no weights to load
     bare = tmp_path / "bare"  # a draft shares its target's tokenizer: it needs none of its own
     hf.save_pretrained(bare)
-    assert torch.equal(specdec.generate(model, ids, max_new_tokens=10, draft_model=load_draft(bare, torch.float32)),
-                       specdec.generate(model, ids, max_new_tokens=10))
+    assert torch.equal(specdec.generate(model, ids, max_new_tokens=10, draft_model=load_draft(bare, "float32")),
+                       specdec.generate(model, ids, max_new_tokens=10))  # (the CLI names its dtype)
 
 
 def test_fallback_architecture_loads_from_a_folder(tmp_path):
