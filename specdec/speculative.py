@@ -135,9 +135,9 @@ class DraftLength:
     acceptance samples whatever the batch (at batch 16 a k = 4 probe costs ~3.5 plain steps, a k = 1 probe
     ~1.5, and both say as much about alpha); PLAIN_SAMPLES plain steps (the unit); then the argmax, k = 0
     included — but k = 0 only where Wilson's upper bound on alpha says so too — with one plain step after
-    every REFRESH drafting steps (~1% of a generation's time at 2 tokens per forward): a cheaper unit counts from the next refresh on, a
-    dearer one (more rows, a busier machine) once it fills the window, and until then the unit reads low,
-    which makes drafting look dearer, not cheaper: the cautious direction.
+    every REFRESH drafting steps (~1% of a generation's time at 2 tokens per forward): a cheaper unit counts
+    from the next refresh on, a dearer one (more rows, a busier machine) once it fills the window, and until
+    then the unit reads low, which makes drafting look dearer, not cheaper: the cautious direction.
     After `reprobe` plain steps in a row one step with k = 1, since a plain step measures nothing and the
     text may change; each reprobe that leads back to plain doubles
     the wait (16, 32, 64, ... up to MAX_REPROBE), so a draft that does not pay costs less and less of a long
@@ -186,7 +186,8 @@ class DraftLength:
         # alpha is E's per-token rate: accepted drafts over drafts *reached* (all predecessors accepted).
         # accepted / proposed would count the drafts after a rejection as failures too and underrate alpha
         # the more, the longer the probes (a = 0.26 probed at k = 4 reads as 0.09). Jeffreys prior (half a
-        # pseudo-draft each way): two rejections already say "alpha is small".
+        # pseudo-draft each way): two rejections already say "alpha is small" (enough to pick a smaller k;
+        # stopping altogether takes more evidence, below).
         reached = sum(stats.reached_at)
         alpha = (stats.accepted + 0.5) / (reached + 1)
         # the share of asked-for drafts the proposer had to offer: 1 for a draft model, the match rate for
