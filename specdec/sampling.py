@@ -97,9 +97,10 @@ def top_p_filter(scores: torch.Tensor, top_p: float, first: int = 256) -> torch.
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """probs [..., vocab] -> token ids [...]"""
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    """probs [..., vocab] -> token ids [...], by the exponential race the verifier runs too: the id with the
+    largest probs / Exp(1) wins with probability probs. 2.4-2.6x cheaper than torch.multinomial over a head's
+    8192 kept ids (110 against 286 us a row on a 2-core CPU), which pays torch's exponential_."""
+    return (probs / exponentials(probs.shape, generator, probs.dtype, probs.device)).argmax(dim=-1)
 
 
 def verify(drafts, draft_probs, target_logits, num_drafts, sampling: SamplingConfig, generator=None):
@@ -127,11 +128,15 @@ def random_numbers(shape, vocab: int, generator, dtype, device):
     exactly 0: 0/0 is NaN; never +inf: a race no token can win). shape = (batch, k). The engine draws each
     request's numbers with this too, so a seeded request draws the same numbers alone or in a batch."""
     uniforms = torch.rand(shape, generator=generator, device=device, dtype=dtype)
-    # Exp(1) by inversion, -log(u), from float64 uniforms: on the CPU 2-3x cheaper than torch's exponential_,
-    # which every sampled row pays at every step. float32 uniforms would not do: they lie on a 2^-24 grid, so
-    # the race's winner (the smallest variates, ~1 / vocab) ties with 0.14% of 49152-id rows (the lower id
-    # wins), and u = 0 (0.3% of rows) makes a variate 0, which wins outright, or +inf, which can leave no
-    # token to win. float64: a 2^-53 grid, and u >= tiny keeps every variate finite and > 0.
-    u = torch.rand(shape[0], vocab, generator=generator, device=device, dtype=torch.float64)
-    exponentials = u.clamp_(min=torch.finfo(torch.float64).tiny).log_().neg_().to(dtype)
-    return uniforms, exponentials
+    return uniforms, exponentials((shape[0], vocab), generator, dtype, device)
+
+
+def exponentials(shape, generator, dtype, device) -> torch.Tensor:
+    """Exp(1) variates [shape] for an exponential race, by inversion, -log(u), from float64 uniforms: on the
+    CPU 2-3x cheaper than torch's exponential_, which every sampled row would pay at every step. float32
+    uniforms would not do: they lie on a 2^-24 grid, so the race's winner (the smallest variates, ~1 / vocab)
+    ties with 0.14% of 49152-id rows (the lower id wins), and u = 0 (0.3% of rows) makes a variate 0, which
+    wins outright, or +inf, which can leave no token to win. float64: a 2^-53 grid, and u >= tiny keeps every
+    variate finite and > 0."""
+    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+    return u.clamp_(min=torch.finfo(torch.float64).tiny).log_().neg_().to(dtype)

@@ -232,6 +232,31 @@ def test_the_residual_test_catches_a_race_on_variates_that_are_not_exponential(m
     assert (counts - counts.sum() * p).abs().max() > 6 * (counts.sum() * p * (1 - p)).sqrt().max()
 
 
+def _sample_counts(n=200_000):
+    from specdec.sampling import sample
+
+    p = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
+    ids = sample(p.expand(n, 5), torch.Generator().manual_seed(0))
+    return torch.bincount(ids, minlength=5).double(), p.double()
+
+
+def test_sample_draws_each_id_with_its_probability():
+    """A draft's tokens come from sample(), the race argmax probs / e with e ~ Exp(1): 200000 draws of one
+    row. Bound: 6 standard deviations of each count (a false alarm ~2e-9 per cell)."""
+    counts, p = _sample_counts()
+    assert (counts - counts.sum() * p).abs().max() <= 6 * (counts.sum() * p * (1 - p)).sqrt().max()
+    assert counts[4] == 0
+
+
+def test_the_sample_test_catches_a_race_on_uniform_variates(monkeypatch):
+    import specdec.sampling as sampling
+
+    real = sampling.exponentials
+    monkeypatch.setattr(sampling, "exponentials", lambda *a: 1 - torch.exp(-real(*a)))  # Exp(1) -> U(0, 1)
+    counts, p = _sample_counts()
+    assert (counts - counts.sum() * p).abs().max() > 6 * (counts.sum() * p * (1 - p)).sqrt().max()
+
+
 def test_exponential_variates_are_finite_and_positive_even_where_float32_uniforms_hit_0():
     """A variate of 0 wins the race outright whatever its token's residual, and +inf can leave no token to
     win. Over 1000 rows of 49152 ids (49 M draws) float32 uniforms hit u = 0 (their 2^-24 grid); the variates
