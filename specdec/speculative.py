@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, replace
 
@@ -120,20 +121,23 @@ class DraftLength:
 
     with alpha this call's acceptance rate, f the share of asked-for drafts the proposer offered (n-gram
     lookup finds no match for some rows), c a draft step and v(k) a verification pass of k + 1 tokens, both
-    in units of a plain target step and both measured in this call. v(k) is Leviathan et al.'s "1" made
-    honest: on a CPU a 9-row pass costs 1.4-1.9 plain steps (bench/RESULTS.md), and a draft that pays at
-    v = 1 can lose at the real v. Unmeasured k take v linear in k through the nearest measured one.
+    in units of a plain target step and both measured by this controller (the engine keeps one per
+    batch-size class, generate() one per target, draft, batch size and mode, across calls). v(k) is
+    Leviathan et al.'s "1" made honest: on a CPU a 9-row pass costs 1.4-1.9 plain steps (bench/RESULTS.md),
+    and a draft that pays at v = 1 can lose at the real v. Unmeasured k take v linear in k through the
+    nearest measured one.
     The target's costs are the least of the last WINDOW timed passes of each k: another process on the
     machine (a server's own clients, on a 2-core box) only ever adds time, and one plain step timed in such a
     burst once read 62 ms against 45-49 ms in quiet, made every verification look 1.3x cheaper than it was,
     and kept 16 rows drafting at 0.66x plain (bench/RESULTS.md, session 10). A draft step's cost stays the
-    call's mean: the first drafting pass after plain ones includes the draft's catch-up over every token it
-    skipped, and a window of such passes alone (all a run of reprobes leaves) would read c several times
-    too high and never let drafting back.
-    Schedule: two probing steps, the first untimed (a prefill: the target's, or a head's, which follows the
-    target's plain first step) with k = PROBE / batch rounded up, so that each probe yields about PROBE
-    acceptance samples whatever the batch (at batch 16 a k = 4 probe costs ~3.5 plain steps, a k = 1 probe
-    ~1.5, and both say as much about alpha); PLAIN_SAMPLES plain steps (the unit); then the argmax, k = 0
+    controller's mean: the first drafting pass after plain ones includes the draft's catch-up over every
+    token it skipped, and a window of such passes alone (all a run of reprobes leaves) would read c several
+    times too high and never let drafting back.
+    Schedule (of a controller's first generation; later ones start at the argmax): two probing steps, the
+    first untimed (a prefill: the target's, or a head's, which follows the target's plain first step) with
+    k = PROBE / batch rounded up, so that each probe yields about PROBE acceptance samples whatever the batch
+    (at batch 16 a k = 4 probe costs ~3.5 plain steps, a k = 1 probe ~1.5, and both say as much about
+    alpha); PLAIN_SAMPLES plain steps (the unit); then the argmax, k = 0
     included — but k = 0 only where Wilson's upper bound on alpha says so too — with one plain step after
     every REFRESH drafting steps (~1% of a generation's time at 2 tokens per forward): a cheaper unit counts
     from the next refresh on, a dearer one (more rows, a busier machine) once it fills the window, and until
@@ -161,23 +165,34 @@ class DraftLength:
         self.reprobing = False  # the last step was a reprobe
         self.passes: dict[int, deque] = {}  # k -> seconds of the last WINDOW timed passes verifying k drafts
         self.drafting_steps = 0  # drafting steps since the last plain one
-        self._seen: dict[int, tuple[int, float]] = {}  # what stats held at the last call: k -> (passes, seconds)
+        self.draft_seconds, self.draft_steps = 0.0, 0  # every timed draft step this controller has seen
+        self.begin()
+
+    def begin(self) -> None:
+        """A new generation with stats of its own: its acceptance is its own, and so is the reprobe schedule
+        (another text), while the timings carry over (generate() keeps "auto"'s controller across calls)."""
+        self._seen: dict = {}  # what the stats held at the last step: k -> (passes, seconds); "draft" likewise
+        self.plain_steps, self.reprobe, self.reprobing = 0, self.REPROBE, False
 
     def _observe(self, stats: SpecStats) -> None:
-        """Take the target passes ``stats`` timed since the last call into the windows (a controller's stats
-        only grow: the engine keeps one per controller, generate() one per call)."""
+        """Take what ``stats`` timed since the last step into the windows (stats only grow: the engine keeps
+        one per controller, generate() one per call)."""
         for k, n in stats.passes_by_k.items():
             seen, seconds = self._seen.get(k, (0, 0.0))
             if n > seen:
                 each = (stats.pass_seconds_by_k[k] - seconds) / (n - seen)
                 self.passes.setdefault(k, deque(maxlen=self.WINDOW)).extend([each] * (n - seen))
                 self._seen[k] = (n, stats.pass_seconds_by_k[k])
+        seen, seconds = self._seen.get("draft", (0, 0.0))
+        self.draft_steps += stats.timed_draft_passes - seen
+        self.draft_seconds += stats.draft_seconds - seconds
+        self._seen["draft"] = (stats.timed_draft_passes, stats.draft_seconds)
 
     def next(self, stats: SpecStats) -> int:
         if not self.auto:
             return self.k
         self._observe(stats)
-        if not stats.timed_draft_passes:
+        if not self.draft_steps:
             return self.probe
         if len(self.passes.get(0, ())) < self.PLAIN_SAMPLES or self.drafting_steps >= self.REFRESH:
             self.drafting_steps = 0
@@ -193,7 +208,7 @@ class DraftLength:
         # the share of asked-for drafts the proposer had to offer: 1 for a draft model, the match rate for
         # n-gram lookup (a row without a match gains nothing, yet the pass still grows with the rows that do)
         fill = min(1.0, (stats.proposed + 1) / (stats.requested + 1)) if stats.requested else 1.0
-        draft = stats.draft_seconds / stats.timed_draft_passes / plain
+        draft = self.draft_seconds / self.draft_steps / plain
         measured = sorted(k for k in self.passes if k > 0)
 
         def verify_cost(k: int) -> float:
@@ -224,13 +239,42 @@ class DraftLength:
         return k
 
 
+#: "auto"'s controllers, kept across generate() calls: target -> {id(draft): (draft or a weak reference to it,
+#: {(batch size, greedy): DraftLength})}. Weak: a controller goes with its target or its draft.
+_CONTROLLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _draft_length(target, draft_model, num_draft_tokens, batch_size: int, greedy: bool) -> DraftLength:
+    """A fixed k's DraftLength, or "auto"'s controller for this target, draft, batch size and mode, kept
+    across calls as the engine keeps its own: the timings carry over (the unit, each k's verification pass,
+    the draft step), so a call does not spend its first ~5 steps on probes and plain steps to re-time them
+    (~20% of a 64-token answer: 1.31x against 1.49x for the best fixed k in sampling, bench/RESULTS.md);
+    each call's acceptance is its own. Not for concurrent calls on one model (neither is the model)."""
+    if num_draft_tokens != "auto" or draft_model is None:
+        return DraftLength(num_draft_tokens, batch_size=batch_size)
+    try:
+        ref = draft_model if isinstance(draft_model, str) else weakref.ref(draft_model)
+        drafts = _CONTROLLERS.setdefault(target, {})
+    except TypeError:  # a proposer or target that takes no weak reference: a controller for this call only
+        return DraftLength(num_draft_tokens, batch_size=batch_size)
+    held = drafts.get(id(draft_model))
+    if held is None or not (held[0] == draft_model if isinstance(held[0], str) else held[0]() is draft_model):
+        held = drafts[id(draft_model)] = (ref, {})  # (new, or a dead draft's id reused)
+    length = held[1].get((batch_size, greedy))
+    if length is None:
+        length = held[1][(batch_size, greedy)] = DraftLength(num_draft_tokens, batch_size=batch_size)
+    length.begin()
+    return length
+
+
 def _wilson_upper(successes: int, trials: int, z: float = 1.0) -> float:
     """Wilson's score interval's upper end for a proportion (z standard deviations): sound at a few trials,
     where the normal interval around successes / trials collapses to a point at 0 or 1."""
     if trials == 0:
         return 1.0
     p, z2 = successes / trials, z * z
-    return (p + z2 / (2 * trials) + z * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials))) / (1 + z2 / trials)
+    spread = z * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials))
+    return (p + z2 / (2 * trials) + spread) / (1 + z2 / trials)
 
 
 def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_draft_tokens=4, max_new_tokens=None,
@@ -277,7 +321,7 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
     capacity = prompt_len + max_new_tokens
     tokens = torch.zeros(batch, capacity + 1, dtype=torch.long, device=device)
     tokens[:, :prompt_len] = input_ids.gather(1, order)
-    length = DraftLength(num_draft_tokens, batch_size=batch)
+    length = _draft_length(target, draft_model, num_draft_tokens, batch, sampling.greedy)
     state = DecodeState(
         tokens=tokens, num_tokens=prompt_lengths.clone(), prompt_lengths=prompt_lengths,
         active=torch.ones(batch, dtype=torch.bool, device=device), sampling=sampling, generator=generator,

@@ -108,10 +108,10 @@ def test_auto_k_stays_exact_and_picks_plain_for_a_useless_draft():
     assert out.stats.steps_by_k.get(0, 0) > 0  # speculation did not pay: plain steps were chosen
 
 
-def test_auto_k_drafts_long_with_a_perfect_free_draft(monkeypatch):
-    """An oracle that proposes plain decoding's own tokens at no cost: auto must pick large k. The clock is
-    the test's own (a target pass costs 1 + 0.01 per token, drafting nothing), so a busy machine cannot make
-    a verification pass look dear and the decision is the controller's alone."""
+def _oracle_on_its_own_clock(monkeypatch):
+    """A target, a prompt, plain decoding's output and a proposer class that proposes exactly that output at
+    no cost, on a clock of the test's own (a target pass costs 1 + 0.01 per token, drafting nothing), so that
+    a busy machine cannot make a verification pass look dear: what auto decides is the controller's alone."""
     from types import SimpleNamespace
 
     from specdec import speculative
@@ -134,10 +134,38 @@ def test_auto_k_drafts_long_with_a_perfect_free_draft(monkeypatch):
 
     monkeypatch.setattr(target, "forward", timed_forward)
     monkeypatch.setattr(speculative, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    return target, ids, plain, Oracle
+
+
+def test_auto_k_drafts_long_with_a_perfect_free_draft(monkeypatch):
+    """An oracle that proposes plain decoding's own tokens at no cost: auto must pick large k."""
+    target, ids, plain, Oracle = _oracle_on_its_own_clock(monkeypatch)
     out = specdec.generate(target, ids, max_new_tokens=60, eos_token_id=[], draft_model=Oracle(),
                            num_draft_tokens="auto", return_dict_in_generate=True)
     assert torch.equal(out.sequences, plain)
     assert max(out.stats.steps_by_k) == 8 and out.stats.tokens_per_target_forward > 5
+
+
+def test_auto_keeps_its_timings_across_calls(monkeypatch):
+    """generate()'s "auto" controller lives across calls, per target, draft, batch size and mode: the first
+    call probes and times plain steps, a second one starts at the argmax, with no plain step at all here.
+    Another draft, batch size or mode gets a controller of its own."""
+    from specdec.speculative import DraftLength, _draft_length
+
+    target, ids, plain, Oracle = _oracle_on_its_own_clock(monkeypatch)
+    oracle = Oracle()
+    runs = [specdec.generate(target, ids, max_new_tokens=60, eos_token_id=[], draft_model=oracle,
+                             num_draft_tokens="auto", return_dict_in_generate=True) for _ in range(2)]
+    assert all(torch.equal(run.sequences, plain) for run in runs)
+    first, second = (run.stats.steps_by_k for run in runs)
+    assert first[0] == DraftLength.PLAIN_SAMPLES and first[DraftLength.PROBE] == 2
+    assert 0 not in second and max(second) == 8
+    kept = _draft_length(target, oracle, "auto", 1, True)
+    assert _draft_length(target, oracle, "auto", 1, True) is kept
+    for other in ((target, Oracle(), "auto", 1, True), (target, oracle, "auto", 2, True),
+                  (target, oracle, "auto", 1, False)):
+        assert _draft_length(*other) is not kept
+    assert _draft_length(target, oracle, 3, 1, True).k == 3  # a fixed k keeps nothing
 
 
 @pytest.mark.parametrize("accepted,proposed,c,growth,want", [
