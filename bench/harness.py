@@ -169,18 +169,19 @@ def roofline(tokens_per_s: float, tokens_per_forward: float, batch: int, target_
             "ceiling_tokens_per_s": bandwidth * tokens_per_forward * batch / per_forward}
 
 
-def round_budget(tokens_per_forward: float, speedup: float, verify_seconds: float, draft_seconds: float,
+def round_budget(round_seconds: float, verify_seconds: float, draft_seconds: float,
                  plain_step_seconds: float) -> dict:
-    """Where a speculative round's time goes, in plain steps (the wall time of one plain decode step of the
-    same batch in the same run): ``round`` = ``verify`` (the target pass over k + 1 tokens) + ``draft``
-    (drafting its k tokens) + ``rest`` (verification, rollback, bookkeeping: what plain pays too, and more).
+    """Where a speculative round's time goes, in plain steps: each figure over the wall time of one plain step
+    of the same batch in the same run. ``round`` (the run's wall time over its target passes) = ``verify``
+    (the target pass over k + 1 tokens, acceptance and rollback) + ``draft`` (drafting k tokens, the draft's
+    own sampling included) + ``rest`` (commit, the k controller, the loop; and, as for the plain step, a
+    share of the prefill).
 
-    A round emits ``tokens_per_forward`` tokens per row where a plain step emits 1, so speedup =
-    tokens_per_forward / round, and speculation pays exactly when tokens per forward exceed the round's cost.
-    round is that identity solved (tokens_per_forward / speedup); verify_seconds and draft_seconds are per
-    round, from the run's own timers."""
-    cost = tokens_per_forward / speedup
-    verify, draft = verify_seconds / plain_step_seconds, draft_seconds / plain_step_seconds
+    A round emits tokens_per_forward tokens per row where a plain step emits 1, so speedup ~ tokens per
+    forward / round: speculation pays when a round brings more tokens than it costs plain steps. (Not to the
+    digit: tokens/s is a median over repeats and the budget sums every pass; rows that finish early at batch
+    > 1 bend it too.)"""
+    cost, verify, draft = (x / plain_step_seconds for x in (round_seconds, verify_seconds, draft_seconds))
     return {"round": cost, "verify": verify, "draft": draft, "rest": cost - verify - draft}
 
 
@@ -423,12 +424,13 @@ class Bench:
                                          ("vs_hf_assisted", "hf-assisted", row["batch"])):
                 ref = base(method, row["mode"], batch)
                 row[label] = row["tokens_per_s"] / ref if ref else None
+        plain_stats = {(run.mode, run.batch): stats[run] for run in tokens if run.method == "plain"}
         for row, run in zip(rows, tokens):
-            s, plain = stats[run], base("plain", row["mode"], row["batch"])
-            if run.method != "plain" and s.timed_target_passes and plain and row["vs_plain"]:
+            s, plain = stats[run], plain_stats.get((run.mode, run.batch))
+            if run.method != "plain" and s.timed_target_passes and plain is not None and plain.target_passes:
                 row["round_budget"] = round_budget(
-                    row["tokens_per_target_forward"], row["vs_plain"], s.target_seconds / s.timed_target_passes,
-                    s.draft_seconds / s.timed_target_passes, plain_step_seconds=row["batch"] / plain)
+                    s.wall_seconds / s.target_passes, s.target_seconds / s.timed_target_passes,
+                    s.draft_seconds / s.timed_target_passes, plain_step_seconds=plain.wall_seconds / plain.target_passes)
         synthetic = {}
         for mode_batch in {(r["mode"], r["batch"]) for r in rows if r["method"] == "synthetic"}:
             pts = [(r["rate"], r["vs_plain"]) for r in rows if r["method"] == "synthetic"

@@ -232,12 +232,13 @@ def load_draft(name_or_path, target_dtype=None, device=None):
     output keeps the target's distribution (a given seed may draw other tokens: the draft probabilities
     that the accept/reject draws compare against differ). ``"ngram"`` (prompt lookup, no weights) is
     returned as it is, for ``generate(draft_model=...)`` and the engine to take."""
+    target_dtype = _dtype(target_dtype)
     if name_or_path == "ngram":
         return name_or_path
     folder = checkpoint_folder(name_or_path, "draft")
     if is_head_folder(folder):
         return DraftHead.load(folder, device=device)
-    return load_checkpoint(folder, dtype=_dtype(target_dtype), device=device)  # (no tokenizer of its own needed)
+    return load_checkpoint(folder, dtype=target_dtype, device=device)  # (a draft needs no tokenizer of its own)
 
 
 def checkpoint_folder(name_or_path, argument: str = "name_or_path") -> Path:

@@ -144,7 +144,8 @@ class EngineLoop:
     """Owns the engine and drives it from one thread; everything else talks to it through ``submit``/``abort``.
 
     A request's outputs go to its ``sink`` (called on the engine thread) as RequestOutput objects, or an
-    Exception if the engine failed; the sink is dropped once the request finishes or is aborted.
+    ApiError (400 refused late, 500 a failed step, 503 shutdown); the sink is dropped once the request
+    finishes or is aborted.
 
     ``run()`` drives the engine in the calling thread until ``stop()``; ``start()`` runs it in a thread of
     its own. Prefer the thread that loaded the model (``specdec serve`` runs it on the main thread): torch's

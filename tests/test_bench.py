@@ -45,15 +45,12 @@ def test_median_and_break_even():
     assert break_even([0.2, 0.0], [1.1, 1.05]) == 0.0  # unsorted input; pays from the start
 
 
-def test_round_budget_splits_the_round_so_that_speedup_is_tokens_per_forward_over_it():
-    # plain steps take 20 ms; a round emits 2.4 tokens and runs 1.5x faster than plain: it costs 1.6 plain steps,
-    # of which the verification pass is 22 ms (1.1) and drafting 6 ms (0.3), leaving 0.2 for the rest
-    b = round_budget(2.4, 1.5, verify_seconds=0.022, draft_seconds=0.006, plain_step_seconds=0.020)
+def test_round_budget_splits_the_round_in_plain_steps():
+    # plain steps take 20 ms; a round takes 32 ms: 1.6 plain steps, of which the verification pass is 22 ms
+    # (1.1) and drafting 6 ms (0.3), leaving 0.2 for the rest
+    b = round_budget(0.032, verify_seconds=0.022, draft_seconds=0.006, plain_step_seconds=0.020)
     assert b["round"] == pytest.approx(1.6)
     assert (b["verify"], b["draft"], b["rest"]) == pytest.approx((1.1, 0.3, 0.2))
-    assert 2.4 / b["round"] == pytest.approx(1.5)
-    # a round that costs more than the tokens it brings is a slowdown, and the budget shows it
-    assert round_budget(1.2, 0.8, 0.03, 0.0, 0.02)["round"] == pytest.approx(1.5)
 
 
 def test_plan_runs_plain_first_and_skips_what_transformers_refuses():
@@ -155,7 +152,6 @@ def test_small_run_writes_json_and_plots(tmp_path):
     for r in runs:
         if r["method"] in ("draft", "head", "synthetic"):  # every specdec speculative run: its round, in parts
             b = r["round_budget"]
-            assert b["round"] == pytest.approx(r["tokens_per_target_forward"] / r["vs_plain"])
             assert b["verify"] > 0 and b["draft"] >= 0
             assert b["verify"] + b["draft"] + b["rest"] == pytest.approx(b["round"])
     # synthetic rate 1.0 with k=3: every draft accepted, so 4 tokens per forward except at the end of a row

@@ -42,6 +42,8 @@ def test_checkpoint_folder_roundtrip(tmp_path, arch):
     # as a draft, a model takes its target's dtype (a draft head keeps its own: test_head.py)
     assert load_draft(tmp_path, torch.bfloat16).dtype == torch.bfloat16
     assert load_draft("ngram", torch.float32) == "ngram"  # prompt lookup has no weights to load
+    with pytest.raises(ValueError, match="dtype"):
+        load_draft("ngram", "float33")  # refused whatever the draft
     bare = tmp_path / "bare"  # a draft shares its target's tokenizer: it needs none of its own
     hf.save_pretrained(bare)
     assert torch.equal(specdec.generate(model, ids, max_new_tokens=10, draft_model=load_draft(bare, "float32")),
