@@ -133,12 +133,11 @@ class DraftLength:
     controller's mean: the first drafting pass after plain ones includes the draft's catch-up over every
     token it skipped, and a window of such passes alone (all a run of reprobes leaves) would read c several
     times too high and never let drafting back.
-    Schedule (of a controller's first generation; later ones start at the argmax): two probing steps, the
-    first untimed (a prefill: the target's, or a head's, which follows the target's plain first step) with
-    k = PROBE / batch rounded up, so that each probe yields about PROBE acceptance samples whatever the batch
-    (at batch 16 a k = 4 probe costs ~3.5 plain steps, a k = 1 probe ~1.5, and both say as much about
-    alpha); PLAIN_SAMPLES plain steps (the unit); then the argmax, k = 0
-    included — but k = 0 only where Wilson's upper bound on alpha says so too — with one plain step after
+    Schedule: two probing steps, the first untimed (a prefill: the target's, or a head's, which follows the
+    target's plain first step) with k = PROBE / batch rounded up, so that each probe yields about PROBE
+    acceptance samples whatever the batch (at batch 16 a k = 4 probe costs ~3.5 plain steps, a k = 1 probe
+    ~1.5, and both say as much about alpha); PLAIN_SAMPLES plain steps (the unit; a later generation of the
+    same controller has it already); then the argmax, k = 0 included — but k = 0 only where Wilson's upper bound on alpha says so too — with one plain step after
     every REFRESH drafting steps (~1% of a generation's time at 2 tokens per forward): a cheaper unit counts
     from the next refresh on, a dearer one (more rows, a busier machine) once it fills the window, and until
     then the unit reads low, which makes drafting look dearer, not cheaper: the cautious direction.
@@ -192,8 +191,8 @@ class DraftLength:
         if not self.auto:
             return self.k
         self._observe(stats)
-        if not self.draft_steps:
-            return self.probe
+        if not stats.timed_draft_passes:  # (every call probes: starting at the argmax of a prior alpha instead
+            return self.probe             # drafted less and lost 4% in a 64-token sampled A/B)
         if len(self.passes.get(0, ())) < self.PLAIN_SAMPLES or self.drafting_steps >= self.REFRESH:
             self.drafting_steps = 0
             return 0  # time the unit
@@ -247,9 +246,9 @@ _CONTROLLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _draft_length(target, draft_model, num_draft_tokens, batch_size: int, greedy: bool) -> DraftLength:
     """A fixed k's DraftLength, or "auto"'s controller for this target, draft, batch size and mode, kept
     across calls as the engine keeps its own: the timings carry over (the unit, each k's verification pass,
-    the draft step), so a call does not spend its first ~5 steps on probes and plain steps to re-time them
-    (~20% of a 64-token answer: 1.31x against 1.49x for the best fixed k in sampling, bench/RESULTS.md);
-    each call's acceptance is its own. Not for concurrent calls on one model (neither is the model)."""
+    the draft step), so a call does not spend three plain steps re-timing the unit (+4% over 64 sampled
+    tokens, bench/RESULTS.md); each call's acceptance is its own, probes included. Not for concurrent calls
+    on one model (neither is the model)."""
     if num_draft_tokens != "auto" or draft_model is None:
         return DraftLength(num_draft_tokens, batch_size=batch_size)
     try:

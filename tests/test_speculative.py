@@ -148,8 +148,8 @@ def test_auto_k_drafts_long_with_a_perfect_free_draft(monkeypatch):
 
 def test_auto_keeps_its_timings_across_calls(monkeypatch):
     """generate()'s "auto" controller lives across calls, per target, draft, batch size and mode: the first
-    call probes and times plain steps, a second one starts at the argmax, with no plain step at all here.
-    Another draft, batch size or mode gets a controller of its own."""
+    call probes and times plain steps, a second one probes (acceptance is each call's own) but takes no plain
+    step here: the unit carried over. Another draft, batch size or mode gets a controller of its own."""
     from specdec.speculative import DraftLength, _draft_length
 
     target, ids, plain, Oracle = _oracle_on_its_own_clock(monkeypatch)
@@ -158,8 +158,9 @@ def test_auto_keeps_its_timings_across_calls(monkeypatch):
                              num_draft_tokens="auto", return_dict_in_generate=True) for _ in range(2)]
     assert all(torch.equal(run.sequences, plain) for run in runs)
     first, second = (run.stats.steps_by_k for run in runs)
-    assert first[0] == DraftLength.PLAIN_SAMPLES and first[DraftLength.PROBE] == 2
-    assert 0 not in second and max(second) == 8
+    assert first[0] == DraftLength.PLAIN_SAMPLES and DraftLength.PROBE in first
+    assert 0 not in second and DraftLength.PROBE in second and max(second) == 8  # (steps_by_k counts the k
+    # a step ran with, the last one cut to the tokens left, so the probes are not counted exactly here)
     kept = _draft_length(target, oracle, "auto", 1, True)
     assert _draft_length(target, oracle, "auto", 1, True) is kept
     for other in ((target, Oracle(), "auto", 1, True), (target, oracle, "auto", 2, True),
