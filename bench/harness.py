@@ -428,9 +428,9 @@ class Bench:
         for row, run in zip(rows, tokens):
             s, plain = stats[run], plain_stats.get((run.mode, run.batch))
             if run.method != "plain" and s.timed_target_passes and plain is not None and plain.target_passes:
-                row["round_budget"] = round_budget(
-                    s.wall_seconds / s.target_passes, s.target_seconds / s.timed_target_passes,
-                    s.draft_seconds / s.timed_target_passes, plain_step_seconds=plain.wall_seconds / plain.target_passes)
+                passes = s.timed_target_passes
+                row["round_budget"] = round_budget(s.wall_seconds / s.target_passes, s.target_seconds / passes,
+                                                   s.draft_seconds / passes, plain.wall_seconds / plain.target_passes)
         synthetic = {}
         for mode_batch in {(r["mode"], r["batch"]) for r in rows if r["method"] == "synthetic"}:
             pts = [(r["rate"], r["vs_plain"]) for r in rows if r["method"] == "synthetic"
@@ -469,7 +469,8 @@ def table(report: dict) -> str:
             f"| {r['method']} | {r['mode']} | {r['batch']} | {k} | {r['tokens_per_s']:.1f} | {f(r['vs_plain'], '.2f', 'x')} "
             f"| {f(r['vs_hf'], '.2f', 'x')} | {f(r['vs_hf_assisted'], '.2f', 'x')} "
             f"| {f(r.get('tokens_per_target_forward'))} | {f(r.get('acceptance_rate'))} | {f(r.get('cost_ratio'), '.3f')} "
-            f"| {f(r.get('predicted_speedup'))} | {budget} | {f(r.get('weight_bytes_per_s') and r['weight_bytes_per_s'] / 1e9, '.1f')} "
+            f"| {f(r.get('predicted_speedup'))} | {budget} "
+            f"| {f(r.get('weight_bytes_per_s') and r['weight_bytes_per_s'] / 1e9, '.1f')} "
             f"| {f(r.get('bandwidth_fraction') and 100 * r['bandwidth_fraction'], '.0f', '%')} "
             f"| {f(r.get('ceiling_tokens_per_s'), '.0f')} | {check} |")
     return "\n".join(lines)

@@ -137,14 +137,15 @@ class DraftLength:
     target's plain first step) with k = PROBE / batch rounded up, so that each probe yields about PROBE
     acceptance samples whatever the batch (at batch 16 a k = 4 probe costs ~3.5 plain steps, a k = 1 probe
     ~1.5, and both say as much about alpha); PLAIN_SAMPLES plain steps (the unit; a later generation of the
-    same controller has it already); then the argmax, k = 0 included — but k = 0 only where Wilson's upper bound on alpha says so too — with one plain step after
-    every REFRESH drafting steps (~1% of a generation's time at 2 tokens per forward): a cheaper unit counts
-    from the next refresh on, a dearer one (more rows, a busier machine) once it fills the window, and until
-    then the unit reads low, which makes drafting look dearer, not cheaper: the cautious direction.
+    same controller has it already); then the argmax, k = 0 included — but k = 0 only where Wilson's upper
+    bound on alpha says so too — with one plain step after every REFRESH drafting steps (~1% of a
+    generation's time at 2 tokens per forward): a cheaper unit counts from the next refresh on, a dearer one
+    (more rows, a busier machine) once it fills the window, and until then the unit reads low, which makes
+    drafting look dearer, not cheaper: the cautious direction.
     After `reprobe` plain steps in a row one step with k = 1, since a plain step measures nothing and the
-    text may change; each reprobe that leads back to plain doubles
-    the wait (16, 32, 64, ... up to MAX_REPROBE), so a draft that does not pay costs less and less of a long
-    generation while a text that turns repetitive is still noticed within 256 steps.
+    text may change; each reprobe that leads back to plain doubles the wait (16, 32, 64, ... up to
+    MAX_REPROBE), so a draft that does not pay costs less and less of a long generation while a text that
+    turns repetitive is still noticed within 256 steps.
     batch_size: the rows it decides for (the engine passes its batch-size class, a power of two).
     """
 
@@ -238,8 +239,8 @@ class DraftLength:
         return k
 
 
-#: "auto"'s controllers, kept across generate() calls: target -> {id(draft): (draft or a weak reference to it,
-#: {(batch size, greedy): DraftLength})}. Weak: a controller goes with its target or its draft.
+#: "auto"'s controllers, kept across generate() calls: target -> (drafts by name ("ngram"), drafts by object)
+#: -> {(batch size, greedy): DraftLength}. Weak keys: a controller goes with its target or its draft.
 _CONTROLLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -252,16 +253,13 @@ def _draft_length(target, draft_model, num_draft_tokens, batch_size: int, greedy
     if num_draft_tokens != "auto" or draft_model is None:
         return DraftLength(num_draft_tokens, batch_size=batch_size)
     try:
-        ref = draft_model if isinstance(draft_model, str) else weakref.ref(draft_model)
-        drafts = _CONTROLLERS.setdefault(target, {})
+        named, objects = _CONTROLLERS.setdefault(target, ({}, weakref.WeakKeyDictionary()))
+        per_draft = (named if isinstance(draft_model, str) else objects).setdefault(draft_model, {})
     except TypeError:  # a proposer or target that takes no weak reference: a controller for this call only
         return DraftLength(num_draft_tokens, batch_size=batch_size)
-    held = drafts.get(id(draft_model))
-    if held is None or not (held[0] == draft_model if isinstance(held[0], str) else held[0]() is draft_model):
-        held = drafts[id(draft_model)] = (ref, {})  # (new, or a dead draft's id reused)
-    length = held[1].get((batch_size, greedy))
+    length = per_draft.get((batch_size, greedy))
     if length is None:
-        length = held[1][(batch_size, greedy)] = DraftLength(num_draft_tokens, batch_size=batch_size)
+        length = per_draft[(batch_size, greedy)] = DraftLength(num_draft_tokens, batch_size=batch_size)
     length.begin()
     return length
 

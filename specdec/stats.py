@@ -85,10 +85,6 @@ class SpecStats:
             else:
                 setattr(self, name, mine + value)
 
-    def pass_seconds(self, k: int) -> float | None:
-        """Mean seconds of a timed target pass that verified k drafts (None if none was timed)."""
-        return self.pass_seconds_by_k[k] / self.passes_by_k[k] if self.passes_by_k.get(k) else None
-
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.proposed if self.proposed else 0.0

@@ -209,29 +209,6 @@ def _recovered_counts(rows: int = 200_000):
     return torch.bincount(emitted[:, 0], minlength=5).double(), p
 
 
-def test_the_recovered_token_follows_the_normalised_residual():
-    """The race argmax residual / e with e ~ Exp(1) (drawn by inversion, -log(u)) samples the normalised
-    residual. Bound: 6 standard deviations of each count (a false alarm ~2e-9 per cell)."""
-    counts, p = _recovered_counts()
-    assert (counts - counts.sum() * p).abs().max() <= 6 * (counts.sum() * p * (1 - p)).sqrt().max()
-    assert counts[4] == 0
-
-
-def test_the_residual_test_catches_a_race_on_variates_that_are_not_exponential(monkeypatch):
-    """Uniform variates in the race favour the likeliest token (0.5 -> 0.58 here): the bound above fails."""
-    import specdec.sampling as sampling
-
-    real = sampling.random_numbers
-
-    def uniform(shape, vocab, generator, dtype, device):
-        u, e = real(shape, vocab, generator, dtype, device)
-        return u, 1 - torch.exp(-e)  # e ~ Exp(1) -> U(0, 1)
-
-    monkeypatch.setattr(sampling, "random_numbers", uniform)
-    counts, p = _recovered_counts()
-    assert (counts - counts.sum() * p).abs().max() > 6 * (counts.sum() * p * (1 - p)).sqrt().max()
-
-
 def _sample_counts(n=200_000):
     from specdec.sampling import sample
 
@@ -240,21 +217,31 @@ def _sample_counts(n=200_000):
     return torch.bincount(ids, minlength=5).double(), p.double()
 
 
-def test_sample_draws_each_id_with_its_probability():
-    """A draft's tokens come from sample(), the race argmax probs / e with e ~ Exp(1): 200000 draws of one
-    row. Bound: 6 standard deviations of each count (a false alarm ~2e-9 per cell)."""
-    counts, p = _sample_counts()
-    assert (counts - counts.sum() * p).abs().max() <= 6 * (counts.sum() * p * (1 - p)).sqrt().max()
+def _beyond_six_sigma(counts, p) -> bool:
+    """Some count lies more than 6 standard deviations from its expectation (a false alarm ~2e-9 per cell)."""
+    return bool((counts - counts.sum() * p).abs().max() > 6 * (counts.sum() * p * (1 - p)).sqrt().max())
+
+
+#: both draws are the race argmax weights / e with e ~ Exp(1) (drawn by inversion, -log(u)): the recovered
+#: token's over the residual, a sampled draft's (``sample``, 200000 draws of one row) over its probabilities
+RACES = pytest.mark.parametrize("counts_of", [_recovered_counts, _sample_counts], ids=["recovered", "draft"])
+
+
+@RACES
+def test_the_race_samples_its_distribution(counts_of):
+    counts, p = counts_of()
+    assert not _beyond_six_sigma(counts, p)
     assert counts[4] == 0
 
 
-def test_the_sample_test_catches_a_race_on_uniform_variates(monkeypatch):
+@RACES
+def test_the_race_test_catches_variates_that_are_not_exponential(counts_of, monkeypatch):
+    """Uniform variates in the race favour the likeliest token (0.5 -> 0.58 for the residual): the bound fails."""
     import specdec.sampling as sampling
 
     real = sampling.exponentials
     monkeypatch.setattr(sampling, "exponentials", lambda *a: 1 - torch.exp(-real(*a)))  # Exp(1) -> U(0, 1)
-    counts, p = _sample_counts()
-    assert (counts - counts.sum() * p).abs().max() > 6 * (counts.sum() * p * (1 - p)).sqrt().max()
+    assert _beyond_six_sigma(*counts_of())
 
 
 def test_exponential_variates_are_finite_and_positive_even_where_float32_uniforms_hit_0():
