@@ -171,7 +171,8 @@ class DraftLength:
     def begin(self) -> None:
         """A new generation with stats of its own: its acceptance is its own, and so is the reprobe schedule
         (another text), while the timings carry over (generate() keeps "auto"'s controller across calls)."""
-        self._seen: dict = {}  # what the stats held at the last step: k -> (passes, seconds); "draft" likewise
+        self._seen: dict[int, tuple[int, float]] = {}  # what the stats held at the last step: k -> (passes, seconds)
+        self._seen_draft = (0, 0.0)  # and (timed draft steps, their seconds)
         self.plain_steps, self.reprobe, self.reprobing = 0, self.REPROBE, False
 
     def _observe(self, stats: SpecStats) -> None:
@@ -183,10 +184,10 @@ class DraftLength:
                 each = (stats.pass_seconds_by_k[k] - seconds) / (n - seen)
                 self.passes.setdefault(k, deque(maxlen=self.WINDOW)).extend([each] * (n - seen))
                 self._seen[k] = (n, stats.pass_seconds_by_k[k])
-        seen, seconds = self._seen.get("draft", (0, 0.0))
+        seen, seconds = self._seen_draft
         self.draft_steps += stats.timed_draft_passes - seen
         self.draft_seconds += stats.draft_seconds - seconds
-        self._seen["draft"] = (stats.timed_draft_passes, stats.draft_seconds)
+        self._seen_draft = (stats.timed_draft_passes, stats.draft_seconds)
 
     def next(self, stats: SpecStats) -> int:
         if not self.auto:
