@@ -205,7 +205,7 @@ def _convert_gguf(path: Path, out: Path) -> None:
 def load(name_or_path, dtype=None, device=None):
     """``model, tokenizer = specdec.load(name_or_path, dtype=None, device=None)``.
 
-    name_or_path: a registered name (``specdec.models.REGISTRY``), a checkpoint folder, or a .gguf file.
+    name_or_path: a registered name (``specdec.models.loading.REGISTRY``), a checkpoint folder, or a .gguf file.
     A draft head's folder (``models/head.py``) gives a ``DraftHead``: pass it as ``draft_model``.
     """
     dtype = _dtype(dtype)

@@ -6,7 +6,7 @@ from specdec.speculative import GenerateOutput, generate
 from specdec.proposers import DraftModelProposer, NGramProposer, Proposer
 from specdec.sampling import SamplingConfig
 from specdec.stats import SpecStats
-from specdec import kernels, models  # noqa: E402  (installed from the top-level folders kernels/, models/)
+from specdec import kernels, models  # noqa: E402  (the top-level folders kernels/, models/: namespace packages)
 from specdec.models.loading import load
 
 

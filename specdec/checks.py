@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.models import as_native
+from specdec.models.loading import as_native
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,8 @@ def arch(request):
 def tiny_head(target, kept=None, seed=0):
     """A random draft head (models/head.py) for a tiny target, in its dtype, proposing the ids ``kept``
     (default: all)."""
-    from specdec.models import DraftHead, as_native
+    from specdec.models.head import DraftHead
+    from specdec.models.loading import as_native
 
     native = as_native(target)
     torch.manual_seed(seed)

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from specdec import KVCache
-from specdec.models import as_native
+from specdec.models.loading import as_native
 
 BATCH, MAX_LEN = 2, 40
 

@@ -20,7 +20,7 @@ from transformers import (
 
 import specdec
 from specdec.distill import HEAD, DistillConfig, _batch, distill, distill_loss, make_chunks, make_draft, train
-from specdec.models import DraftHead
+from specdec.models.head import DraftHead
 from specdec.prompts import training_prompts
 
 SMALL = DistillConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,

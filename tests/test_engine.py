@@ -13,7 +13,7 @@ import specdec
 from specdec.cache import PagedKVCache
 from specdec.engine import Engine, RequestParams
 from specdec.kernels import cpu
-from specdec.models import as_native
+from specdec.models.loading import as_native
 
 VOCAB = 101
 

@@ -152,5 +152,5 @@ def test_conversion_follows_the_model_to_another_dtype():
     hf.to(torch.float64)
     with torch.no_grad():
         hf.lm_head.weight.mul_(-1)  # in place, after the move: the conversion must see it
-    assert specdec.models.as_native(hf).dtype == torch.float64
+    assert specdec.models.loading.as_native(hf).dtype == torch.float64
     assert torch.equal(specdec.generate(hf, ids, max_new_tokens=8), hf.generate(ids, max_new_tokens=8, do_sample=False))

@@ -10,7 +10,8 @@ from test_sampling import PROMPT, _empirical, _exact_distribution, _toy, _violat
 from test_speculative import batches
 
 import specdec
-from specdec.models import DraftHead, as_native
+from specdec.models.head import DraftHead
+from specdec.models.loading import as_native
 from specdec.models.loading import load_draft
 from specdec.proposers import HeadProposer
 from specdec.sampling import SamplingConfig

@@ -104,7 +104,7 @@ def test_native_model_through_the_kernels_equals_the_cpu_path(monkeypatch):
     plain = specdec.generate(target, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
     want = specdec.generate(target, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[], draft_model=draft,
                             num_draft_tokens=3, do_sample=True, generator=torch.Generator().manual_seed(0))
-    native = specdec.models.as_native(target)
+    native = specdec.models.loading.as_native(target)
     right = torch.tensor([[5, 6, 7, 0, 0], [3, 4, 5, 6, 7]])  # ragged, right-padded, as generate() feeds it
     positions = torch.tensor([[0, 1, 2, -1, -1], [0, 1, 2, 3, 4]])
     with torch.no_grad():
@@ -134,7 +134,7 @@ def test_training_keeps_the_references(monkeypatch):
     assert use_triton(x.detach()) and not use_triton(x)
     with torch.no_grad():
         assert use_triton(x)
-    target = specdec.models.as_native(tiny_model("llama", torch.float32)).to(DEVICE)
+    target = specdec.models.loading.as_native(tiny_model("llama", torch.float32)).to(DEVICE)
     head = DraftHead.for_target(target.config, torch.arange(32)).to(DEVICE, torch.float32)
     ids, positions = torch.tensor([[3, 4, 5]], device=DEVICE), torch.arange(3, device=DEVICE)[None]
     features = torch.randn(1, 3, target.config.hidden_size, device=DEVICE)

@@ -11,7 +11,7 @@ from conftest import tiny_model
 from specdec.cache import KVCache, KVPool, PagedKVCache
 from specdec.kernels import cpu, cpu_attention, cpu_layers
 from specdec.kernels.verify_attention import verify_attention_reference
-from specdec.models import as_native
+from specdec.models.loading import as_native
 from specdec.models.llama import _rotate
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="no AVX-512 CPU or no C compiler: no CPU kernels here")

@@ -5,7 +5,8 @@ import torch
 from conftest import tiny_model
 
 import specdec
-from specdec.models import LlamaModel, as_native
+from specdec.models.llama import LlamaModel
+from specdec.models.loading import as_native
 from specdec.models.loading import load_draft
 
 

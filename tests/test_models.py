@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import ARCHS, tiny_model
 
-from specdec.models import LlamaModel, as_native
+from specdec.models.llama import LlamaModel
+from specdec.models.loading import as_native
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 

@@ -188,7 +188,7 @@ def test_shipped_head_greedy_equals_plain_and_is_accepted(models):
     bench/prompts (bench/RESULTS.md); a random head's is ~1/8192."""
     from pathlib import Path
 
-    from specdec.models import DraftHead
+    from specdec.models.head import DraftHead
 
     model, tokenizer, _ = models
     head, head_tokenizer = specdec.load("smollm2-135m-instruct-head")

@@ -111,7 +111,7 @@ def _toy(seed, scale):
 
 def _exact_distribution(model, sampling):
     """P(t1, t2, t3) by enumeration of the target's processed distributions. -> [V, V, V]"""
-    native = specdec.models.as_native(model)
+    native = specdec.models.loading.as_native(model)
     V, P = TOY_VOCAB, len(PROMPT)
     pairs = torch.cartesian_prod(torch.arange(V), torch.arange(V))  # [V^2, 2]: every (t1, t2)
     ids = torch.cat((torch.tensor(PROMPT).expand(V * V, -1), pairs), dim=1)  # [V^2, P + 2]

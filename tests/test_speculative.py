@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import specdec
-from specdec.models import as_native
+from specdec.models.loading import as_native
 
 
 def _draft(kind, arch):

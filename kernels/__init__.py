@@ -1,1 +1,0 @@
-"""Triton kernels for the CUDA path, each beside its PyTorch reference (installed as ``specdec.kernels``)."""
