@@ -169,22 +169,6 @@ def roofline(tokens_per_s: float, tokens_per_forward: float, batch: int, target_
             "ceiling_tokens_per_s": bandwidth * tokens_per_forward * batch / per_forward}
 
 
-def round_budget(round_seconds: float, verify_seconds: float, draft_seconds: float,
-                 plain_step_seconds: float) -> dict:
-    """Where a speculative round's time goes, in plain steps: each figure over the wall time of one plain step
-    of the same batch in the same run. ``round`` (the run's wall time over its target passes) = ``verify``
-    (the target pass over k + 1 tokens, acceptance and rollback) + ``draft`` (drafting k tokens, the draft's
-    own sampling included) + ``rest`` (commit, the k controller, the loop; and, as for the plain step, a
-    share of the prefill).
-
-    A round emits tokens_per_forward tokens per row where a plain step emits 1, so speedup ~ tokens per
-    forward / round: speculation pays when a round brings more tokens than it costs plain steps. (Not to the
-    digit: tokens/s is a median over repeats and the budget sums every pass; rows that finish early at batch
-    > 1 bend it too.)"""
-    cost, verify, draft = (x / plain_step_seconds for x in (round_seconds, verify_seconds, draft_seconds))
-    return {"round": cost, "verify": verify, "draft": draft, "rest": cost - verify - draft}
-
-
 def median_rate(tokens: list[int], seconds: list[float]) -> float:
     """Median over repeats of tokens / seconds (each repeat's totals)."""
     return statistics.median(t / s for t, s in zip(tokens, seconds))
@@ -427,10 +411,9 @@ class Bench:
         plain_stats = {(run.mode, run.batch): stats[run] for run in tokens if run.method == "plain"}
         for row, run in zip(rows, tokens):
             s, plain = stats[run], plain_stats.get((run.mode, run.batch))
-            if run.method != "plain" and s.timed_target_passes and plain is not None and plain.target_passes:
-                passes = s.timed_target_passes
-                row["round_budget"] = round_budget(s.wall_seconds / s.target_passes, s.target_seconds / passes,
-                                                   s.draft_seconds / passes, plain.wall_seconds / plain.target_passes)
+            budget = s.round_budget(plain.round_seconds) if run.method != "plain" and plain is not None else None
+            if budget is not None:
+                row["round_budget"] = budget
         synthetic = {}
         for mode_batch in {(r["mode"], r["batch"]) for r in rows if r["method"] == "synthetic"}:
             pts = [(r["rate"], r["vs_plain"]) for r in rows if r["method"] == "synthetic"

@@ -4,45 +4,135 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
 DEFAULT_HEAD = "smollm2-135m-instruct-head"  # the default model's draft head (models/smollm2-135m-instruct-head)
 
 
+class _Timing:
+    """A streamer that times the stream and forwards it: the first put after the prompt ends the prefill step,
+    so decoding speed counts the tokens after it over the time after it."""
+
+    def __init__(self, forward=None):
+        self.forward, self.puts, self.first_tokens = forward, [], 0
+
+    def put(self, value):
+        self.puts.append(time.perf_counter())
+        if len(self.puts) == 2:  # (the first put is the prompt)
+            self.first_tokens = value.numel()
+        if self.forward is not None:
+            self.forward.put(value)
+
+    def end(self):
+        self.puts.append(time.perf_counter())
+        if self.forward is not None:
+            self.forward.end()
+
+    @property
+    def prefill_seconds(self) -> float:
+        return self.puts[1] - self.puts[0] if len(self.puts) > 2 else 0.0
+
+    def decode_rate(self, emitted: int) -> float | None:
+        """Tokens per second after the first step (its prefill is a one-time cost of the prompt)."""
+        if len(self.puts) < 3 or emitted <= self.first_tokens or self.puts[-1] <= self.puts[1]:
+            return None
+        return (emitted - self.first_tokens) / (self.puts[-1] - self.puts[1])
+
+
+def _draft_name(model: str, draft: str | None) -> str | None:
+    """--draft left out: the default model's shipped head, n-gram lookup for any other; 'none': plain."""
+    draft = draft if draft is not None else (DEFAULT_HEAD if model == DEFAULT_MODEL else "ngram")
+    return None if draft in ("none", "") else draft
+
+
+def _num_draft_tokens(k: str):
+    if k == "auto":
+        return k
+    if not k.isdigit() or int(k) < 1:
+        raise ValueError(f"-k/--num-draft-tokens must be an integer >= 1 or 'auto', got {k!r}")
+    return int(k)
+
+
+def _prompt_ids(args, tokenizer):
+    prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
+    if tokenizer.chat_template and not args.no_chat:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)["input_ids"]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
 def _generate(args) -> int:
+    """Speculative decoding streamed, its statistics, then plain decoding of the same prompt: the speedup, and
+    (greedy) whether the outputs are identical. One-time costs are reported apart from decoding speed."""
     import torch
     from transformers import TextStreamer
 
     import specdec
+    from specdec.kernels import cpu
     from specdec.models.loading import load_draft
 
+    k = _num_draft_tokens(args.num_draft_tokens)
+    draft_name = _draft_name(args.model, args.draft)
+    costs, tick = {}, time.perf_counter()
     model, tokenizer = specdec.load(args.model, dtype=args.dtype)
-    draft = None
-    if args.draft:
-        draft = load_draft(args.draft, args.dtype)
-    prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
-    if tokenizer.chat_template and not args.no_chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
+    draft = load_draft(draft_name, args.dtype) if draft_name else None
+    costs["loading"], tick = time.perf_counter() - tick, time.perf_counter()
+    if model.device.type == "cpu":
+        cpu.available()  # builds the C kernels on a machine's first run
+        costs["C kernels"], tick = time.perf_counter() - tick, time.perf_counter()
+    ids = _prompt_ids(args, tokenizer)
+    sampling = dict(do_sample=args.temperature > 0, temperature=args.temperature, top_p=args.top_p,
+                    top_k=args.top_k)
+
+    def run(draft_model, streamer, max_new_tokens=args.max_new_tokens):
+        return specdec.generate(model, ids, draft_model=draft_model, num_draft_tokens=k,
+                                max_new_tokens=max_new_tokens, **sampling, streamer=streamer,
+                                generator=torch.Generator().manual_seed(args.seed), return_dict_in_generate=True)
+
+    run(draft, None, max_new_tokens=min(8, args.max_new_tokens))  # warm-up: the first call of each path
+    costs["warm-up"] = time.perf_counter() - tick
+    timing = _Timing(TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+    out = run(draft, timing)
+    label = f"{args.model}, {model.dtype}, " + (f"draft {draft_name}, k = {k}" if draft else "plain decoding")
+    print(f"\n-- {label}: {out.stats.emitted} tokens, decoding {_rate(timing.decode_rate(out.stats.emitted))}",
+          file=sys.stderr)
+    if draft is None:
+        print(out.stats, file=sys.stderr)
+        _print_costs(costs, timing)
+        return 0
+    plain_timing = _Timing()
+    plain = run(None, plain_timing)
+    print(out.stats, file=sys.stderr)
+    budget = out.stats.round_budget(plain.stats.round_seconds)
+    if budget:
+        print(f"{'round budget':<25}  {budget['round']:.2f} plain steps = verify {budget['verify']:.2f} + draft "
+              f"{budget['draft']:.2f} + rest {budget['rest']:.2f}", file=sys.stderr)
+    spec_rate, plain_rate = timing.decode_rate(out.stats.emitted), plain_timing.decode_rate(plain.stats.emitted)
+    print(f"-- plain decoding of the same prompt: {plain.stats.emitted} tokens, decoding {_rate(plain_rate)}",
+          file=sys.stderr)
+    speedup = f"speedup {spec_rate / plain_rate:.2f}x over plain decoding" if spec_rate and plain_rate else ""
+    same = torch.equal(out.sequences, plain.sequences)
+    if not sampling["do_sample"]:
+        verdict = ("the two outputs are identical, token for token" if same else
+                   "WARNING: the greedy outputs differ (a bug: speculative greedy must equal plain greedy)")
     else:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    k = args.num_draft_tokens
-    if k != "auto":
-        if not k.isdigit():
-            raise ValueError(f"-k/--num-draft-tokens must be an integer >= 1 or 'auto', got {k!r}")
-        k = int(k)
-    out = specdec.generate(
-        model, ids, draft_model=draft, num_draft_tokens=k, max_new_tokens=args.max_new_tokens,
-        do_sample=args.temperature > 0, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        generator=torch.Generator().manual_seed(args.seed),
-        streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True), return_dict_in_generate=True,
-    )
-    s = out.stats
-    print(f"\n-- {s.emitted} tokens in {s.wall_seconds:.2f} s: {s.tokens_per_second:.1f} tokens/s "
-          f"({args.model}, {model.dtype}{', draft ' + args.draft if args.draft else ''})", file=sys.stderr)
-    print(s, file=sys.stderr)
-    return 0
+        verdict = "sampled: both follow the target's distribution, the draws differ"
+    print(f"-- {speedup}; {verdict}", file=sys.stderr)
+    _print_costs(costs, timing)
+    return 0 if same or sampling["do_sample"] else 1
+
+
+def _rate(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:.1f} tokens/s"
+
+
+def _print_costs(costs: dict, timing: _Timing) -> None:
+    costs = dict(costs, prefill=timing.prefill_seconds)
+    print("-- not in the speeds above (one-time costs; the first run on a machine also converts the GGUF and builds "
+          "the C kernels, cached for later runs): " + ", ".join(f"{name} {s:.2f} s" for name, s in costs.items()),
+          file=sys.stderr)
 
 
 DISTILL_HELP = {
@@ -90,14 +180,8 @@ def _bench(args) -> int:
 def _serve(args) -> int:
     from specdec.server import serve
 
-    k = args.num_draft_tokens
-    if k != "auto":
-        if not k.isdigit() or int(k) < 1:
-            raise ValueError(f"-k/--num-draft-tokens must be an integer >= 1 or 'auto', got {k!r}")
-        k = int(k)
-    draft = args.draft if args.draft is not None else (DEFAULT_HEAD if args.model == DEFAULT_MODEL else "ngram")
-    draft = None if draft in ("none", "") else draft
-    return serve(args.model, draft, host=args.host, port=args.port, num_draft_tokens=k,
+    k = _num_draft_tokens(args.num_draft_tokens)
+    return serve(args.model, _draft_name(args.model, args.draft), host=args.host, port=args.port, num_draft_tokens=k,
                  max_num_seqs=args.max_num_seqs, kv_blocks=args.kv_blocks, block_size=args.block_size,
                  max_queued=args.max_queued, dtype=args.dtype, grace_seconds=args.grace)
 

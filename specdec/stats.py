@@ -1,4 +1,4 @@
-"""SpecStats: the figures of one generate() call, in DESIGN.md's vocabulary."""
+"""SpecStats: the figures of one generate() call, as README.md's "Benchmark" and "How it works" sections name them."""
 
 from __future__ import annotations
 
@@ -24,6 +24,22 @@ def expected_tokens(alpha: float, k: int) -> float:
 def predicted_speedup(alpha: float, k: int, cost_ratio: float) -> float:
     """Leviathan et al. 2023: E / (k * c + 1)."""
     return expected_tokens(alpha, k) / (k * cost_ratio + 1.0)
+
+
+def round_budget(round_seconds: float, verify_seconds: float, draft_seconds: float,
+                 plain_step_seconds: float) -> dict:
+    """Where a speculative round's time goes, in plain steps: each figure over the wall time of one plain step
+    of the same batch in the same run. ``round`` (the run's wall time over its target passes) = ``verify``
+    (the target pass over k + 1 tokens, acceptance and rollback) + ``draft`` (drafting k tokens, the draft's
+    own sampling included) + ``rest`` (commit, the k controller, the loop; and, as for the plain step, a
+    share of the prefill).
+
+    A round emits tokens_per_forward tokens per row where a plain step emits 1, so speedup ~ tokens per
+    forward / round: speculation pays when a round brings more tokens than it costs plain steps. (Not to the
+    digit: tokens/s is a median over repeats and the budget sums every pass; rows that finish early at batch
+    > 1 bend it too.)"""
+    cost, verify, draft = (x / plain_step_seconds for x in (round_seconds, verify_seconds, draft_seconds))
+    return {"round": cost, "verify": verify, "draft": draft, "rest": cost - verify - draft}
 
 
 @dataclass
@@ -116,6 +132,19 @@ class SpecStats:
         if c is None:
             return None
         return predicted_speedup(self.acceptance_rate, round(self.mean_k), c)
+
+    @property
+    def round_seconds(self) -> float | None:
+        """Wall time per target pass (a plain run's: one plain step), the prefill's share included."""
+        return self.wall_seconds / self.target_passes if self.target_passes else None
+
+    def round_budget(self, plain_step_seconds: float) -> dict | None:
+        """``round_budget`` of this run against a plain step of the same batch (None without a timed pass)."""
+        passes = self.timed_target_passes
+        if not passes or not plain_step_seconds:
+            return None
+        return round_budget(self.round_seconds, self.target_seconds / passes, self.draft_seconds / passes,
+                            plain_step_seconds)
 
     @property
     def tokens_per_second(self) -> float:
