@@ -209,7 +209,7 @@ def verify_attention_triton(q, k_pool, v_pool, block_table, context_lens, query_
     tiles = triton.cdiv(T, block_t)
     if num_splits is None:
         # Split only while the programs are fewer than the multiprocessors, each split >= 1024 keys. On an
-        # H200 (bench/RESULTS.md, session 9) splitting 512 keys cost 150 -> 200-300 us (a second launch and
+        # H200 (bench/RESULTS.md), splitting every context cost 512 keys 150 -> 200-300 us (a second launch and
         # three allocations, where launches dominate), 4096 keys came out even, 16384 keys gained 2-3x at
         # batch 1 and 8 (869 -> 269 us); at batch 32 (256 programs already) splits lost 5-20% but one case.
         programs = batch * kv_heads * tiles

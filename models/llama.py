@@ -261,9 +261,9 @@ def cuda_capture(run):
 class LayerGraphs:
     """The decoder layers of one model over one contiguous KV cache, captured as a CUDA graph per shape
     (rows, new tokens) and replayed: a Llama-3-8B-shaped decode step is ~15 kernel launches per layer x 32
-    layers from Python, which held plain decode on an H200 at 13-18% of the HBM roofline (bench/RESULTS.md,
-    session 9). A replay reads the step's tensors from static copies and the cache's fixed tensors, so a
-    graph is valid for as long as its cache lives (it is kept in ``cache.graphs``).
+    layers from Python, which holds eager plain decode on an H200 at 18% of the HBM roofline at batch 1, 46%
+    replayed (bench/RESULTS.md). A replay reads the step's tensors from static copies and the cache's fixed
+    tensors, so a graph is valid for as long as its cache lives (it is kept in ``cache.graphs``).
 
     capture(run) -> replay: ``cuda_capture`` on a GPU; the CPU tests pass one that replays by calling run
     again, which checks everything but the capture itself (bench/gpu_check.py checks that on a GPU).

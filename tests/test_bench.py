@@ -19,9 +19,9 @@ from specdec.bench.harness import (
     plan,
     plots,
     roofline,
-    round_budget,
     table,
 )
+from specdec.stats import round_budget
 
 from specdec.cli import main as cli
 
