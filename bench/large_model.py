@@ -11,7 +11,7 @@ Three figures, each about the system rather than a draft's quality:
 Random weights give near-uniform logits, and that is a trap for the synthetic proposer, which replays the
 plain greedy output: in bfloat16 on a GPU the matrix products of a (k + 1)-token verification pass and of a
 one-token step are tiled differently and round differently, and with near-uniform logits that flips argmax
-near-ties. The first H200 run (bench/RESULTS.md) saw every row depart from plain greedy within 64 tokens,
+near-ties. On an H200 with a plainly random model, every row departed from plain greedy within 64 tokens,
 after which the replayed drafts were all wrong and the curves measured nothing. So the synthetic runs use a
 *predictable* random model (``random_model(..., predictable=True)``): its greedy next token is a fixed random
 permutation of the current one, with a margin of ~80 logits that no rounding reaches. Every layer still runs
