@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 
 import torch
+from transformers import GenerationConfig
 
 from specdec.proposers import DraftModelProposer, HeadProposer, NGramProposer
 from specdec.sampling import SamplingConfig, verify
@@ -128,8 +129,8 @@ class DraftLength:
     nearest measured one.
     The target's costs are the least of the last WINDOW timed passes of each k: another process on the
     machine (a server's own clients, on a 2-core box) only ever adds time, and one plain step timed in such a
-    burst once read 62 ms against 45-49 ms in quiet, made every verification look 1.3x cheaper than it was,
-    and kept 16 rows drafting at 0.66x plain (bench/RESULTS.md, session 10). A draft step's cost stays the
+    burst read 62 ms against 45-49 ms in quiet, made every verification look 1.3x cheaper than it was, and
+    kept 16 rows drafting at 0.66x plain (bench/RESULTS.md, "Serving"). A draft step's cost stays the
     controller's mean: the first drafting pass after plain ones includes the draft's catch-up over every
     token it skipped, and a window of such passes alone (all a run of reprobes leaves) would read c several
     times too high and never let drafting back.
@@ -275,12 +276,37 @@ def _wilson_upper(successes: int, trials: int, z: float = 1.0) -> float:
     return (p + z2 / (2 * trials) + spread) / (1 + z2 / trials)
 
 
-def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_draft_tokens=4, max_new_tokens=None,
-             do_sample=None, temperature=None, top_k=None, top_p=None, eos_token_id=None, pad_token_id=None,
-             generator=None, streamer=None, return_dict_in_generate=False):
+class _Unset:
+    """The default of generate()'s generation settings: the argument was left out, so the model's
+    generation_config decides (and where that leaves it None, transformers' global default). One instance,
+    ``_UNSET``; an explicit ``None`` is a value of its own, as in transformers."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "<from generation_config>"
+
+    def __reduce__(self):
+        return _Unset, ()
+
+
+_UNSET = _Unset()
+
+
+def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_draft_tokens=4,
+             max_new_tokens=_UNSET, max_length=_UNSET, do_sample=_UNSET, temperature=_UNSET, top_k=_UNSET,
+             top_p=_UNSET, eos_token_id=_UNSET, pad_token_id=_UNSET, generator=None, streamer=None,
+             return_dict_in_generate=False):
     """Generate like transformers' ``model.generate()``; with ``draft_model``, speculatively and losslessly.
 
-    input_ids       [batch, prompt_len] LongTensor; left padding allowed with attention_mask [batch, prompt_len]
+    input_ids       [batch, prompt_len] LongTensor; left padding allowed with attention_mask [batch, prompt_len].
+                    Without attention_mask, as in transformers: where pad_token_id is set, is not an EOS id and
+                    occurs in input_ids, those positions are masked out; otherwise every token counts
     generator       torch.Generator for sampling. With a fixed k, the same seed gives the same tokens. With
                     num_draft_tokens="auto" it does not: k follows measured timings, and each k draws its own
                     random numbers, so seeded runs agree in distribution only (pass an integer k to reproduce)
@@ -290,18 +316,53 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
                     for a float32 target is fine, both distributions are compared in float32.
     returns         [batch, prompt_len + new_tokens] as transformers lays it out (finished rows padded with
                     pad_token_id), or GenerateOutput(sequences, stats) with return_dict_in_generate=True
+
+    Generation settings follow transformers' rule. An argument LEFT OUT takes the model's generation_config,
+    and where that is None too, transformers' global default (max_length 20, do_sample False, temperature
+    1.0, top_k 50, top_p 1.0). An explicit ``None`` means what it means to transformers, whatever the
+    generation_config says:
+
+    eos_token_id    None (or []): no EOS, every row runs to the length limit (never stops early)
+    pad_token_id    None: finished rows are padded with the first EOS id (the generation_config's pad id is
+                    ignored), and no attention mask is inferred from padding
+    max_new_tokens  None: the length comes from max_length (the argument, else the generation_config's; it
+                    counts the prompt's padded width), or where neither sets one, 20 new tokens (within the
+                    model's max_position_embeddings), even where the generation_config sets max_new_tokens
+    max_length      prompt_len + new tokens, used only where max_new_tokens is None (max_new_tokens wins, as in
+                    transformers). None while max_new_tokens is None too: ValueError (transformers fails on it
+                    with a TypeError)
+    do_sample       None: greedy (transformers tests it for truth)
+    temperature     None: 1.0 (no temperature)
+    top_k           None (or 0): no top-k filter, even where the generation_config sets one
+    top_p           None: 1.0 (no top-p filter)
+
+    One difference, where transformers fails: eos_token_id=[] with pad_token_id=None raises IndexError there;
+    here it generates (without an EOS no row finishes early, so no pad id is needed).
     """
     from specdec.models.loading import as_native  # models imports specdec: import at call time
 
     target = as_native(model, "model")
     config = target.generation_config
-    input_ids, attention_mask = _check_inputs(input_ids, attention_mask, target)
+    # Each setting is resolved here, once: left out -> generation_config -> transformers' global default;
+    # an explicit None stays None and means what it means to transformers.
+    eos = _token_ids("eos_token_id", _setting(config, "eos_token_id", eos_token_id))
+    pad_token_id = _setting(config, "pad_token_id", pad_token_id)
+    if pad_token_id is not None:
+        ids = _token_ids("pad_token_id", pad_token_id)
+        if len(ids) != 1:
+            raise ValueError(f"pad_token_id must be one token id >= 0 (or None), got pad_token_id={pad_token_id!r}")
+        pad_token_id = ids[0]
+    if pad_token_id is None:  # transformers: the first EOS id (none without an EOS: then no row ends early)
+        pad_token_id = eos[0] if eos else None
+    # transformers infers a mask from padding only where the pad id is not an EOS id
+    input_ids, attention_mask = _check_inputs(
+        input_ids, attention_mask, target, pad_token_id if pad_token_id is not None and pad_token_id not in eos
+        else None)
     sampling = _sampling_config(config, do_sample, temperature, top_k, top_p)
-    max_new_tokens = _max_new_tokens(config, max_new_tokens, input_ids.shape[1])
-    eos = _token_ids("eos_token_id", eos_token_id if eos_token_id is not None else config.eos_token_id)
+    max_new_tokens = _max_new_tokens(config, max_new_tokens, max_length, input_ids.shape[1],
+                                     getattr(getattr(target, "config", None), "max_position_embeddings", None))
     if pad_token_id is None:
-        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
-    pad_token_id = _token_ids("pad_token_id", pad_token_id)[0]
+        pad_token_id = 0  # (never written: every row runs to max_new_tokens)
     if num_draft_tokens != "auto" and (not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool)
                                        or num_draft_tokens < 1):
         raise ValueError(f"num_draft_tokens must be an integer >= 1 or 'auto', "
@@ -356,15 +417,18 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
     return GenerateOutput(sequences, state.stats) if return_dict_in_generate else sequences
 
 
-def _check_inputs(input_ids, attention_mask, target):
+def _check_inputs(input_ids, attention_mask, target, infer_from_pad=None):
+    """infer_from_pad: a pad id whose occurrences count as padding when no attention_mask is given
+    (transformers' inference), or None"""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError("input_ids must be a LongTensor [batch, prompt_len], got "
                          f"{type(input_ids).__name__} {getattr(input_ids, 'shape', '')} "
                          f"{getattr(input_ids, 'dtype', '')}")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}; a prompt needs at least one token")
+    inferred = attention_mask is None and infer_from_pad is not None
     if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+        attention_mask = (input_ids != infer_from_pad).long() if inferred else torch.ones_like(input_ids)
     attention_mask = torch.as_tensor(attention_mask, device=input_ids.device)
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != "
@@ -373,6 +437,9 @@ def _check_inputs(input_ids, attention_mask, target):
         raise ValueError("attention_mask must hold only 0 and 1")
     attention_mask = attention_mask.long()
     if bool((attention_mask.sum(dim=1) == 0).any()):
+        if inferred:
+            raise ValueError(f"input_ids: a row holds only pad_token_id={infer_from_pad}, which counts as padding "
+                             "without an attention_mask (as in transformers): pass attention_mask")
         raise ValueError("attention_mask: a row has no token (empty prompt)")
     real = input_ids[attention_mask.bool()]
     bad = real[(real < 0) | (real >= target.vocab_size)]
@@ -381,23 +448,38 @@ def _check_inputs(input_ids, attention_mask, target):
     return input_ids, attention_mask
 
 
-def _sampling_config(config, do_sample, temperature, top_k, top_p):
-    def pick(value, name, default):
-        if value is not None:
-            return value
-        found = getattr(config, name, None)
-        return default if found is None else found
+def _setting(config, name, value):
+    """A generation setting as transformers resolves it: the argument where given (an explicit None included),
+    else the generation_config's, else transformers' global default (None for the token ids)."""
+    if value is not _UNSET:
+        return value
+    found = getattr(config, name, None)
+    return GLOBAL_DEFAULTS.get(name) if found is None else found
 
+
+def _sampling_config(config, do_sample, temperature, top_k, top_p):
     for name, default in UNSUPPORTED.items():
         value = getattr(config, name, None)
         if value not in (None, default):
             raise ValueError(f"generation_config.{name}={value!r} is not supported by specdec yet; set it to "
                              f"{default!r} (or None) to generate with the remaining settings")
-    sampling = SamplingConfig(bool(pick(do_sample, "do_sample", False)), pick(temperature, "temperature", 1.0),
-                              pick(top_k, "top_k", 0), pick(top_p, "top_p", 1.0))
+    do_sample, temperature, top_k, top_p = (_setting(config, name, value) for name, value in (
+        ("do_sample", do_sample), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p)))
+    # an explicit None: transformers skips that warper (and samples only where do_sample is true)
+    sampling = SamplingConfig(bool(do_sample), 1.0 if temperature is None else temperature,
+                              0 if top_k is None else top_k, 1.0 if top_p is None else top_p)
     # as transformers: the sampling knobs are validated always, but inert in greedy mode
     return sampling if sampling.do_sample else replace(sampling, temperature=1.0, top_k=0, top_p=1.0)
 
+
+#: transformers' global defaults (``GenerationConfig._get_default_generation_params()``), which fill what a
+#: model's generation_config leaves None; read from the installed transformers where it has them.
+GLOBAL_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+try:
+    GLOBAL_DEFAULTS.update({k: v for k, v in GenerationConfig._get_default_generation_params().items()
+                            if k in GLOBAL_DEFAULTS})
+except AttributeError:  # an older transformers: its GenerationConfig() holds the defaults itself
+    pass
 
 #: generation_config fields that change what transformers generates and that specdec does not implement,
 #: with their neutral values: a model that sets one is refused rather than silently generating otherwise.
@@ -405,18 +487,33 @@ UNSUPPORTED = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_to
                "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None, "min_p": None,
                "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beams": 1,
                "forced_bos_token_id": None, "forced_eos_token_id": None, "sequence_bias": None,
-               "encoder_repetition_penalty": 1.0, "length_penalty": 1.0}
+               "encoder_repetition_penalty": 1.0, "length_penalty": 1.0, "top_h": None}
 
 
-def _max_new_tokens(config, max_new_tokens, prompt_len):
-    if max_new_tokens is None:
+def _max_new_tokens(config, max_new_tokens, max_length, prompt_len, max_positions=None):
+    """New tokens per row, by transformers' rule: max_new_tokens (the argument, else the generation_config's)
+    wins; where it is None, max_length counts the prompt (the argument, else the generation_config's; where
+    both leave it None, 20 new tokens, capped at max_position_embeddings)."""
+    if max_length is not _UNSET and max_length is not None and (
+            not isinstance(max_length, int) or isinstance(max_length, bool)):
+        raise ValueError(f"max_length must be an integer, got max_length={max_length!r}")
+    if max_new_tokens is _UNSET:
         max_new_tokens = getattr(config, "max_new_tokens", None)
-        if max_new_tokens is None:  # transformers' rule: a set max_length counts the prompt, else 20 new tokens
-            max_length = getattr(config, "max_length", None)
-            max_new_tokens = 20 if max_length is None else max_length - prompt_len
-            if max_new_tokens < 1:
-                raise ValueError(f"generation_config.max_length={max_length} leaves no room after a prompt of "
-                                 f"{prompt_len} tokens; pass max_new_tokens")
+    if max_new_tokens is None:
+        if max_length is None:
+            raise ValueError("max_length=None with max_new_tokens None sets no length limit (transformers fails on "
+                             "it with a TypeError): leave max_length out or pass max_length or max_new_tokens")
+        name = "max_length"
+        if max_length is _UNSET:
+            max_length, name = getattr(config, "max_length", None), "generation_config.max_length"
+        if max_length is None:  # transformers' default: 20 new tokens, within the model's positions
+            max_length = prompt_len + GLOBAL_DEFAULTS["max_length"]
+            if max_positions is not None:
+                max_length, name = min(max_length, max_positions), "max_position_embeddings"
+        max_new_tokens = max_length - prompt_len
+        if max_new_tokens < 1:
+            raise ValueError(f"{name}={max_length} leaves no room after a prompt of {prompt_len} tokens; "
+                             "pass max_new_tokens")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got max_new_tokens={max_new_tokens!r}")
     return max_new_tokens
