@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
-from conftest import one_layer_llama
+from conftest import one_layer_llama, tiny_head
+from distribution import (check, chi_square, joint_counts, mutant, noncentrality, power, reference_joint,
+                          rejects)
 
 import specdec
-import specdec.speculative as generate_module
 from specdec.sampling import SamplingConfig, verify
 
 GREEDY = SamplingConfig()
@@ -94,92 +95,124 @@ def test_top_p_filter_is_transformers_warper(vocab):
         assert torch.equal(ours[~ours.isinf()], x[~ours.isinf()])  # kept scores unchanged
 
 # ---------------------------------------------------------------------------------------------------------
-# Statistical test: the first three tokens of speculative sampling follow the target's exact joint
-# distribution. With max_new_tokens=3 and k=3 the first pass verifies 2 drafts (positions 0 and 1), so
-# acceptance after an accepted draft, the residual at position 1 and the bonus after two drafts are all in
-# play; later passes see rows with different draft counts (ragged). Bound per outcome:
-# |count - N p| <= 6 sqrt(N p (1 - p)) + 5. Over V^3 = 343 outcomes a 6-sigma normal tail (2e-9 each)
-# makes a false alarm about 7e-7 per test; the +5 absorbs the discreteness at tiny N p.
+# The distribution, proved statistically (tests/distribution.py). N rows of one prompt go through one
+# generate() call; the first NEW tokens of every row are counted over their joint outcomes (8^3 = 512 cells:
+# the 7 ids and END after an EOS) and compared with transformers' own ancestral sampling, enumerated:
+# - a chi-square test over all cells, false alarm 1e-5 per test (cells expected below 5 pooled);
+# - the 6-sigma bound per cell (false alarm ~1e-6 over 512 cells), and no impossible outcome.
+# With max_new_tokens=3 and k >= 2 the first pass verifies 2 drafts, so acceptance after an accepted draft,
+# the residual at position 1 and the bonus after two drafts are all in play; later passes see rows with
+# different draft counts (ragged). Power: test_the_aggregate_test_has_power_against_10_percent_biases.
 # ---------------------------------------------------------------------------------------------------------
 TOY_VOCAB, N, NEW = 7, 50_000, 3
 PROMPT = [3, 1, 4]
+ALL = dict(temperature=0.9, top_k=5, top_p=0.9)
 
 
-def _toy(seed, scale):
+def _toy(seed, scale=4.0):
     return one_layer_llama(TOY_VOCAB, hidden=16, seed=seed, scale=scale)
 
 
-def _exact_distribution(model, sampling):
-    """P(t1, t2, t3) by enumeration of the target's processed distributions. -> [V, V, V]"""
-    native = specdec.models.loading.as_native(model)
-    V, P = TOY_VOCAB, len(PROMPT)
-    pairs = torch.cartesian_prod(torch.arange(V), torch.arange(V))  # [V^2, 2]: every (t1, t2)
-    ids = torch.cat((torch.tensor(PROMPT).expand(V * V, -1), pairs), dim=1)  # [V^2, P + 2]
-    with torch.no_grad():
-        logits = native(ids, torch.arange(P + 2).expand(V * V, -1), native.new_cache(V * V, P + 2))
-    p = sampling.probs(logits).reshape(V, V, P + 2, V)
-    first = p[0, 0, P - 1]  # [V]          P(t1)
-    second = p[:, 0, P]  # [V, V]          P(t2 | t1)
-    third = p[:, :, P + 1]  # [V, V, V]    P(t3 | t1, t2)
-    return first[:, None, None] * second[:, :, None] * third
+class ConstantProposer:
+    """A user's deterministic proposer (no draft distribution): always proposes token 2."""
+
+    def propose(self, state, k):
+        return torch.full((state.batch_size, k), 2, dtype=torch.long), None
 
 
-def _empirical(target, draft, k, knobs, seed=0):
-    out = specdec.generate(target, torch.tensor([PROMPT] * N), max_new_tokens=NEW, eos_token_id=[], do_sample=True,
-                           draft_model=draft, num_draft_tokens=k, generator=torch.Generator().manual_seed(seed),
-                           **knobs)
-    new = out[:, len(PROMPT):]
-    cells = (new[:, 0] * TOY_VOCAB + new[:, 1]) * TOY_VOCAB + new[:, 2]
-    return torch.bincount(cells, minlength=TOY_VOCAB ** 3).reshape([TOY_VOCAB] * 3).double()
+def _draft(kind, target):
+    head = lambda: tiny_head(target, kept=[0, 1, 3, 4, 6], seed=3)  # noqa: E731 (ids 2 and 5 never proposed)
+    return {"model": lambda: _toy(1), "head": head, "ngram": lambda: "ngram",
+            "constant": ConstantProposer, "plain": lambda: None}[kind]()
 
 
-def _violations(counts, probs):
-    expected = N * probs
-    bound = 6 * torch.sqrt(expected * (1 - probs)) + 5
-    return int(((counts - expected).abs() > bound).sum()), int(counts[probs == 0].sum())
+def _sampled(target, draft, k, knobs, prompts=(PROMPT,), rows=N, eos=None, seed=0):
+    """Counts [8, 8, 8] of the first NEW tokens for each prompt (rows / len(prompts) rows each, left-padded)."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts]).repeat_interleave(rows // len(prompts), 0)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]).repeat_interleave(
+        rows // len(prompts), 0)
+    out = specdec.generate(target, ids, mask, max_new_tokens=NEW, eos_token_id=[] if eos is None else eos,
+                           do_sample=True, draft_model=draft, num_draft_tokens=k,
+                           generator=torch.Generator().manual_seed(seed), **knobs)
+    new = torch.nn.functional.pad(out[:, width:], (0, NEW - (out.shape[1] - width)), value=0)  # (all ended)
+    return [joint_counts(group, TOY_VOCAB, eos) for group in new.chunk(len(prompts))]
 
 
-SETTINGS = [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.7, top_k=4, top_p=1.0),
-            dict(temperature=1.3, top_k=0, top_p=0.8), dict(temperature=0.9, top_k=5, top_p=0.9)]
+CASES = [("model", 1, ALL), ("model", 2, dict(temperature=0.7)), ("model", 3, dict(top_k=4)),
+         ("model", 4, dict(top_p=0.8)), ("head", 4, dict(temperature=1.3)),
+         ("ngram", 3, dict(temperature=1.3)), ("constant", 2, {}), ("constant", 4, ALL), ("plain", 1, ALL)]
 
 
-@pytest.mark.parametrize("k", [1, 3])
-@pytest.mark.parametrize("knobs", SETTINGS, ids=lambda d: "-".join(f"{k}{v}" for k, v in d.items()))
-def test_speculative_sampling_matches_the_targets_distribution(k, knobs):
-    target, draft = _toy(0, 4.0), _toy(1, 4.0)  # an unrelated draft: plenty of rejections and residuals
-    probs = _exact_distribution(target, SamplingConfig(do_sample=True, **knobs))
-    assert torch.isclose(probs.sum(), torch.tensor(1.0, dtype=torch.float64))
-    counts = _empirical(target, draft, k, knobs)
-    bad, impossible = _violations(counts, probs)
-    assert impossible == 0, "a token of probability zero appeared"
-    assert bad == 0, f"{bad} outcomes outside the bound"
+@pytest.mark.parametrize("kind, k, knobs", CASES, ids=lambda x: "-".join(f"{a}{b}" for a, b in x.items())
+                         if isinstance(x, dict) else str(x))
+def test_sampling_has_the_targets_distribution_on_every_path(kind, k, knobs):
+    target = _toy(0)
+    (counts,) = _sampled(target, _draft(kind, target), k, knobs)
+    check(counts, reference_joint(target, PROMPT, NEW, knobs))
 
 
-def test_plain_sampling_matches_too():
-    probs = _exact_distribution(_toy(0, 4.0), SamplingConfig(do_sample=True, **SETTINGS[3]))
-    bad, impossible = _violations(_empirical(_toy(0, 4.0), None, 1, SETTINGS[3]), probs)
-    assert bad == 0 and impossible == 0
+def test_ragged_batch_with_eos_inside_the_window_keeps_each_rows_distribution():
+    """Two prompts of different lengths (left padding) in one batch, drafts from a model at k = 3, and as EOS
+    the id likeliest to end both prompts' rows inside the window (their later tokens are END)."""
+    target, prompts, knobs = _toy(0), ([3, 1, 4], [5, 2]), dict(temperature=1.3, top_k=6)
+    first = [reference_joint(target, list(p), 1, knobs)[:TOY_VOCAB] for p in prompts]
+    eos = int(torch.minimum(*first).argmax())
+    counts = _sampled(target, _toy(1), 3, knobs, prompts=prompts, eos=eos)
+    for prompt, c in zip(prompts, counts):
+        probs = reference_joint(target, list(prompt), NEW, knobs, eos=eos)
+        assert probs[eos, TOY_VOCAB, TOY_VOCAB] > 0.05  # rows that end at once: EOS is in play
+        check(c, probs)
 
 
-def test_the_statistical_test_catches_resampling_from_the_target(monkeypatch):
-    """The classic bug: on rejection, resample from the target instead of the residual. It must fail."""
-    real_verify = generate_module.verify
-
-    def broken(drafts, draft_probs, target_logits, num_drafts, sampling, generator=None):
-        target_probs = sampling.probs(target_logits)
-        emitted, n = real_verify(drafts, draft_probs, target_logits, num_drafts, sampling, generator)
-        at = n[:, None, None].expand(-1, 1, target_probs.shape[-1])
-        resampled = torch.multinomial(target_probs.gather(1, at).squeeze(1), 1, generator=generator)
-        return emitted.scatter(1, n[:, None], resampled), n
-
-    monkeypatch.setattr(generate_module, "verify", broken)
-    target, draft = _toy(0, 4.0), _toy(1, 4.0)
-    probs = _exact_distribution(target, SamplingConfig(do_sample=True, **SETTINGS[0]))
-    bad, _ = _violations(_empirical(target, draft, 3, SETTINGS[0]), probs)
-    assert bad > 0
+# Deliberate bugs (tests/distribution.mutant: the module recompiled with one line changed) that the tests
+# above must catch. Each named as in the mutation check (bench/mutants.py).
+ACCEPT_BIAS = ("accept = (uniforms * p_draft < p_target) & in_row", "accept = (uniforms * p_draft < 1.1 * p_target) & in_row")
+RESIDUAL_BIAS = ("residual = torch.clamp(target_n - torch.where(", "residual = torch.clamp(target_n - 0.9 * torch.where(")
+ONE_HOT_KEPT = ("draft_n = (torch.arange(target_n.shape[-1], device=x_n.device) == x_n).to(target_n.dtype)",
+                "draft_n = torch.zeros_like(target_n)")
 
 
-def test_the_statistical_test_catches_drafts_not_drawn_from_draft_probs(monkeypatch):
+def _with_mutant(monkeypatch, old, new):
+    import specdec.kernels.rejection_sample as rs
+
+    monkeypatch.setattr(rs, "rejection_sample_reference", mutant(rs, old, new).rejection_sample_reference)
+
+
+@pytest.mark.parametrize("bug, kind, k, knobs", [(ACCEPT_BIAS, "model", 2, dict(temperature=0.7)),
+                                                  (RESIDUAL_BIAS, "model", 2, dict(temperature=0.7)),
+                                                  (ONE_HOT_KEPT, "constant", 2, {})],
+                         ids=["acceptance-10%", "residual-10%", "one-hot-draft-kept-in-residual"])
+def test_the_distribution_test_catches_small_biases(bug, kind, k, knobs, monkeypatch):
+    target = _toy(0)
+    _with_mutant(monkeypatch, *bug)
+    (counts,) = _sampled(target, _draft(kind, target), k, knobs)
+    assert rejects(counts, reference_joint(target, PROMPT, NEW, knobs))
+
+
+def test_the_distribution_test_catches_a_top_p_that_keeps_one_token_fewer(monkeypatch):
+    """The reference is transformers' TopPLogitsWarper, not our filter: a nucleus one token short is caught."""
+    import specdec.sampling as sampling
+
+    broken = mutant(sampling, "keep[rows[done]].scatter(1, ids[done], above[done] < top_p)",
+                    "keep[rows[done]].scatter(1, ids[done], (above[done] < top_p) & "
+                    "((above[done] + top[done] < top_p) | (above[done] == 0)))")
+    monkeypatch.setattr(sampling, "top_p_filter", broken.top_p_filter)
+    target = _toy(0)
+    (counts,) = _sampled(target, _toy(1), 2, dict(top_p=0.8))
+    assert rejects(counts, reference_joint(target, PROMPT, NEW, dict(top_p=0.8)))
+
+
+def test_the_distribution_test_catches_resampling_from_the_target(monkeypatch):
+    """The classic bug: on rejection, resample from the target instead of the residual."""
+    _with_mutant(monkeypatch, "residual = torch.clamp(target_n - torch.where(has_draft, draft_n, 0.0), min=0.0)",
+                 "residual = target_n")
+    target = _toy(0)
+    (counts,) = _sampled(target, _toy(1), 3, {})
+    assert rejects(counts, reference_joint(target, PROMPT, NEW, {}))
+
+
+def test_the_distribution_test_catches_drafts_not_drawn_from_draft_probs(monkeypatch):
     """transformers #32867 / vLLM #40149: the draft samples from one distribution and reports another."""
     import specdec.proposers as proposers
 
@@ -190,10 +223,34 @@ def test_the_statistical_test_catches_drafts_not_drawn_from_draft_probs(monkeypa
         return real_sample(flat / flat.sum(-1, keepdim=True), generator)
 
     monkeypatch.setattr(proposers, "sample", skewed)
-    target, draft = _toy(0, 4.0), _toy(1, 4.0)
-    probs = _exact_distribution(target, SamplingConfig(do_sample=True, **SETTINGS[1]))
-    bad, _ = _violations(_empirical(target, draft, 3, SETTINGS[1]), probs)
-    assert bad > 0
+    target = _toy(0)
+    (counts,) = _sampled(target, _toy(1), 3, dict(temperature=0.7, top_k=4))
+    assert rejects(counts, reference_joint(target, PROMPT, NEW, dict(temperature=0.7, top_k=4)))
+
+
+def test_the_aggregate_test_has_power_against_10_percent_biases():
+    """Power of ``check`` at N rows, from the noncentral chi-square law of its first-token marginal test. The
+    first token's distribution under each bug has a closed form (the first draft is accepted or recovered
+    from distributions that earlier rounds do not touch). At N = 50,000 (toy target and draft, temperature
+    0.7): lambda = 549 / 94 / 4182 for a 10% acceptance bias, a 10% residual bias and a one-hot draft kept
+    in the residual, over 6 degrees of freedom: power 1 - 1e-15 / 0.99999 / 1 (a false alarm: 1e-5 a test)."""
+    target, draft, knobs = _toy(0), _toy(1), dict(temperature=0.7)
+    p = reference_joint(target, PROMPT, 1, knobs)[:TOY_VOCAB]  # [V] the target's first token
+    q = reference_joint(draft, PROMPT, 1, knobs)[:TOY_VOCAB]  # [V] the draft's
+    d = torch.nn.functional.one_hot(torch.tensor(2), TOY_VOCAB).double()  # the constant proposer's draft
+
+    def first_token(accept, residual):  # P(x) = accept(x) + (1 - sum(accept)) * residual(x) / sum(residual)
+        return accept + (1 - accept.sum()) * residual / residual.sum()
+
+    assert torch.allclose(first_token(torch.minimum(q, p), (p - q).clamp(min=0)), p)  # the rule is lossless
+    assert torch.allclose(first_token(torch.minimum(d, p), (p - d).clamp(min=0)), p)
+    wrong = {"acceptance": first_token(torch.minimum(q, 1.1 * p), (p - q).clamp(min=0)),
+             "residual": first_token(torch.minimum(q, p), (p - 0.9 * q).clamp(min=0)),
+             "one-hot": first_token(torch.minimum(d, p), p)}
+    _, df = chi_square(N * p, p)
+    for name, bad in wrong.items():
+        lam = noncentrality(p, bad, N)
+        assert power(lam, df) > 0.9999, (name, lam, df)
 
 
 def _recovered_counts(rows: int = 200_000):
