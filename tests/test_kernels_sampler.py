@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from distribution import check, mutant, noncentrality, power, rejects
+from test_sampling import ACCEPT_BIAS, ONE_HOT_KEPT, RESIDUAL_BIAS
 
 from specdec.kernels.dispatch import triton_available
 from specdec.kernels.rejection_sample import (greedy_accept_reference, greedy_accept_triton,
@@ -58,3 +60,100 @@ def test_the_comparison_catches_a_wrong_residual(monkeypatch):
     drafts, draft, target, num_drafts, uniforms, exponentials = args
     wrong = rejection_sample_reference(drafts, torch.zeros_like(draft), target, num_drafts, uniforms, exponentials)
     assert not (torch.equal(wrong[0], tokens) and torch.equal(wrong[1], n))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The kernel's distribution, statistically, and bit-identity where a small bias would show. Every row draws
+# from the same designed target and draft distributions (3 ids, k = 3), so each draft position a row reaches
+# (accepted or recovered there) is one draw from the target: their pooled counts are tested with the
+# chi-square of tests/distribution.py (false alarm 1e-5). The distributions were chosen to make a 10% bias
+# loud: the first token's closed form gives lambda / draw = 0.0174 for a 10% acceptance bias and 0.0175 for
+# a 10% residual bias; 1500 rows reach ~4150 draft positions: lambda ~72, power 0.9998 at 2 degrees of freedom.
+# ---------------------------------------------------------------------------------------------------------
+TARGET = torch.tensor([0.925, 0.06, 0.015], dtype=torch.float64)
+DRAFT = torch.tensor([0.955, 0.0002, 0.0448], dtype=torch.float64)
+ROWS, K = 1500, 3
+KERNEL_BUGS = {  # the Triton kernel with one deliberate bug each (tests/distribution.mutant)
+    "acceptance-10%": ("ok = going & (j < nd) & (u * p_d < p_t)", "ok = going & (j < nd) & (u * p_d < 1.1 * p_t)"),
+    "residual-10%": ("r = tl.where(valid, tl.math.div_rn(tl.maximum(t - d, 0.0), e), -1.0)",
+                     "r = tl.where(valid, tl.math.div_rn(tl.maximum(t - 0.9 * d, 0.0), e), -1.0)"),
+    "one-hot-draft-kept": ("d = tl.where(v == tl.where(has_draft, one_hot_token, -1), 1.0, 0.0)",
+                           "d = tl.where(v == -1, 1.0, 0.0)"),
+}
+
+
+def _designed(rows, one_hot, seed=0):
+    """rows of the designed distributions: drafts sampled from DRAFT (one-hot: always id 1, no draft_probs)."""
+    gen = torch.Generator().manual_seed(seed)
+    k, vocab = (1, 3) if one_hot else (K, 3)
+    target = TARGET.float().expand(rows, k + 1, vocab).contiguous()
+    draft = DRAFT.float().expand(rows, k, vocab).contiguous()
+    drafts = (torch.ones(rows, k, dtype=torch.long) if one_hot else
+              torch.multinomial(DRAFT.expand(rows * k, -1), 1, replacement=True, generator=gen).reshape(rows, k))
+    uniforms = torch.rand(rows, k, generator=gen)
+    exponentials = torch.empty(rows, vocab).exponential_(generator=gen)
+    return tuple(None if t is None else t.to(DEVICE) for t in
+                 (drafts, None if one_hot else draft, target, torch.full((rows,), k), uniforms, exponentials))
+
+
+def _draft_position_counts(sampler, one_hot):
+    """Counts [3] of the tokens at the draft positions each row reached (position j < k with j <= accepted)."""
+    args = _designed(ROWS, one_hot)
+    emitted, n = (t.cpu() for t in sampler(*args))
+    k = args[0].shape[1]
+    reached = torch.arange(k) <= n[:, None]  # [rows, k]
+    return torch.bincount(emitted[:, :k][reached], minlength=3).double()
+
+
+def _kernel_mutant(bug):
+    import specdec.kernels.rejection_sample as rs
+
+    return mutant(rs, *KERNEL_BUGS[bug]).rejection_sample_triton
+
+
+@pytest.mark.parametrize("one_hot", [False, True], ids=["draft-probs", "one-hot"])
+def test_the_kernel_samples_the_targets_distribution(one_hot):
+    check(_draft_position_counts(rejection_sample_triton, one_hot), TARGET)
+
+
+def test_the_kernel_statistics_have_power_against_10_percent_biases():
+    def first_token(accept, residual):
+        return accept + (1 - accept.sum()) * residual / residual.sum()
+
+    p, q, d = TARGET, DRAFT, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+    reached = sum(float(torch.minimum(p, q).sum()) ** j for j in range(K))  # draft positions a row reaches
+    for bad, draws in ((first_token(torch.minimum(q, 1.1 * p), (p - q).clamp(min=0)), ROWS * reached),
+                       (first_token(torch.minimum(q, p), (p - 0.9 * q).clamp(min=0)), ROWS * reached),
+                       (first_token(torch.minimum(d, p), p), ROWS)):  # one-hot: one draft position a row
+        assert power(noncentrality(p, bad, int(draws)), 2) > 0.999
+
+
+@pytest.mark.parametrize("bug", list(KERNEL_BUGS))
+def test_the_kernel_statistics_catch_small_biases(bug):
+    counts = _draft_position_counts(_kernel_mutant(bug), one_hot=bug.startswith("one-hot"))
+    assert rejects(counts, TARGET)
+
+
+def _boundary_rows(per_bug=24):
+    """Rows where a 10% acceptance or residual bias changes what is emitted: random candidates (6 ids, k = 2,
+    draft distributions and one-hot drafts alike), kept where the reference with the bug disagrees with it."""
+    import specdec.kernels.rejection_sample as rs
+
+    chosen = []
+    for one_hot in (False, True):
+        args = _case(20_000, 2, 6, one_hot, seed=11)
+        want = rejection_sample_reference(*args)[0]
+        for bug in (ACCEPT_BIAS, RESIDUAL_BIAS, ONE_HOT_KEPT):
+            got = mutant(rs, *bug).rejection_sample_reference(*args)[0]
+            rows = (got != want).any(dim=1).nonzero().squeeze(1)[:per_bug]
+            if len(rows):
+                chosen.append(tuple(None if t is None else t[rows] for t in args))
+    return chosen
+
+
+@pytest.mark.parametrize("bug", [None, "acceptance-10%", "residual-10%", "one-hot-draft-kept"])
+def test_the_kernel_is_bit_identical_at_the_acceptance_and_residual_boundaries(bug):
+    """On rows at the boundary a biased kernel departs from the reference (its companions: the bugs)."""
+    kernel = rejection_sample_triton if bug is None else _kernel_mutant(bug)
+    same = [torch.equal(kernel(*args)[0], rejection_sample_reference(*args)[0]) for args in _boundary_rows()]
+    assert all(same) if bug is None else not all(same)
