@@ -87,7 +87,7 @@ def _generate(args) -> int:
                     top_k=args.top_k)
 
     def run(draft_model, streamer, max_new_tokens=args.max_new_tokens):
-        return specdec.generate(model, ids, draft_model=draft_model, num_draft_tokens=k,
+        return specdec.generate(model, ids, torch.ones_like(ids), draft_model=draft_model, num_draft_tokens=k,
                                 max_new_tokens=max_new_tokens, **sampling, streamer=streamer,
                                 generator=torch.Generator().manual_seed(args.seed), return_dict_in_generate=True)
 

@@ -14,6 +14,7 @@ order) on every prefix, and multiplies the conditionals.
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import types
 
@@ -22,6 +23,7 @@ from scipy import stats as scipy_stats
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 ALPHA = 1e-5  # false-alarm rate of one aggregate test
+SEED = int(os.environ.get("SPECDEC_TEST_SEED", "0"))  # the statistical tests' seed (tests/mutation_check.py varies it)
 MIN_EXPECTED = 5.0  # cells expected below this many counts are pooled
 
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 from conftest import one_layer_llama, tiny_head
-from distribution import (check, chi_square, joint_counts, mutant, noncentrality, power, reference_joint,
-                          rejects)
+from distribution import (SEED, check, chi_square, joint_counts, mutant, noncentrality, power,
+                          reference_joint, rejects)
 
 import specdec
 from specdec.sampling import SamplingConfig, verify
@@ -126,7 +126,7 @@ def _draft(kind, target):
             "constant": ConstantProposer, "plain": lambda: None}[kind]()
 
 
-def _sampled(target, draft, k, knobs, prompts=(PROMPT,), rows=N, eos=None, seed=0):
+def _sampled(target, draft, k, knobs, prompts=(PROMPT,), rows=N, eos=None, seed=SEED):
     """Counts [8, 8, 8] of the first NEW tokens for each prompt (rows / len(prompts) rows each, left-padded)."""
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts]).repeat_interleave(rows // len(prompts), 0)
