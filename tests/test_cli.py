@@ -39,7 +39,13 @@ def test_generate_streams_and_prints_the_stats_table(checkpoint):
     assert out.returncode == 0, out.stderr
     assert "tokens/s" in out.stderr and "tokens per target forward" in out.stderr
     assert "acceptance rate            1.000" in out.stderr  # the model drafting for itself
-    assert out.stdout.strip()  # the streamed text
+    # the streamed text is the generated tokens decoded: the same greedy generation run here, on the same checkpoint
+    import specdec
+
+    model, tokenizer = specdec.load(str(checkpoint), dtype="float32")
+    ids = tokenizer("w5 w6 w7", return_tensors="pt")["input_ids"]
+    text = tokenizer.decode(specdec.generate(model, ids, max_new_tokens=6)[0, ids.shape[1]:], skip_special_tokens=True)
+    assert text.strip() and out.stdout.strip() == text.strip(), (out.stdout, text)
 
 
 def test_generate_shows_speculation_and_its_speedup_by_default(checkpoint):

@@ -160,8 +160,11 @@ def test_shipped_draft_greedy_equals_plain_and_is_accepted(models):
     model, tokenizer, _ = models
     draft, draft_tokenizer = specdec.load("smollm2-135m-instruct-draft")
     assert draft_tokenizer.get_vocab() == tokenizer.get_vocab()
-    # first-position acceptance: 0.33 on the held-out answers; random draft: ~0
-    assert _first_position_acceptance(model, tokenizer, draft) > 0.15
+    # first-position acceptance on these 5 prompts, measured (2-core x86-64 CPU, torch 2.13, float32 target):
+    # 0.25 and 0.28 in two runs (its k = 3 part, deterministic: 22/90 = 0.24; its "auto" part follows timings,
+    # 16/48 = 0.33 in the second run, ~0.25 in the first). A draft half as good would read ~0.13; a random one
+    # ~0. The floor lies midway between the halved draft and the lower measurement.
+    assert _first_position_acceptance(model, tokenizer, draft) > 0.19
 
 
 def test_shipped_draft_is_a_transformers_checkpoint_under_40_mb(models):
@@ -195,7 +198,11 @@ def test_shipped_head_greedy_equals_plain_and_is_accepted(models):
     assert isinstance(head, DraftHead) and head_tokenizer.get_vocab() == tokenizer.get_vocab()
     folder = Path(REGISTRY["smollm2-135m-instruct-head"]())
     assert sum(f.stat().st_size for f in folder.iterdir()) <= 40 * 2**20
-    assert _first_position_acceptance(model, tokenizer, head) > 0.2
+    # first-position acceptance on these 5 prompts, measured (2-core x86-64 CPU, torch 2.13, float32 target):
+    # 0.65 and 0.63 in two runs (its k = 3 part, deterministic: 36/56 = 0.64; its "auto" part follows timings,
+    # 26/43 = 0.60 in the second run). A head half as good would read ~0.32. The floor lies 0.13 below the
+    # lower measurement (room for "auto" and another CPU's rounding), 0.18 above the halved head.
+    assert _first_position_acceptance(model, tokenizer, head) > 0.5
 
 
 def test_the_target_writes_user_messages_for_distillation(models, tmp_path):

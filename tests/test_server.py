@@ -431,9 +431,80 @@ def greedy_no_eos(ids, max_new):
     return out[0, len(ids):].tolist()
 
 
-def test_sampling_parameters_reach_the_engine(server):
-    """temperature, top_p, seed and the top_k extension are accepted (their effect is tested on the engine)."""
-    for seed in (5, -2**63):  # torch's seeds are unsigned: a negative one wraps around
+@pytest.fixture(scope="module")
+def seeded_server():
+    """A server whose seeded requests reproduce their tokens: n-gram lookup, a deterministic proposer, at a fixed
+    k (a sampling draft model's drafts come from the engine's own generator, which no request seeds; "auto"
+    picks k by timings). Its engine's steps are recorded, so a test reads the token ids each request got (the
+    API returns text, and special ids decode to nothing): ``server.emitted[request id]``."""
+    engine = Engine(tiny_model("llama"), "ngram", num_draft_tokens=3, max_num_seqs=8, kv_blocks=200, block_size=4)
+    emitted = {}
+    step = engine.step
+
+    def recording():
+        outputs = step()
+        for out in outputs:
+            emitted.setdefault(out.request_id, []).extend(out.new_token_ids)
+        return outputs
+
+    engine.step = recording
+    with Server(engine) as s:
+        s.emitted = emitted
+        yield s
+
+
+def sampled(server, prompt: str, max_tokens: int = 24, top_k: int | None = None, **settings) -> list[int]:
+    """One completion with these settings (top_k in the extra body, as clients send it); its token ids."""
+    out = server.client().completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens,
+                                             **({} if top_k is None else {"extra_body": {"top_k": top_k}}), **settings)
+    ids = server.emitted[out.id.removeprefix("cmpl-")]
+    assert out.choices[0].text == text_of(ids) and out.usage.completion_tokens == len(ids)
+    return ids
+
+
+def test_the_same_seed_gives_the_same_tokens_and_other_seeds_other_tokens(seeded_server):
+    for settings in (dict(temperature=1.0), dict(temperature=0.9, top_p=0.95, top_k=20)):
+        first = sampled(seeded_server, "abc", seed=42, **settings)
+        assert sampled(seeded_server, "abc", seed=42, **settings) == first, settings
+        assert first != greedy(TOKENIZER("abc")["input_ids"], 24)  # (it did sample)
+        # a seed picks the draws: another seed differs (a few tries: two seeds may agree by chance)
+        assert any(sampled(seeded_server, "abc", seed=seed, **settings) != first for seed in (1, 2, 3)), settings
+    # OpenAI's seeds are signed: a negative one wraps onto torch's unsigned seeds, and reproduces as well
+    first = sampled(seeded_server, "abc", seed=-2**63, temperature=1.0)
+    assert sampled(seeded_server, "abc", seed=-2**63, temperature=1.0) == first
+
+
+@pytest.mark.parametrize("filter", [{"top_k": 1}, {"top_p": 1e-6}], ids=["top_k=1", "top_p=1e-6"])
+def test_a_filter_that_keeps_one_token_gives_the_greedy_tokens(seeded_server, filter):
+    """top_k = 1, or a top_p below any token's probability, keeps only the target's first choice: sampling at
+    temperature 1 then emits exactly the greedy tokens (without the filter, these seeds sample others)."""
+    for prompt, seed in (("Hello there", 0), ("The sky is", 1)):
+        assert sampled(seeded_server, prompt, temperature=1.0, seed=seed, **filter) == greedy(
+            TOKENIZER(prompt)["input_ids"], 24), (prompt, seed)
+
+
+def test_top_k_2_samples_only_the_target_s_top_2(seeded_server):
+    """At a hot temperature (2.0) most of the mass lies outside the top 2; with top_k = 2 every token is one
+    of the target's two first choices at its position (computed here from the model over the prompt and the
+    tokens before it), and some are the second (it did sample)."""
+    target = tiny_model("llama")
+    second = 0
+    for prompt, seed in (("abc", 7), ("Hello there", 8), ("x", 9)):
+        ids = TOKENIZER(prompt)["input_ids"]
+        out = sampled(seeded_server, prompt, temperature=2.0, seed=seed, top_k=2)
+        with torch.inference_mode():
+            logits = target(torch.tensor([ids + out])).logits[0, len(ids) - 1: -1]  # [len(out), vocab]
+        top2 = logits.topk(2, dim=-1).indices.tolist()
+        for j, t in enumerate(out):
+            assert t in top2[j], (prompt, j, t, top2[j])
+        second += sum(t == pair[1] for t, pair in zip(out, top2))
+    assert second >= 3
+
+
+def test_sampling_parameters_are_accepted_with_a_sampling_draft(server):
+    """temperature, top_p, seed (a negative one wraps onto torch's unsigned seeds) and the top_k extension,
+    through the engine with a sampling draft model."""
+    for seed in (5, -2**63):
         out = server.client().completions.create(model="tiny", prompt="abc", max_tokens=16, temperature=0.9,
                                                  top_p=0.8, seed=seed, extra_body={"top_k": 20})
         assert 1 <= out.usage.completion_tokens <= 16 and out.choices[0].finish_reason in ("stop", "length")

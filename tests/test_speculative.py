@@ -98,14 +98,33 @@ def test_random_draft_stats_and_table():
     assert "tokens per target forward" in text and "acceptance rate" in text
 
 
-def test_auto_k_stays_exact_and_picks_plain_for_a_useless_draft():
+def test_auto_k_stays_exact_and_picks_plain_for_a_useless_draft(monkeypatch):
+    """A draft the target (almost) never agrees with: after its probes and the plain steps that time the unit,
+    the controller decides k = 0 on the large majority of its steps (it may pay a few k = 1 steps until it is
+    sure, and a reprobe now and then), not merely on the plain last step that every generation ends with."""
+    from specdec.speculative import DraftLength
+
+    decided = []  # what the controller returned, step by step
+    decide = DraftLength.next
+
+    def spy(self, stats):
+        k = decide(self, stats)
+        decided.append(k)
+        return k
+
+    monkeypatch.setattr(DraftLength, "next", spy)
     target, draft = tiny_model("llama"), _draft("random", "llama")
     ids = torch.tensor([[3, 4, 5]])
     plain = specdec.generate(target, ids, max_new_tokens=40, eos_token_id=[])
     out = specdec.generate(target, ids, max_new_tokens=40, eos_token_id=[], draft_model=draft,
                            num_draft_tokens="auto", return_dict_in_generate=True)
     assert torch.equal(out.sequences, plain)
-    assert out.stats.steps_by_k.get(0, 0) > 0  # speculation did not pay: plain steps were chosen
+    # measured: [4, 4, 0, 0, ..., 0, 1 (a reprobe), 0, ..., 0], 39 steps: 33 of the 34 after the first five are 0
+    assert decided[:2] == [DraftLength.PROBE] * 2  # (the first probe is the prefill, untimed)
+    after = decided[2 + DraftLength.PLAIN_SAMPLES:]
+    assert after.count(0) >= 0.75 * len(after), decided
+    assert len(after) >= 20, decided  # (a step per token, mostly)
+    assert out.stats.steps_by_k.get(0, 0) >= 0.75 * out.stats.target_passes  # speculation did not pay
 
 
 def _oracle_on_its_own_clock(monkeypatch):
