@@ -10,7 +10,11 @@ Memory is a pool of fixed-size blocks per model (``KVPool``), shared by all sequ
 blocks that cover its cached positions plus this step's drafts, and gives back the ones past its accepted
 length after every step. Admission waits for free blocks; when the pool runs dry mid-generation the youngest
 sequence is preempted (its blocks freed, its tokens kept) and recomputed from its prompt and output when
-it is readmitted, so its output is unchanged.
+it is readmitted. Its greedy output is unchanged, and so are a seeded sampled request's tokens with no draft,
+a deterministic proposer (n-gram) or a greedily drafting model at a fixed k (tests/test_engine.py). Two
+cases keep only the distribution: drafts sampled by a draft model or head come from the engine's own
+generator, and a draft head cannot draft in the step that rebuilds a readmitted sequence (it has no features
+yet), so that step is plain where it would have drafted and the request's later random draws shift.
 
 Scheduling: a step is either a prefill step (the newly admitted or readmitted sequences, with their first
 drafts) or a decode step (every running sequence). Mixing them would pad every decode row to the longest
