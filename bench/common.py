@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from specdec.stats import synchronize
+from specdec.stats import median_ratio, synchronize
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -65,8 +65,7 @@ def verification_cost(model, ks, context: int, repeats: int, device="cpu") -> di
             synchronize(device)
             times[t].append(time.perf_counter() - start)
             cache.rollback(context)
-    plain = statistics.median(times[1])
-    return {t - 1: statistics.median(ts) / plain for t, ts in times.items() if t > 1}
+    return {t - 1: median_ratio(ts, times[1]) for t, ts in times.items() if t > 1}
 
 
 def weight_bytes(model) -> int:

@@ -145,13 +145,14 @@ def _distill(args) -> int:
     import dataclasses
 
     from specdec.distill import HEAD, DistillConfig, distill
+    from specdec.stats import speedup
 
     fields = {f.name for f in dataclasses.fields(DistillConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None and k != "head"}
     config = DistillConfig(**{**(HEAD if args.head else {}), **given})
     report = distill(args.target, args.out, config, resume=args.resume, device=args.device)
     per_k = report["tokens_per_target_forward"]
-    best = max(per_k, key=lambda k: per_k[k] / (k * report["cost_ratio_c"] + 1))
+    best = max(per_k, key=lambda k: speedup(per_k[k], int(k), report["cost_ratio_c"]))
     agreement = report.get("agreement", report.get("first_draft_agreement"))
     print(f"held-out greedy agreement {agreement:.3f} over {report['answer_tokens']} answer tokens; "
           f"c = {report['cost_ratio_c']:.3f}; tokens per target forward at k={best}: {per_k[best]:.2f}; "

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from specdec.prompts import training_prompts
 from specdec.sampling import SamplingConfig, sample
-from specdec.stats import synchronize
+from specdec.stats import median_ratio, synchronize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -450,8 +450,6 @@ def _decode_step(model, context: int, head_of=None):
 def cost_ratio(draft, target, context: int = 64, repeats: int = 30) -> float:
     """c: one draft decode step over one target decode step (native models, batch 1, ``context`` tokens in
     the cache), medians of ``repeats`` alternating timings so that machine noise hits both alike."""
-    import statistics
-
     from specdec.models.head import DraftHead
     from specdec.models.loading import as_native
 
@@ -466,7 +464,7 @@ def cost_ratio(draft, target, context: int = 64, repeats: int = 30) -> float:
             step()
             synchronize(target.device)
             times[i].append(time.perf_counter() - start)
-    return statistics.median(times[0]) / statistics.median(times[1])
+    return median_ratio(times[0], times[1])
 
 
 def feature_records(target, tokenizer, config: DistillConfig, sample_fraction: float, start: int,

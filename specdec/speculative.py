@@ -17,7 +17,7 @@ from transformers import GenerationConfig
 from specdec.proposers import DraftModelProposer, HeadProposer, NGramProposer
 from specdec.sampling import SamplingConfig, verify
 from specdec.state import DecodeState
-from specdec.stats import SpecStats, expected_tokens, synchronize
+from specdec.stats import SpecStats, predicted_speedup, synchronize
 
 MAX_AUTO_DRAFT_TOKENS = 8
 
@@ -221,7 +221,7 @@ class DraftLength:
 
         def best_k(alpha: float) -> int:
             return max(range(self.k + 1),
-                       key=lambda k: (1 + fill * (expected_tokens(alpha, k) - 1)) / (k * draft + verify_cost(k)))
+                       key=lambda k: predicted_speedup(alpha, k, draft, verify_cost(k), fill))
 
         k = best_k(alpha)
         if k == 0:

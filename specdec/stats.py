@@ -1,4 +1,10 @@
-"""SpecStats: the figures of one generate() call, as README.md's "Benchmark" and "How it works" sections name them."""
+"""The cost model and SpecStats, the figures of one generate() call (as README.md's "Benchmark" and "How it
+works" sections name them).
+
+Every cost-model figure is computed here, once: the draft cost ratio c, the verification cost v(k), the
+expected tokens E(alpha, k), the predicted speedup and the round budget. SpecStats, the k controller
+(``speculative.DraftLength``), distillation's evaluation and the benchmark call these functions.
+"""
 
 from __future__ import annotations
 
@@ -21,9 +27,36 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-def predicted_speedup(alpha: float, k: int, cost_ratio: float) -> float:
-    """Leviathan et al. 2023: E / (k * c + 1)."""
-    return expected_tokens(alpha, k) / (k * cost_ratio + 1.0)
+def speedup(tokens_per_round: float, k: int, cost_ratio: float, verify_cost: float = 1.0) -> float:
+    """Speedup over plain decoding at batch 1: a round emits ``tokens_per_round`` tokens (a plain step one)
+    and costs k draft steps of c plain steps each plus a verification pass of v(k) plain steps."""
+    return tokens_per_round / (k * cost_ratio + verify_cost)
+
+
+def predicted_speedup(alpha: float, k: int, cost_ratio: float, verify_cost: float = 1.0,
+                      fill: float = 1.0) -> float:
+    """Tokens a round emits over what it costs in plain steps: (1 + fill * (E - 1)) / (k * c + v(k)).
+
+    verify_cost  v(k): a verification pass over k + 1 tokens in plain steps (1: Leviathan et al. 2023's
+                 assumption, which makes this their E / (k * c + 1))
+    fill         the share of asked-for drafts a proposer offers (1 for a draft model; n-gram lookup's match
+                 rate: a row without a match gains nothing)"""
+    return speedup(1.0 + fill * (expected_tokens(alpha, k) - 1.0), k, cost_ratio, verify_cost)
+
+
+def cost_ratio(draft_seconds: float, draft_passes: int, target_seconds: float, target_passes: int) -> float | None:
+    """c = seconds per draft forward / seconds per target forward (None without both timings)."""
+    if not draft_passes or not target_passes or not target_seconds:
+        return None
+    return (draft_seconds / draft_passes) / (target_seconds / target_passes)
+
+
+def median_ratio(times: list[float], unit_times: list[float]) -> float:
+    """median(times) / median(unit_times): c from alternating draft and target step timings, v(k) from a
+    k + 1-token pass's and a one-token pass's (medians, so that a burst of machine noise hits neither)."""
+    import statistics
+
+    return statistics.median(times) / statistics.median(unit_times)
 
 
 def round_budget(round_seconds: float, verify_seconds: float, draft_seconds: float,
@@ -122,9 +155,7 @@ class SpecStats:
     @property
     def cost_ratio(self) -> float | None:
         """c = seconds per draft forward / seconds per target forward (measured; None without a draft)."""
-        if not self.timed_draft_passes or not self.timed_target_passes or not self.target_seconds:
-            return None
-        return (self.draft_seconds / self.timed_draft_passes) / (self.target_seconds / self.timed_target_passes)
+        return cost_ratio(self.draft_seconds, self.timed_draft_passes, self.target_seconds, self.timed_target_passes)
 
     @property
     def predicted_speedup(self) -> float | None:
