@@ -71,11 +71,13 @@ def _generate(args) -> int:
 
     import specdec
     from specdec.kernels import cpu
-    from specdec.models.loading import load_draft
+    from specdec.models.loading import checkpoint_folder, load_draft
 
     k = _num_draft_tokens(args.num_draft_tokens)
     draft_name = _draft_name(args.model, args.draft)
     costs, tick = {}, time.perf_counter()
+    checkpoint_folder(args.model)  # a GGUF file is converted to a float checkpoint on its first use, then cached
+    costs["checkpoint"], tick = time.perf_counter() - tick, time.perf_counter()
     model, tokenizer = specdec.load(args.model, dtype=args.dtype)
     draft = load_draft(draft_name, args.dtype) if draft_name else None
     costs["loading"], tick = time.perf_counter() - tick, time.perf_counter()
@@ -91,7 +93,8 @@ def _generate(args) -> int:
                                 max_new_tokens=max_new_tokens, **sampling, streamer=streamer,
                                 generator=torch.Generator().manual_seed(args.seed), return_dict_in_generate=True)
 
-    run(draft, None, max_new_tokens=min(8, args.max_new_tokens))  # warm-up: the first call of each path
+    for warm in {draft, None}:  # warm-up: the first call of each path that runs below
+        run(warm, None, max_new_tokens=min(8, args.max_new_tokens))
     costs["warm-up"] = time.perf_counter() - tick
     timing = _Timing(TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
     out = run(draft, timing)
@@ -112,7 +115,8 @@ def _generate(args) -> int:
     spec_rate, plain_rate = timing.decode_rate(out.stats.emitted), plain_timing.decode_rate(plain.stats.emitted)
     print(f"-- plain decoding of the same prompt: {plain.stats.emitted} tokens, decoding {_rate(plain_rate)}",
           file=sys.stderr)
-    speedup = f"speedup {spec_rate / plain_rate:.2f}x over plain decoding" if spec_rate and plain_rate else ""
+    speedup = (f"speedup {spec_rate / plain_rate:.2f}x over plain decoding" if spec_rate and plain_rate
+               else "too few tokens to time decoding")
     same = torch.equal(out.sequences, plain.sequences)
     if not sampling["do_sample"]:
         verdict = ("the two outputs are identical, token for token" if same else
@@ -130,8 +134,8 @@ def _rate(rate: float | None) -> str:
 
 def _print_costs(costs: dict, timing: _Timing) -> None:
     costs = dict(costs, prefill=timing.prefill_seconds)
-    print("-- not in the speeds above (one-time costs; the first run on a machine also converts the GGUF and builds "
-          "the C kernels, cached for later runs): " + ", ".join(f"{name} {s:.2f} s" for name, s in costs.items()),
+    print("-- not in the speeds above (one-time costs; a machine's first run converts the GGUF and builds the C "
+          "kernels, both cached for later runs): " + ", ".join(f"{name} {s:.2f} s" for name, s in costs.items()),
           file=sys.stderr)
 
 

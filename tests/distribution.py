@@ -13,6 +13,7 @@ order) on every prefix, and multiplies the conditionals.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import sys
@@ -79,17 +80,35 @@ def joint_counts(new_tokens: torch.Tensor, vocab: int, eos: int | None = None) -
     return torch.bincount(cells, minlength=(vocab + 1) ** new).reshape([vocab + 1] * new).double()
 
 
+def _pooled(expected: torch.Tensor) -> torch.Tensor:
+    """Cell -> group: cells expected at >= MIN_EXPECTED alone; the rest pooled into one group, which takes the
+    smallest of the others too until it reaches MIN_EXPECTED itself (a pooled cell far below it would
+    make the chi-square law a poor guide to the false-alarm rate). expected [cells] -> group ids [cells]"""
+    order = torch.argsort(expected)
+    pooled = torch.zeros_like(expected, dtype=torch.bool)
+    total = 0.0
+    for i in order.tolist():
+        if expected[i] >= MIN_EXPECTED and (total == 0.0 or total >= MIN_EXPECTED):
+            break
+        pooled[i], total = True, total + float(expected[i])
+    groups = torch.arange(len(expected))
+    groups[pooled] = -1
+    return torch.unique(groups, return_inverse=True)[1]
+
+
+def _grouped(x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(int(groups.max()) + 1, dtype=torch.float64).index_add_(0, groups, x.double())
+
+
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
-    """Pearson's statistic and its degrees of freedom; cells expected below MIN_EXPECTED pooled into one
-    (cells of probability 0 must hold no counts: ``check`` says so apart)."""
+    """Pearson's statistic and its degrees of freedom over the cells pooled by ``_pooled`` (cells of
+    probability 0 must hold no counts: ``check`` says so apart)."""
     counts, probs = counts.reshape(-1).double(), probs.reshape(-1).double()
-    expected = counts.sum() * probs
-    small = expected < MIN_EXPECTED
-    obs = torch.cat((counts[~small], counts[small].sum()[None]))
-    exp = torch.cat((expected[~small], expected[small].sum()[None]))
-    keep = exp > 0
-    obs, exp = obs[keep], exp[keep]
-    return float(((obs - exp) ** 2 / exp).sum()), int(keep.sum()) - 1
+    live = probs > 0
+    counts, probs = counts[live], probs[live]
+    groups = _pooled(counts.sum() * probs)
+    obs, exp = _grouped(counts, groups), _grouped(counts.sum() * probs, groups)
+    return float(((obs - exp) ** 2 / exp).sum()), len(exp) - 1
 
 
 def threshold(df: int, alpha: float = ALPHA) -> float:
@@ -97,14 +116,13 @@ def threshold(df: int, alpha: float = ALPHA) -> float:
 
 
 def noncentrality(probs: torch.Tensor, wrong: torch.Tensor, n: int) -> float:
-    """lambda = n * sum((wrong - probs)^2 / probs) over the cells of probability > 0 (pooled as ``chi_square``
-    pools them): the statistic's noncentral chi-square parameter when n rows come from ``wrong``."""
+    """lambda = n * sum((wrong - probs)^2 / probs) over the cells pooled as ``chi_square`` pools them: the
+    statistic's noncentral chi-square parameter when n rows come from ``wrong``."""
     p, q = probs.reshape(-1).double(), wrong.reshape(-1).double()
-    small = n * p < MIN_EXPECTED
-    p = torch.cat((p[~small], p[small].sum()[None]))
-    q = torch.cat((q[~small], q[small].sum()[None]))
-    keep = p > 0
-    return float(n * ((q[keep] - p[keep]) ** 2 / p[keep]).sum())
+    live = p > 0
+    groups = _pooled(n * p[live])
+    p, q = _grouped(p[live], groups), _grouped(q[live], groups)
+    return float(n * ((q - p) ** 2 / p).sum())
 
 
 def power(lam: float, df: int, alpha: float = ALPHA) -> float:
@@ -146,6 +164,51 @@ def rejects(counts: torch.Tensor, probs: torch.Tensor) -> bool:
     return False
 
 
+#: Deliberate bugs of the samplers, (file, old text, new text): the statistical tests' companions run each
+#: one in-process (``mutant``) and must fail; tests/mutation_check.py places them in a copy of the checkout.
+SAMPLER_BUGS = {
+    "acceptance +10% (reference)": ("kernels/rejection_sample.py",
+                                    "accept = (uniforms * p_draft < p_target) & in_row",
+                                    "accept = (uniforms * p_draft < 1.1 * p_target) & in_row"),
+    "acceptance +10% (Triton)": ("kernels/rejection_sample.py", "ok = going & (j < nd) & (u * p_d < p_t)",
+                                 "ok = going & (j < nd) & (u * p_d < 1.1 * p_t)"),
+    "residual max(0, p - 0.9 q) (reference)": ("kernels/rejection_sample.py",
+                                               "residual = torch.clamp(target_n - torch.where(",
+                                               "residual = torch.clamp(target_n - 0.9 * torch.where("),
+    "residual max(0, p - 0.9 q) (Triton)": ("kernels/rejection_sample.py", "tl.maximum(t - d, 0.0)",
+                                            "tl.maximum(t - 0.9 * d, 0.0)"),
+    "deterministic draft kept in the residual (reference)": (
+        "kernels/rejection_sample.py",
+        "draft_n = (torch.arange(target_n.shape[-1], device=x_n.device) == x_n).to(target_n.dtype)",
+        "draft_n = torch.zeros_like(target_n)"),
+    "deterministic draft kept in the residual (Triton)": (
+        "kernels/rejection_sample.py", "d = tl.where(v == tl.where(has_draft, one_hot_token, -1), 1.0, 0.0)",
+        "d = tl.where(v == -1, 1.0, 0.0)"),
+    "resample from the target on rejection": (
+        "kernels/rejection_sample.py",
+        "residual = torch.clamp(target_n - torch.where(has_draft, draft_n, 0.0), min=0.0)", "residual = target_n"),
+    "top-p keeps one token fewer than the nucleus": (
+        "specdec/sampling.py", "keep[rows[done]].scatter(1, ids[done], above[done] < top_p)",
+        "keep[rows[done]].scatter(1, ids[done], (above[done] < top_p) & ((above[done] + top[done] < top_p) "
+        "| (above[done] == 0)))"),
+    "draft tokens not drawn from draft_probs": (
+        "specdec/proposers.py", "token = sample(p, state.generator)",
+        "token = sample(p.sqrt() / p.sqrt().sum(-1, keepdim=True), state.generator)"),
+}
+
+
+def first_token(accept: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """The first emitted token's distribution [V] when the first draft is kept with probability mass
+    ``accept`` [V] and a rejection draws from ``residual`` [V] normalised: accept + (1 - sum accept) * r."""
+    return accept + (1 - accept.sum()) * residual / residual.sum()
+
+
+def bug(name: str, module: types.ModuleType) -> types.ModuleType:
+    """``module`` with the bug SAMPLER_BUGS[name] in it."""
+    _, old, new = SAMPLER_BUGS[name]
+    return mutant(module, old, new)
+
+
 def mutant(module: types.ModuleType, old: str, new: str) -> types.ModuleType:
     """A copy of ``module`` compiled from its source with ``old`` (which must occur once) replaced by ``new``:
     a deliberate bug for a test to show that it catches it, without touching the file."""
@@ -155,7 +218,7 @@ def mutant(module: types.ModuleType, old: str, new: str) -> types.ModuleType:
     source = inspect.getsource(module)
     assert source.count(old) == 1, f"{old!r} occurs {source.count(old)} times in {module.__name__}"
     source = source.replace(old, new)
-    name = f"<mutant of {module.__name__}: {new[:40]}>"
+    name = f"<mutant of {module.__name__} {hashlib.sha1(new.encode()).hexdigest()[:12]}>"
     # Triton reads a jit function's source through linecache: the mutated text must be what it finds
     linecache.cache[name] = (len(source), None, source.splitlines(True), name)
     copy = types.ModuleType(module.__name__ + "_mutant")

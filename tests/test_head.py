@@ -120,7 +120,7 @@ def test_sampling_with_a_head_matches_the_targets_distribution(k):
                            draft_model=_toy_head(target, 2), num_draft_tokens=k, generator=torch.Generator(),
                            return_dict_in_generate=True, **ALL)
     assert out.stats.proposed > 0  # the head drafted (after the prefill)
-    (counts,) = _sampled(target, _toy_head(target, 2), k, ALL)
+    (counts,) = _sampled(target, _toy_head(target, 2), k, ALL, 3)
     check(counts, reference_joint(target, PROMPT, 3, ALL))
 
 

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from distribution import SEED, check, mutant, noncentrality, power, rejects
-from test_sampling import ACCEPT_BIAS, ONE_HOT_KEPT, RESIDUAL_BIAS
+from distribution import SEED, bug, check, first_token, noncentrality, power, rejects
 
 from specdec.kernels.dispatch import triton_available
 from specdec.kernels.rejection_sample import (greedy_accept_reference, greedy_accept_triton,
@@ -73,13 +72,8 @@ def test_the_comparison_catches_a_wrong_residual(monkeypatch):
 TARGET = torch.tensor([0.925, 0.06, 0.015], dtype=torch.float64)
 DRAFT = torch.tensor([0.955, 0.0002, 0.0448], dtype=torch.float64)
 ROWS, K = 1500, 3
-KERNEL_BUGS = {  # the Triton kernel with one deliberate bug each (tests/distribution.mutant)
-    "acceptance-10%": ("ok = going & (j < nd) & (u * p_d < p_t)", "ok = going & (j < nd) & (u * p_d < 1.1 * p_t)"),
-    "residual-10%": ("r = tl.where(valid, tl.math.div_rn(tl.maximum(t - d, 0.0), e), -1.0)",
-                     "r = tl.where(valid, tl.math.div_rn(tl.maximum(t - 0.9 * d, 0.0), e), -1.0)"),
-    "one-hot-draft-kept": ("d = tl.where(v == tl.where(has_draft, one_hot_token, -1), 1.0, 0.0)",
-                           "d = tl.where(v == -1, 1.0, 0.0)"),
-}
+KERNEL_BUGS = ["acceptance +10% (Triton)", "residual max(0, p - 0.9 q) (Triton)",
+               "deterministic draft kept in the residual (Triton)"]  # tests/distribution.SAMPLER_BUGS
 
 
 def _designed(rows, one_hot, seed=SEED):
@@ -105,10 +99,10 @@ def _draft_position_counts(sampler, one_hot):
     return torch.bincount(emitted[:, :k][reached], minlength=3).double()
 
 
-def _kernel_mutant(bug):
+def _kernel_mutant(name):
     import specdec.kernels.rejection_sample as rs
 
-    return mutant(rs, *KERNEL_BUGS[bug]).rejection_sample_triton
+    return bug(name, rs).rejection_sample_triton
 
 
 @pytest.mark.parametrize("one_hot", [False, True], ids=["draft-probs", "one-hot"])
@@ -117,9 +111,6 @@ def test_the_kernel_samples_the_targets_distribution(one_hot):
 
 
 def test_the_kernel_statistics_have_power_against_10_percent_biases():
-    def first_token(accept, residual):
-        return accept + (1 - accept.sum()) * residual / residual.sum()
-
     p, q, d = TARGET, DRAFT, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
     reached = sum(float(torch.minimum(p, q).sum()) ** j for j in range(K))  # draft positions a row reaches
     for bad, draws in ((first_token(torch.minimum(q, 1.1 * p), (p - q).clamp(min=0)), ROWS * reached),
@@ -128,9 +119,9 @@ def test_the_kernel_statistics_have_power_against_10_percent_biases():
         assert power(noncentrality(p, bad, int(draws)), 2) > 0.999
 
 
-@pytest.mark.parametrize("bug", list(KERNEL_BUGS))
-def test_the_kernel_statistics_catch_small_biases(bug):
-    counts = _draft_position_counts(_kernel_mutant(bug), one_hot=bug.startswith("one-hot"))
+@pytest.mark.parametrize("name", KERNEL_BUGS)
+def test_the_kernel_statistics_catch_small_biases(name):
+    counts = _draft_position_counts(_kernel_mutant(name), one_hot=name.startswith("deterministic"))
     assert rejects(counts, TARGET)
 
 
@@ -143,17 +134,17 @@ def _boundary_rows(per_bug=24):
     for one_hot in (False, True):
         args = _case(20_000, 2, 6, one_hot, seed=11)
         want = rejection_sample_reference(*args)[0]
-        for bug in (ACCEPT_BIAS, RESIDUAL_BIAS, ONE_HOT_KEPT):
-            got = mutant(rs, *bug).rejection_sample_reference(*args)[0]
+        for name in KERNEL_BUGS:
+            got = bug(name.replace("(Triton)", "(reference)"), rs).rejection_sample_reference(*args)[0]
             rows = (got != want).any(dim=1).nonzero().squeeze(1)[:per_bug]
             if len(rows):
                 chosen.append(tuple(None if t is None else t[rows] for t in args))
     return chosen
 
 
-@pytest.mark.parametrize("bug", [None, "acceptance-10%", "residual-10%", "one-hot-draft-kept"])
-def test_the_kernel_is_bit_identical_at_the_acceptance_and_residual_boundaries(bug):
+@pytest.mark.parametrize("name", [None, *KERNEL_BUGS])
+def test_the_kernel_is_bit_identical_at_the_acceptance_and_residual_boundaries(name):
     """On rows at the boundary a biased kernel departs from the reference (its companions: the bugs)."""
-    kernel = rejection_sample_triton if bug is None else _kernel_mutant(bug)
+    kernel = rejection_sample_triton if name is None else _kernel_mutant(name)
     same = [torch.equal(kernel(*args)[0], rejection_sample_reference(*args)[0]) for args in _boundary_rows()]
-    assert all(same) if bug is None else not all(same)
+    assert all(same) if name is None else not all(same)

@@ -163,8 +163,9 @@ def test_shipped_draft_greedy_equals_plain_and_is_accepted(models):
     # first-position acceptance on these 5 prompts, measured (2-core x86-64 CPU, torch 2.13, float32 target):
     # 0.25 and 0.28 in two runs (its k = 3 part, deterministic: 22/90 = 0.24; its "auto" part follows timings,
     # 16/48 = 0.33 in the second run, ~0.25 in the first). A draft half as good would read ~0.13; a random one
-    # ~0. The floor lies midway between the halved draft and the lower measurement.
-    assert _first_position_acceptance(model, tokenizer, draft) > 0.19
+    # ~0. The floor (0.17) keeps ~2 standard errors of the ~138 reached positions below the lower measurement
+    # while a halved draft stays below it.
+    assert _first_position_acceptance(model, tokenizer, draft) > 0.17
 
 
 def test_shipped_draft_is_a_transformers_checkpoint_under_40_mb(models):

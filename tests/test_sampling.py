@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 from conftest import one_layer_llama, tiny_head
-from distribution import (SEED, check, chi_square, joint_counts, mutant, noncentrality, power,
-                          reference_joint, rejects)
+from distribution import (SAMPLER_BUGS, SEED, bug, check, chi_square, first_token, joint_counts, noncentrality,
+                          power, reference_joint, rejects)
 
 import specdec
+import specdec.speculative as generate_module
 from specdec.sampling import SamplingConfig, verify
 
 GREEDY = SamplingConfig()
@@ -96,15 +97,16 @@ def test_top_p_filter_is_transformers_warper(vocab):
 
 # ---------------------------------------------------------------------------------------------------------
 # The distribution, proved statistically (tests/distribution.py). N rows of one prompt go through one
-# generate() call; the first NEW tokens of every row are counted over their joint outcomes (8^3 = 512 cells:
-# the 7 ids and END after an EOS) and compared with transformers' own ancestral sampling, enumerated:
-# - a chi-square test over all cells, false alarm 1e-5 per test (cells expected below 5 pooled);
-# - the 6-sigma bound per cell (false alarm ~1e-6 over 512 cells), and no impossible outcome.
-# With max_new_tokens=3 and k >= 2 the first pass verifies 2 drafts, so acceptance after an accepted draft,
-# the residual at position 1 and the bonus after two drafts are all in play; later passes see rows with
-# different draft counts (ragged). Power: test_the_aggregate_test_has_power_against_10_percent_biases.
+# generate() call with max_new_tokens = max(3, k + 1), so that the first pass verifies all k drafts
+# (acceptance at every draft position, the residual there and the bonus after k drafts are in play; later
+# passes see rows with different draft counts). The new tokens of every row are counted over their joint
+# outcomes (the 7 ids and END after an EOS) and compared with transformers' own ancestral sampling,
+# enumerated: ``check`` runs a chi-square test over the joint and over each token's marginal, false alarm
+# 1e-5 a test (at most 6e-5 for a check of five tokens), plus a 6-sigma bound per cell. Its power against
+# a 10% acceptance bias, a 10% residual bias and a deterministic draft kept in the residual:
+# test_the_distribution_test_has_power_against_10_percent_biases.
 # ---------------------------------------------------------------------------------------------------------
-TOY_VOCAB, N, NEW = 7, 50_000, 3
+TOY_VOCAB, N = 7, 50_000
 PROMPT = [3, 1, 4]
 ALL = dict(temperature=0.9, top_k=5, top_p=0.9)
 
@@ -126,130 +128,108 @@ def _draft(kind, target):
             "constant": ConstantProposer, "plain": lambda: None}[kind]()
 
 
-def _sampled(target, draft, k, knobs, prompts=(PROMPT,), rows=N, eos=None, seed=SEED):
-    """Counts [8, 8, 8] of the first NEW tokens for each prompt (rows / len(prompts) rows each, left-padded)."""
+def _new(k):
+    return max(3, k + 1)
+
+
+def _sampled(target, draft, k, knobs, new, prompts=(PROMPT,), rows=N, eos=None, seed=SEED):
+    """Counts [8] * new of the first ``new`` tokens for each prompt (rows / len(prompts) rows each,
+    left-padded). top_k is passed explicitly (0 unless set), as the reference reads it: left out, generate()
+    would take transformers' default of 50."""
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts]).repeat_interleave(rows // len(prompts), 0)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]).repeat_interleave(
         rows // len(prompts), 0)
-    out = specdec.generate(target, ids, mask, max_new_tokens=NEW, eos_token_id=[] if eos is None else eos,
+    out = specdec.generate(target, ids, mask, max_new_tokens=new, eos_token_id=[] if eos is None else eos,
                            do_sample=True, draft_model=draft, num_draft_tokens=k,
-                           generator=torch.Generator().manual_seed(seed), **knobs)
-    new = torch.nn.functional.pad(out[:, width:], (0, NEW - (out.shape[1] - width)), value=0)  # (all ended)
-    return [joint_counts(group, TOY_VOCAB, eos) for group in new.chunk(len(prompts))]
+                           generator=torch.Generator().manual_seed(seed), **{"top_k": 0, **knobs})
+    tokens = torch.nn.functional.pad(out[:, width:], (0, new - (out.shape[1] - width)), value=0)  # (all ended)
+    return [joint_counts(group, TOY_VOCAB, eos) for group in tokens.chunk(len(prompts))]
 
 
 CASES = [("model", 1, ALL), ("model", 2, dict(temperature=0.7)), ("model", 3, dict(top_k=4)),
-         ("model", 4, dict(top_p=0.8)), ("head", 4, dict(temperature=1.3)),
-         ("ngram", 3, dict(temperature=1.3)), ("constant", 2, {}), ("constant", 4, ALL), ("plain", 1, ALL)]
+         ("model", 4, dict(top_p=0.8)), ("head", 4, dict(temperature=1.3)), ("ngram", 3, dict(temperature=1.3)),
+         ("constant", 2, {}), ("constant", 4, ALL), ("plain", 1, ALL)]
 
 
 @pytest.mark.parametrize("kind, k, knobs", CASES, ids=lambda x: "-".join(f"{a}{b}" for a, b in x.items())
                          if isinstance(x, dict) else str(x))
 def test_sampling_has_the_targets_distribution_on_every_path(kind, k, knobs):
+    """Draft models, a head (drafting over 5 of the 7 ids), n-gram lookup, a deterministic proposer and plain
+    sampling, k = 1..4, each warper alone and together. False alarm <= 6e-5 a case; power as stated above."""
     target = _toy(0)
-    (counts,) = _sampled(target, _draft(kind, target), k, knobs)
-    check(counts, reference_joint(target, PROMPT, NEW, knobs))
+    (counts,) = _sampled(target, _draft(kind, target), k, knobs, _new(k))
+    check(counts, reference_joint(target, PROMPT, _new(k), knobs))
 
 
 def test_ragged_batch_with_eos_inside_the_window_keeps_each_rows_distribution():
     """Two prompts of different lengths (left padding) in one batch, drafts from a model at k = 3, and as EOS
-    the id likeliest to end both prompts' rows inside the window (their later tokens are END)."""
+    the id likeliest to end both prompts' rows inside the window (their later tokens are END). Two checks of
+    four tokens: false alarm <= 1e-4."""
     target, prompts, knobs = _toy(0), ([3, 1, 4], [5, 2]), dict(temperature=1.3, top_k=6)
     first = [reference_joint(target, list(p), 1, knobs)[:TOY_VOCAB] for p in prompts]
     eos = int(torch.minimum(*first).argmax())
-    counts = _sampled(target, _toy(1), 3, knobs, prompts=prompts, eos=eos)
+    counts = _sampled(target, _toy(1), 3, knobs, _new(3), prompts=prompts, eos=eos)
     for prompt, c in zip(prompts, counts):
-        probs = reference_joint(target, list(prompt), NEW, knobs, eos=eos)
-        assert probs[eos, TOY_VOCAB, TOY_VOCAB] > 0.05  # rows that end at once: EOS is in play
+        probs = reference_joint(target, list(prompt), _new(3), knobs, eos=eos)
+        assert probs[eos].sum() > 0.05  # rows that end at once: EOS is in play
         check(c, probs)
 
 
-# Deliberate bugs (tests/distribution.mutant: the module recompiled with one line changed) that the tests
-# above must catch. Each named as in the mutation check (bench/mutants.py).
-ACCEPT_BIAS = ("accept = (uniforms * p_draft < p_target) & in_row", "accept = (uniforms * p_draft < 1.1 * p_target) & in_row")
-RESIDUAL_BIAS = ("residual = torch.clamp(target_n - torch.where(", "residual = torch.clamp(target_n - 0.9 * torch.where(")
-ONE_HOT_KEPT = ("draft_n = (torch.arange(target_n.shape[-1], device=x_n.device) == x_n).to(target_n.dtype)",
-                "draft_n = torch.zeros_like(target_n)")
+# The companions: each deliberate bug of tests/distribution.SAMPLER_BUGS, placed in-process, must fail the
+# tests above (tests/mutation_check.py places them in a copy of the files and runs the suite, at 3 seeds).
+BUG_CASES = {"acceptance +10% (reference)": ("model", 2, dict(temperature=0.7)),
+             "residual max(0, p - 0.9 q) (reference)": ("model", 2, dict(temperature=0.7)),
+             "deterministic draft kept in the residual (reference)": ("constant", 2, {}),
+             "resample from the target on rejection": ("model", 3, {}),
+             "top-p keeps one token fewer than the nucleus": ("model", 2, dict(top_p=0.8)),
+             "draft tokens not drawn from draft_probs": ("model", 3, dict(temperature=0.7, top_k=4))}
 
 
-def _with_mutant(monkeypatch, old, new):
+def _place(name, monkeypatch):
+    """Put SAMPLER_BUGS[name] where the code under test calls it."""
     import specdec.kernels.rejection_sample as rs
-
-    monkeypatch.setattr(rs, "rejection_sample_reference", mutant(rs, old, new).rejection_sample_reference)
-
-
-@pytest.mark.parametrize("bug, kind, k, knobs", [(ACCEPT_BIAS, "model", 2, dict(temperature=0.7)),
-                                                  (RESIDUAL_BIAS, "model", 2, dict(temperature=0.7)),
-                                                  (ONE_HOT_KEPT, "constant", 2, {})],
-                         ids=["acceptance-10%", "residual-10%", "one-hot-draft-kept-in-residual"])
-def test_the_distribution_test_catches_small_biases(bug, kind, k, knobs, monkeypatch):
-    target = _toy(0)
-    _with_mutant(monkeypatch, *bug)
-    (counts,) = _sampled(target, _draft(kind, target), k, knobs)
-    assert rejects(counts, reference_joint(target, PROMPT, NEW, knobs))
-
-
-def test_the_distribution_test_catches_a_top_p_that_keeps_one_token_fewer(monkeypatch):
-    """The reference is transformers' TopPLogitsWarper, not our filter: a nucleus one token short is caught."""
+    import specdec.proposers as proposers
     import specdec.sampling as sampling
 
-    broken = mutant(sampling, "keep[rows[done]].scatter(1, ids[done], above[done] < top_p)",
-                    "keep[rows[done]].scatter(1, ids[done], (above[done] < top_p) & "
-                    "((above[done] + top[done] < top_p) | (above[done] == 0)))")
-    monkeypatch.setattr(sampling, "top_p_filter", broken.top_p_filter)
+    path = SAMPLER_BUGS[name][0]
+    if path == "kernels/rejection_sample.py":
+        monkeypatch.setattr(rs, "rejection_sample_reference", bug(name, rs).rejection_sample_reference)
+    elif path == "specdec/sampling.py":
+        monkeypatch.setattr(sampling, "top_p_filter", bug(name, sampling).top_p_filter)
+    else:
+        monkeypatch.setattr(proposers, "DraftModelProposer", bug(name, proposers).DraftModelProposer)
+        monkeypatch.setattr(generate_module, "DraftModelProposer", proposers.DraftModelProposer)
+
+
+@pytest.mark.parametrize("name", list(BUG_CASES))
+def test_the_distribution_test_catches_small_biases(name, monkeypatch):
+    kind, k, knobs = BUG_CASES[name]
+    _place(name, monkeypatch)
     target = _toy(0)
-    (counts,) = _sampled(target, _toy(1), 2, dict(top_p=0.8))
-    assert rejects(counts, reference_joint(target, PROMPT, NEW, dict(top_p=0.8)))
+    (counts,) = _sampled(target, _draft(kind, target), k, knobs, _new(k))
+    assert rejects(counts, reference_joint(target, PROMPT, _new(k), knobs))
 
 
-def test_the_distribution_test_catches_resampling_from_the_target(monkeypatch):
-    """The classic bug: on rejection, resample from the target instead of the residual."""
-    _with_mutant(monkeypatch, "residual = torch.clamp(target_n - torch.where(has_draft, draft_n, 0.0), min=0.0)",
-                 "residual = target_n")
-    target = _toy(0)
-    (counts,) = _sampled(target, _toy(1), 3, {})
-    assert rejects(counts, reference_joint(target, PROMPT, NEW, {}))
-
-
-def test_the_distribution_test_catches_drafts_not_drawn_from_draft_probs(monkeypatch):
-    """transformers #32867 / vLLM #40149: the draft samples from one distribution and reports another."""
-    import specdec.proposers as proposers
-
-    real_sample = proposers.sample
-
-    def skewed(probs, generator):  # draws from probs**0.5, renormalised, but probs is what gets reported
-        flat = probs.sqrt()
-        return real_sample(flat / flat.sum(-1, keepdim=True), generator)
-
-    monkeypatch.setattr(proposers, "sample", skewed)
-    target = _toy(0)
-    (counts,) = _sampled(target, _toy(1), 3, dict(temperature=0.7, top_k=4))
-    assert rejects(counts, reference_joint(target, PROMPT, NEW, dict(temperature=0.7, top_k=4)))
-
-
-def test_the_aggregate_test_has_power_against_10_percent_biases():
-    """Power of ``check`` at N rows, from the noncentral chi-square law of its first-token marginal test. The
-    first token's distribution under each bug has a closed form (the first draft is accepted or recovered
-    from distributions that earlier rounds do not touch). At N = 50,000 (toy target and draft, temperature
-    0.7): lambda = 549 / 94 / 4182 for a 10% acceptance bias, a 10% residual bias and a one-hot draft kept
-    in the residual, over 6 degrees of freedom: power 1 - 1e-15 / 0.99999 / 1 (a false alarm: 1e-5 a test)."""
-    target, draft, knobs = _toy(0), _toy(1), dict(temperature=0.7)
-    p = reference_joint(target, PROMPT, 1, knobs)[:TOY_VOCAB]  # [V] the target's first token
-    q = reference_joint(draft, PROMPT, 1, knobs)[:TOY_VOCAB]  # [V] the draft's
+def test_the_distribution_test_has_power_against_10_percent_biases():
+    """Power of ``check`` at N rows, from the noncentral chi-square law of its first-token marginal test (a
+    lower bound: ``check`` fails when any of its tests does). The first token's distribution under each bug
+    has a closed form (the first draft is kept or recovered from distributions no earlier round touches),
+    in the settings of the companions above: at N = 50,000, toy target and draft, lambda = 549 for a 10%
+    acceptance bias and 94 for a 10% residual bias (temperature 0.7), 4725 for a deterministic draft kept in
+    the residual (temperature 1), over 6 degrees of freedom: power > 0.9999 each at a false alarm of 1e-5."""
+    target, draft = _toy(0), _toy(1)
+    p7, q7 = (reference_joint(m, PROMPT, 1, dict(temperature=0.7))[:TOY_VOCAB] for m in (target, draft))
+    p1 = reference_joint(target, PROMPT, 1, {})[:TOY_VOCAB]
     d = torch.nn.functional.one_hot(torch.tensor(2), TOY_VOCAB).double()  # the constant proposer's draft
-
-    def first_token(accept, residual):  # P(x) = accept(x) + (1 - sum(accept)) * residual(x) / sum(residual)
-        return accept + (1 - accept.sum()) * residual / residual.sum()
-
-    assert torch.allclose(first_token(torch.minimum(q, p), (p - q).clamp(min=0)), p)  # the rule is lossless
-    assert torch.allclose(first_token(torch.minimum(d, p), (p - d).clamp(min=0)), p)
-    wrong = {"acceptance": first_token(torch.minimum(q, 1.1 * p), (p - q).clamp(min=0)),
-             "residual": first_token(torch.minimum(q, p), (p - 0.9 * q).clamp(min=0)),
-             "one-hot": first_token(torch.minimum(d, p), p)}
-    _, df = chi_square(N * p, p)
-    for name, bad in wrong.items():
-        lam = noncentrality(p, bad, N)
+    assert torch.allclose(first_token(torch.minimum(q7, p7), (p7 - q7).clamp(min=0)), p7)  # the rule is lossless
+    assert torch.allclose(first_token(torch.minimum(d, p1), (p1 - d).clamp(min=0)), p1)
+    cases = {"acceptance": (p7, first_token(torch.minimum(q7, 1.1 * p7), (p7 - q7).clamp(min=0))),
+             "residual": (p7, first_token(torch.minimum(q7, p7), (p7 - 0.9 * q7).clamp(min=0))),
+             "one-hot": (p1, first_token(torch.minimum(d, p1), p1))}
+    for name, (p, wrong) in cases.items():
+        _, df = chi_square(N * p, p)
+        lam = noncentrality(p, wrong, N)
         assert power(lam, df) > 0.9999, (name, lam, df)
 
 

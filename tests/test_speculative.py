@@ -113,13 +113,19 @@ def test_auto_k_stays_exact_and_picks_plain_for_a_useless_draft(monkeypatch):
         return k
 
     monkeypatch.setattr(DraftLength, "next", spy)
-    target, draft = tiny_model("llama"), _draft("random", "llama")
-    ids = torch.tensor([[3, 4, 5]])
-    plain = specdec.generate(target, ids, max_new_tokens=40, eos_token_id=[])
-    out = specdec.generate(target, ids, max_new_tokens=40, eos_token_id=[], draft_model=draft,
+    target, ids, plain, Oracle = _oracle_on_its_own_clock(monkeypatch)  # timings on the test's own clock
+
+    class Useless:  # proposes what plain decoding does not emit, at 0.1 target passes a draft step
+        def propose(self, state, k):
+            Oracle.clock[0] += 0.1 * k
+            start = int(state.num_tokens[0])
+            return (plain[:, start:start + k] + 1) % target.vocab_size, None
+
+    out = specdec.generate(target, ids, max_new_tokens=40, eos_token_id=[], draft_model=Useless(),
                            num_draft_tokens="auto", return_dict_in_generate=True)
-    assert torch.equal(out.sequences, plain)
-    # measured: [4, 4, 0, 0, ..., 0, 1 (a reprobe), 0, ..., 0], 39 steps: 33 of the 34 after the first five are 0
+    assert torch.equal(out.sequences, plain[:, :ids.shape[1] + 40])
+    # on the test's clock (deterministic): [4, 4, 0, 0, 0, then k = 1 seven times until Wilson's bound is sure,
+    # then 0 but for one reprobe]: 27 of the 35 steps after the first five are 0
     assert decided[:2] == [DraftLength.PROBE] * 2  # (the first probe is the prefill, untimed)
     after = decided[2 + DraftLength.PLAIN_SAMPLES:]
     assert after.count(0) >= 0.75 * len(after), decided
@@ -153,6 +159,7 @@ def _oracle_on_its_own_clock(monkeypatch):
 
     monkeypatch.setattr(target, "forward", timed_forward)
     monkeypatch.setattr(speculative, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    Oracle.clock = clock  # (for proposers of a test's own that cost time on it)
     return target, ids, plain, Oracle
 
 
