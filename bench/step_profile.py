@@ -19,7 +19,7 @@ import torch
 from specdec.bench.common import machine
 
 import specdec
-from specdec.models.llama import Linear
+from specdec.kernels.cpu_runner import CpuRunner
 
 
 WARMUP = 3  # steps run before the timed ones
@@ -44,34 +44,34 @@ def _steps(model, context: int, steps: int, before_each=None) -> list[float]:
 
 @contextmanager
 def _patched_linear(forward):
-    original = Linear.forward
-    Linear.forward = forward
+    original = CpuRunner.linear
+    CpuRunner.linear = forward
     try:
         yield
     finally:
-        Linear.forward = original
+        CpuRunner.linear = original
 
 
 def profile(model, context: int, steps: int) -> dict:
     inside = [0.0]  # seconds in the linear layers: the prefill's, then one sum per step
 
-    def timed(self, x, _forward=Linear.forward, **fused):
+    def timed(self, layer, x, _forward=CpuRunner.linear, **fused):
         start = time.perf_counter()
-        out = _forward(self, x, **fused)
+        out = _forward(self, layer, x, **fused)
         inside[-1] += time.perf_counter() - start
         return out
 
     whole = _steps(model, context, steps)
-    model.layers_in_one_call = False  # the pieces below are timed around Python calls
+    model.runner.one_call = False  # the pieces below are timed around Python calls
     try:
         loop = _steps(model, context, steps)
         with _patched_linear(timed):
             _steps(model, context, steps, before_each=lambda: inside.append(0.0))
         outputs = {}
 
-        def stub(self, x, **fused):  # a preallocated output of the right shape: the step minus its linear layers
+        def stub(self, layer, x, **fused):  # a preallocated output of the right shape: the step minus its linear layers
             # (and minus the norms, SiLU and residual adds fused into them)
-            key = (tuple(x.shape[:-1]), self.out_features)
+            key = (tuple(x.shape[:-1]), layer.out_features)
             if key not in outputs:
                 outputs[key] = torch.zeros(*key[0], key[1], dtype=x.dtype)
             return outputs[key]
@@ -79,7 +79,7 @@ def profile(model, context: int, steps: int) -> dict:
         with _patched_linear(stub):
             glue = _steps(model, context, steps)
     finally:
-        model.layers_in_one_call = True
+        model.runner.one_call = True
     return {"step_ms": 1e3 * statistics.median(whole), "python_loop_step_ms": 1e3 * statistics.median(loop),
             "linear_ms_inside_step": 1e3 * statistics.median(inside[1 + WARMUP:]),
             "glue_ms_linears_stubbed": 1e3 * statistics.median(glue)}

@@ -22,15 +22,31 @@ from specdec.kernels.dispatch import _flag
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "cpu_linear.c", HERE / "cpu_attention.c", HERE / "cpu_layers.c"]
-HEADERS = [HERE / "cpu_common.h"]
 # -ffp-contract=off: a product and a sum that torch rounds separately must not become one FMA here
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", f"-I{HERE}"]
+HEADERS = [HERE / "cpu_common.h", HERE / "cpu_args.h"]
 P, L, I, F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
-SIGNATURES = {  # name: argument types (each returns 0; -1: no memory for its scratch; -2: bad input)
-    "specdec_linear": [P, P, P, P, L, L, L, I, P, F, I, P],
-    "specdec_attention": [P, P, P, P, L, L, L, L, L, P, P, L, L, L, P, L, L, L, F, I, P],
-    "specdec_layers": [P, L, L, P, L, F, P, P, P, L, P, P, P, L, L, L, L, L, P, P, L, L, L, P, L, L, L, F, I],
-}
+
+
+class LinearArgs(ctypes.Structure):  # cpu_args.h: the same fields in the same order, shapes there
+    _fields_ = [("x", P), ("weight", P), ("bias", P), ("norm", P), ("residual", P), ("y", P), ("rows", L),
+                ("out", L), ("in_", L), ("eps", F), ("gated", I), ("bf16", I)]
+
+
+class AttentionArgs(ctypes.Structure):
+    _fields_ = [("qkv", P), ("cos", P), ("sin", P), ("positions", P), ("batch", L), ("T", L), ("heads", L),
+                ("kv_heads", L), ("head_dim", L), ("keys", P), ("values", P), ("block_stride", L),
+                ("slot_stride", L), ("head_stride", L), ("block_table", P), ("max_blocks", L), ("block_size", L),
+                ("blocks", L), ("scale", F), ("bf16", I), ("out", P)]
+
+
+class LayersArgs(ctypes.Structure):
+    _fields_ = [("x", P), ("hidden", L), ("inner", L), ("layers", L), ("weights", P), ("eps", F), ("qkv", P),
+                ("attn", P), ("h", P), ("layer_stride", L), ("attention", AttentionArgs)]
+
+
+#: each kernel takes a pointer to its arguments and returns 0; -1: no memory for its scratch; -2: bad input
+SIGNATURES = {"specdec_linear": LinearArgs, "specdec_attention": AttentionArgs, "specdec_layers": LayersArgs}
 
 
 def _cache_dir() -> Path:
@@ -69,9 +85,14 @@ def library():
         return None
     if not lib.specdec_cpu_supported():
         return None
-    for name, argtypes in SIGNATURES.items():
+    for name, args in SIGNATURES.items():
         function = getattr(lib, name)
-        function.argtypes, function.restype = argtypes, ctypes.c_int
+        function.argtypes, function.restype = [ctypes.POINTER(args)], ctypes.c_int
+    sizes = (ctypes.c_long * len(SIGNATURES))()
+    lib.specdec_args_sizes(sizes)
+    if list(sizes) != [ctypes.sizeof(args) for args in SIGNATURES.values()]:  # cpu_args.h and the mirrors differ
+        raise RuntimeError(f"specdec: the C kernels' argument structs ({list(sizes)} bytes) differ from "
+                           f"kernels/cpu.py's ({[ctypes.sizeof(args) for args in SIGNATURES.values()]})")
     return lib
 
 

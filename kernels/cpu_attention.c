@@ -12,7 +12,7 @@
  * nothing; their output rows are zeros.
  *
  * Numerics follow the torch ops: RoPE as x * cos + rotate_half(x) * sin with a rounding to the model's dtype
- * after each product and the sum (sin carries rotate_half's sign, see models/llama.py: _rotate); scores,
+ * after each product and the sum (sin carries rotate_half's sign, see kernels/runner.py: rotate); scores,
  * softmax and the weighted sum of values in float32 (as SDPA upcasts), one rounding of the output. Query t
  * of row b at position p sees keys 0..p. Up to MAX_QUERIES new tokens of a row are attended together, so
  * each key and value is loaded once for all of them (8 tokens at 200 keys, 9 query / 3 kv heads, bfloat16:
@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_args.h"
 #include "cpu_common.h"
 
 #define MAX_GROUP 16 /* query heads per kv head */
@@ -204,10 +205,15 @@ static inline __attribute__((always_inline)) void attend(const int BF16, float *
  * (-1: padding), the key and value pools of nblocks blocks with their strides, block_table [B, max_blocks]
  * or NULL (row b is block b), out [B, T, H, D]. Returns 0; -2, having written nothing, if a position or
  * block id falls outside the pool; -1 without memory for the scratch. */
-int specdec_attention(const void *qkv, const void *cos, const void *sin, const long *positions, long B, long T,
-                      long H, long Hkv, long D, void *kbase, void *vbase, long block_stride, long slot_stride,
-                      long head_stride, const long *table, long max_blocks, long block_size, long nblocks,
-                      float scale, int bf16, void *out) {
+int specdec_attention(const AttentionArgs *a) {
+    const void *qkv = a->qkv, *cos = a->cos, *sin = a->sin;
+    const long *positions = a->positions, *table = a->block_table;
+    const long B = a->batch, T = a->T, H = a->heads, Hkv = a->kv_heads, D = a->head_dim;
+    const long block_stride = a->block_stride, slot_stride = a->slot_stride, head_stride = a->head_stride;
+    const long max_blocks = a->max_blocks, block_size = a->block_size, nblocks = a->blocks;
+    void *kbase = a->keys, *vbase = a->values, *out = a->out;
+    const float scale = a->scale;
+    const int bf16 = a->bf16;
     if (Hkv < 1 || H % Hkv || H / Hkv > MAX_GROUP) return -2; /* the per-item arrays hold MAX_QUERY_HEADS */
     const long elem = bf16 ? 2 : 4, width = H + 2 * Hkv, G = H / Hkv;
     for (long bt = 0; bt < B * T; bt++) {

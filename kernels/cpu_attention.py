@@ -1,11 +1,12 @@
 """RoPE, the KV cache write and causal attention of one decoder layer in one call on the CPU
-(``cpu_attention.c``); the model's torch ops (``models/llama.py``) are its fallback and its oracle."""
+(``cpu_attention.c``); the torch runner's ops (``runner.py``: TorchRunner.attention) are its fallback and its
+oracle."""
 
 from __future__ import annotations
 
 import torch
 
-from specdec.kernels.cpu import library
+from specdec.kernels.cpu import AttentionArgs, library
 
 DTYPES = (torch.float32, torch.bfloat16)
 MAX_GROUP = 16  # query heads per kv head (cpu_attention.c)
@@ -20,7 +21,7 @@ def usable(x: torch.Tensor, head_dim: int, group: int) -> bool:
 
 def rope_write_attend(qkv, cos, sin, positions, k_pool, v_pool, block_table, num_heads: int, num_kv_heads: int):
     """qkv [batch, T, (heads + 2 kv_heads) * head_dim]: the q/k/v projection's output, unrotated;
-    cos, sin [batch, T, 1, head_dim] in qkv's dtype (sin carrying rotate_half's sign: models/llama.py: _rotate);
+    cos, sin [batch, T, 1, head_dim] in qkv's dtype (sin carrying rotate_half's sign: kernels/runner.py: rotate);
     positions [batch, T] (-1: padding); k_pool, v_pool [blocks, block_size, kv_heads, head_dim] (any strides,
     the last 1); block_table [batch, max_blocks] or None (row b is block b: the contiguous cache)
     -> out [batch, T, heads, head_dim], zeros in padding rows. Rotated keys and values land in the pools."""
@@ -29,14 +30,16 @@ def rope_write_attend(qkv, cos, sin, positions, k_pool, v_pool, block_table, num
     args = checked("rope_write_attend", qkv, cos, sin, positions, k_pool, v_pool, block_table, num_heads, num_kv_heads)
     out = torch.empty(batch, T, num_heads, width // (num_heads + 2 * num_kv_heads), dtype=qkv.dtype)
     qkv = qkv.contiguous()  # held until the call returns
-    failed = lib.specdec_attention(qkv.data_ptr(), *args[:-2], out.data_ptr())
+    args.qkv, args.out = qkv.data_ptr(), out.data_ptr()
+    failed = lib.specdec_attention(args)
     raise_failure("rope_write_attend", failed, k_pool, batch, T)
     return out
 
 
 def checked(caller: str, qkv, cos, sin, positions, k_pool, v_pool, block_table, num_heads: int, num_kv_heads: int):
     """Everything C would trust, checked (a wrong shape or dtype must raise, not write past a buffer) ->
-    specdec_attention's arguments after qkv and before out (contiguous tensors held in the last two)."""
+    specdec_attention's arguments but qkv and out (AttentionArgs), holding the contiguous tensors they point
+    to (``args.held``) until the call returns."""
     batch, T, width = qkv.shape
     if num_kv_heads < 1 or num_heads % num_kv_heads or num_heads // num_kv_heads > MAX_GROUP:
         raise ValueError(f"{caller}: {num_heads=} must be a multiple of {num_kv_heads=}, at most "
@@ -61,10 +64,14 @@ def checked(caller: str, qkv, cos, sin, positions, k_pool, v_pool, block_table, 
     positions = positions.contiguous().long()
     table = None if block_table is None else block_table.contiguous().long()
     block, slot, head, _ = k_pool.stride()
-    return (cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), batch, T, num_heads, num_kv_heads, head_dim,
-            k_pool.data_ptr(), v_pool.data_ptr(), block, slot, head, 0 if table is None else table.data_ptr(),
-            0 if table is None else table.shape[1], k_pool.shape[1], k_pool.shape[0], head_dim**-0.5,
-            qkv.dtype == torch.bfloat16, (cos, sin, positions), table)
+    args = AttentionArgs(cos=cos.data_ptr(), sin=sin.data_ptr(), positions=positions.data_ptr(), batch=batch, T=T,
+                         heads=num_heads, kv_heads=num_kv_heads, head_dim=head_dim, keys=k_pool.data_ptr(),
+                         values=v_pool.data_ptr(), block_stride=block, slot_stride=slot, head_stride=head,
+                         block_table=0 if table is None else table.data_ptr(),
+                         max_blocks=0 if table is None else table.shape[1], block_size=k_pool.shape[1],
+                         blocks=k_pool.shape[0], scale=head_dim**-0.5, bf16=qkv.dtype == torch.bfloat16)
+    args.held = (cos, sin, positions, table)
+    return args
 
 
 def raise_failure(caller: str, failed: int, k_pool, batch: int, T: int) -> None:

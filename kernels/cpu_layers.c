@@ -1,7 +1,8 @@
 /* All decoder layers of a Llama-family model in one call on the CPU: per layer, the q/k/v projection (its
  * RMSNorm fused), RoPE + cache write + attention (cpu_attention.c), the output projection (residual add
  * fused), the gate/up projection (RMSNorm fused) and the down projection (SiLU(gate) * up and the residual
- * add fused) — the same five kernel calls, in the same order, as models/llama.py makes from Python.
+ * add fused) — the same five kernel calls, in the same order, as the CPU runner makes from Python
+ * (kernels/cpu_runner.py, its layers looped).
  *
  * Why it exists: from Python those are 151 calls per SmolLM2 step, each behind a module call, a packed-
  * weight check and a ctypes call: ~3.8 ms of a 29 ms float32 decode step (measured with the C stubbed out),
@@ -17,36 +18,43 @@
  */
 #include <stdint.h>
 
-int specdec_linear(const void *x, const void *p, const void *bias, void *y, long M, long N, long K, int bf16,
-                   const void *norm, float eps, int gated, const void *residual);
-int specdec_attention(const void *qkv, const void *cos, const void *sin, const long *positions, long B, long T,
-                      long H, long Hkv, long D, void *kbase, void *vbase, long block_stride, long slot_stride,
-                      long head_stride, const long *table, long max_blocks, long block_size, long nblocks,
-                      float scale, int bf16, void *out);
+#include "cpu_args.h"
 
 enum { QKV, QKV_BIAS, NORM1, O, O_BIAS, NORM2, GATE_UP, DOWN, ADDRESSES };
 
-/* After the layers' own arguments, those of specdec_attention between its qkv and out, in its order. */
-int specdec_layers(void *x, long hidden, long inner, const int64_t *weights, long layers, float eps, void *qkv,
-                   void *attn, void *h, long layer_stride, const void *cos, const void *sin, const long *positions,
-                   long B, long T, long H, long Hkv, long D, void *kbase, void *vbase, long block_stride,
-                   long slot_stride, long head_stride, const long *table, long max_blocks, long block_size,
-                   long nblocks, float scale, int bf16) {
-    const long M = B * T, elem = bf16 ? 2 : 4;
+int specdec_layers(const LayersArgs *a) {
+    const AttentionArgs *at = &a->attention;
+    const long M = at->batch * at->T, H = at->heads, Hkv = at->kv_heads, D = at->head_dim, elem = at->bf16 ? 2 : 4;
+    for (long l = 0; l < a->layers; l++) {
+        const int64_t *w = a->weights + l * ADDRESSES;
 #define W(name) ((const void *)(intptr_t)w[name])
-    for (long l = 0; l < layers; l++) {
-        const int64_t *w = weights + l * ADDRESSES;
-        char *k = (char *)kbase + l * layer_stride * elem, *v = (char *)vbase + l * layer_stride * elem;
-        int failed = specdec_linear(x, W(QKV), W(QKV_BIAS), qkv, M, (H + 2 * Hkv) * D, hidden, bf16, W(NORM1), eps, 0,
-                                    0);
-        if (!failed)
-            failed = specdec_attention(qkv, cos, sin, positions, B, T, H, Hkv, D, k, v, block_stride, slot_stride,
-                                       head_stride, table, max_blocks, block_size, nblocks, scale, bf16, attn);
-        if (!failed) failed = specdec_linear(attn, W(O), W(O_BIAS), x, M, hidden, H * D, bf16, 0, 0.0f, 0, x);
-        if (!failed) failed = specdec_linear(x, W(GATE_UP), 0, h, M, 2 * inner, hidden, bf16, W(NORM2), eps, 0, 0);
-        if (!failed) failed = specdec_linear(h, W(DOWN), 0, x, M, hidden, inner, bf16, 0, 0.0f, 1, x);
+        AttentionArgs attention = *at;
+        attention.qkv = a->qkv;
+        attention.out = a->attn;
+        attention.keys = (char *)at->keys + l * a->layer_stride * elem;
+        attention.values = (char *)at->values + l * a->layer_stride * elem;
+        const LinearArgs qkv = {.x = a->x, .weight = W(QKV), .bias = W(QKV_BIAS), .norm = W(NORM1), .y = a->qkv,
+                                .rows = M, .out = (H + 2 * Hkv) * D, .in = a->hidden, .eps = a->eps, .bf16 = at->bf16};
+        const LinearArgs o = {.x = a->attn, .weight = W(O), .bias = W(O_BIAS), .residual = a->x, .y = a->x,
+                              .rows = M, .out = a->hidden, .in = H * D, .bf16 = at->bf16};
+        const LinearArgs gate_up = {.x = a->x, .weight = W(GATE_UP), .norm = W(NORM2), .y = a->h, .rows = M,
+                                    .out = 2 * a->inner, .in = a->hidden, .eps = a->eps, .bf16 = at->bf16};
+        const LinearArgs down = {.x = a->h, .weight = W(DOWN), .residual = a->x, .y = a->x, .rows = M,
+                                 .out = a->hidden, .in = a->inner, .gated = 1, .bf16 = at->bf16};
+#undef W
+        int failed = specdec_linear(&qkv);
+        if (!failed) failed = specdec_attention(&attention);
+        if (!failed) failed = specdec_linear(&o);
+        if (!failed) failed = specdec_linear(&gate_up);
+        if (!failed) failed = specdec_linear(&down);
         if (failed) return failed; /* -2 can only come from layer 0 (every layer checks the same positions) */
     }
-#undef W
     return 0;
+}
+
+/* sizeof each argument struct, for kernels/cpu.py to check its ctypes mirrors against at load */
+void specdec_args_sizes(long *sizes) {
+    sizes[0] = sizeof(LinearArgs);
+    sizes[1] = sizeof(AttentionArgs);
+    sizes[2] = sizeof(LayersArgs);
 }

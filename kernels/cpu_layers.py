@@ -1,11 +1,11 @@
 """All decoder layers of a Llama-family model in one C call on the CPU (``cpu_layers.c``): the same kernel
-calls as models/llama.py's loop over its layers, without ~150 Python calls around them per forward."""
+calls as the CPU runner's loop over the layers, without ~150 Python calls around them per forward."""
 
 from __future__ import annotations
 
 import torch
 
-from specdec.kernels.cpu import library
+from specdec.kernels.cpu import LayersArgs, library
 from specdec.kernels.cpu_attention import checked, raise_failure
 
 ADDRESSES = 8  # per layer: qkv, qkv bias, input norm, o, o bias, post-attention norm, gate/up, down (cpu_layers.c)
@@ -47,7 +47,8 @@ def decoder_layers(x, addresses, eps: float, cos, sin, positions, cache, num_hea
     attn = torch.empty(batch, T, num_heads * head_dim, dtype=x.dtype)  # [batch, T, heads * head_dim]
     h = torch.empty(batch, T, 2 * inner, dtype=x.dtype)  # [batch, T, gate and up]
     addresses = addresses.contiguous()
-    failed = lib.specdec_layers(x.data_ptr(), hidden, inner, addresses.data_ptr(), layers, eps, qkv.data_ptr(),
-                                attn.data_ptr(), h.data_ptr(), stride, *args[:-2])
+    failed = lib.specdec_layers(LayersArgs(x=x.data_ptr(), hidden=hidden, inner=inner, layers=layers,
+                                           weights=addresses.data_ptr(), eps=eps, qkv=qkv.data_ptr(),
+                                           attn=attn.data_ptr(), h=h.data_ptr(), layer_stride=stride, attention=args))
     raise_failure("decoder_layers", failed, k_pool, batch, T)
     return x

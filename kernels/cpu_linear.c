@@ -37,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_args.h"
 #include "cpu_common.h"
 
 #define TILE 32         /* output columns per tile: two zmm of float32 accumulators per input row */
@@ -153,8 +154,12 @@ static inline __attribute__((always_inline)) void dispatch(const int BF16, long 
 /* x [M, K] (bfloat16 bits if bf16, else float32; [M, 2K] if gated), packed weights p (see the layout
  * above), bias [N] of the same type or NULL, norm [K] (RMSNorm weight) or NULL with its eps, residual [M, N]
  * or NULL, y [M, N]. Returns 0, or -1 if the float32 copy of x cannot be had. */
-int specdec_linear(const void *x, const void *p, const void *bias, void *y, long M, long N, long K, int bf16,
-                   const void *norm, float eps, int gated, const void *residual) {
+int specdec_linear(const LinearArgs *a) {
+    const void *x = a->x, *p = a->weight, *bias = a->bias, *norm = a->norm, *residual = a->residual;
+    void *y = a->y;
+    const long M = a->rows, N = a->out, K = a->in;
+    const float eps = a->eps;
+    const int bf16 = a->bf16, gated = a->gated;
     const long K2 = (K + 1) / 2, tiles = (N + TILE - 1) / TILE, elem = bf16 ? 2 : 4, x_row = (gated ? 2 : 1) * K;
     const long passes = (M + MAX_PASS_ROWS - 1) / MAX_PASS_ROWS, rows = passes ? (M + passes - 1) / passes : 1;
     /* x as float32 rows of 2*K2, read 2*N/32 times per row by the passes below, so made once here */

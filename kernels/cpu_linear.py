@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from specdec.kernels.cpu import available, library  # noqa: F401 (available: for callers)
+from specdec.kernels.cpu import LinearArgs, available, library  # noqa: F401 (available: for callers)
 
 TILE = 32  # output columns per tile of the packed layout (cpu_linear.c)
 DTYPES = (torch.float32, torch.bfloat16)
@@ -76,8 +76,10 @@ def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = No
                                  f"fit; expected a CPU tensor {tuple(shape)} of {dtype}")
             held.append(t.contiguous())
             pointers[i] = held[-1].data_ptr()
-    if lib.specdec_linear(x.data_ptr(), weight.data.data_ptr(), pointers[0], out.data_ptr(), x.numel() // x.shape[-1],
-                          n, k, dtype == torch.bfloat16, pointers[1], eps, gated, pointers[2]):
+    args = LinearArgs(x=x.data_ptr(), weight=weight.data.data_ptr(), bias=pointers[0], norm=pointers[1],
+                      residual=pointers[2], y=out.data_ptr(), rows=x.numel() // x.shape[-1], out=n, in_=k, eps=eps,
+                      gated=gated, bf16=dtype == torch.bfloat16)
+    if lib.specdec_linear(args):
         raise MemoryError(f"linear: no memory for a float32 copy of x {tuple(x.shape)}")
     return out
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig
 
-from specdec.models.llama import Linear, LlamaModel, RMSNorm
+from specdec.models.llama import LlamaModel, RMSNorm
 
 
 class DraftHead(nn.Module):
@@ -46,7 +46,7 @@ class DraftHead(nn.Module):
         self.config = config
         self.embed_norm = RMSNorm(hidden, config.rms_norm_eps)
         self.feature_norm = RMSNorm(hidden, config.rms_norm_eps)
-        self.fc = Linear(2 * hidden, hidden, bias=False)
+        self.fc = nn.Linear(2 * hidden, hidden, bias=False)
         self.body = LlamaModel(config)  # its (tied) embedding is the output layer over the kept ids
         self.register_buffer("vocab_ids", vocab_ids.long().clone())  # [kept] target id of each output
 
@@ -87,7 +87,8 @@ class DraftHead(nn.Module):
         positions, cache (from ``new_cache``: its features receive the predicted ones), logits_index as for
         the target. returns logits [batch, T or n, kept] (float32; float64 for a float64 head)"""
         x = torch.cat((self.embed_norm(embeds.to(self.dtype)), self.feature_norm(features.to(self.dtype))), -1)
-        return self.body(None, positions, cache, logits_index, inputs_embeds=self.fc(x))
+        fused = self.body.runner.linear(self.fc, x)  # [batch, T, hidden]
+        return self.body(None, positions, cache, logits_index, inputs_embeds=fused)
 
     def save(self, folder) -> None:
         from safetensors.torch import save_file

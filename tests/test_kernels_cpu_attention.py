@@ -12,7 +12,7 @@ from specdec.cache import KVCache, KVPool, PagedKVCache
 from specdec.kernels import cpu, cpu_attention, cpu_layers
 from specdec.kernels.verify_attention import verify_attention_reference
 from specdec.models.loading import as_native
-from specdec.models.llama import _rotate
+from specdec.kernels.runner import rotate
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="no AVX-512 CPU or no C compiler: no CPU kernels here")
 
@@ -45,10 +45,10 @@ def _inputs(dtype, head_dim, heads, kv_heads, paged, seed=0):
 
 
 def _torch_ops(qkv, cos, sin, positions, context, new, cache, heads, kv_heads, causal_offset=0):
-    """What models/llama.py's Attention does without the kernel."""
+    """What the torch runner's attention does (kernels/runner.py), the kernel's oracle."""
     batch, T, _ = qkv.shape
     parts = qkv.view(batch, T, heads + 2 * kv_heads, -1)
-    qk = _rotate(parts[:, :, : heads + kv_heads], cos, sin)
+    qk = rotate(parts[:, :, : heads + kv_heads], cos, sin)
     q, k = qk.split((heads, kv_heads), dim=2)
     cache.write(0, cache.slots(positions), k, parts[:, :, heads + kv_heads:])
     k_pool, v_pool, table = cache.pools(0)
@@ -132,7 +132,7 @@ def test_a_pass_of_several_tokens_gives_each_the_bits_of_single_steps(arch, dtyp
 @pytest.mark.parametrize("arch", ["llama", "llama-bias", "qwen2", "smollm2"])
 @pytest.mark.parametrize("paged", [False, True])
 def test_the_layers_in_one_call_give_the_bits_of_the_python_loop(arch, dtype, paged):
-    # kernels/cpu_layers.c makes the same kernel calls as models/llama.py's loop: same logits, same cache.
+    # kernels/cpu_layers.c makes the same kernel calls as the CPU runner's loop: same logits, same cache.
     # Biases (q/k/v for qwen2, also o for llama-bias) and norm weights made random: initialised to 0 and 1,
     # a dropped or swapped one would give the same bits
     model = copy.deepcopy(as_native(tiny_model(arch, dtype)))
@@ -152,14 +152,14 @@ def test_the_layers_in_one_call_give_the_bits_of_the_python_loop(arch, dtype, pa
             cache = PagedKVCache(pool, [[5, 1, 6], [2, 7]], [0, 0])
         else:
             cache = model.new_cache(2, 12)
-        model.layers_in_one_call = one_call
+        model.runner.one_call = one_call
         try:
             with torch.no_grad():
-                assert model._layer_addresses() is not None  # every layer is on the kernels' path
+                assert model.runner.layer_addresses(model) is not None  # every layer is on the kernels' path
                 first = model(ids[:, :5], positions[:, :5], cache)
                 rest = model(ids[:, 5:], positions[:, 5:] - 5 * (positions[:, 5:] < 0), cache)  # a pass of 4
         finally:
-            model.layers_in_one_call = True
+            model.runner.one_call = True
         logits.append(torch.cat([first, rest], dim=1))
         caches.append((cache.pool.keys, cache.pool.values) if paged else (cache.keys, cache.values))
     assert torch.equal(logits[0], logits[1])
@@ -177,7 +177,7 @@ def test_the_layers_in_one_call_refuse_bad_input_and_write_nothing():
         before = cache.keys.clone(), cache.values.clone()
         x = model.model.embed_tokens(torch.tensor([[8, 9]]))
         cos = sin = torch.ones(1, 2, 1, attn.head_dim)
-        call = functools.partial(cpu_layers.decoder_layers, x, model._layer_addresses(), 1e-5, cos, sin,
+        call = functools.partial(cpu_layers.decoder_layers, x, model.runner.layer_addresses(model), 1e-5, cos, sin,
                                  cache=cache, num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
                                  head_dim=attn.head_dim, inner=model.config.intermediate_size)
         with pytest.raises(ValueError, match="outside the pool"):
@@ -189,7 +189,7 @@ def test_the_layers_in_one_call_refuse_bad_input_and_write_nothing():
             wide.keys = wide.values = torch.zeros(*wide.keys.shape[:-1], 2 * attn.head_dim)
             call(positions=torch.tensor([[3, 4]]), cache=wide)
         with pytest.raises(ValueError, match="addresses"):
-            cpu_layers.decoder_layers(x, model._layer_addresses()[:, :7], 1e-5, cos, sin, torch.tensor([[3, 4]]),
+            cpu_layers.decoder_layers(x, model.runner.layer_addresses(model)[:, :7], 1e-5, cos, sin, torch.tensor([[3, 4]]),
                                       cache, attn.num_heads, attn.num_kv_heads, attn.head_dim,
                                       model.config.intermediate_size)
         assert torch.equal(cache.keys, before[0]) and torch.equal(cache.values, before[1])
@@ -206,10 +206,10 @@ def test_the_layers_in_one_call_see_a_weight_changed_in_place():
     def both():
         out = []
         for one_call in (True, False):
-            model.layers_in_one_call = one_call
+            model.runner.one_call = one_call
             with torch.inference_mode():
                 out.append(model(ids, positions, model.new_cache(1, 4)))
-        model.layers_in_one_call = True
+        model.runner.one_call = True
         assert torch.equal(out[0], out[1])
         return out[0]
 
@@ -226,5 +226,5 @@ def test_the_layers_in_one_call_see_a_weight_changed_in_place():
         before = after
     model.to(torch.bfloat16)  # every weight replaced after the table was made: repacked, re-read
     with torch.inference_mode():
-        assert model._layer_addresses() is not None
+        assert model.runner.layer_addresses(model) is not None
     assert not torch.equal(both(), before)

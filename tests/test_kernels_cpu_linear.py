@@ -176,7 +176,7 @@ def test_native_model_uses_it_and_matches_float64(monkeypatch, dtype):
         assert not calls  # float64 keeps torch's path
         got = model.to(dtype)(ids, torch.arange(3)[None], model.new_cache(1, 8))
         assert len(calls) == 1  # the output layer; the decoder layers' kernels ran in one C call (cpu_layers.c)
-        model.layers_in_one_call = False
+        model.runner.one_call = False
         looped = model(ids, torch.arange(3)[None], model.new_cache(1, 8))
     assert len(calls) == 1 + 2 * 4 + 1  # then qkv, o, gate_up, down per layer from Python, and the output layer
     assert torch.equal(got, looped)
@@ -187,7 +187,7 @@ def test_native_model_uses_it_and_matches_float64(monkeypatch, dtype):
 
 
 def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
-    from specdec.models.llama import Linear
+    from specdec.kernels.cpu_runner import CpuRunner
 
     monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))  # an empty cache: the kernel must be built
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
@@ -196,9 +196,9 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
         with pytest.warns(UserWarning, match="could not be built"):
             assert not cpu_linear.available()
         for dtype in DTYPES:
-            layer = Linear(16, 8).to(dtype)
+            layer = torch.nn.Linear(16, 8).to(dtype)
             with torch.no_grad():  # inference keeps working, through oneDNN or torch's default path
-                out = layer(torch.randn(1, 16, dtype=dtype))
+                out = CpuRunner().linear(layer, torch.randn(1, 16, dtype=dtype))
             assert out.shape == (1, 8)
     finally:
         cpu.library.cache_clear()  # the next test builds (or finds) the real kernel again

@@ -79,20 +79,71 @@ def test_cpu_linear_matches_plain_and_follows_weight_changes(rows, dtype):
     and prefill sized inputs, and its packed copy remade when the weight changes in place."""
     import torch.nn.functional as F
 
-    from specdec.models.llama import Linear
+    from specdec.kernels.cpu_runner import CpuRunner
 
-    layer = Linear(96, 33, bias=True).to(dtype)
+    layer, runner = torch.nn.Linear(96, 33, bias=True).to(dtype), CpuRunner()
     x = torch.randn(1, rows, 96, dtype=dtype)
     # same products, sums in float32 in another order: a bfloat16 rounding (2^-8) or float32 ones apart
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
     with torch.no_grad():
         want = F.linear(x, layer.weight, layer.bias)
-        got = layer(x)
+        got = runner.linear(layer, x)
         assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)
-        packed = layer._packed
+        packed = runner.packed(layer)
         layer.weight.mul_(2)  # in place: the packed copy must be remade
-        assert torch.allclose(layer(x).float(), F.linear(x, layer.weight, layer.bias).float(), rtol=tol, atol=tol)
-        assert layer._packed is not packed or packed is None
+        mine = runner.linear(layer, x)
+        assert torch.allclose(mine.float(), F.linear(x, layer.weight, layer.bias).float(), rtol=tol, atol=tol)
+        assert runner.packed(layer) is not packed or packed is None
+
+
+def test_the_runner_is_chosen_where_the_model_is_built_loaded_or_moved():
+    """The runner follows the weights: built on the CPU, moved to the meta device and back, loaded onto meta
+    weights replaced in place (as the loaders do), deep-copied (a fresh runner: packed weights and C's address
+    table belong to the original's tensors)."""
+    import copy
+
+    from specdec.kernels.cpu_runner import CpuRunner
+    from specdec.kernels.runner import TorchRunner
+
+    model = copy.deepcopy(as_native(tiny_model("smollm2", torch.float32)))
+    assert type(model.runner) is CpuRunner
+    ids, positions = torch.tensor([[5, 6, 7]]), torch.arange(3)[None]
+    with torch.no_grad():
+        want = model(ids, positions, model.new_cache(1, 4))
+    clone = copy.deepcopy(model)
+    assert type(clone.runner) is CpuRunner and clone.runner is not model.runner and not clone.runner._packs
+    with torch.device("meta"):  # as the loaders build: meta weights, then the checkpoint's assigned in place
+        loaded = LlamaModel(model.config)
+    assert type(loaded.runner) is TorchRunner and loaded.runner.device == "meta"
+    loaded.load_state_dict(model.state_dict(), assign=True)
+    assert type(loaded.runner) is CpuRunner
+    loaded.inv_freq = model.inv_freq
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, positions, loaded.new_cache(1, 4)), want)
+        assert torch.equal(clone(ids, positions, clone.new_cache(1, 4)), want)
+    model.to("meta")
+    assert type(model.runner) is TorchRunner
+    model.to_empty(device="cpu")
+    assert type(model.runner) is CpuRunner
+
+
+def test_the_torch_runner_is_the_reference_of_the_cpu_runner(arch):
+    """The same float32 model through torch's ops and through the C kernels: the same logits up to float32
+    rounding (the kernels sum in another order), and the same greedy tokens."""
+    import copy
+
+    from specdec.kernels.runner import TorchRunner
+
+    native = as_native(tiny_model(arch, torch.float32))
+    ids = torch.randint(0, native.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    logits = []
+    for runner in (native.runner, TorchRunner("cpu")):
+        model = native if runner is native.runner else copy.deepcopy(native)
+        model.runner = runner
+        with torch.no_grad():
+            logits.append(model(ids, torch.arange(9).expand(2, -1), model.new_cache(2, 9)))
+    assert _relative(logits[0], logits[1]) < TOLERANCE[torch.float32]
+    assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
 
 
 def test_layer_graphs_replay_the_layers_with_each_steps_inputs(monkeypatch):
@@ -101,7 +152,7 @@ def test_layer_graphs_replay_the_layers_with_each_steps_inputs(monkeypatch):
     speculative, equals the model without graphs. Here the layers take the torch path (float64); on a GPU
     they run the Triton kernels, which bench/gpu_check.py checks with real graphs."""
     import specdec
-    from specdec.models import llama
+    from specdec.kernels import cuda_runner
 
     captured, replays, made = [], [], []
 
@@ -114,7 +165,7 @@ def test_layer_graphs_replay_the_layers_with_each_steps_inputs(monkeypatch):
             run()
         return replay
 
-    class Recorded(llama.LayerGraphs):
+    class Recorded(cuda_runner.LayerGraphs):
         def __init__(self, *args):
             super().__init__(*args)
             made.append(self)
@@ -126,8 +177,8 @@ def test_layer_graphs_replay_the_layers_with_each_steps_inputs(monkeypatch):
     want = [specdec.generate(target, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], draft_model=d,
                              num_draft_tokens=3) for d in (None, draft, "ngram")]
     native = as_native(target)
-    monkeypatch.setattr(native, "graph_capture", capture)
-    monkeypatch.setattr(llama, "LayerGraphs", Recorded)
+    monkeypatch.setattr(native, "runner", cuda_runner.CudaRunner("cpu", capture))
+    monkeypatch.setattr(cuda_runner, "LayerGraphs", Recorded)
     got = [specdec.generate(target, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], draft_model=d,
                             num_draft_tokens=3) for d in (None, draft, "ngram")]
     assert all(torch.equal(g, w) for g, w in zip(got, want))
@@ -145,8 +196,10 @@ def test_a_cache_with_graphs_is_freed_when_its_last_reference_goes(monkeypatch):
     import gc
     import weakref
 
+    from specdec.kernels.cuda_runner import CudaRunner
+
     native = as_native(tiny_model("llama"))
-    monkeypatch.setattr(native, "graph_capture", lambda run: (run(), lambda: None)[1])  # replay: no-op
+    monkeypatch.setattr(native, "runner", CudaRunner("cpu", lambda run: (run(), lambda: None)[1]))  # replay: no-op
     cache = native.new_cache(1, 16)
     with torch.no_grad():
         native(torch.tensor([[3, 4, 5]]), torch.arange(3)[None], cache)  # prefill: no graph

@@ -1,0 +1,49 @@
+/* The arguments of the exported CPU kernels, by name: each kernel takes a pointer to one of these structs,
+ * and kernels/cpu.py declares the same fields, in the same order, with ctypes. Shapes count elements. */
+#ifndef SPECDEC_CPU_ARGS_H
+#define SPECDEC_CPU_ARGS_H
+#include <stdint.h>
+
+typedef struct { /* y = residual + fused_input(x) @ weight^T + bias (cpu_linear.c) */
+    const void *x;        /* [rows, in] ([rows, 2 in] if gated: gate then up) */
+    const void *weight;   /* [out, in] in the packed layout (cpu_linear.py: pack) */
+    const void *bias;     /* [out] or NULL */
+    const void *norm;     /* [in] RMSNorm weight, or NULL */
+    const void *residual; /* [rows, out] or NULL; may be y itself */
+    void *y;              /* [rows, out] */
+    long rows, out, in;
+    float eps;            /* the RMSNorm's */
+    int gated;            /* SiLU(gate) * up before the norm */
+    int bf16;             /* every tensor bfloat16 (else float32) */
+} LinearArgs;
+
+typedef struct { /* RoPE, the cache write and attention of one layer (cpu_attention.c) */
+    const void *qkv;        /* [batch, T, heads + 2 kv_heads, head_dim], contiguous */
+    const void *cos, *sin;  /* [batch, T, head_dim], sin carrying rotate_half's sign */
+    const long *positions;  /* [batch, T], -1: padding */
+    long batch, T, heads, kv_heads, head_dim;
+    void *keys, *values;    /* the pools: [blocks, block_size, kv_heads, head_dim] at the strides below */
+    long block_stride, slot_stride, head_stride;
+    const long *block_table; /* [batch, max_blocks], or NULL: row b is block b */
+    long max_blocks, block_size, blocks;
+    float scale;            /* of the scores: head_dim^-1/2 */
+    int bf16;
+    void *out;              /* [batch, T, heads, head_dim] */
+} AttentionArgs;
+
+typedef struct { /* every decoder layer (cpu_layers.c) */
+    void *x;                /* [batch * T, hidden]: the residual stream, updated in place */
+    long hidden, inner, layers;
+    const int64_t *weights; /* [layers, 8] addresses (cpu_layers.c) */
+    float eps;              /* of every RMSNorm */
+    void *qkv, *attn, *h;   /* scratch, rows = batch * T: qkv [rows, (heads + 2 kv_heads) head_dim], attn [rows,
+                               heads head_dim], h [rows, 2 inner] */
+    long layer_stride;      /* elements from one layer's key (and value) pool to the next's */
+    AttentionArgs attention; /* layer 0's; per layer its pools move by layer_stride, qkv and out are the scratch */
+} LayersArgs;
+
+int specdec_linear(const LinearArgs *args);
+int specdec_attention(const AttentionArgs *args);
+int specdec_layers(const LayersArgs *args);
+
+#endif

@@ -1,0 +1,153 @@
+"""The CPU runner: specdec's C kernels (``cpu_linear.c``, ``cpu_attention.c``, ``cpu_layers.c``) where they
+run, torch's ops (``TorchRunner``) for everything they do not take: float64, autograd, shapes the attention
+kernel refuses, a machine where the kernels cannot be built.
+
+Linear layers read a packed copy of their weight, made on first use and remade whenever the weight changes
+(its version counter moves): a second copy of the weight in memory. float32 and bfloat16 on an AVX-512 CPU:
+specdec's kernel, which streams the weights at memory speed for decode and keeps a verification pass of
+8 rows near the cost of one row (all of SmolLM2-135M's linear weights, 2-core AVX-512 VM: float32 25 ms at
+1 row and 31 at 8, where MKL takes 28 and 59; bfloat16 14 and 19, where oneDNN takes 26 and 40). bfloat16
+without the kernel: oneDNN's prepacked layout.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from specdec.kernels import cpu_attention, cpu_layers, cpu_linear
+from specdec.kernels.runner import TorchRunner
+
+
+@functools.cache
+def _onednn_bf16() -> bool:
+    mkldnn = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")
+            and bool(mkldnn._is_mkldnn_bf16_supported()))
+
+
+class CpuRunner(TorchRunner):
+    #: run the decoder layers in one C call where every layer is on the kernels' path (kernels/cpu_layers.py):
+    #: a float32 SmolLM2 step spends ~3.8 ms in the ~150 Python calls of the loop. False: the loop in Python
+    #: over the same kernels (the same bits; bench/step_profile.py times the pieces that way)
+    one_call = True
+
+    def __init__(self):
+        super().__init__("cpu")
+        self.reset()
+
+    def reset(self) -> None:
+        self._packs = {}  # nn.Linear module -> (key of its weight, the packed copy, the weight's storage)
+        self._addresses = None  # (table, the packed weights it was made from, the key of the rest)
+
+    def linear(self, layer, x, norm=None, gated: bool = False, residual=None):
+        # called once per linear layer per step from the Python loop (~121 times for SmolLM2): one C call
+        # with the norm, the gate and the residual fused, because each torch op around it costs 5-80 us there
+        packed = self.packed(layer) if x.dtype == layer.weight.dtype else None
+        if type(packed) is cpu_linear.PackedWeight and (residual is None or residual.dtype == x.dtype):
+            return cpu_linear.linear(x, packed, layer.bias, norm=None if norm is None else norm.weight,
+                                     eps=0.0 if norm is None else norm.eps, gated=gated, residual=residual)
+        if not isinstance(packed, torch.Tensor):
+            return super().linear(layer, x, norm, gated, residual)
+        x = cpu_linear.fused_input(x, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps, gated)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
+        return y if residual is None else residual + y
+
+    def packed(self, layer):
+        """layer's weight in specdec's kernel layout (a PackedWeight) or oneDNN's (a tensor), made on first use
+        and remade whenever the weight changed; None for torch's own path (autograd, float64, not on the CPU)."""
+        w = layer._parameters["weight"]  # (not layer.weight: nn.Module's attribute lookup is ~5x slower, ~1 us)
+        if torch.is_grad_enabled() or w.device.type != "cpu":
+            return None
+        key = _weight_key(w)
+        entry = self._packs.get(layer)
+        if entry is None or entry[0] != key:  # first use, or the weight changed: (re)pack, once
+            # the weight's storage is held with its copy: a new weight cannot reuse its address meanwhile
+            entry = self._packs[layer] = (key, _pack(w), w.detach())
+        return entry[1]
+
+    def attention(self, attn, qkv, step, cache):
+        if not step.fused:
+            return super().attention(attn, qkv, step, cache)
+        batch, T, _ = qkv.shape
+        k_pool, v_pool, block_table = cache.pools(attn.layer_idx)
+        out = cpu_attention.rope_write_attend(qkv, step.cos, step.sin, step.positions, k_pool, v_pool, block_table,
+                                              attn.num_heads, attn.num_kv_heads)  # [batch, T, heads, head_dim]
+        return out.view(batch, T, -1)
+
+    def layers(self, model, x, step, cache):
+        attn = model.model.layers[0].self_attn
+        # the kernels have no backward: training keeps the torch ops
+        step.fused = (not torch.is_grad_enabled()
+                      and cpu_attention.usable(x, attn.head_dim, attn.num_heads // attn.num_kv_heads))
+        if not step.fused:
+            return super().layers(model, x, step, cache)
+        one_call = self.one_call and x.dtype == model.dtype and x.shape[-1] == model.config.hidden_size
+        addresses = self.layer_addresses(model) if one_call else None
+        if addresses is None:  # the same kernels, called from Python layer by layer
+            for layer in model.model.layers:
+                x = layer(x, step, cache)
+            return x
+        return cpu_layers.decoder_layers(x, addresses, model.model.norm.eps, step.cos, step.sin, step.positions,
+                                         cache, attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                                         model.config.intermediate_size)
+
+    def layer_addresses(self, model) -> torch.Tensor | None:
+        """int64 [layers, 8] for kernels/cpu_layers.py, or None where some weight is not on the kernels' path.
+        Checked on every forward (a changed weight is repacked, as ``linear`` does; a replaced module,
+        parameter or eps is seen), rebuilt only when something changed: for SmolLM2 ~0.3 ms to check against
+        1.9 to rebuild."""
+        operands = []  # per layer the modules C reads (through _modules: a module attribute costs ~1 us)
+        for layer in model.model.layers:
+            attn, mlp, mods = layer._modules["self_attn"]._modules, layer._modules["mlp"]._modules, layer._modules
+            operands.append((attn["qkv_proj"], attn["o_proj"], mlp["gate_up_proj"], mlp["down_proj"],
+                             mods["input_layernorm"], mods["post_attention_layernorm"]))
+        packed, extras = [], []
+        for qkv, o, gate_up, down, norm1, norm2 in operands:
+            packed += (self.packed(qkv), self.packed(o), self.packed(gate_up), self.packed(down))
+            extras += (qkv._parameters["bias"], o._parameters["bias"], norm1._parameters["weight"],
+                       norm2._parameters["weight"])
+        key = [None if t is None else (t.data_ptr(), t.dtype, t.shape, t.is_contiguous()) for t in extras]
+        key += [norm.eps for *_, norm1, norm2 in operands for norm in (norm1, norm2)] + [model.model.norm.eps]
+        cached = self._addresses
+        if cached is None or key != cached[2] or any(a is not b for a, b in zip(packed, cached[1])):
+            self._addresses = cached = (_address_table(model, packed, extras, key[len(extras):]), packed, key)
+        return cached[0]
+
+
+def _address_table(model, packed, extras, eps) -> torch.Tensor | None:
+    """The table for these packed weights and biases / norm weights (4 each per layer), or None where C could
+    not take them: C trusts every dtype and shape, so anything unexpected takes the Python loop."""
+    attn, hidden, inner = model.model.layers[0].self_attn, model.config.hidden_size, model.config.intermediate_size
+    heads, layers = attn.num_heads * attn.head_dim, len(model.model.layers)
+    shapes = [(heads + 2 * attn.num_kv_heads * attn.head_dim, hidden), (hidden, heads), (2 * inner, hidden),
+              (hidden, inner)]  # [out, in] of q/k/v, o, gate/up, down, as cpu_layers.c computes them
+    sizes = [shapes[0][0], hidden, hidden, hidden]  # of the q/k/v bias, the o bias, the two norms
+    if (any(type(p) is not cpu_linear.PackedWeight or p.dtype != model.dtype for p in packed)
+            or any(t is not None and (t.dtype != model.dtype or not t.is_contiguous() or t.shape != (n,))
+                   for t, n in zip(extras, sizes * layers))
+            or any(t is None for t in extras[2::4] + extras[3::4]) or len(set(eps)) != 1
+            or [(p.out_features, p.in_features) for p in packed] != shapes * layers):
+        return None
+    rows = []
+    for i in range(layers):
+        qkv, o, gate_up, down = (p.data.data_ptr() for p in packed[4 * i: 4 * i + 4])
+        qkv_bias, o_bias, norm1, norm2 = (0 if t is None else t.data_ptr() for t in extras[4 * i: 4 * i + 4])
+        rows.append([qkv, qkv_bias, norm1, o, o_bias, norm2, gate_up, down])  # cpu_layers.c's order
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def _pack(w):
+    """w [out, in] on the CPU -> specdec's packed layout, oneDNN's (bfloat16 without the kernel), or None"""
+    if w.dtype in cpu_linear.DTYPES and cpu_linear.available():
+        return cpu_linear.pack(w)
+    if w.dtype == torch.bfloat16 and _onednn_bf16():
+        return torch.ops.mkldnn._reorder_linear_weight(w, 1)
+    return None
+
+
+def _weight_key(w):
+    """What a packed copy was made from: pointer, shape, dtype and version (an inference tensor has no version
+    counter: an in-place change inside inference mode goes unseen)."""
+    return (w.data_ptr(), w.shape, w.dtype, None if w.is_inference() else w._version)
