@@ -69,12 +69,17 @@ def verification_cost(model, ks, context: int, repeats: int, device="cpu") -> di
 
 
 def weight_bytes(model) -> int:
-    """Bytes of weights one decode step reads (tied embeddings counted once: lm_head reads them)."""
+    """Bytes of weights one decode step reads: every parameter once, a quantized layer's packed values, scales
+    and zeros; an embedding only where the output layer reads it too (tied), as a step looks up just one row."""
     seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            continue
+        total += getattr(module, "packed_bytes", 0)  # a quantized layer (models/quantized.py): what its kernel reads
+        for t in module.parameters(recurse=False):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
     return total
 
 

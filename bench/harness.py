@@ -56,6 +56,8 @@ class BenchConfig:
     prompts_per_category: int = 2
     categories: tuple = CATEGORIES
     dtype: str = "float32"
+    weights: str = "float"  # the target's: "float" (dtype), "gguf" (the file's own blocks), "int8", "int4"
+    head_quantize: str | None = None  # the head's: None (float), "int8", "int4"
     synthetic_rates: tuple = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0)
     synthetic_k: int = 4
     temperature: float = 0.7
@@ -84,6 +86,10 @@ class BenchConfig:
             raise ValueError(f"synthetic_rates={list(self.synthetic_rates)}: each must lie in [0, 1]")
         if self.dtype not in ("float32", "bfloat16", "float64"):
             raise ValueError(f"dtype must be float32, bfloat16 or float64, got dtype={self.dtype!r}")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {list(WEIGHTS)}, got weights={self.weights!r}")
+        if self.head_quantize not in (None, "int8", "int4"):
+            raise ValueError(f"head_quantize must be None, 'int8' or 'int4', got head_quantize={self.head_quantize!r}")
         needs_draft = DRAFT_METHODS & set(self.methods)
         if needs_draft and self.draft is None:
             raise ValueError(f"methods {sorted(needs_draft)} need a draft; got draft=None")
@@ -277,7 +283,7 @@ class Bench:
         if head is None and {"head", "head-auto"} & set(config.methods):
             raise ValueError(f"methods {sorted({'head', 'head-auto'} & set(config.methods))} need a draft head; "
                              f"got head=None")
-        self.native = as_native(target)
+        self.native = with_weights(as_native(target), config)
         self.native_draft = as_native(draft, "draft") if draft is not None else None
         gen = target.generation_config
         self.pad = gen.pad_token_id if gen.pad_token_id is not None else 0
@@ -609,7 +615,30 @@ def load_models(config: BenchConfig):
         draft = AutoModelForCausalLM.from_pretrained(checkpoint_folder(config.draft), dtype=dtype).eval()
     if config.head_in_use is not None:
         head = load_draft(config.head, dtype)
+        if config.head_quantize is not None:
+            head = specdec.quantize(head, config.head_quantize)
     return target, draft, head, tokenizer
+
+
+#: what the target's weights can be: the float copy in --dtype, or quantized (kernels/quantized.py)
+WEIGHTS = ("float", "gguf", "int8", "int4")
+
+
+def with_weights(native, config: BenchConfig):
+    """The native target with config.weights: "gguf" keeps the model file's own blocks (models/gguf.py), "int8"
+    and "int4" quantize the float weights (per channel; groups of 32, symmetric). The transformers methods keep
+    the float model: they are the float baseline."""
+    from specdec.models.gguf import keep_blocks
+    from specdec.models.loading import _source
+
+    if config.weights == "gguf":
+        source = _source(config.model)
+        if source.suffix != ".gguf":
+            raise ValueError(f"weights='gguf' needs a .gguf model, got model={config.model!r}")
+        keep_blocks(native, source)
+    elif config.weights in ("int8", "int4"):
+        specdec.quantize(native, config.weights)
+    return native
 
 
 def main(config: BenchConfig, json_path: Path | None = None, plot_dir: Path | None = None,

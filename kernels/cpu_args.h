@@ -6,7 +6,7 @@
 
 typedef struct { /* y = residual + fused_input(x) @ weight^T + bias (cpu_linear.c) */
     const void *x;        /* [rows, in] ([rows, 2 in] if gated: gate then up) */
-    const void *weight;   /* [out, in] in the packed layout (cpu_linear.py: pack) */
+    const void *weight;   /* [out, in] in the packed layout (cpu_linear.py: pack, quantized.py: pack) */
     const void *bias;     /* [out] or NULL */
     const void *norm;     /* [in] RMSNorm weight, or NULL */
     const void *residual; /* [rows, out] or NULL; may be y itself */
@@ -14,7 +14,9 @@ typedef struct { /* y = residual + fused_input(x) @ weight^T + bias (cpu_linear.
     long rows, out, in;
     float eps;            /* the RMSNorm's */
     int gated;            /* SiLU(gate) * up before the norm */
-    int bf16;             /* every tensor bfloat16 (else float32) */
+    int bf16;             /* every tensor bfloat16 (else float32), the weight too unless it is quantized */
+    int bits;             /* 0: a float weight; 4 or 8: quantized in groups of group_size input features */
+    long group_size;      /* even, dividing in (rounded up to even); 0: one group per output channel */
 } LinearArgs;
 
 typedef struct { /* RoPE, the cache write and attention of one layer (cpu_attention.c) */
@@ -36,6 +38,8 @@ typedef struct { /* every decoder layer (cpu_layers.c) */
     long hidden, inner, layers;
     const int64_t *weights; /* [layers, 8] addresses (cpu_layers.c) */
     float eps;              /* of every RMSNorm */
+    int bits;               /* of every weight, and their group_size (LinearArgs) */
+    long group_size;
     void *qkv, *attn, *h;   /* scratch, rows = batch * T: qkv [rows, (heads + 2 kv_heads) head_dim], attn [rows,
                                heads head_dim], h [rows, 2 inner] */
     long layer_stride;      /* elements from one layer's key (and value) pool to the next's */

@@ -12,7 +12,7 @@ ADDRESSES = 8  # per layer: qkv, qkv bias, input norm, o, o bias, post-attention
 
 
 def decoder_layers(x, addresses, eps: float, cos, sin, positions, cache, num_heads: int, num_kv_heads: int,
-                   head_dim: int, inner: int):
+                   head_dim: int, inner: int, bits: int = 0, group_size: int = 0):
     """x [batch, T, hidden] (left as it is) -> the last layer's output [batch, T, hidden]; every layer's
     rotated keys and values land in ``cache`` (any cache whose ``pools(layer)`` are slices of one tensor).
 
@@ -22,7 +22,8 @@ def decoder_layers(x, addresses, eps: float, cos, sin, positions, cache, num_hea
     shapes [out, in] that hidden = x.shape[-1], the heads, head_dim and inner give (q/k/v [(heads + 2
     kv_heads) head_dim, hidden], o [hidden, heads head_dim], gate/up [2 inner, hidden], down [hidden, inner];
     biases and norms of their layer's out / hidden); x and the cache are checked here against those sizes.
-    cos, sin, positions as for cpu_attention.rope_write_attend.
+    cos, sin, positions as for cpu_attention.rope_write_attend. bits, group_size: every weight's, where they are
+    quantized (QuantizedWeight; 0, 0: float weights of x's dtype).
     """
     lib = library()
     batch, T, hidden = x.shape
@@ -48,7 +49,8 @@ def decoder_layers(x, addresses, eps: float, cos, sin, positions, cache, num_hea
     h = torch.empty(batch, T, 2 * inner, dtype=x.dtype)  # [batch, T, gate and up]
     addresses = addresses.contiguous()
     failed = lib.specdec_layers(LayersArgs(x=x.data_ptr(), hidden=hidden, inner=inner, layers=layers,
-                                           weights=addresses.data_ptr(), eps=eps, qkv=qkv.data_ptr(),
+                                           weights=addresses.data_ptr(), eps=eps, bits=bits,
+                                           group_size=group_size, qkv=qkv.data_ptr(),
                                            attn=attn.data_ptr(), h=h.data_ptr(), layer_stride=stride, attention=args))
     raise_failure("decoder_layers", failed, k_pool, batch, T)
     return x

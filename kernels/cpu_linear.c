@@ -11,6 +11,13 @@
  * the 32 columns' values: bfloat16 [tiles, K/2, 32, 2] (each 32-bit lane holds w[n, k] low, w[n, k+1]
  * high), float32 [tiles, K/2, 2, 32]. A tile is one contiguous stream, read front to back, with a software
  * prefetch 4 KB ahead (the hardware prefetcher alone left 1 row at 15 GB/s; 4 KB ahead gives 18-20).
+ * Quantized weights (kernels/quantized.py: int4 or int8 in groups along the input, w = q * scale + zero, the
+ * GGUF Q4_0 / Q4_1 / Q8_0 blocks among them): the same tiles, per group a header of the 32 columns' float16
+ * scales and zeros, then per pair of input features the 32 columns' values (int4: one byte per column, the
+ * even feature in the low nibble; int8: 32 bytes of even features, 32 of odd ones). Each pair is dequantized
+ * once per pass, exactly (q * scale is exact in float32, the FMA rounds once, as q * scale + zero does), and
+ * feeds every row of the pass: with float32 activations the output is the float kernel's on the dequantized
+ * weight, bit for bit.
  *
  * Arithmetic: float32 FMAs on float32 copies of the inputs (bfloat16 -> float32 is exact: a shift), two
  * accumulators (32 columns) per input row, up to 12 rows per pass over a tile (24 accumulators + 4 weight
@@ -64,6 +71,37 @@ static inline __attribute__((always_inline)) void load_pair(const int BF16, cons
     }
 }
 
+/* The float32 weights of one pair of input features from a quantized tile (BITS 4 or 8): q * scale + zero, the
+ * scales and zeros of the pair's group in s0, s1, z0, z1 (columns 0-15, 16-31). int4: byte c holds column c's
+ * even feature in its low nibble, its odd feature in the high one; int8: 32 bytes of even features, then 32
+ * of odd ones. The FMA rounds once, as q * scale (exact: 8 + 11 significant bits) + zero does. */
+static inline __attribute__((always_inline)) void load_quantized(const int BITS, const unsigned char *pair,
+                                                                 const __m512 s[2], const __m512 z[2], __m512 *e0,
+                                                                 __m512 *e1, __m512 *o0, __m512 *o1) {
+    __m512i qe0, qe1, qo0, qo1;
+    if (BITS == 4) {
+        const __m512i low = _mm512_set1_epi32(15);
+        const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)pair));
+        const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(pair + 16)));
+        qe0 = _mm512_and_si512(b0, low), qo0 = _mm512_srli_epi32(b0, 4);
+        qe1 = _mm512_and_si512(b1, low), qo1 = _mm512_srli_epi32(b1, 4);
+    } else {
+        qe0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)pair));
+        qe1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(pair + 16)));
+        qo0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(pair + 32)));
+        qo1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(pair + 48)));
+    }
+    *e0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(qe0), s[0], z[0]);
+    *e1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(qe1), s[1], z[1]);
+    *o0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(qo0), s[0], z[0]);
+    *o1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(qo1), s[1], z[1]);
+}
+
+/* Bytes of one pair of input features of a tile, and of a quantized group's header (32 float16 scales, then
+ * 32 float16 zeros). */
+#define PAIR_BYTES(BF16, BITS) ((BITS) == 4 ? TILE : (BITS) == 8 ? 2 * TILE : ((BF16) ? 2 : 4) * 2 * TILE)
+#define HEADER_BYTES(BITS) ((BITS) ? 4 * TILE : 0)
+
 /* One input row as float32, through the fused prologue, into row[0 .. 2*K2): x's K features, or
  * SiLU(gate) * up from its 2K (gated), then RMSNorm (norm != NULL). Rounds to the model's dtype where the
  * torch ops do: silu(gate) and its product with up; x * rsqrt(mean(x^2) + eps); the norm weight's product.
@@ -96,27 +134,40 @@ static inline __attribute__((always_inline)) void input_row(const int BF16, cons
     if (K & 1) row[K] = 0.0f;
 }
 
-/* y[i, n0 .. n0+31] for the ROWS input rows of xf (float32, rows of 2*K2) against one tile. ROWS, BF16 and
- * PREFETCH are constants once inlined, so the accumulators live in registers. */
-static inline __attribute__((always_inline)) void tile_pass(const int ROWS, const int BF16, const int PREFETCH,
-                                                            const float *xf, long K2, const void *tile,
-                                                            const void *bias, const void *residual, void *y,
-                                                            long N, long n0) {
-    const long pair_bytes = (BF16 ? 2 : 4) * 2 * TILE, ahead = PREFETCH_BYTES / pair_bytes;
+/* y[i, n0 .. n0+31] for the ROWS input rows of xf (float32, rows of 2*K2) against one tile, whose weights
+ * are BF16's float type (BITS 0: one group of K2 pairs) or quantized in groups of G2 pairs. ROWS, BF16, BITS
+ * and PREFETCH are constants once inlined, so the accumulators live in registers. */
+static inline __attribute__((always_inline)) void tile_pass(const int ROWS, const int BF16, const int BITS,
+                                                            const int PREFETCH, const float *xf, long K2, long G2,
+                                                            const void *tile, const void *bias,
+                                                            const void *residual, void *y, long N, long n0) {
+    const long pair_bytes = PAIR_BYTES(BF16, BITS), group_bytes = HEADER_BYTES(BITS) + G2 * pair_bytes;
     __m512 acc[MAX_PASS_ROWS][2];
     for (int i = 0; i < ROWS; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    for (long kp = 0; kp < K2; kp++) {
-        if (PREFETCH) /* past the tile's end it fetches the next tile, which this thread usually takes next */
-            for (long line = 0; line < pair_bytes; line += 64)
-                _mm_prefetch((const char *)tile + (kp + ahead) * pair_bytes + line, _MM_HINT_T1);
-        __m512 e0, e1, o0, o1;
-        load_pair(BF16, tile, kp, &e0, &e1, &o0, &o1);
-        for (int i = 0; i < ROWS; i++) {
-            const __m512 xe = _mm512_set1_ps(xf[i * 2 * K2 + 2 * kp]), xo = _mm512_set1_ps(xf[i * 2 * K2 + 2 * kp + 1]);
-            acc[i][0] = _mm512_fmadd_ps(xe, e0, acc[i][0]);
-            acc[i][1] = _mm512_fmadd_ps(xe, e1, acc[i][1]);
-            acc[i][0] = _mm512_fmadd_ps(xo, o0, acc[i][0]);
-            acc[i][1] = _mm512_fmadd_ps(xo, o1, acc[i][1]);
+    for (long g = 0; g < K2 / G2; g++) {
+        const unsigned char *group = (const unsigned char *)tile + g * group_bytes, *pairs = group + HEADER_BYTES(BITS);
+        __m512 s[2], z[2];
+        if (BITS)
+            for (int h = 0; h < 2; h++) {
+                s[h] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(group + 32 * h)));
+                z[h] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(group + 64 + 32 * h)));
+            }
+        for (long j = 0; j < G2; j++) {
+            const long kp = g * G2 + j;
+            if (PREFETCH) /* past the tile's end it fetches the next tile, which this thread usually takes next */
+                for (long line = 0; line < pair_bytes; line += 64)
+                    _mm_prefetch((const char *)pairs + j * pair_bytes + PREFETCH_BYTES + line, _MM_HINT_T1);
+            __m512 e0, e1, o0, o1;
+            if (BITS) load_quantized(BITS, pairs + j * pair_bytes, s, z, &e0, &e1, &o0, &o1);
+            else load_pair(BF16, tile, kp, &e0, &e1, &o0, &o1);
+            for (int i = 0; i < ROWS; i++) {
+                const __m512 xe = _mm512_set1_ps(xf[i * 2 * K2 + 2 * kp]);
+                const __m512 xo = _mm512_set1_ps(xf[i * 2 * K2 + 2 * kp + 1]);
+                acc[i][0] = _mm512_fmadd_ps(xe, e0, acc[i][0]);
+                acc[i][1] = _mm512_fmadd_ps(xe, e1, acc[i][1]);
+                acc[i][0] = _mm512_fmadd_ps(xo, o0, acc[i][0]);
+                acc[i][1] = _mm512_fmadd_ps(xo, o1, acc[i][1]);
+            }
         }
     }
     for (int h = 0; h < 2; h++) {
@@ -139,13 +190,14 @@ static inline __attribute__((always_inline)) void tile_pass(const int ROWS, cons
 
 #define PASS(n) \
     case n: \
-        if (first) tile_pass(n, BF16, 1, xf, K2, tile, bias, residual, y, N, n0); \
-        else tile_pass(n, BF16, 0, xf, K2, tile, bias, residual, y, N, n0); \
+        if (first) tile_pass(n, BF16, BITS, 1, xf, K2, G2, tile, bias, residual, y, N, n0); \
+        else tile_pass(n, BF16, BITS, 0, xf, K2, G2, tile, bias, residual, y, N, n0); \
         break;
 
-static inline __attribute__((always_inline)) void dispatch(const int BF16, long rows, int first, const float *xf,
-                                                           long K2, const void *tile, const void *bias,
-                                                           const void *residual, void *y, long N, long n0) {
+static inline __attribute__((always_inline)) void dispatch(const int BF16, const int BITS, long rows, int first,
+                                                           const float *xf, long K2, long G2, const void *tile,
+                                                           const void *bias, const void *residual, void *y, long N,
+                                                           long n0) {
     switch (rows) {
         PASS(1) PASS(2) PASS(3) PASS(4) PASS(5) PASS(6) PASS(7) PASS(8) PASS(9) PASS(10) PASS(11) PASS(12)
     }
@@ -159,8 +211,12 @@ int specdec_linear(const LinearArgs *a) {
     void *y = a->y;
     const long M = a->rows, N = a->out, K = a->in;
     const float eps = a->eps;
-    const int bf16 = a->bf16, gated = a->gated;
+    const int bf16 = a->bf16, gated = a->gated, bits = a->bits;
     const long K2 = (K + 1) / 2, tiles = (N + TILE - 1) / TILE, elem = bf16 ? 2 : 4, x_row = (gated ? 2 : 1) * K;
+    /* pairs per group: the float formats, and group_size 0 (one scale per output channel), are one group */
+    const long G2 = bits && a->group_size ? a->group_size / 2 : K2;
+    if ((bits != 0 && bits != 4 && bits != 8) || a->group_size < 0 || a->group_size % 2 || K2 % G2) return -2;
+    const long tile_bytes = K2 / G2 * (HEADER_BYTES(bits) + G2 * PAIR_BYTES(bf16, bits));
     const long passes = (M + MAX_PASS_ROWS - 1) / MAX_PASS_ROWS, rows = passes ? (M + passes - 1) / passes : 1;
     /* x as float32 rows of 2*K2, read 2*N/32 times per row by the passes below, so made once here */
     float *xf = malloc(sizeof(float) * (M * 2 * K2 + 1));
@@ -174,15 +230,23 @@ int specdec_linear(const LinearArgs *a) {
     }
 #pragma omp parallel for schedule(static)
     for (long t = 0; t < tiles; t++) {
-        const void *tile = (const char *)p + t * K2 * 2 * TILE * elem;
+        const void *tile = (const char *)p + t * tile_bytes;
         for (long m0 = 0; m0 < M; m0 += rows) { /* later passes find the tile in L2: prefetch on the first */
             const long r = M - m0 < rows ? M - m0 : rows;
             void *ym = (char *)y + m0 * N * elem;
             const void *res = residual ? (const char *)residual + m0 * N * elem : NULL;
-            if (bf16)
-                dispatch(1, r, m0 == 0, xf + m0 * 2 * K2, K2, tile, bias, res, ym, N, t * TILE);
-            else
-                dispatch(0, r, m0 == 0, xf + m0 * 2 * K2, K2, tile, bias, res, ym, N, t * TILE);
+            const float *xm = xf + m0 * 2 * K2;
+#define FORMAT(BF16, BITS) dispatch(BF16, BITS, r, m0 == 0, xm, K2, G2, tile, bias, res, ym, N, t * TILE)
+            if (bf16) {
+                if (bits == 4) FORMAT(1, 4);
+                else if (bits == 8) FORMAT(1, 8);
+                else FORMAT(1, 0);
+            } else {
+                if (bits == 4) FORMAT(0, 4);
+                else if (bits == 8) FORMAT(0, 8);
+                else FORMAT(0, 0);
+            }
+#undef FORMAT
         }
     }
     free(xf);

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from specdec.kernels.cpu import LinearArgs, available, library  # noqa: F401 (available: for callers)
+from specdec.kernels.quantized import QuantizedWeight
 
 TILE = 32  # output columns per tile of the packed layout (cpu_linear.c)
 DTYPES = (torch.float32, torch.bfloat16)
@@ -45,7 +46,7 @@ def pack(weight: torch.Tensor) -> PackedWeight:
     return PackedWeight(w.permute(order).contiguous(), n, k)
 
 
-def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None, *,
+def linear(x: torch.Tensor, weight: PackedWeight | QuantizedWeight, bias: torch.Tensor | None = None, *,
            norm: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
            residual: torch.Tensor | None = None) -> torch.Tensor:
     """``residual + fused_input(x, norm, eps, gated) @ weight^T + bias``, through the packed weight.
@@ -60,8 +61,9 @@ def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = No
         raise RuntimeError("the CPU linear kernel is not available here; check kernels.cpu_linear.available()")
     # called once per linear layer per decode step (121 times for SmolLM2, ~3 us in C at 1 row): the checks
     # below are plain comparisons, the optional tensors checked only when given
-    dtype, n, k = weight.data.dtype, weight.out_features, weight.in_features
-    if x.dtype != dtype or x.device.type != "cpu" or x.shape[-1] != (2 * k if gated else k):
+    quantized = type(weight) is QuantizedWeight  # its activations: float32 or bfloat16
+    dtype, n, k = x.dtype if quantized else weight.data.dtype, weight.out_features, weight.in_features
+    if x.dtype != dtype or dtype not in DTYPES or x.device.type != "cpu" or x.shape[-1] != (2 * k if gated else k):
         raise ValueError(f"linear: x [..., {x.shape[-1]}] of dtype {x.dtype} on {x.device} does not fit a weight "
                          f"[{n}, {k}] of dtype {dtype}"
                          + (" (gated: x holds gate and up, 2 x in features)" if gated else ""))
@@ -78,8 +80,13 @@ def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = No
             pointers[i] = held[-1].data_ptr()
     args = LinearArgs(x=x.data_ptr(), weight=weight.data.data_ptr(), bias=pointers[0], norm=pointers[1],
                       residual=pointers[2], y=out.data_ptr(), rows=x.numel() // x.shape[-1], out=n, in_=k, eps=eps,
-                      gated=gated, bf16=dtype == torch.bfloat16)
-    if lib.specdec_linear(args):
+                      gated=gated, bf16=dtype == torch.bfloat16, bits=weight.bits if quantized else 0,
+                      group_size=weight.group_size if quantized else 0)
+    failed = lib.specdec_linear(args)
+    if failed == -2:
+        raise ValueError(f"linear: a quantized weight's group_size {args.group_size} does not divide its {k} "
+                         f"input features")
+    if failed:
         raise MemoryError(f"linear: no memory for a float32 copy of x {tuple(x.shape)}")
     return out
 

@@ -17,7 +17,10 @@ import functools
 import torch
 
 from specdec.kernels import cpu_attention, cpu_layers, cpu_linear
+from specdec.kernels.quantized import QuantizedWeight
 from specdec.kernels.runner import TorchRunner
+
+KERNEL_WEIGHTS = (cpu_linear.PackedWeight, QuantizedWeight)  # what cpu_linear.linear takes
 
 
 @functools.cache
@@ -44,27 +47,36 @@ class CpuRunner(TorchRunner):
     def linear(self, layer, x, norm=None, gated: bool = False, residual=None):
         # called once per linear layer per step from the Python loop (~121 times for SmolLM2): one C call
         # with the norm, the gate and the residual fused, because each torch op around it costs 5-80 us there
-        packed = self.packed(layer) if x.dtype == layer.weight.dtype else None
-        if type(packed) is cpu_linear.PackedWeight and (residual is None or residual.dtype == x.dtype):
+        packed = self.packed(layer, x.dtype)
+        if type(packed) in KERNEL_WEIGHTS and (residual is None or residual.dtype == x.dtype):
             return cpu_linear.linear(x, packed, layer.bias, norm=None if norm is None else norm.weight,
                                      eps=0.0 if norm is None else norm.eps, gated=gated, residual=residual)
-        if not isinstance(packed, torch.Tensor):
+        if type(packed) is not torch.Tensor:
             return super().linear(layer, x, norm, gated, residual)
         x = cpu_linear.fused_input(x, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps, gated)
         y = torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
         return y if residual is None else residual + y
 
-    def packed(self, layer):
-        """layer's weight in specdec's kernel layout (a PackedWeight) or oneDNN's (a tensor), made on first use
-        and remade whenever the weight changed; None for torch's own path (autograd, float64, not on the CPU)."""
-        w = layer._parameters["weight"]  # (not layer.weight: nn.Module's attribute lookup is ~5x slower, ~1 us)
-        if torch.is_grad_enabled() or w.device.type != "cpu":
+    def packed(self, layer, dtype: torch.dtype):
+        """layer's weight in specdec's kernel layout (a PackedWeight or QuantizedWeight) or oneDNN's (a tensor)
+        for activations of ``dtype``, made on first use and remade whenever the weight changed; None for
+        torch's own path (autograd, float64, another dtype than the weight's, not on the CPU)."""
+        # a quantized layer (models/quantized.py: QuantizedLinear) keeps its values in the buffer "qweight"
+        # (read through _parameters / _buffers: nn.Module's attribute lookup is ~5x slower, ~1 us)
+        w = layer._buffers.get("qweight")
+        quantized = w is not None
+        w = w if quantized else layer._parameters["weight"]
+        if (torch.is_grad_enabled() or dtype not in cpu_linear.DTYPES or w.device.type != "cpu"
+                or (layer.dtype if quantized else w.dtype) != dtype):
             return None
         key = _weight_key(w)
+        if quantized:
+            key += _weight_key(layer._buffers["scale_bits"]) + _weight_key(layer._buffers["zero_bits"])
         entry = self._packs.get(layer)
         if entry is None or entry[0] != key:  # first use, or the weight changed: (re)pack, once
             # the weight's storage is held with its copy: a new weight cannot reuse its address meanwhile
-            entry = self._packs[layer] = (key, _pack(w), w.detach())
+            copy = (layer.pack() if cpu_linear.available() else None) if quantized else _pack(w)
+            entry = self._packs[layer] = (key, copy, w.detach())
         return entry[1]
 
     def attention(self, attn, qkv, step, cache):
@@ -89,9 +101,10 @@ class CpuRunner(TorchRunner):
             for layer in model.model.layers:
                 x = layer(x, step, cache)
             return x
+        bits, group_size = self._addresses[3]
         return cpu_layers.decoder_layers(x, addresses, model.model.norm.eps, step.cos, step.sin, step.positions,
                                          cache, attn.num_heads, attn.num_kv_heads, attn.head_dim,
-                                         model.config.intermediate_size)
+                                         model.config.intermediate_size, bits=bits, group_size=group_size)
 
     def layer_addresses(self, model) -> torch.Tensor | None:
         """int64 [layers, 8] for kernels/cpu_layers.py, or None where some weight is not on the kernels' path.
@@ -105,37 +118,42 @@ class CpuRunner(TorchRunner):
                              mods["input_layernorm"], mods["post_attention_layernorm"]))
         packed, extras = [], []
         for qkv, o, gate_up, down, norm1, norm2 in operands:
-            packed += (self.packed(qkv), self.packed(o), self.packed(gate_up), self.packed(down))
+            packed += (self.packed(qkv, model.dtype), self.packed(o, model.dtype), self.packed(gate_up, model.dtype),
+                       self.packed(down, model.dtype))
             extras += (qkv._parameters["bias"], o._parameters["bias"], norm1._parameters["weight"],
                        norm2._parameters["weight"])
         key = [None if t is None else (t.data_ptr(), t.dtype, t.shape, t.is_contiguous()) for t in extras]
         key += [norm.eps for *_, norm1, norm2 in operands for norm in (norm1, norm2)] + [model.model.norm.eps]
         cached = self._addresses
         if cached is None or key != cached[2] or any(a is not b for a, b in zip(packed, cached[1])):
-            self._addresses = cached = (_address_table(model, packed, extras, key[len(extras):]), packed, key)
+            table, weight_format = _address_table(model, packed, extras, key[len(extras):])
+            self._addresses = cached = (table, packed, key, weight_format)
         return cached[0]
 
 
-def _address_table(model, packed, extras, eps) -> torch.Tensor | None:
+def _address_table(model, packed, extras, eps) -> tuple[torch.Tensor | None, tuple[int, int]]:
     """The table for these packed weights and biases / norm weights (4 each per layer), or None where C could
-    not take them: C trusts every dtype and shape, so anything unexpected takes the Python loop."""
+    not take them: C trusts every dtype and shape, so anything unexpected takes the Python loop. With it, the
+    weights' format (bits, group_size) that every one of them has: (0, 0) for float weights."""
     attn, hidden, inner = model.model.layers[0].self_attn, model.config.hidden_size, model.config.intermediate_size
     heads, layers = attn.num_heads * attn.head_dim, len(model.model.layers)
     shapes = [(heads + 2 * attn.num_kv_heads * attn.head_dim, hidden), (hidden, heads), (2 * inner, hidden),
               (hidden, inner)]  # [out, in] of q/k/v, o, gate/up, down, as cpu_layers.c computes them
     sizes = [shapes[0][0], hidden, hidden, hidden]  # of the q/k/v bias, the o bias, the two norms
-    if (any(type(p) is not cpu_linear.PackedWeight or p.dtype != model.dtype for p in packed)
+    formats = {(type(p), getattr(p, "bits", 0), getattr(p, "group_size", 0)) for p in packed}
+    if (len(formats) != 1 or next(iter(formats))[0] not in KERNEL_WEIGHTS
+            or any(type(p) is cpu_linear.PackedWeight and p.dtype != model.dtype for p in packed)
             or any(t is not None and (t.dtype != model.dtype or not t.is_contiguous() or t.shape != (n,))
                    for t, n in zip(extras, sizes * layers))
             or any(t is None for t in extras[2::4] + extras[3::4]) or len(set(eps)) != 1
             or [(p.out_features, p.in_features) for p in packed] != shapes * layers):
-        return None
+        return None, (0, 0)
     rows = []
     for i in range(layers):
         qkv, o, gate_up, down = (p.data.data_ptr() for p in packed[4 * i: 4 * i + 4])
         qkv_bias, o_bias, norm1, norm2 = (0 if t is None else t.data_ptr() for t in extras[4 * i: 4 * i + 4])
         rows.append([qkv, qkv_bias, norm1, o, o_bias, norm2, gate_up, down])  # cpu_layers.c's order
-    return torch.tensor(rows, dtype=torch.int64)
+    return torch.tensor(rows, dtype=torch.int64), next(iter(formats))[1:]
 
 
 def _pack(w):

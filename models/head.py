@@ -67,12 +67,12 @@ class DraftHead(nn.Module):
         return cls(config, torch.as_tensor(vocab_ids))
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.fc.weight.dtype
+    def dtype(self) -> torch.dtype:  # (not fc's: a quantized layer's weight is not a tensor)
+        return self.embed_norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.fc.weight.device
+        return self.embed_norm.weight.device
 
     def new_cache(self, batch_size: int, max_len: int):
         """The head's cache keeps its predicted features too (``cache.features_at``): it drafts on from them."""

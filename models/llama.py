@@ -185,12 +185,12 @@ class LlamaModel(nn.Module):
         return self.config.vocab_size
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+    def dtype(self) -> torch.dtype:  # (of the embedding: a quantized output layer's weight is not a tensor)
+        return self.model.embed_tokens.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
     def use_cuda_graphs(self, enabled: bool = True) -> None:
         """Replay the layers of decode and verification passes as CUDA graphs (kernels/cuda_runner.py): one

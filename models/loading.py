@@ -17,7 +17,10 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from specdec.models.llama import ARCHITECTURES, FUSED, LlamaModel, fuse_state_dict
+from specdec.models.gguf import keep_blocks
 from specdec.models.head import DraftHead, is_head_folder
+from specdec.models.quantized import SCHEMES
+from specdec.models.quantized import quantize as quantize_model
 
 #: registered names -> a function returning a local path (a GGUF file or a checkpoint folder)
 REGISTRY = {}
@@ -202,17 +205,34 @@ def _convert_gguf(path: Path, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # another process converted the same file first: use its copy
 
 
-def load(name_or_path, dtype=None, device=None):
-    """``model, tokenizer = specdec.load(name_or_path, dtype=None, device=None)``.
+def load(name_or_path, dtype=None, device=None, quantize=None, group_size=..., zero_point=False):
+    """``model, tokenizer = specdec.load(name_or_path, dtype=None, device=None, quantize=None)``.
 
     name_or_path: a registered name (``specdec.models.loading.REGISTRY``), a checkpoint folder, or a .gguf file.
     A draft head's folder (``models/head.py``) gives a ``DraftHead``: pass it as ``draft_model``.
+    A .gguf file loaded on the CPU with no ``dtype`` keeps its Q4_0, Q4_1 and Q8_0 tensors in their block
+    formats (models/gguf.py; float32 activations: the same logits as the float32 model, bit for bit);
+    ``dtype=`` gives the dequantized float model. quantize="int8" or "int4" (with group_size, zero_point:
+    ``specdec.quantize``) quantizes a native model's linear layers from its float weights.
     """
     dtype = _dtype(dtype)
+    if quantize is not None and quantize not in SCHEMES:
+        raise ValueError(f"quantize must be None or one of {sorted(SCHEMES)}, got {quantize!r}")
     folder = checkpoint_folder(name_or_path)
     if is_head_folder(folder):
-        return DraftHead.load(folder, dtype=dtype, device=device), AutoTokenizer.from_pretrained(folder)
-    return load_checkpoint(folder, dtype=dtype, device=device), AutoTokenizer.from_pretrained(folder)
+        model = DraftHead.load(folder, dtype=dtype, device=device)
+    else:
+        model = load_checkpoint(folder, dtype=dtype, device=device)
+        source = _source(name_or_path)
+        if (source.suffix == ".gguf" and dtype is None and quantize is None and isinstance(model, LlamaModel)
+                and model.device.type == "cpu"):
+            keep_blocks(model, source)
+    if quantize is not None:
+        if not isinstance(model, (LlamaModel, DraftHead)):
+            raise ValueError(f"quantize={quantize!r} needs a native model; {str(name_or_path)!r} loads as "
+                             f"{type(model).__name__}")
+        quantize_model(model, quantize, group_size=group_size, zero_point=zero_point)
+    return model, AutoTokenizer.from_pretrained(folder)
 
 
 def _dtype(dtype):
@@ -241,10 +261,15 @@ def load_draft(name_or_path, target_dtype=None, device=None):
     return load_checkpoint(folder, dtype=target_dtype, device=device)  # (a draft needs no tokenizer of its own)
 
 
+def _source(name_or_path) -> Path:
+    """The file or folder behind a registered name or a path."""
+    return REGISTRY[name_or_path]() if name_or_path in REGISTRY else Path(name_or_path)
+
+
 def checkpoint_folder(name_or_path, argument: str = "name_or_path") -> Path:
     """The transformers checkpoint folder behind a registered name, a folder, or a .gguf file (dequantized
     into the cache on first use). ``argument`` names the caller's parameter in error messages."""
-    path = REGISTRY[name_or_path]() if name_or_path in REGISTRY else Path(name_or_path)
+    path = _source(name_or_path)
     if not path.exists():
         raise FileNotFoundError(f"{argument}={str(name_or_path)!r}: no such file or folder, and not a "
                                 f"registered name (registered: {sorted(REGISTRY)})")

@@ -8,7 +8,9 @@ from specdec.sampling import SamplingConfig
 from specdec.stats import SpecStats
 from specdec import kernels, models  # noqa: E402  (the top-level folders kernels/, models/: namespace packages)
 from specdec.models.loading import load
+from specdec.models.quantized import quantize
 
 
 __all__ = ["Engine", "GenerateOutput", "DraftModelProposer", "NGramProposer", "KVCache", "Proposer", "RequestParams",
-           "SamplingConfig", "SpecStats", "generate", "kernels", "load", "models"]
+           "SamplingConfig", "SpecStats", "generate", "kernels", "load", "models",
+           "quantize"]

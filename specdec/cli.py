@@ -235,6 +235,10 @@ def main(argv=None) -> int:
     ben.add_argument("--prompts-per-category", type=int, dest="prompts_per_category")
     ben.add_argument("--categories", nargs="+")
     ben.add_argument("--dtype", choices=["float32", "bfloat16", "float64"])
+    ben.add_argument("--weights", choices=["float", "gguf", "int8", "int4"],
+                     help="the target's weights: the float copy (default), the GGUF file's own blocks, or quantized")
+    ben.add_argument("--head-quantize", choices=["int8", "int4"], dest="head_quantize",
+                     help="quantize the draft head (default: float)")
     ben.add_argument("--synthetic-rates", nargs="+", type=float, dest="synthetic_rates")
     ben.add_argument("--synthetic-k", type=int, dest="synthetic_k")
     ben.add_argument("--seed", type=int)

@@ -89,11 +89,11 @@ def test_cpu_linear_matches_plain_and_follows_weight_changes(rows, dtype):
         want = F.linear(x, layer.weight, layer.bias)
         got = runner.linear(layer, x)
         assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)
-        packed = runner.packed(layer)
+        packed = runner.packed(layer, dtype)
         layer.weight.mul_(2)  # in place: the packed copy must be remade
         mine = runner.linear(layer, x)
         assert torch.allclose(mine.float(), F.linear(x, layer.weight, layer.bias).float(), rtol=tol, atol=tol)
-        assert runner.packed(layer) is not packed or packed is None
+        assert runner.packed(layer, dtype) is not packed or packed is None
 
 
 def test_the_runner_is_chosen_where_the_model_is_built_loaded_or_moved():

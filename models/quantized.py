@@ -1,0 +1,97 @@
+"""Quantized linear layers for the native models, and ``specdec.quantize`` that puts them in.
+
+A quantized model is a target in its own right: speculation over it is lossless with respect to it (the
+same tests hold it to its own plain decoding). How a ``QuantizedLinear`` runs is its runner's business
+(kernels/runner.py): the CPU runner streams it through ``cpu_linear.c``'s quantized tiles, every other runner
+dequantizes it (``kernels/quantized.py: dequantize``, the reference) and calls torch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from specdec.kernels import quantized as Q
+
+#: quantize= names -> bits
+SCHEMES = {"int8": 8, "int4": 4}
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer whose weight [out, in] is int4 or int8 in groups (kernels/quantized.py). The values,
+    float16 scales and zeros are buffers (saved with the model, moved with it; the scales kept as float16 bits
+    so that ``model.to(dtype)`` leaves them be); the bias and the activations take the model's dtype."""
+
+    def __init__(self, quantized: Q.Quantized, in_features: int, bias: torch.Tensor | None, dtype: torch.dtype,
+                 per_channel: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, quantized.q.shape[0]
+        self.bits, self.per_channel = quantized.bits, per_channel
+        self.register_buffer("qweight", quantized.q)  # uint8 [out, groups * group]
+        self.register_buffer("scale_bits", quantized.scale.view(torch.int16))  # float16 bits [out, groups]
+        self.register_buffer("zero_bits", quantized.zero.view(torch.int16))  # float16 bits [out, groups]
+        self.register_parameter("bias", None if bias is None else nn.Parameter(bias.detach().to(dtype),
+                                                                               requires_grad=False))
+        self.register_buffer("_dtype", torch.empty(0, dtype=dtype), persistent=False)  # follows model.to(dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None, zero_point: bool):
+        quantized = Q.quantize(linear.weight, bits, group_size, zero_point)
+        return cls(quantized, linear.in_features, linear.bias, linear.weight.dtype, group_size is None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype.dtype
+
+    @property
+    def quantized(self) -> Q.Quantized:
+        return Q.Quantized(self.qweight, self.scale_bits.view(torch.float16), self.zero_bits.view(torch.float16),
+                           self.bits)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight [out, in] in the activations' dtype (made on every read: the reference path)."""
+        return Q.dequantize(self.quantized, self.in_features).to(self.dtype)
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes a pass over the packed weight reads: per output column (in tiles of 32) the values and a
+        float16 scale and zero per group."""
+        groups, width = self.scale_bits.shape[1], self.qweight.shape[1]
+        return -(-self.out_features // Q.TILE) * Q.TILE * (4 * groups + width * self.bits // 8)
+
+    def pack(self) -> Q.QuantizedWeight:
+        return Q.pack(self.quantized, self.in_features, self.per_channel)
+
+    def extra_repr(self) -> str:
+        group = "per channel" if self.per_channel else f"groups of {self.quantized.group_size}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}, {group}"
+
+
+def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = ..., zero_point: bool = False,
+             output_layer: bool = True) -> nn.Module:
+    """Replace the linear layers of a native model (``LlamaModel`` or ``DraftHead``) by quantized ones, in
+    place; returns the model. scheme: "int8" or "int4". group_size: input features per scale; left out:
+    one scale per output channel for int8, groups of 32 for int4; None: per output channel. zero_point:
+    asymmetric groups (a float16 zero per group) instead of symmetric ones. output_layer=False keeps the
+    output layer (for a tied model, the embedding's matrix) in float. The embedding is read a row per token,
+    not per step: it stays in float.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantize: scheme must be one of {sorted(SCHEMES)}, got {scheme!r}")
+    bits = SCHEMES[scheme]
+    if group_size is ...:
+        group_size = None if bits == 8 else 32
+    from specdec.models.llama import LlamaModel
+
+    if not any(isinstance(m, LlamaModel) for m in model.modules()):
+        raise ValueError(f"quantize: needs a native specdec model (LlamaModel or DraftHead), got "
+                         f"{type(model).__name__}")
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if type(child) is nn.Linear and (output_layer or name != "lm_head")]
+    for _, _, linear in targets:  # validated before any layer changes: a refused call leaves the model as it was
+        Q.check_group_size(bits, group_size, linear.in_features)
+    with torch.no_grad():
+        for parent, name, linear in targets:
+            setattr(parent, name, QuantizedLinear.from_linear(linear, bits, group_size, zero_point))
+    return model

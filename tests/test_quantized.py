@@ -1,0 +1,184 @@
+"""Quantized weights: the C kernel against its reference (dequantize, then the float kernel: bit for bit with
+float32 activations), quantization's own bounds, quantized models as targets and drafts (speculation equals
+their own plain decoding; the sampled distribution is theirs), clear errors, and GGUF blocks read exactly."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_head, tiny_model
+from distribution import check, reference_joint
+from test_sampling import ALL, PROMPT, _sampled, _toy
+
+import specdec
+from specdec.kernels import cpu_linear
+from specdec.kernels import quantized as Q
+from specdec.kernels.runner import TorchRunner
+from specdec.models.loading import as_native
+from specdec.models.quantized import QuantizedLinear
+
+needs_kernels = pytest.mark.skipif(not cpu_linear.available(), reason="the CPU kernels cannot be built here")
+
+# (out, in, bits, group_size, zero_point): odd widths, a partial tile of 32 columns, per-channel and grouped
+SHAPES = [(33, 64, 4, 32, False), (70, 96, 8, None, False), (64, 66, 4, None, True), (40, 128, 8, 32, True),
+          (31, 17, 8, None, False), (97, 48, 4, 16, True)]
+
+
+def _layer(out, n, bits, group, zero_point, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, n, generator=g)
+    return w, Q.quantize(w, bits, group, zero_point)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_quantization_stays_within_half_a_step(shape):
+    out, n, bits, group, zero_point = shape
+    w, quantized = _layer(*shape)
+    deq = Q.dequantize(quantized, n)
+    step = quantized.scale.float().repeat_interleave(quantized.group_size, 1)[:, :n]  # [out, in]
+    assert deq.shape == w.shape and quantized.q.dtype == torch.uint8
+    assert int(quantized.q.max()) <= 2**bits - 1
+    assert ((deq - w).abs() <= step * 0.5 + 1e-3 * w.abs().amax()).all()  # + float16 rounding of scale and zero
+    if not zero_point:  # symmetric: zero = -2^(bits-1) scales, exactly
+        assert torch.equal(quantized.zero.float(), -(2 ** (bits - 1)) * quantized.scale.float())
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 5, 13])  # 13: two passes of the 12-row kernel
+@pytest.mark.parametrize("fused", ["plain", "bias+norm+residual", "gated"])
+def test_the_kernel_is_dequantize_then_the_float_kernel_bit_for_bit(shape, rows, fused):
+    """float32 activations: the quantized kernel dequantizes exactly (q scale is exact, one rounding in the sum)
+    and runs the float kernel's FMA chain, so its output is the float kernel's on the dequantized weight, bit
+    for bit. bfloat16 activations: within one bfloat16 rounding of the float64 reference."""
+    out, n, bits, group, zero_point = shape
+    _, quantized = _layer(*shape)
+    packed, deq = Q.pack(quantized, n, group is None), Q.dequantize(quantized, n)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 2 * n if fused == "gated" else n, generator=g)
+    extra = {}
+    if fused == "bias+norm+residual":
+        extra = dict(bias=torch.randn(out, generator=g), norm=torch.rand(n, generator=g) + 0.5, eps=1e-5,
+                     residual=torch.randn(rows, out, generator=g))
+    elif fused == "gated":
+        extra = dict(gated=True)
+    got = cpu_linear.linear(x, packed, **extra)
+    assert torch.equal(got, cpu_linear.linear(x, cpu_linear.pack(deq), **extra))
+    bf16 = {k: v.bfloat16() if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
+    got16 = cpu_linear.linear(x.bfloat16(), packed, **bf16)
+    want = cpu_linear.linear_reference(x.bfloat16(), deq, **bf16)  # float64 sums, rounded once
+    assert (got16.float() - want.float()).abs().max() <= 2**-7 * want.float().abs().max()
+
+
+@needs_kernels
+def test_the_kernel_refuses_what_it_cannot_take():
+    _, quantized = _layer(32, 64, 4, 32, False)
+    packed = Q.pack(quantized, 64, False)
+    with pytest.raises(ValueError, match="x \\[..., 60\\]"):
+        cpu_linear.linear(torch.randn(1, 60), packed)
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu_linear.linear(torch.randn(1, 64, dtype=torch.float64), packed)
+    bad = Q.QuantizedWeight(packed.data, 32, 64, 4, 48)  # 48 does not divide 64
+    with pytest.raises(ValueError, match="group_size 48"):
+        cpu_linear.linear(torch.randn(1, 64), bad)
+
+
+def _quantized(arch, dtype, scheme="int4", group_size=16, zero_point=False):
+    native = copy.deepcopy(as_native(tiny_model(arch, dtype)))
+    return specdec.quantize(native, scheme, group_size=group_size, zero_point=zero_point)
+
+
+@pytest.mark.parametrize("scheme, group_size, zero_point", [("int8", ..., False), ("int4", 16, False),
+                                                            ("int4", None, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_quantized_model_runs_its_layers_in_one_call_as_in_the_loop_and_tracks_the_reference(
+        scheme, group_size, zero_point, dtype):
+    model = _quantized("qwen2", dtype, scheme, group_size, zero_point)
+    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 2 * 4 + 1  # the output layer too
+    ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(9).expand(2, -1)
+    reference = copy.deepcopy(model)
+    reference.runner = TorchRunner("cpu")  # dequantize, then torch's ops
+    with torch.no_grad():
+        one_call = model(ids, positions, model.new_cache(2, 9))
+        if cpu_linear.available():
+            assert model.runner.layer_addresses(model) is not None  # the quantized layers took the one call
+        model.runner.one_call = False
+        looped = model(ids, positions, model.new_cache(2, 9))
+        want = reference(ids, positions, reference.new_cache(2, 9))
+    assert torch.equal(one_call, looped)
+    tolerance = 0.02 if dtype == torch.bfloat16 else 1e-5
+    assert (one_call - want).abs().max() <= tolerance * want.abs().max()
+
+
+@pytest.mark.parametrize("arch", ["llama", "smollm2", "qwen2"])
+@pytest.mark.parametrize("draft", ["model", "head", "ngram", "quantized self"])
+def test_speculation_over_a_quantized_target_equals_its_plain_decoding(arch, draft):
+    """Greedy, float32 (the C kernels' path), a ragged batch: a quantized target is a target in its own right."""
+    target = _quantized(arch, torch.float32)
+    drafts = {"model": lambda: _quantized("llama", torch.float32, "int8"),
+              "head": lambda: specdec.quantize(tiny_head(tiny_model(arch, torch.float32), None, seed=1).float(),
+                                               "int8"),
+              "ngram": lambda: "ngram",
+              "quantized self": lambda: _quantized(arch, torch.float32, "int8")}
+    ids = torch.tensor([[0, 0, 5, 6, 7, 5, 6], [3, 4, 5, 6, 7, 8, 9]])
+    mask = (ids != 0).long()
+    plain = specdec.generate(target, ids, attention_mask=mask, max_new_tokens=16, eos_token_id=[])
+    for k in (1, 3):
+        spec = specdec.generate(target, ids, attention_mask=mask, max_new_tokens=16, eos_token_id=[],
+                                draft_model=drafts[draft](), num_draft_tokens=k)
+        assert torch.equal(spec, plain)
+
+
+def test_sampling_from_a_quantized_target_is_its_distribution():
+    """The chi-square and 6-sigma tests of tests/distribution.py (false alarm 1e-5; power: test_sampling) with
+    the reference computed by transformers from the dequantized weights (float64: the torch runner's path)."""
+    hf = copy.deepcopy(_toy(0))
+    target = specdec.quantize(copy.deepcopy(as_native(hf)), "int4", group_size=8)
+    with torch.no_grad():  # the transformers twin gets the weights the quantized target computes with
+        for name, module in target.named_modules():
+            if isinstance(module, QuantizedLinear):
+                _set_fused(hf, name, module.weight)
+    (counts,) = _sampled(target, _toy(1), 2, ALL, 3)
+    check(counts, reference_joint(hf, PROMPT, 3, ALL))
+
+
+def _set_fused(hf, name, weight):
+    """Copy a native layer's weight onto the transformers modules it was fused from."""
+    from specdec.models.llama import FUSED
+
+    prefix, _, leaf = name.rpartition(".")
+    parent = prefix.rpartition(".")[0]
+    full = f"{prefix.rpartition('.')[2]}.{leaf}"
+    parts = FUSED.get(full)
+    if parts is None:
+        hf.get_submodule(name).weight.copy_(weight)
+        return
+    offset = 0
+    for part in parts:
+        linear = hf.get_submodule(f"{parent}.{part}")
+        rows = linear.weight.shape[0]
+        linear.weight.copy_(weight[offset:offset + rows])
+        offset += rows
+
+
+def test_quantize_refuses_bad_arguments_and_leaves_the_model_as_it_was():
+    model = copy.deepcopy(as_native(tiny_model("llama", torch.float32)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        specdec.quantize(model, "int3")
+    with pytest.raises(ValueError, match="group_size must be an even number dividing the layer's 112"):
+        specdec.quantize(model, "int4", group_size=32)  # divides 64, not the MLP's 112
+    with pytest.raises(ValueError, match="needs a native specdec model"):
+        specdec.quantize(torch.nn.Linear(4, 4), "int8")
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="quantize must be None or one of"):
+        specdec.load("smollm2-135m-instruct", quantize="fp8")
+
+
+def test_output_layer_false_keeps_it_in_float():
+    model = specdec.quantize(copy.deepcopy(as_native(tiny_model("llama", torch.float32))), "int8",
+                             output_layer=False)
+    assert type(model.lm_head) is torch.nn.Linear
+    assert isinstance(model.model.layers[0].mlp.down_proj, QuantizedLinear)
