@@ -8,6 +8,8 @@ dequantizes it (``kernels/quantized.py: dequantize``, the reference) and calls t
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -35,9 +37,11 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("_dtype", torch.empty(0, dtype=dtype), persistent=False)  # follows model.to(dtype)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None, zero_point: bool):
-        quantized = Q.quantize(linear.weight, bits, group_size, zero_point)
-        return cls(quantized, linear.in_features, linear.bias, linear.weight.dtype, group_size is None)
+    def from_linear(cls, linear, bits: int, group_size: int | None, zero_point: bool):
+        """linear: an nn.Linear, or a QuantizedLinear (quantized again from its dequantized weight)"""
+        weight = linear.weight
+        quantized = Q.quantize(weight, bits, group_size, zero_point)
+        return cls(quantized, linear.in_features, linear.bias, weight.dtype, group_size is None)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -95,3 +99,49 @@ def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = ..
         for parent, name, linear in targets:
             setattr(parent, name, QuantizedLinear.from_linear(linear, bits, group_size, zero_point))
     return model
+
+
+#: draft_model names of self-speculation -> (scheme, group sizes to try, the first that divides every layer)
+SELF_DRAFTS = {"self": ("int4", (32, 16, 8, None)), "self-int8": ("int8", (None,))}
+_self_drafts = weakref.WeakKeyDictionary()  # target -> (name, the weights' key, its draft)
+
+
+def self_draft(target, name: str = "self"):
+    """A draft for any native target with no training: the target's own layers quantized ("self": int4 in
+    groups of 32, symmetric; "self-int8": int8 per channel), sharing its embedding and norms (the same module
+    objects), with a cache of its own. Made once per target and scheme; remade when a target weight changes.
+    A target already quantized on the same grid would agree with it trivially and cost as much: the draft
+    pays where the target reads more bytes than it (a float or int8 target under "self")."""
+    from specdec.kernels.runner import runner_for
+    from specdec.models.llama import LlamaModel, RMSNorm
+
+    scheme, groups = SELF_DRAFTS[name]
+    linears = [(n, m) for n, m in target.named_modules() if isinstance(m, (nn.Linear, QuantizedLinear))]
+    key = (name, tuple(_tensor_key(m) for _, m in linears))
+    cached = _self_drafts.get(target)
+    if cached is not None and cached[:2] == key:
+        return cached[2]
+    group = next(g for g in groups if g is None or all(m.in_features % g == 0 for _, m in linears))
+    with torch.device("meta"):
+        draft = LlamaModel(target.config)
+    for name_, module in target.named_modules():  # shared: the embedding and the norms (small, float)
+        if isinstance(module, (nn.Embedding, RMSNorm)):
+            _replace(draft, name_, module)
+    with torch.no_grad():
+        for name_, module in linears:
+            _replace(draft, name_, QuantizedLinear.from_linear(module, SCHEMES[scheme], group, False))
+    draft.inv_freq, draft.rope_scaling = target.inv_freq, target.rope_scaling
+    draft.generation_config, draft.runner = target.generation_config, runner_for(target.device)
+    _self_drafts[target] = (*key, draft)
+    return draft.eval()
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def _tensor_key(module) -> tuple:
+    t = module._buffers.get("qweight")
+    t = module._parameters["weight"] if t is None else t
+    return (t.data_ptr(), t.dtype, None if t.is_inference() else t._version)

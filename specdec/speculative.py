@@ -310,7 +310,8 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
     generator       torch.Generator for sampling. With a fixed k, the same seed gives the same tokens. With
                     num_draft_tokens="auto" it does not: k follows measured timings, and each k draws its own
                     random numbers, so seeded runs agree in distribution only (pass an integer k to reproduce)
-    draft_model     None (plain) | causal LM (native or transformers) | "ngram" | a draft head (``DraftHead``,
+    draft_model     None (plain) | causal LM (native or transformers) | "ngram" | "self" or "self-int8" (the
+                    target's own layers quantized to int4 / int8: models/quantized.py) | a draft head (``DraftHead``,
                     e.g. ``specdec.load("smollm2-135m-instruct-head")``) | a Proposer. A draft model must be on
                     the target's device (ValueError otherwise) but may have another dtype: a bfloat16 draft
                     for a float32 target is fine, both distributions are compared in float32.
@@ -538,13 +539,20 @@ def _proposer(draft_model, target):
     from specdec.models.head import DraftHead
     from specdec.models.llama import LlamaModel
     from specdec.models.loading import as_native
+    from specdec.models.quantized import SELF_DRAFTS, self_draft
 
     if draft_model is None:
         return None
     if isinstance(draft_model, str):
         if draft_model == "ngram":
             return NGramProposer()
-        raise ValueError(f"draft_model={draft_model!r} is not a known proposer (known: 'ngram')")
+        if draft_model in SELF_DRAFTS:
+            if not isinstance(target, LlamaModel):
+                raise ValueError(f"draft_model={draft_model!r} quantizes a native model's own layers; the target "
+                                 f"runs through {type(target).__name__}")
+            return DraftModelProposer(self_draft(target, draft_model))
+        raise ValueError(f"draft_model={draft_model!r} is not a known proposer (known: 'ngram', "
+                         f"{', '.join(map(repr, SELF_DRAFTS))})")
     if hasattr(draft_model, "propose"):  # any Proposer, whatever else it is
         return draft_model
     if isinstance(draft_model, DraftHead):

@@ -112,15 +112,15 @@ def test_a_quantized_model_runs_its_layers_in_one_call_as_in_the_loop_and_tracks
 
 
 @pytest.mark.parametrize("arch", ["llama", "smollm2", "qwen2"])
-@pytest.mark.parametrize("draft", ["model", "head", "ngram", "quantized self"])
+@pytest.mark.parametrize("draft", ["model", "head", "ngram", "quantized copy", "self", "self-int8"])
 def test_speculation_over_a_quantized_target_equals_its_plain_decoding(arch, draft):
     """Greedy, float32 (the C kernels' path), a ragged batch: a quantized target is a target in its own right."""
     target = _quantized(arch, torch.float32)
     drafts = {"model": lambda: _quantized("llama", torch.float32, "int8"),
               "head": lambda: specdec.quantize(tiny_head(tiny_model(arch, torch.float32), None, seed=1).float(),
                                                "int8"),
-              "ngram": lambda: "ngram",
-              "quantized self": lambda: _quantized(arch, torch.float32, "int8")}
+              "ngram": lambda: "ngram", "self": lambda: "self", "self-int8": lambda: "self-int8",
+              "quantized copy": lambda: _quantized(arch, torch.float32, "int8")}
     ids = torch.tensor([[0, 0, 5, 6, 7, 5, 6], [3, 4, 5, 6, 7, 8, 9]])
     mask = (ids != 0).long()
     plain = specdec.generate(target, ids, attention_mask=mask, max_new_tokens=16, eos_token_id=[])
@@ -128,6 +128,37 @@ def test_speculation_over_a_quantized_target_equals_its_plain_decoding(arch, dra
         spec = specdec.generate(target, ids, attention_mask=mask, max_new_tokens=16, eos_token_id=[],
                                 draft_model=drafts[draft](), num_draft_tokens=k)
         assert torch.equal(spec, plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_self_speculation_drafts_from_the_targets_own_layers_quantized(dtype):
+    """draft_model="self": greedy output equals plain decoding of a float target; the draft shares the target's
+    embedding and norms, is made once per target and remade when a target weight changes."""
+    from specdec.models.quantized import self_draft
+
+    target = copy.deepcopy(as_native(tiny_model("llama", dtype)))
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9]])
+    plain = specdec.generate(target, ids, max_new_tokens=20, eos_token_id=[])
+    out = specdec.generate(target, ids, max_new_tokens=20, eos_token_id=[], draft_model="self", num_draft_tokens=3,
+                           return_dict_in_generate=True)
+    assert torch.equal(out.sequences, plain) and out.stats.accepted > 0
+    draft = self_draft(target)
+    assert draft.model.embed_tokens is target.model.embed_tokens and draft.model.norm is target.model.norm
+    assert {m.bits for m in draft.modules() if isinstance(m, QuantizedLinear)} == {4}
+    assert self_draft(target) is draft
+    with torch.no_grad():
+        target.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    assert self_draft(target) is not draft
+    with pytest.raises(ValueError, match="'self', 'self-int8'"):
+        specdec.generate(target, ids, max_new_tokens=2, draft_model="selfie")
+
+
+def test_sampling_with_a_self_draft_is_the_targets_distribution():
+    """The chi-square and 6-sigma tests of tests/distribution.py (false alarm 1e-5; power: test_sampling): the
+    int4 draft's distribution differs from the target's, acceptance corrects it exactly."""
+    target = _toy(0)
+    (counts,) = _sampled(target, "self", 2, ALL, 3)
+    check(counts, reference_joint(target, PROMPT, 3, ALL))
 
 
 def test_sampling_from_a_quantized_target_is_its_distribution():
