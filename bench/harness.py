@@ -35,7 +35,8 @@ import torch
 from specdec.bench.common import bandwidth_gbs, machine, weight_bytes
 import specdec
 
-METHODS = ("hf", "hf-assisted", "hf-lookup", "plain", "draft", "auto", "head", "head-auto", "ngram", "synthetic")
+METHODS = ("hf", "hf-assisted", "hf-lookup", "plain", "draft", "auto", "head", "head-auto", "ngram", "self",
+           "synthetic")
 CATEGORIES = ("chat", "explanation", "code", "rewriting", "math")
 PROMPT_DIR = Path(__file__).parent / "prompts"
 HF_BATCH_ONE = ("hf-assisted", "hf-lookup")  # transformers refuses batch > 1 for these (#29769, #32165)
@@ -145,7 +146,7 @@ def plan(config: BenchConfig) -> list[Run]:
                 if method == "synthetic":
                     if mode == "greedy":  # acceptance of "the target's own token" is defined for greedy only
                         group += [Run(method, mode, batch, config.synthetic_k, r) for r in config.synthetic_rates]
-                elif method in ("draft", "head"):
+                elif method in ("draft", "head", "self"):
                     group += [Run(method, mode, batch, k) for k in config.ks]
                 elif method in ("auto", "head-auto", "ngram"):
                     group.append(Run(method, mode, batch, "auto"))
@@ -318,7 +319,7 @@ class Bench:
             seconds = time.perf_counter() - start
             return new_tokens(out, prompt_len, self.eos), seconds, None
         draft = {"plain": None, "draft": self.native_draft, "auto": self.native_draft, "head": self.head,
-                 "head-auto": self.head, "ngram": "ngram"}.get(run.method)
+                 "head-auto": self.head, "ngram": "ngram", "self": "self"}.get(run.method)
         if run.method == "synthetic":
             draft = SyntheticProposer(reference, run.rate, torch.Generator().manual_seed(seed))
         start = time.perf_counter()
@@ -377,6 +378,10 @@ class Bench:
         # a head also reads a row of the target's embedding per token: nothing beside its own weights
         head_bytes = weight_bytes(self.head) if self.head is not None else 0
         drafted = {"draft": draft_bytes, "auto": draft_bytes, "head": head_bytes, "head-auto": head_bytes}
+        if "self" in cfg.methods:  # the target's own layers quantized (models/quantized.py: self_draft)
+            from specdec.models.quantized import self_draft
+
+            drafted["self"] = weight_bytes(self_draft(self.native))
         rows = []
         for run in tokens:
             n = len(tokens[run]) // cfg.repeats
@@ -489,7 +494,7 @@ def plots(report: dict, folder: Path) -> list[Path]:
         batch = min(r["batch"] for r in runs)
         sel = [r for r in runs if r["mode"] == mode and r["batch"] == batch]
         lines = ["hf", "hf-assisted", "hf-lookup", "plain", "auto", "head-auto", "ngram"]
-        for method in ("draft", "head"):
+        for method in ("draft", "head", "self"):
             points = sorted((r for r in sel if r["method"] == method), key=lambda r: r["k"])
             if points:
                 ax.plot([r["k"] for r in points], [r["tokens_per_s"] for r in points], "o-", label=f"specdec {method}")
@@ -504,9 +509,9 @@ def plots(report: dict, folder: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for r in runs:
-        if r["method"] in ("draft", "auto", "head", "head-auto", "ngram") \
+        if r["method"] in ("draft", "auto", "head", "head-auto", "ngram", "self") \
                 and r["batch"] == min(x["batch"] for x in runs) and r.get("per_position_acceptance") \
-                and (r["method"] not in ("draft", "head") or r["k"] == max(
+                and (r["method"] not in ("draft", "head", "self") or r["k"] == max(
                     x["k"] for x in runs if x["method"] == r["method"])):
             acc = r["per_position_acceptance"]
             ax.plot(range(1, len(acc) + 1), acc, "o-", label=f"{r['method']} k={r['k']} ({r['mode']})")
@@ -517,7 +522,7 @@ def plots(report: dict, folder: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for mode in modes:
-        for method in ("draft", "auto", "head", "head-auto", "ngram", "synthetic"):
+        for method in ("draft", "auto", "head", "head-auto", "ngram", "self", "synthetic"):
             best = {}
             for r in runs:
                 if r["method"] == method and r["mode"] == mode and r["vs_plain"]:
@@ -525,7 +530,7 @@ def plots(report: dict, folder: Path) -> list[Path]:
                         continue
                     best[r["batch"]] = max(best.get(r["batch"], 0), r["vs_plain"])
             if best:
-                label = f"{method} ({mode})" + (" best k" if method in ("draft", "head") else "")
+                label = f"{method} ({mode})" + (" best k" if method in ("draft", "head", "self") else "")
                 if method == "synthetic":
                     label = f"synthetic rate {max(x['rate'] for x in runs if x['method'] == method):g} ({mode})"
                 ax.plot(sorted(best), [best[b] for b in sorted(best)], "o-", label=label)

@@ -226,7 +226,8 @@ def main(argv=None) -> int:
     ben.add_argument("--model", help=f"target (default {DEFAULT_MODEL})")
     ben.add_argument("--draft", help="draft model for hf-assisted/draft/auto ('none': no draft)")
     ben.add_argument("--head", help="draft head for head/head-auto ('none': no head)")
-    ben.add_argument("--methods", nargs="+", help="hf hf-assisted hf-lookup plain draft auto head head-auto ngram synthetic")
+    ben.add_argument("--methods", nargs="+",
+                     help="hf hf-assisted hf-lookup plain draft auto head head-auto ngram self synthetic")
     ben.add_argument("--ks", nargs="+", type=int, help="k values for the draft (1..16)")
     ben.add_argument("--modes", nargs="+", help="greedy and/or sampling (temperature 0.7, top_p 0.9)")
     ben.add_argument("--batch-sizes", nargs="+", type=int, dest="batch_sizes")
