@@ -32,11 +32,14 @@ import time
 from pathlib import Path
 
 import torch
+from specdec.bench import llama_cpp
 from specdec.bench.common import bandwidth_gbs, machine, weight_bytes
 import specdec
 
 METHODS = ("hf", "hf-assisted", "hf-lookup", "plain", "draft", "auto", "head", "head-auto", "ngram", "self",
            "synthetic")
+#: what a run without --methods measures: every method but "self" (self-speculation, asked for by name)
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "self")
 CATEGORIES = ("chat", "explanation", "code", "rewriting", "math")
 PROMPT_DIR = Path(__file__).parent / "prompts"
 HF_BATCH_ONE = ("hf-assisted", "hf-lookup")  # transformers refuses batch > 1 for these (#29769, #32165)
@@ -48,7 +51,7 @@ class BenchConfig:
     model: str = "smollm2-135m-instruct"
     draft: str | None = "smollm2-135m-instruct-draft"
     head: str | None = "smollm2-135m-instruct-head"  # a draft head for the target (transformers has no such thing)
-    methods: tuple = METHODS
+    methods: tuple = DEFAULT_METHODS
     ks: tuple = (1, 2, 3, 4, 5, 6, 7, 8)
     modes: tuple = ("greedy", "sampling")
     batch_sizes: tuple = (1, 4, 16)
@@ -59,6 +62,7 @@ class BenchConfig:
     dtype: str = "float32"
     weights: str = "float"  # the target's: "float" (dtype), "gguf" (the file's own blocks), "int8", "int4"
     head_quantize: str | None = None  # the head's: None (float), "int8", "int4"
+    llama_cpp: bool = False  # also time llama.cpp's plain decoding of the same GGUF file (bench/llama_cpp.py)
     synthetic_rates: tuple = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0)
     synthetic_k: int = 4
     temperature: float = 0.7
@@ -440,6 +444,28 @@ class Bench:
 
 # ---------------------------------------------------------------------------------------------- output
 
+def _llama_cpp(config: BenchConfig) -> dict:
+    from specdec.models.loading import _source
+
+    source = _source(config.model)
+    if source.suffix != ".gguf":
+        return {"skipped": f"model={config.model!r} is not a .gguf file"}
+    return llama_cpp.measure(source, config.max_new_tokens, torch.get_num_threads())
+
+
+def peer_line(report: dict) -> str:
+    """llama.cpp's plain decoding of the same file beside specdec's plain (batch 1, greedy or the first mode)."""
+    peer = report["llama_cpp"]
+    if "skipped" in peer:
+        return f"llama.cpp: skipped ({peer['skipped']})"
+    plain = [r for r in report["runs"] if r["method"] == "plain" and r["batch"] == 1]
+    ratio = f"; specdec plain {plain[0]['tokens_per_s']:.1f} tok/s = " \
+            f"{plain[0]['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if plain else ""
+    return (f"llama.cpp ({peer['type']}, build {peer['build']}, `{peer['command']}`): plain "
+            f"{peer['tokens_per_s']:.1f} tok/s (before and after: {', '.join(f'{x:.1f}' for x in peer['runs'])})"
+            f"{ratio}")
+
+
 def table(report: dict) -> str:
     """The terminal table: one line per run; mismatches in red."""
     head = ("| method | mode | batch | k | tokens/s | vs plain | vs hf | vs hf-assisted | tok/fwd | accept | c "
@@ -655,7 +681,10 @@ def main(config: BenchConfig, json_path: Path | None = None, plot_dir: Path | No
     from specdec.bench.common import chat_ids
 
     ids = [chat_ids(tokenizer, p)[0].tolist() for texts in prompts.values() for p in texts]
+    peer = _llama_cpp(config) if config.llama_cpp else None
     report = Bench(config, target, draft, ids, progress, head=head).run()
+    if peer is not None:
+        report["llama_cpp"] = llama_cpp.summary(peer, _llama_cpp(config))
     report["prompts"] = prompts
     if torch.cuda.is_available():  # GPU mode: the same questions at a realistic size (bench/large_model.py)
         from specdec.bench.large_model import report as large_model_report
@@ -665,6 +694,8 @@ def main(config: BenchConfig, json_path: Path | None = None, plot_dir: Path | No
         report["gpu_graphs"] = large_model_report("cuda", progress=progress, cuda_graphs=True)
         report["mismatches"] += report["gpu"]["mismatches"] + report["gpu_graphs"]["mismatches"]
     print(table(report))
+    if "llama_cpp" in report:
+        print(peer_line(report))
     if report["mismatches"]:
         print(f"\x1b[31m{report['mismatches']} greedy call(s) departed from plain greedy output\x1b[0m",
               file=sys.stderr)

@@ -240,6 +240,8 @@ def main(argv=None) -> int:
                      help="the target's weights: the float copy (default), the GGUF file's own blocks, or quantized")
     ben.add_argument("--head-quantize", choices=["int8", "int4"], dest="head_quantize",
                      help="quantize the draft head (default: float)")
+    ben.add_argument("--llama-cpp", action="store_true", dest="llama_cpp", default=None,
+                     help="also time llama.cpp's llama-bench on the same GGUF file ($SPECDEC_LLAMA_BENCH or PATH)")
     ben.add_argument("--synthetic-rates", nargs="+", type=float, dest="synthetic_rates")
     ben.add_argument("--synthetic-k", type=int, dest="synthetic_k")
     ben.add_argument("--seed", type=int)

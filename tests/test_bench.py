@@ -167,6 +167,40 @@ def test_small_run_writes_json_and_plots(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 
 
+def test_quantized_weights_self_speculation_and_the_llama_cpp_line(tmp_path, monkeypatch):
+    """--weights int4 and --head-quantize int8 reach the target and the head, the "self" method drafts exactly,
+    and llama.cpp's line: its figure beside specdec's plain, or why it was skipped."""
+    import copy
+
+    from specdec.bench import llama_cpp
+    from specdec.bench.harness import peer_line, with_weights
+    from specdec.models.loading import as_native
+    from specdec.models.quantized import QuantizedLinear
+
+    config = BenchConfig(methods=("plain", "self"), ks=(2,), modes=("greedy",), batch_sizes=(1,), max_new_tokens=8,
+                         repeats=1, weights="int8", head_quantize="int4")
+    target = copy.deepcopy(tiny_model("llama", torch.float32))
+    target.__dict__.pop("_specdec_native", None)
+    report = Bench(config, target, None, _prompts(), progress=False).run()
+    assert isinstance(as_native(target).lm_head, QuantizedLinear)
+    assert report["mismatches"] == 0 and {r["method"] for r in report["runs"]} == {"plain", "self"}
+    with pytest.raises(ValueError, match="weights='gguf' needs a .gguf model"):
+        with_weights(as_native(target), BenchConfig(model=str(tmp_path), weights="gguf"))
+    with pytest.raises(ValueError, match="weights must be one of"):
+        BenchConfig(weights="fp8")
+    fake = tmp_path / "llama-bench"  # a stand-in that prints what llama-bench -o json prints
+    fake.write_text("#!/bin/sh\necho '[{\"n_gen\": 8, \"avg_ts\": 50.0, \"stddev_ts\": 1.0, "
+                    "\"model_type\": \"llama 135M Q4_1\", \"build_commit\": \"abc\"}]'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("SPECDEC_LLAMA_BENCH", str(fake))
+    peer = llama_cpp.summary(llama_cpp.measure(tmp_path / "m.gguf", 8, 2), llama_cpp.measure(tmp_path / "m.gguf", 8, 2))
+    line = peer_line({**report, "llama_cpp": peer})
+    assert "plain 50.0 tok/s" in line and "llama 135M Q4_1" in line and "specdec plain" in line
+    monkeypatch.setenv("SPECDEC_LLAMA_BENCH", str(tmp_path / "missing"))
+    line = peer_line({**report, "llama_cpp": llama_cpp.measure(tmp_path / "m.gguf", 8, 2)})
+    assert line.startswith("llama.cpp: skipped (llama-bench failed")
+
+
 def test_wrong_speculative_output_is_reported(capsys):
     class Corrupting(Bench):
         def call(self, run, work, reference, seed):
