@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrained
 from specdec.models.llama import ARCHITECTURES, FUSED, LlamaModel, fuse_state_dict
 from specdec.models.gguf import keep_blocks
 from specdec.models.head import DraftHead, is_head_folder
-from specdec.models.quantized import SCHEMES
+from specdec.models.quantized import SCHEMES, SELF_DRAFTS
 from specdec.models.quantized import quantize as quantize_model
 
 #: registered names -> a function returning a local path (a GGUF file or a checkpoint folder)
@@ -236,11 +236,14 @@ def load(name_or_path, dtype=None, device=None, quantize=None, group_size=..., z
 
 
 def _dtype(dtype):
-    """None, a torch dtype, or its name ("float32", ...: what the CLI passes) -> None or the torch dtype."""
+    """None or "auto" (the file's own: as transformers reads "auto"), a torch dtype, or its name ("float32",
+    ...: what the CLI passes) -> None or the torch dtype."""
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None) if dtype in ("float32", "bfloat16", "float64", "float16") else dtype
+        dtype = getattr(torch, dtype, None) if dtype in ("float32", "bfloat16", "float64", "float16") else (
+            None if dtype == "auto" else dtype)
     if dtype is not None and not isinstance(dtype, torch.dtype):
-        raise ValueError(f"dtype must be a torch dtype or one of float32/bfloat16/float16/float64, got dtype={dtype!r}")
+        raise ValueError(f"dtype must be a torch dtype, 'auto' or one of float32/bfloat16/float16/float64, got "
+                         f"dtype={dtype!r}")
     return dtype
 
 
@@ -250,10 +253,11 @@ def load_draft(name_or_path, target_dtype=None, device=None):
     half in bfloat16 (SmolLM2's head for a float32 target, 3 prompts, 64 tokens, k = 2: 57 -> 62 tok/s, same
     drafts) — while its drafts stay proposals the target verifies: greedy output does not change, and sampled
     output keeps the target's distribution (a given seed may draw other tokens: the draft probabilities
-    that the accept/reject draws compare against differ). ``"ngram"`` (prompt lookup, no weights) is
-    returned as it is, for ``generate(draft_model=...)`` and the engine to take."""
+    that the accept/reject draws compare against differ). ``"ngram"`` (prompt lookup, no weights) and
+    ``"self"`` / ``"self-int8"`` (the target's own layers quantized) are returned as they are, for
+    ``generate(draft_model=...)`` and the engine to take."""
     target_dtype = _dtype(target_dtype)
-    if name_or_path == "ngram":
+    if name_or_path == "ngram" or name_or_path in SELF_DRAFTS:
         return name_or_path
     folder = checkpoint_folder(name_or_path, "draft")
     if is_head_folder(folder):

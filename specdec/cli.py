@@ -78,7 +78,7 @@ def _generate(args) -> int:
     costs, tick = {}, time.perf_counter()
     checkpoint_folder(args.model)  # a GGUF file is converted to a float checkpoint on its first use, then cached
     costs["checkpoint"], tick = time.perf_counter() - tick, time.perf_counter()
-    model, tokenizer = specdec.load(args.model, dtype=args.dtype)
+    model, tokenizer = specdec.load(args.model, dtype=args.dtype, quantize=args.quantize)
     draft = load_draft(draft_name, args.dtype) if draft_name else None
     costs["loading"], tick = time.perf_counter() - tick, time.perf_counter()
     if model.device.type == "cpu":
@@ -188,7 +188,7 @@ def _serve(args) -> int:
     k = _num_draft_tokens(args.num_draft_tokens)
     return serve(args.model, _draft_name(args.model, args.draft), host=args.host, port=args.port, num_draft_tokens=k,
                  max_num_seqs=args.max_num_seqs, kv_blocks=args.kv_blocks, block_size=args.block_size,
-                 max_queued=args.max_queued, dtype=args.dtype, grace_seconds=args.grace)
+                 max_queued=args.max_queued, dtype=args.dtype, quantize=args.quantize, grace_seconds=args.grace)
 
 
 def main(argv=None) -> int:
@@ -206,7 +206,10 @@ def main(argv=None) -> int:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
+    gen.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float64"],
+                     help="of the target (default float32); auto: the file's own (a .gguf keeps its quantized "
+                          "blocks, with float32 activations)")
+    gen.add_argument("--quantize", choices=["int8", "int4"], help="quantize the target's linear layers at load")
     gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     dis = sub.add_parser("distill", help="train a draft for a target by distillation on the target's own answers")
     dis.add_argument("--target", default=DEFAULT_MODEL, help="registered name, checkpoint folder or .gguf file")
@@ -259,7 +262,9 @@ def main(argv=None) -> int:
     srv.add_argument("--max-queued", type=int, default=64, help="requests waiting beyond those (more: 429)")
     srv.add_argument("--kv-blocks", type=int, default=1024, help="KV pool blocks (of --block-size positions)")
     srv.add_argument("--block-size", type=int, default=16)
-    srv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
+    srv.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float64"],
+                     help="of the target (default float32); auto: the file's own (a .gguf keeps its quantized blocks)")
+    srv.add_argument("--quantize", choices=["int8", "int4"], help="quantize the target's linear layers at load")
     srv.add_argument("--grace", type=float, default=10.0, help="seconds running requests get after SIGTERM")
     args = parser.parse_args(argv)
     try:

@@ -65,6 +65,13 @@ def test_generate_with_draft_none_decodes_plainly(checkpoint):
     assert "draft passes               0" in out.stderr
 
 
+def test_generate_quantized_with_its_own_layers_as_draft(checkpoint):
+    out = _run("generate", "w5 w6", "--model", str(checkpoint), "--max-new-tokens", "6", "--quantize", "int8",
+               "--draft", "self", "-k", "2", "--dtype", "float32")
+    assert out.returncode == 0, out.stderr
+    assert "draft self, k = 2" in out.stderr and "identical, token for token" in out.stderr
+
+
 def test_generate_and_serve_default_to_the_same_draft():
     from specdec.cli import DEFAULT_HEAD, DEFAULT_MODEL, _draft_name
 
