@@ -41,7 +41,8 @@ def measure(gguf: Path, new_tokens: int, threads: int, repeats: int = 3) -> dict
         detail = getattr(error, "stderr", None) or error
         return {"skipped": f"llama-bench failed: {str(detail).strip()[-300:]}"}
     return {"tokens_per_s": row["avg_ts"], "stddev": row["stddev_ts"], "type": row.get("model_type"),
-            "build": row.get("build_commit"), "command": " ".join([Path(exe).name, *command[1:]])}
+            "build": row.get("build_commit"),
+            "command": " ".join([Path(exe).name, "-m", Path(gguf).name, *command[3:]])}  # no local paths
 
 
 def summary(before: dict, after: dict) -> dict:
