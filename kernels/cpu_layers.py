@@ -28,6 +28,10 @@ def decoder_layers(x, addresses, eps: float, cos, sin, positions, cache, num_hea
     lib = library()
     batch, T, hidden = x.shape
     layers = addresses.shape[0]
+    widths = (hidden, num_heads * head_dim, inner)  # the input widths of q/k/v and gate/up, o, down
+    if bits not in (0, 4, 8) or group_size < 0 or group_size % 2 or any(group_size and n % group_size for n in widths):
+        raise ValueError(f"decoder_layers: bits={bits} must be 0, 4 or 8 and group_size={group_size} an even number "
+                         f"dividing {widths} (or 0)")
     if addresses.shape != (layers, ADDRESSES) or addresses.dtype != torch.int64:
         raise ValueError(f"decoder_layers: addresses must be int64 [layers, {ADDRESSES}], got "
                          f"{tuple(addresses.shape)} {addresses.dtype}")

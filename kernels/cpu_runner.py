@@ -13,6 +13,7 @@ without the kernel: oneDNN's prepacked layout.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 
@@ -41,7 +42,9 @@ class CpuRunner(TorchRunner):
         self.reset()
 
     def reset(self) -> None:
-        self._packs = {}  # nn.Linear module -> (key of its weight, the packed copy, the weight's storage)
+        # nn.Linear module -> (key of its weight, the packed copy, the weight's storage); weak: a replaced module's
+        # copies go with it
+        self._packs = weakref.WeakKeyDictionary()
         self._addresses = None  # (table, the packed weights it was made from, the key of the rest)
 
     def linear(self, layer, x, norm=None, gated: bool = False, residual=None):

@@ -73,6 +73,9 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int | None = 32, zero_
     else:
         scale = (w.abs().amax(-1) / (levels // 2)).clamp(min=2**-24).half()
         zero = (-(levels // 2 + 1) * scale.float()).half()
+    if not (scale.isfinite().all() and zero.isfinite().all()):
+        raise ValueError(f"quantize: a group's scale or zero exceeds float16 (largest |weight| "
+                         f"{float(w.abs().max()):.4g}); scale such a layer down or keep it in float")
     q = ((w - zero.float()[..., None]) / scale.float()[..., None]).round().clamp(0, levels).to(torch.uint8)
     return Quantized(q.view(out, -1), scale, zero, bits)
 
@@ -103,3 +106,13 @@ def pack(quantized: Quantized, in_features: int, per_channel: bool) -> Quantized
     header = torch.stack(header, 2).contiguous().view(torch.uint8).view(tiles, groups, -1)  # [tiles, groups, 128]
     data = torch.cat([header, q.reshape(tiles, groups, -1)], -1).contiguous()
     return QuantizedWeight(data, out, in_features, bits, 0 if per_channel else width // groups)
+
+
+def packed_size(weight: QuantizedWeight) -> int:
+    """Bytes of ``pack``'s layout for this weight's shape and format (what cpu_linear.c reads)."""
+    width = weight.in_features + weight.in_features % 2
+    group = weight.group_size or width
+    if width % group:
+        return -1
+    pair_bytes = TILE if weight.bits == 4 else 2 * TILE
+    return -(-weight.out_features // TILE) * (width // group) * (4 * TILE + group // 2 * pair_bytes)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import warnings
 
 import torch
@@ -44,13 +45,15 @@ def read_blocks(raw: torch.Tensor, kind: str) -> Quantized:
 def gguf_blocks(path) -> tuple[str, dict[str, str], dict[str, torch.Tensor]]:
     """(architecture, every tensor's type name, the raw bytes [out, bytes] of those of a FORMATS type) of a
     GGUF file. gguf's reader takes ~4.5 s on a 2-core CPU to parse SmolLM2's 49152-token vocabulary, so the
-    blocks are cached beside the converted checkpoint (``converted_gguf``) on first use: ~0.2 s after."""
+    blocks are cached beside the converted checkpoint's folder (``converted_gguf``; not inside it, where a
+    float load would read them) on first use: ~0.2 s after."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from specdec.models.loading import converted_gguf
 
-    cached = converted_gguf(path) / "blocks.safetensors"
+    folder = converted_gguf(path)
+    cached = folder.with_name(folder.name + "-blocks.safetensors")
     if not cached.exists():
         from gguf import GGUFReader
 
@@ -60,9 +63,14 @@ def gguf_blocks(path) -> tuple[str, dict[str, str], dict[str, torch.Tensor]]:
         kinds = {t.name: t.tensor_type.name for t in reader.tensors}
         raw = {t.name: torch.from_numpy(t.data.copy()).view(torch.uint8).reshape(int(t.data.shape[0]), -1)
                for t in reader.tensors if kinds[t.name] in FORMATS}
-        tmp = cached.with_name(f"blocks.tmp{os.getpid()}.safetensors")
-        save_file(raw, tmp, metadata={"architecture": arch, "types": json.dumps(kinds)})
-        os.replace(tmp, cached)  # atomic: a half-written file is never taken for a whole one
+        handle, tmp = tempfile.mkstemp(dir=cached.parent, prefix=cached.name, suffix=".tmp")
+        os.close(handle)
+        try:
+            save_file(raw, tmp, metadata={"architecture": arch, "types": json.dumps(kinds)})
+            os.replace(tmp, cached)  # atomic: a half-written file is never taken for a whole one
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     with safe_open(cached, "pt") as f:
         meta = f.metadata()
         raw = {name: f.get_tensor(name) for name in f.keys()}
@@ -107,10 +115,17 @@ def keep_blocks(native, path) -> None:
         parts = [read_blocks(raw[n], kinds[n]) for n in names]
         if module_name.endswith("qkv_proj"):
             parts[:2] = [_unpermute(parts[0], heads), _unpermute(parts[1], kv_heads)]
-        linear = native.get_submodule(module_name)
+        linear, whole = native.get_submodule(module_name), _cat(parts)
+        if whole.q.shape != (linear.out_features, linear.in_features):
+            skipped.append(f"{module_name} (blocks of shape {tuple(whole.q.shape)}, the layer's "
+                           f"{(linear.out_features, linear.in_features)})")
+            continue
+        if not (whole.scale.isfinite().all() and whole.zero.isfinite().all()):  # -128 d overflows float16 past d = 512
+            skipped.append(f"{module_name} (a scale or zero beyond float16)")
+            continue
         parent, _, attr = module_name.rpartition(".")
-        layer = QuantizedLinear(_cat(parts), linear.in_features, linear.bias, native.dtype, per_channel=False)
+        layer = QuantizedLinear(whole, linear.in_features, linear.bias, native.dtype, per_channel=False)
         setattr(native.get_submodule(parent) if parent else native, attr, layer)
     if skipped:
-        warnings.warn(f"specdec: kept in float (block formats other than {sorted(FORMATS)}): {', '.join(skipped)}",
+        warnings.warn(f"specdec: kept in float (not blocks of {sorted(FORMATS)} that fit): {', '.join(skipped)}",
                       stacklevel=3)

@@ -177,6 +177,7 @@ class LlamaModel(nn.Module):
         """``to()``, ``cuda()``, ``float()``, ...: a model moved to another device gets that device's runner (a
         new one: kernel state such as packed weights stays with the old weights)."""
         super()._apply(fn, *args, **kwargs)
+        self.runner.reset()  # copies made from the weights before the move
         _follow_weights(self)
         return self
 

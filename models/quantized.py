@@ -95,9 +95,10 @@ def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = ..
                if type(child) is nn.Linear and (output_layer or name != "lm_head")]
     for _, _, linear in targets:  # validated before any layer changes: a refused call leaves the model as it was
         Q.check_group_size(bits, group_size, linear.in_features)
-    with torch.no_grad():
-        for parent, name, linear in targets:
-            setattr(parent, name, QuantizedLinear.from_linear(linear, bits, group_size, zero_point))
+    with torch.no_grad():  # every layer quantized before any is replaced, for the same reason
+        layers = [QuantizedLinear.from_linear(linear, bits, group_size, zero_point) for *_, linear in targets]
+    for (parent, name, _), layer in zip(targets, layers):
+        setattr(parent, name, layer)
     return model
 
 

@@ -208,6 +208,44 @@ def test_quantize_refuses_bad_arguments_and_leaves_the_model_as_it_was():
         specdec.load("smollm2-135m-instruct", quantize="fp8")
 
 
+def test_bad_quantized_input_is_refused_before_c_reads_it():
+    from specdec.kernels import cpu_layers
+
+    _, quantized = _layer(32, 64, 4, 32, False)
+    packed = Q.pack(quantized, 64, False)
+    short = Q.QuantizedWeight(packed.data[:-1], 32, 64, 4, 32)  # one byte short of what C would read
+    with pytest.raises(ValueError, match="has .* bytes, not"):
+        cpu_linear.linear(torch.randn(1, 64), short)
+    with pytest.raises(ValueError, match="exceeds float16"):
+        Q.quantize(torch.full((4, 8), 1e6), 8, None)
+    model = copy.deepcopy(as_native(tiny_model("llama", torch.float32)))
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = 1e7  # the last layer quantized overflows
+    with pytest.raises(ValueError, match="exceeds float16"):
+        specdec.quantize(model, "int8")
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())  # nothing was replaced
+    x = torch.randn(1, 1, 64)
+    with pytest.raises(ValueError, match="group_size=48"):
+        cpu_layers.decoder_layers(x, torch.zeros(2, 8, dtype=torch.int64), 1e-5, None, None, None, None, 4, 2, 16,
+                                  112, bits=4, group_size=48)
+
+
+@needs_kernels
+def test_a_replaced_layer_s_packed_copy_goes_with_it():
+    import gc
+
+    model = copy.deepcopy(as_native(tiny_model("llama", torch.float32)))
+    ids, positions = torch.tensor([[5, 6, 7]]), torch.arange(3)[None]
+    with torch.no_grad():
+        model(ids, positions, model.new_cache(1, 4))
+        assert len(model.runner._packs) == 2 * 4 + 1
+        specdec.quantize(model, "int8")
+        gc.collect()
+        model(ids, positions, model.new_cache(1, 4))
+    assert len(model.runner._packs) == 2 * 4 + 1  # the float layers' copies are gone
+    assert all(isinstance(layer, QuantizedLinear) for layer in model.runner._packs.keys())
+
+
 def test_output_layer_false_keeps_it_in_float():
     model = specdec.quantize(copy.deepcopy(as_native(tiny_model("llama", torch.float32))), "int8",
                              output_layer=False)

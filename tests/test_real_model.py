@@ -84,6 +84,9 @@ def test_the_gguf_model_keeps_its_blocks_and_computes_the_float32_logits(models)
         want = floats(ids, torch.arange(ids.shape[1])[None], floats.new_cache(1, ids.shape[1]))
         got = model(ids, torch.arange(ids.shape[1])[None], model.new_cache(1, ids.shape[1]))
     assert torch.equal(got, want)
+    folder = converted_gguf(REGISTRY["smollm2-135m-instruct"]())  # the blocks' cache is not in the float checkpoint
+    assert folder.with_name(folder.name + "-blocks.safetensors").is_file()
+    assert [f.name for f in folder.glob("*.safetensors")] == ["model.safetensors"]
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
