@@ -1,6 +1,6 @@
 """Engine: continuous batching of speculative decoding over a paged KV pool.
 
-Requests join and leave between steps. Each step runs ``speculative_step`` and ``_commit`` — the very
+Requests join and leave between steps. Each step runs ``speculative_step`` and ``commit`` — the very
 functions generate() runs — over the sequences it schedules: the proposer drafts for all of them at once
 and the target verifies all of them in one forward over a ragged batch, so one read of the target's weights
 serves every running request and every accepted draft. Batching and speculation multiply: batching
@@ -33,9 +33,10 @@ from specdec.cache import PagedKVCache
 from specdec.kernels.rejection_sample import greedy_accept, rejection_sample
 from specdec.proposers import DraftModelProposer, HeadProposer
 from specdec.sampling import SamplingConfig, random_numbers
-from specdec.speculative import DraftLength, _commit, _proposer, _token_ids, needs_features, speculative_step
+from specdec.speculative import DraftLength, commit, make_proposer, token_ids, needs_features, speculative_step
 from specdec.state import DecodeState
 from specdec.stats import SpecStats
+from specdec.validate import draft_length, integer
 
 GREEDY = SamplingConfig()
 
@@ -51,9 +52,7 @@ class RequestParams:
     seed: int | None = None  # seeds this request's own generator (None: a fresh random seed)
 
     def __post_init__(self):
-        m = self.max_new_tokens
-        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got max_new_tokens={m!r}")
+        integer("max_new_tokens", self.max_new_tokens)
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
                                       or not 0 <= self.seed < 2**64):  # torch's seeds: unsigned 64-bit
             raise ValueError(f"seed must be an integer in 0..2**64 - 1 or None, got seed={self.seed!r}")
@@ -187,20 +186,14 @@ class Engine:
         if not hasattr(self.target, "new_pool"):
             raise ValueError(f"target: the engine needs a native model (Llama family) for its paged cache, got "
                              f"{type(self.target).__name__}")
-        if num_draft_tokens != "auto" and (not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool)
-                                           or num_draft_tokens < 1):
-            raise ValueError(f"num_draft_tokens must be an integer >= 1 or 'auto', got {num_draft_tokens=!r}")
+        draft_length(num_draft_tokens)
         sizes = {"max_num_seqs": max_num_seqs, "block_size": block_size}
         if max_model_len is not None:  # (None: the target's own context)
             sizes["max_model_len"] = max_model_len
         for name, value in sizes.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}")
-        if kv_blocks is None:
-            kv_blocks = max_num_seqs * 32
-        if not isinstance(kv_blocks, int) or isinstance(kv_blocks, bool) or kv_blocks < 1:
-            raise ValueError(f"kv_blocks must be an integer >= 1, got kv_blocks={kv_blocks!r}")
-        self.proposer = _proposer(draft, self.target)
+            integer(name, value)
+        kv_blocks = integer("kv_blocks", max_num_seqs * 32 if kv_blocks is None else kv_blocks)
+        self.proposer = make_proposer(draft, self.target)
         # a draft model and a draft head get a paged pool of their own
         draft_model = self.proposer.model if isinstance(self.proposer, (DraftModelProposer, HeadProposer)) else None
         if draft_model is not None and not hasattr(draft_model, "new_pool"):
@@ -211,7 +204,7 @@ class Engine:
         config = self.target.config
         self.max_model_len = max_model_len or getattr(config, "max_position_embeddings", None) or 2048
         gen = self.target.generation_config
-        eos = _token_ids("eos_token_id", eos_token_id if eos_token_id is not None
+        eos = token_ids("eos_token_id", eos_token_id if eos_token_id is not None
                          else getattr(gen, "eos_token_id", None))
         self.eos_token_ids = eos
         device = self.target.device
@@ -366,7 +359,7 @@ class Engine:
         with torch.inference_mode():
             emitted, num_accepted, num_drafts = speculative_step(self.target, cache, self.proposer, state, num_drafts,
                                                                  verifier=_row_verifier(seqs))
-            counts = _commit(state, emitted, num_accepted, num_drafts)
+            counts = commit(state, emitted, num_accepted, num_drafts)
         counts, lengths, active = counts.tolist(), cache.lengths.tolist(), state.active.tolist()
         draft_lengths = draft_cache.lengths.tolist() if draft_cache is not None else [0] * len(seqs)
         emitted = emitted.tolist()

@@ -13,6 +13,7 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper
 
 from specdec.kernels.rejection_sample import greedy_accept, rejection_sample
+from specdec.validate import integer
 
 
 MIN_TEMPERATURE = 1e-6  # the smallest positive temperature: a logit gap of 1e-3 becomes 1e3, one-hot already
@@ -34,8 +35,7 @@ class SamplingConfig:
         if 0 < t < MIN_TEMPERATURE:
             raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE:g}: below, logits / temperature "
                              f"can overflow float32 and every probability turns NaN; got temperature={t!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got top_k={self.top_k!r}")
+        integer("top_k", self.top_k, 0)
         p = self.top_p
         if not isinstance(p, (int, float)) or not 0 < p <= 1:  # NaN fails the comparison too
             raise ValueError(f"top_p must lie in (0, 1], got top_p={p!r}")

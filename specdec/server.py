@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict
 
 from specdec.engine import Engine, RequestOutput, RequestParams
+from specdec.validate import integer
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,7 @@ class ServerConfig:
         if not isinstance(self.model_name, str) or not self.model_name:
             raise ValueError(f"model_name must be a non-empty string, got model_name={self.model_name!r}")
         for name in ("max_queued", "max_stop", "max_body_bytes", "default_max_tokens", "max_chat_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_queued" else 1):
-                raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+            integer(name, getattr(self, name), 0 if name == "max_queued" else 1)
 
 
 class _Stream(StreamingResponse):

@@ -18,6 +18,7 @@ from specdec.proposers import DraftModelProposer, HeadProposer, NGramProposer
 from specdec.sampling import SamplingConfig, verify
 from specdec.state import DecodeState
 from specdec.stats import SpecStats, predicted_speedup, synchronize
+from specdec.validate import draft_length, integer
 
 MAX_AUTO_DRAFT_TOKENS = 8
 
@@ -85,8 +86,9 @@ def _check_proposal(drafts, draft_probs, state: DecodeState, k: int) -> None:
                          f"expected {(*want, state.vocab_size)}")
 
 
-def _commit(state: DecodeState, emitted, num_accepted, num_drafts):
-    """Append each active row's emitted tokens, cut after an EOS; retire finished rows.
+def commit(state: DecodeState, emitted, num_accepted, num_drafts):
+    """Append each active row's emitted tokens, cut after an EOS; retire finished rows (``generate`` and the
+    engine alike).
 
     returns counts [batch] of tokens appended
     """
@@ -346,10 +348,10 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
     config = target.generation_config
     # Each setting is resolved here, once: left out -> generation_config -> transformers' global default;
     # an explicit None stays None and means what it means to transformers.
-    eos = _token_ids("eos_token_id", _setting(config, "eos_token_id", eos_token_id))
+    eos = token_ids("eos_token_id", _setting(config, "eos_token_id", eos_token_id))
     pad_token_id = _setting(config, "pad_token_id", pad_token_id)
     if pad_token_id is not None:
-        ids = _token_ids("pad_token_id", pad_token_id)
+        ids = token_ids("pad_token_id", pad_token_id)
         if len(ids) != 1:
             raise ValueError(f"pad_token_id must be one token id >= 0 (or None), got pad_token_id={pad_token_id!r}")
         pad_token_id = ids[0]
@@ -364,11 +366,8 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
                                      getattr(getattr(target, "config", None), "max_position_embeddings", None))
     if pad_token_id is None:
         pad_token_id = 0  # (never written: every row runs to max_new_tokens)
-    if num_draft_tokens != "auto" and (not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool)
-                                       or num_draft_tokens < 1):
-        raise ValueError(f"num_draft_tokens must be an integer >= 1 or 'auto', "
-                         f"got num_draft_tokens={num_draft_tokens!r}")
-    proposer = _proposer(draft_model, target)
+    draft_length(num_draft_tokens)
+    proposer = make_proposer(draft_model, target)
     if streamer is not None and input_ids.shape[0] != 1:
         raise ValueError(f"streamer needs batch size 1, got input_ids of shape {tuple(input_ids.shape)}")
     device = target.device
@@ -402,7 +401,7 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
             remaining = max_new_tokens - (state.num_tokens - prompt_lengths)
             num_drafts = torch.where(state.active, (remaining - 1).clamp(min=0, max=k), 0)  # [batch]
             emitted, num_accepted, num_drafts = speculative_step(target, cache, proposer, state, num_drafts)
-            counts = _commit(state, emitted, num_accepted, num_drafts)
+            counts = commit(state, emitted, num_accepted, num_drafts)
             if streamer is not None:
                 streamer.put(emitted[0, : int(counts[0])].cpu())
     if streamer is not None:
@@ -515,12 +514,13 @@ def _max_new_tokens(config, max_new_tokens, max_length, prompt_len, max_position
         if max_new_tokens < 1:
             raise ValueError(f"{name}={max_length} leaves no room after a prompt of {prompt_len} tokens; "
                              "pass max_new_tokens")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got max_new_tokens={max_new_tokens!r}")
+    integer("max_new_tokens", max_new_tokens)
     return max_new_tokens
 
 
-def _token_ids(name, value) -> list[int]:
+def token_ids(name, value) -> list[int]:
+    """An id setting (``eos_token_id``, ``pad_token_id``: an int, a list, a tensor or None) -> a list of ids;
+    ValueError naming the setting for anything that is not ids >= 0. Shared with the engine."""
     if value is None:
         return []
     values = [value] if isinstance(value, int) else list(torch.as_tensor(value).flatten().tolist())
@@ -535,7 +535,9 @@ def needs_features(proposer) -> bool:
     return bool(getattr(proposer, "needs_features", False))
 
 
-def _proposer(draft_model, target):
+def make_proposer(draft_model, target):
+    """What ``generate`` and the engine draft with: None (plain), a Proposer, or the proposer behind a name
+    ("ngram", "self", "self-int8"), a draft head or a draft model (validated against the target)."""
     from specdec.models.head import DraftHead
     from specdec.models.llama import LlamaModel
     from specdec.models.loading import as_native

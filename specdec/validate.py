@@ -1,0 +1,17 @@
+"""The checks that several entry points share, each with the message that names the argument and its value."""
+
+from __future__ import annotations
+
+
+def integer(name: str, value, minimum: int = 1):
+    """``value`` if it is an int (not a bool) >= ``minimum``; else ValueError naming ``name``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
+    return value
+
+
+def draft_length(value):
+    """num_draft_tokens: an integer >= 1 or "auto"."""
+    if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"num_draft_tokens must be an integer >= 1 or 'auto', got num_draft_tokens={value!r}")
+    return value
