@@ -67,9 +67,10 @@ def linear(x: torch.Tensor, weight: PackedWeight | QuantizedWeight, bias: torch.
         raise ValueError(f"linear: x [..., {x.shape[-1]}] of dtype {x.dtype} on {x.device} does not fit a weight "
                          f"[{n}, {k}] of dtype {dtype}"
                          + (" (gated: x holds gate and up, 2 x in features)" if gated else ""))
-    if quantized and weight.data.numel() != packed_size(weight):  # C reads exactly that many bytes
+    size = packed_size(n, k, weight.bits, weight.group_size) if quantized else None
+    if quantized and weight.data.numel() != size:  # C reads exactly that many bytes
         raise ValueError(f"linear: a quantized weight [{n}, {k}] of int{weight.bits}, group_size {weight.group_size}, "
-                         f"has {weight.data.numel()} bytes, not {packed_size(weight)}")
+                         f"has {weight.data.numel()} bytes, not {size}")
     x = x.contiguous()  # held, as the others below, until the call returns
     out = torch.empty(*x.shape[:-1], n, dtype=dtype)  # [..., out]
     pointers, held = [0, 0, 0], []  # bias, norm, residual; held: contiguous copies alive until the call returns

@@ -19,7 +19,7 @@ import torch
 
 from specdec.kernels import cpu_attention, cpu_layers, cpu_linear
 from specdec.kernels.quantized import QuantizedWeight
-from specdec.kernels.runner import TorchRunner
+from specdec.kernels.runner import TorchRunner, stored_weight, weight_key
 
 KERNEL_WEIGHTS = (cpu_linear.PackedWeight, QuantizedWeight)  # what cpu_linear.linear takes
 
@@ -64,17 +64,14 @@ class CpuRunner(TorchRunner):
         """layer's weight in specdec's kernel layout (a PackedWeight or QuantizedWeight) or oneDNN's (a tensor)
         for activations of ``dtype``, made on first use and remade whenever the weight changed; None for
         torch's own path (autograd, float64, another dtype than the weight's, not on the CPU)."""
-        # a quantized layer (models/quantized.py: QuantizedLinear) keeps its values in the buffer "qweight"
-        # (read through _parameters / _buffers: nn.Module's attribute lookup is ~5x slower, ~1 us)
-        w = layer._buffers.get("qweight")
-        quantized = w is not None
-        w = w if quantized else layer._parameters["weight"]
+        w = stored_weight(layer)
+        quantized = "qweight" in layer._buffers
         if (torch.is_grad_enabled() or dtype not in cpu_linear.DTYPES or w.device.type != "cpu"
                 or (layer.dtype if quantized else w.dtype) != dtype):
             return None
-        key = _weight_key(w)
+        key = weight_key(w)
         if quantized:
-            key += _weight_key(layer._buffers["scale_bits"]) + _weight_key(layer._buffers["zero_bits"])
+            key += weight_key(layer._buffers["scale_bits"]) + weight_key(layer._buffers["zero_bits"])
         entry = self._packs.get(layer)
         if entry is None or entry[0] != key:  # first use, or the weight changed: (re)pack, once
             # the weight's storage is held with its copy: a new weight cannot reuse its address meanwhile
@@ -91,6 +88,10 @@ class CpuRunner(TorchRunner):
                                               attn.num_heads, attn.num_kv_heads)  # [batch, T, heads, head_dim]
         return out.view(batch, T, -1)
 
+    def prepare(self, step, cache, x) -> None:
+        if not step.fused:  # the fused kernel writes the cache and masks by position itself
+            super().prepare(step, cache, x)
+
     def layers(self, model, x, step, cache):
         attn = model.model.layers[0].self_attn
         # the kernels have no backward: training keeps the torch ops
@@ -101,9 +102,7 @@ class CpuRunner(TorchRunner):
         one_call = self.one_call and x.dtype == model.dtype and x.shape[-1] == model.config.hidden_size
         addresses = self.layer_addresses(model) if one_call else None
         if addresses is None:  # the same kernels, called from Python layer by layer
-            for layer in model.model.layers:
-                x = layer(x, step, cache)
-            return x
+            return super().layers(model, x, step, cache)
         bits, group_size = self._addresses[3]
         return cpu_layers.decoder_layers(x, addresses, model.model.norm.eps, step.cos, step.sin, step.positions,
                                          cache, attn.num_heads, attn.num_kv_heads, attn.head_dim,
@@ -167,8 +166,3 @@ def _pack(w):
         return torch.ops.mkldnn._reorder_linear_weight(w, 1)
     return None
 
-
-def _weight_key(w):
-    """What a packed copy was made from: pointer, shape, dtype and version (an inference tensor has no version
-    counter: an in-place change inside inference mode goes unseen)."""
-    return (w.data_ptr(), w.shape, w.dtype, None if w.is_inference() else w._version)

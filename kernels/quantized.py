@@ -108,11 +108,13 @@ def pack(quantized: Quantized, in_features: int, per_channel: bool) -> Quantized
     return QuantizedWeight(data, out, in_features, bits, 0 if per_channel else width // groups)
 
 
-def packed_size(weight: QuantizedWeight) -> int:
-    """Bytes of ``pack``'s layout for this weight's shape and format (what cpu_linear.c reads)."""
-    width = weight.in_features + weight.in_features % 2
-    group = weight.group_size or width
+def packed_size(out_features: int, in_features: int, bits: int, group_size: int) -> int:
+    """Bytes of ``pack``'s layout for a weight [out, in] of this format (what cpu_linear.c reads): per tile
+    of 32 output columns and per group, 32 float16 scales and zeros, then the values; -1 if group_size does
+    not divide the (even) input width."""
+    width = in_features + in_features % 2
+    group = group_size or width
     if width % group:
         return -1
-    pair_bytes = TILE if weight.bits == 4 else 2 * TILE
-    return -(-weight.out_features // TILE) * (width // group) * (4 * TILE + group // 2 * pair_bytes)
+    pair_bytes = TILE if bits == 4 else 2 * TILE
+    return -(-out_features // TILE) * (width // group) * (4 * TILE + group // 2 * pair_bytes)

@@ -22,7 +22,7 @@ import warnings
 import torch
 
 from specdec.kernels.quantized import Quantized
-from specdec.models.quantized import QuantizedLinear
+from specdec.models.quantized import QuantizedLinear, replace_module
 
 BLOCK = 32
 FORMATS = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # bytes per block of 32 values
@@ -123,9 +123,8 @@ def keep_blocks(native, path) -> None:
         if not (whole.scale.isfinite().all() and whole.zero.isfinite().all()):  # -128 d overflows float16 past d = 512
             skipped.append(f"{module_name} (a scale or zero beyond float16)")
             continue
-        parent, _, attr = module_name.rpartition(".")
-        layer = QuantizedLinear(whole, linear.in_features, linear.bias, native.dtype, per_channel=False)
-        setattr(native.get_submodule(parent) if parent else native, attr, layer)
+        replace_module(native, module_name,
+                       QuantizedLinear(whole, linear.in_features, linear.bias, native.dtype, per_channel=False))
     if skipped:
         warnings.warn(f"specdec: kept in float (not blocks of {sorted(FORMATS)} that fit): {', '.join(skipped)}",
                       stacklevel=3)

@@ -59,10 +59,9 @@ class QuantizedLinear(nn.Module):
 
     @property
     def packed_bytes(self) -> int:
-        """Bytes a pass over the packed weight reads: per output column (in tiles of 32) the values and a
-        float16 scale and zero per group."""
-        groups, width = self.scale_bits.shape[1], self.qweight.shape[1]
-        return -(-self.out_features // Q.TILE) * Q.TILE * (4 * groups + width * self.bits // 8)
+        """Bytes a pass over the packed weight reads (``pack``'s layout)."""
+        group = 0 if self.per_channel else self.qweight.shape[1] // self.scale_bits.shape[1]
+        return Q.packed_size(self.out_features, self.in_features, self.bits, group)
 
     def pack(self) -> Q.QuantizedWeight:
         return Q.pack(self.quantized, self.in_features, self.per_channel)
@@ -113,12 +112,12 @@ def self_draft(target, name: str = "self"):
     objects), with a cache of its own. Made once per target and scheme; remade when a target weight changes.
     A target already quantized on the same grid would agree with it trivially and cost as much: the draft
     pays where the target reads more bytes than it (a float or int8 target under "self")."""
-    from specdec.kernels.runner import runner_for
+    from specdec.kernels.runner import runner_for, stored_weight, weight_key
     from specdec.models.llama import LlamaModel, RMSNorm
 
     scheme, groups = SELF_DRAFTS[name]
     linears = [(n, m) for n, m in target.named_modules() if isinstance(m, (nn.Linear, QuantizedLinear))]
-    key = (name, tuple(_tensor_key(m) for _, m in linears))
+    key = (name, tuple(weight_key(stored_weight(m)) for _, m in linears))
     cached = _self_drafts.get(target)
     if cached is not None and cached[:2] == key:
         return cached[2]
@@ -127,22 +126,18 @@ def self_draft(target, name: str = "self"):
         draft = LlamaModel(target.config)
     for name_, module in target.named_modules():  # shared: the embedding and the norms (small, float)
         if isinstance(module, (nn.Embedding, RMSNorm)):
-            _replace(draft, name_, module)
+            replace_module(draft, name_, module)
     with torch.no_grad():
         for name_, module in linears:
-            _replace(draft, name_, QuantizedLinear.from_linear(module, SCHEMES[scheme], group, False))
+            replace_module(draft, name_, QuantizedLinear.from_linear(module, SCHEMES[scheme], group, False))
     draft.inv_freq, draft.rope_scaling = target.inv_freq, target.rope_scaling
     draft.generation_config, draft.runner = target.generation_config, runner_for(target.device)
     _self_drafts[target] = (*key, draft)
     return draft.eval()
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``name`` of ``model``."""
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, module)
-
-
-def _tensor_key(module) -> tuple:
-    t = module._buffers.get("qweight")
-    t = module._parameters["weight"] if t is None else t
-    return (t.data_ptr(), t.dtype, None if t.is_inference() else t._version)
