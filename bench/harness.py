@@ -62,6 +62,7 @@ class BenchConfig:
     dtype: str = "float32"
     weights: str = "float"  # the target's: "float" (dtype), "gguf" (the file's own blocks), "int8", "int4"
     head_quantize: str | None = None  # the head's: None (float), "int8", "int4"
+    activations: str = "int8"  # of quantized layers, target's and head's: "int8" or "float" (models/quantized.py)
     llama_cpp: bool = False  # also time llama.cpp's plain decoding of the same GGUF file (bench/llama_cpp.py)
     synthetic_rates: tuple = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0)
     synthetic_k: int = 4
@@ -93,6 +94,8 @@ class BenchConfig:
             raise ValueError(f"dtype must be float32, bfloat16 or float64, got dtype={self.dtype!r}")
         if self.weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {list(WEIGHTS)}, got weights={self.weights!r}")
+        if self.activations not in ("int8", "float"):
+            raise ValueError(f"activations must be 'int8' or 'float', got activations={self.activations!r}")
         if self.head_quantize not in (None, "int8", "int4"):
             raise ValueError(f"head_quantize must be None, 'int8' or 'int4', got head_quantize={self.head_quantize!r}")
         needs_draft = DRAFT_METHODS & set(self.methods)
@@ -647,7 +650,7 @@ def load_models(config: BenchConfig):
     if config.head_in_use is not None:
         head = load_draft(config.head, dtype)
         if config.head_quantize is not None:
-            head = specdec.quantize(head, config.head_quantize)
+            head = specdec.quantize(head, config.head_quantize, activations=config.activations)
     return target, draft, head, tokenizer
 
 
@@ -666,9 +669,9 @@ def with_weights(native, config: BenchConfig):
         source = _source(config.model)
         if source.suffix != ".gguf":
             raise ValueError(f"weights='gguf' needs a .gguf model, got model={config.model!r}")
-        keep_blocks(native, source)
+        keep_blocks(native, source, config.activations)
     elif config.weights in ("int8", "int4"):
-        specdec.quantize(native, config.weights)
+        specdec.quantize(native, config.weights, activations=config.activations)
     return native
 
 

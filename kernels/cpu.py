@@ -30,7 +30,8 @@ P, L, I, F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 
 class LinearArgs(ctypes.Structure):  # cpu_args.h: the same fields in the same order, shapes there
     _fields_ = [("x", P), ("weight", P), ("bias", P), ("norm", P), ("residual", P), ("y", P), ("rows", L),
-                ("out", L), ("in_", L), ("eps", F), ("gated", I), ("bf16", I), ("bits", I), ("group_size", L)]
+                ("out", L), ("in_", L), ("eps", F), ("gated", I), ("bf16", I), ("bits", I), ("group_size", L),
+                ("act8", I)]
 
 
 class AttentionArgs(ctypes.Structure):
@@ -42,7 +43,7 @@ class AttentionArgs(ctypes.Structure):
 
 class LayersArgs(ctypes.Structure):
     _fields_ = [("x", P), ("hidden", L), ("inner", L), ("layers", L), ("weights", P), ("eps", F), ("bits", I),
-                ("group_size", L), ("qkv", P), ("attn", P), ("h", P), ("layer_stride", L),
+                ("group_size", L), ("act8", I), ("qkv", P), ("attn", P), ("h", P), ("layer_stride", L),
                 ("attention", AttentionArgs)]
 
 

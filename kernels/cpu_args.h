@@ -17,6 +17,7 @@ typedef struct { /* y = residual + fused_input(x) @ weight^T + bias (cpu_linear.
     int bf16;             /* every tensor bfloat16 (else float32), the weight too unless it is quantized */
     int bits;             /* 0: a float weight; 4 or 8: quantized in groups of group_size input features */
     long group_size;      /* even, dividing in (rounded up to even); 0: one group per output channel */
+    int act8;             /* activations quantized to int8 in blocks of 32 (cpu_linear.c), the weight packed for it */
 } LinearArgs;
 
 typedef struct { /* RoPE, the cache write and attention of one layer (cpu_attention.c) */
@@ -38,8 +39,9 @@ typedef struct { /* every decoder layer (cpu_layers.c) */
     long hidden, inner, layers;
     const int64_t *weights; /* [layers, 8] addresses (cpu_layers.c) */
     float eps;              /* of every RMSNorm */
-    int bits;               /* of every weight, and their group_size (LinearArgs) */
+    int bits;               /* of every weight, their group_size and act8 (LinearArgs) */
     long group_size;
+    int act8;
     void *qkv, *attn, *h;   /* scratch, rows = batch * T: qkv [rows, (heads + 2 kv_heads) head_dim], attn [rows,
                                heads head_dim], h [rows, 2 inner] */
     long layer_stride;      /* elements from one layer's key (and value) pool to the next's */

@@ -35,16 +35,16 @@ int specdec_layers(const LayersArgs *a) {
         attention.values = (char *)at->values + l * a->layer_stride * elem;
         const LinearArgs qkv = {.x = a->x, .weight = W(QKV), .bias = W(QKV_BIAS), .norm = W(NORM1), .y = a->qkv,
                                 .rows = M, .out = (H + 2 * Hkv) * D, .in = a->hidden, .eps = a->eps, .bf16 = at->bf16,
-                                .bits = a->bits, .group_size = a->group_size};
+                                .bits = a->bits, .group_size = a->group_size, .act8 = a->act8};
         const LinearArgs o = {.x = a->attn, .weight = W(O), .bias = W(O_BIAS), .residual = a->x, .y = a->x,
                               .rows = M, .out = a->hidden, .in = H * D, .bf16 = at->bf16, .bits = a->bits,
-                              .group_size = a->group_size};
+                              .group_size = a->group_size, .act8 = a->act8};
         const LinearArgs gate_up = {.x = a->x, .weight = W(GATE_UP), .norm = W(NORM2), .y = a->h, .rows = M,
                                     .out = 2 * a->inner, .in = a->hidden, .eps = a->eps, .bf16 = at->bf16,
-                                    .bits = a->bits, .group_size = a->group_size};
+                                    .bits = a->bits, .group_size = a->group_size, .act8 = a->act8};
         const LinearArgs down = {.x = a->h, .weight = W(DOWN), .residual = a->x, .y = a->x, .rows = M,
                                  .out = a->hidden, .in = a->inner, .gated = 1, .bf16 = at->bf16, .bits = a->bits,
-                                 .group_size = a->group_size};
+                                 .group_size = a->group_size, .act8 = a->act8};
 #undef W
         int failed = specdec_linear(&qkv);
         if (!failed) failed = specdec_attention(&attention);

@@ -12,7 +12,7 @@ ADDRESSES = 8  # per layer: qkv, qkv bias, input norm, o, o bias, post-attention
 
 
 def decoder_layers(x, addresses, eps: float, cos, sin, positions, cache, num_heads: int, num_kv_heads: int,
-                   head_dim: int, inner: int, bits: int = 0, group_size: int = 0):
+                   head_dim: int, inner: int, bits: int = 0, group_size: int = 0, act8: bool = False):
     """x [batch, T, hidden] (left as it is) -> the last layer's output [batch, T, hidden]; every layer's
     rotated keys and values land in ``cache`` (any cache whose ``pools(layer)`` are slices of one tensor).
 
@@ -23,15 +23,17 @@ def decoder_layers(x, addresses, eps: float, cos, sin, positions, cache, num_hea
     kv_heads) head_dim, hidden], o [hidden, heads head_dim], gate/up [2 inner, hidden], down [hidden, inner];
     biases and norms of their layer's out / hidden); x and the cache are checked here against those sizes.
     cos, sin, positions as for cpu_attention.rope_write_attend. bits, group_size: every weight's, where they are
-    quantized (QuantizedWeight; 0, 0: float weights of x's dtype).
+    quantized (QuantizedWeight; 0, 0: float weights of x's dtype), and act8: packed for int8 activations.
     """
     lib = library()
     batch, T, hidden = x.shape
     layers = addresses.shape[0]
     widths = (hidden, num_heads * head_dim, inner)  # the input widths of q/k/v and gate/up, o, down
-    if bits not in (0, 4, 8) or group_size < 0 or group_size % 2 or any(group_size and n % group_size for n in widths):
+    if (bits not in (0, 4, 8) or group_size < 0 or group_size % (32 if act8 else 2)
+            or any(group_size and n % group_size for n in widths) or (act8 and not bits)):
         raise ValueError(f"decoder_layers: bits={bits} must be 0, 4 or 8 and group_size={group_size} an even number "
-                         f"dividing {widths} (or 0)")
+                         f"(a multiple of 32 with int8 activations, act8={act8}, which need bits) dividing {widths} "
+                         f"(or 0)")
     if addresses.shape != (layers, ADDRESSES) or addresses.dtype != torch.int64:
         raise ValueError(f"decoder_layers: addresses must be int64 [layers, {ADDRESSES}], got "
                          f"{tuple(addresses.shape)} {addresses.dtype}")
@@ -54,7 +56,7 @@ def decoder_layers(x, addresses, eps: float, cos, sin, positions, cache, num_hea
     addresses = addresses.contiguous()
     failed = lib.specdec_layers(LayersArgs(x=x.data_ptr(), hidden=hidden, inner=inner, layers=layers,
                                            weights=addresses.data_ptr(), eps=eps, bits=bits,
-                                           group_size=group_size, qkv=qkv.data_ptr(),
+                                           group_size=group_size, act8=act8, qkv=qkv.data_ptr(),
                                            attn=attn.data_ptr(), h=h.data_ptr(), layer_stride=stride, attention=args))
     raise_failure("decoder_layers", failed, k_pool, batch, T)
     return x

@@ -134,6 +134,29 @@ static inline __attribute__((always_inline)) void input_row(const int BF16, cons
     if (K & 1) row[K] = 0.0f;
 }
 
+/* The ROWS rows of accumulators acc (columns n0 .. n0+31 of y) + bias, + residual, stored in the model's dtype. */
+static inline __attribute__((always_inline)) void store_rows(const int ROWS, const int BF16, __m512 acc[][2],
+                                                             const void *bias, const void *residual, void *y, long N,
+                                                             long n0) {
+    for (int h = 0; h < 2; h++) {
+        const long c0 = n0 + h * 16;
+        if (c0 >= N) break;
+        const __mmask16 keep = N - c0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - c0)) - 1);
+        __m512 b = _mm512_setzero_ps();
+        if (bias) b = load16(BF16, bias, c0, keep);
+        for (int i = 0; i < ROWS; i++) {
+            __m512 v = bias ? _mm512_add_ps(acc[i][h], b) : acc[i][h];
+            if (residual) /* the layer's output rounds to the model's dtype, then the sum does again */
+                v = _mm512_add_ps(load16(BF16, residual, i * N + c0, keep), round_to(BF16, v));
+            if (BF16)
+                _mm256_mask_storeu_epi16((uint16_t *)y + i * N + c0, keep, to_bf16(v));
+            else
+                _mm512_mask_storeu_ps((float *)y + i * N + c0, keep, v);
+        }
+    }
+}
+
+
 /* y[i, n0 .. n0+31] for the ROWS input rows of xf (float32, rows of 2*K2) against one tile, whose weights
  * are BF16's float type (BITS 0: one group of K2 pairs) or quantized in groups of G2 pairs. ROWS, BF16, BITS
  * and PREFETCH are constants once inlined, so the accumulators live in registers. */
@@ -170,22 +193,7 @@ static inline __attribute__((always_inline)) void tile_pass(const int ROWS, cons
             }
         }
     }
-    for (int h = 0; h < 2; h++) {
-        const long c0 = n0 + h * 16;
-        if (c0 >= N) break;
-        const __mmask16 keep = N - c0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - c0)) - 1);
-        __m512 b = _mm512_setzero_ps();
-        if (bias) b = load16(BF16, bias, c0, keep);
-        for (int i = 0; i < ROWS; i++) {
-            __m512 v = bias ? _mm512_add_ps(acc[i][h], b) : acc[i][h];
-            if (residual) /* the layer's output rounds to the model's dtype, then the sum does again */
-                v = _mm512_add_ps(load16(BF16, residual, i * N + c0, keep), round_to(BF16, v));
-            if (BF16)
-                _mm256_mask_storeu_epi16((uint16_t *)y + i * N + c0, keep, to_bf16(v));
-            else
-                _mm512_mask_storeu_ps((float *)y + i * N + c0, keep, v);
-        }
-    }
+    store_rows(ROWS, BF16, acc, bias, residual, y, N, n0);
 }
 
 #define PASS(n) \
@@ -203,38 +211,132 @@ static inline __attribute__((always_inline)) void dispatch(const int BF16, const
     }
 }
 
-/* x [M, K] (bfloat16 bits if bf16, else float32; [M, 2K] if gated), packed weights p (see the layout
- * above), bias [N] of the same type or NULL, norm [K] (RMSNorm weight) or NULL with its eps, residual [M, N]
- * or NULL, y [M, N]. Returns 0, or -1 if the float32 copy of x cannot be had. */
-int specdec_linear(const LinearArgs *a) {
-    const void *x = a->x, *p = a->weight, *bias = a->bias, *norm = a->norm, *residual = a->residual;
-    void *y = a->y;
-    const long M = a->rows, N = a->out, K = a->in;
-    const float eps = a->eps;
-    const int bf16 = a->bf16, gated = a->gated, bits = a->bits;
-    const long K2 = (K + 1) / 2, tiles = (N + TILE - 1) / TILE, elem = bf16 ? 2 : 4, x_row = (gated ? 2 : 1) * K;
-    /* pairs per group: the float formats, and group_size 0 (one scale per output channel), are one group */
-    const long G2 = bits && a->group_size ? a->group_size / 2 : K2;
-    if ((bits != 0 && bits != 4 && bits != 8) || a->group_size < 0 || a->group_size % 2 || K2 % G2) return -2;
-    const long tile_bytes = K2 / G2 * (HEADER_BYTES(bits) + G2 * PAIR_BYTES(bf16, bits));
-    const long passes = (M + MAX_PASS_ROWS - 1) / MAX_PASS_ROWS, rows = passes ? (M + passes - 1) / passes : 1;
-    /* x as float32 rows of 2*K2, read 2*N/32 times per row by the passes below, so made once here */
-    float *xf = malloc(sizeof(float) * (M * 2 * K2 + 1));
-    if (!xf) return -1;
-    for (long m = 0; m < M; m++) {
-        const void *xm = (const char *)x + m * x_row * elem;
-        if (bf16)
-            input_row(1, xm, K, gated, norm, eps, xf + m * 2 * K2);
-        else
-            input_row(0, xm, K, gated, norm, eps, xf + m * 2 * K2);
+/* Activations quantized to int8 (act8): each input row, after the fused prologue, in blocks of 32 features
+ * (the last one padded with zeros): dx = max |x| / 127, xq = round(x / dx) to the nearest, ties to even (0
+ * where dx is 0); per weight group g, S[g] = the sum over its blocks, in order, of dx * (the block's sum of
+ * xq). The weight's layout for them: per tile and group the same header, then per block of 32 features, per
+ * half of the tile (columns 0-15, 16-31), per quad j of features (4j .. 4j+3) one 64-byte vector whose lane c
+ * holds column c's 4 values: int8 8 quads (512 bytes a half); int4 4 vectors (256 bytes a half), quad j in the
+ * low nibbles and quad j + 4 in the high ones. VNNI's vpdpbusd multiplies the 4 unsigned values of a lane by
+ * 4 signed activations and adds the products to the lane's int32, exactly (|sum| < 2^20 per block).
+ *
+ * y[m, n] = sum over groups g, in order, of (p_g * scale + S[g] * zero), each product and sum rounded in
+ * float32, where p_g = the sum over g's blocks, in order, of float(isum) * dx and isum = sum xq * q: since
+ * w = q * scale + zero, this is x @ w^T with x replaced by its int8 blocks. kernels/quantized.py:
+ * linear_int8_activations computes the same operations in torch, the reference this is tested against. */
+#define QBLOCK 32
+#define MAX_Q8_ROWS 4 /* per pass: 8 int32 + 8 float32 accumulators, the partial sums and weights beside them */
+#define BLOCK_BYTES(BITS) ((BITS) * QBLOCK * TILE / 8)
+
+static inline void quantize_row(const float *xf, long K, long KB, long GB, int8_t *xq, float *dx, float *S) {
+    for (long b = 0; b < KB; b++) {
+        __m512 v[2];
+        __m512 amax = _mm512_setzero_ps();
+        for (int h = 0; h < 2; h++) {
+            const long k = b * QBLOCK + 16 * h, left = K - k;
+            const __mmask16 m = left >= 16 ? (__mmask16)0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+            v[h] = _mm512_maskz_loadu_ps(m, xf + k);
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(v[h]));
+        }
+        const float d = _mm512_reduce_max_ps(amax) / 127.0f;
+        int sum = 0;
+        for (int h = 0; h < 2; h++) {
+            __m512i q = _mm512_setzero_si512();
+            if (d > 0.0f) /* round to nearest, ties to even: the default rounding mode */
+                q = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_div_ps(v[h], _mm512_set1_ps(d))),
+                                                      _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+            _mm_storeu_si128((__m128i *)(xq + b * QBLOCK + 16 * h), _mm512_cvtepi32_epi8(q));
+            sum += _mm512_reduce_add_epi32(q);
+        }
+        dx[b] = d;
+        const float t = d * (float)sum;
+        S[b / GB] = b % GB ? S[b / GB] + t : t;
     }
+}
+
+/* y[i, n0 .. n0+31] for ROWS rows of int8 activations xq (rows of KB blocks, with dx [KB] and S [KB / GB] per
+ * row) against one tile quantized in groups of GB blocks (the layout above). */
+static inline __attribute__((always_inline)) void tile_pass_q8(const int ROWS, const int BF16, const int BITS,
+                                                               const int PREFETCH, const int8_t *xq, const float *dx,
+                                                               const float *S, long KB, long GB, const void *tile,
+                                                               const void *bias, const void *residual, void *y,
+                                                               long N, long n0) {
+    const long group_bytes = HEADER_BYTES(BITS) + GB * BLOCK_BYTES(BITS), groups = KB / GB;
+    const __m512i low = _mm512_set1_epi8(15);
+    __m512 acc[MAX_Q8_ROWS][2], p[MAX_Q8_ROWS][2];
+    for (int i = 0; i < ROWS; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (long g = 0; g < groups; g++) {
+        const unsigned char *group = (const unsigned char *)tile + g * group_bytes;
+        for (long bb = 0; bb < GB; bb++) {
+            const long b = g * GB + bb;
+            const unsigned char *block = group + HEADER_BYTES(BITS) + bb * BLOCK_BYTES(BITS);
+            if (PREFETCH)
+                for (long line = 0; line < BLOCK_BYTES(BITS); line += 64)
+                    _mm_prefetch((const char *)block + PREFETCH_BYTES + line, _MM_HINT_T1);
+            for (int h = 0; h < 2; h++) {
+                __m512i isum[MAX_Q8_ROWS];
+                for (int i = 0; i < ROWS; i++) isum[i] = _mm512_setzero_si512();
+                for (int j = 0; j < (BITS == 4 ? 4 : 8); j++) {
+                    const __m512i w = _mm512_loadu_si512(block + (h * (BITS == 4 ? 4 : 8) + j) * 64);
+                    const __m512i q0 = BITS == 4 ? _mm512_and_si512(w, low) : w;
+                    for (int i = 0; i < ROWS; i++) {
+                        const int32_t *xi = (const int32_t *)(xq + (i * KB + b) * QBLOCK);
+                        isum[i] = _mm512_dpbusd_epi32(isum[i], q0, _mm512_set1_epi32(xi[j]));
+                    }
+                    if (BITS == 4) {
+                        const __m512i q1 = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+                        for (int i = 0; i < ROWS; i++) {
+                            const int32_t *xi = (const int32_t *)(xq + (i * KB + b) * QBLOCK);
+                            isum[i] = _mm512_dpbusd_epi32(isum[i], q1, _mm512_set1_epi32(xi[j + 4]));
+                        }
+                    }
+                }
+                for (int i = 0; i < ROWS; i++) {
+                    const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(isum[i]), _mm512_set1_ps(dx[i * KB + b]));
+                    p[i][h] = bb ? _mm512_add_ps(p[i][h], t) : t;
+                }
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(group + 32 * h)));
+            const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(group + 64 + 32 * h)));
+            for (int i = 0; i < ROWS; i++) {
+                const __m512 t = _mm512_add_ps(_mm512_mul_ps(p[i][h], s),
+                                               _mm512_mul_ps(_mm512_set1_ps(S[i * groups + g]), z));
+                acc[i][h] = _mm512_add_ps(acc[i][h], t);
+            }
+        }
+    }
+    store_rows(ROWS, BF16, acc, bias, residual, y, N, n0);
+}
+
+#define PASS_Q8(n) \
+    case n: \
+        if (first) tile_pass_q8(n, BF16, BITS, 1, xq, dx, S, KB, GB, tile, bias, residual, y, N, n0); \
+        else tile_pass_q8(n, BF16, BITS, 0, xq, dx, S, KB, GB, tile, bias, residual, y, N, n0); \
+        break;
+
+static inline __attribute__((always_inline)) void dispatch_q8(const int BF16, const int BITS, long rows, int first,
+                                                              const int8_t *xq, const float *dx, const float *S,
+                                                              long KB, long GB, const void *tile, const void *bias,
+                                                              const void *residual, void *y, long N, long n0) {
+    switch (rows) { PASS_Q8(1) PASS_Q8(2) PASS_Q8(3) PASS_Q8(4) }
+}
+
+/* The passes over every tile for float activations xf [M, 2*K2] (rows of tile_pass). */
+static void float_passes(const LinearArgs *a, const float *xf, long K2, long G2) {
+    const long M = a->rows, N = a->out, tiles = (N + TILE - 1) / TILE, elem = a->bf16 ? 2 : 4;
+    const long tile_bytes = K2 / G2 * (HEADER_BYTES(a->bits) + G2 * PAIR_BYTES(a->bf16, a->bits));
+    const long passes = (M + MAX_PASS_ROWS - 1) / MAX_PASS_ROWS, rows = passes ? (M + passes - 1) / passes : 1;
+    const void *bias = a->bias;
+    const int bf16 = a->bf16, bits = a->bits;
 #pragma omp parallel for schedule(static)
     for (long t = 0; t < tiles; t++) {
-        const void *tile = (const char *)p + t * tile_bytes;
+        const void *tile = (const char *)a->weight + t * tile_bytes;
         for (long m0 = 0; m0 < M; m0 += rows) { /* later passes find the tile in L2: prefetch on the first */
             const long r = M - m0 < rows ? M - m0 : rows;
-            void *ym = (char *)y + m0 * N * elem;
-            const void *res = residual ? (const char *)residual + m0 * N * elem : NULL;
+            void *ym = (char *)a->y + m0 * N * elem;
+            const void *res = a->residual ? (const char *)a->residual + m0 * N * elem : NULL;
             const float *xm = xf + m0 * 2 * K2;
 #define FORMAT(BF16, BITS) dispatch(BF16, BITS, r, m0 == 0, xm, K2, G2, tile, bias, res, ym, N, t * TILE)
             if (bf16) {
@@ -249,6 +351,74 @@ int specdec_linear(const LinearArgs *a) {
 #undef FORMAT
         }
     }
-    free(xf);
+}
+
+/* The passes over every tile for int8 activations (made here from xf [M, 2*K2]) against a weight quantized in
+ * groups of GB blocks of 32 features. Returns 0, or -1 without memory for them. */
+static int int8_passes(const LinearArgs *a, const float *xf, long K2, long GB) {
+    const long M = a->rows, N = a->out, K = a->in, tiles = (N + TILE - 1) / TILE, elem = a->bf16 ? 2 : 4;
+    const long KB = (K + QBLOCK - 1) / QBLOCK, groups = KB / GB;
+    const long tile_bytes = groups * (HEADER_BYTES(a->bits) + GB * BLOCK_BYTES(a->bits));
+    const long passes = (M + MAX_Q8_ROWS - 1) / MAX_Q8_ROWS, rows = passes ? (M + passes - 1) / passes : 1;
+    int8_t *xq = malloc(M * KB * QBLOCK + 1);
+    float *dx = malloc(sizeof(float) * (M * (KB + groups) + 1)), *S = dx + M * KB;
+    if (!xq || !dx) {
+        free(xq), free(dx);
+        return -1;
+    }
+    for (long m = 0; m < M; m++)
+        quantize_row(xf + m * 2 * K2, K, KB, GB, xq + m * KB * QBLOCK, dx + m * KB, S + m * groups);
+    const void *bias = a->bias;
+    const int bf16 = a->bf16, bits = a->bits;
+#pragma omp parallel for schedule(static)
+    for (long t = 0; t < tiles; t++) {
+        const void *tile = (const char *)a->weight + t * tile_bytes;
+        for (long m0 = 0; m0 < M; m0 += rows) {
+            const long r = M - m0 < rows ? M - m0 : rows;
+            void *ym = (char *)a->y + m0 * N * elem;
+            const void *res = a->residual ? (const char *)a->residual + m0 * N * elem : NULL;
+            const int8_t *xm = xq + m0 * KB * QBLOCK;
+            const float *dm = dx + m0 * KB, *Sm = S + m0 * groups;
+#define FORMAT(BF16, BITS) dispatch_q8(BF16, BITS, r, m0 == 0, xm, dm, Sm, KB, GB, tile, bias, res, ym, N, t * TILE)
+            if (bf16) {
+                if (bits == 4) FORMAT(1, 4);
+                else FORMAT(1, 8);
+            } else {
+                if (bits == 4) FORMAT(0, 4);
+                else FORMAT(0, 8);
+            }
+#undef FORMAT
+        }
+    }
+    free(xq), free(dx);
     return 0;
+}
+
+/* x [M, K] (bfloat16 bits if bf16, else float32; [M, 2K] if gated), packed weights p (see the layouts
+ * above), bias [N] of the same type or NULL, norm [K] (RMSNorm weight) or NULL with its eps, residual [M, N]
+ * or NULL, y [M, N]. Returns 0; -1 without memory for the float32 copy of x; -2 for a format it cannot take. */
+int specdec_linear(const LinearArgs *a) {
+    const long M = a->rows, K = a->in, K2 = (K + 1) / 2, elem = a->bf16 ? 2 : 4, x_row = (a->gated ? 2 : 1) * K;
+    const int bits = a->bits;
+    /* pairs per group: the float formats, and group_size 0 (one scale per output channel), are one group */
+    const long G2 = bits && a->group_size ? a->group_size / 2 : K2;
+    if ((bits != 0 && bits != 4 && bits != 8) || a->group_size < 0 || a->group_size % 2 || K2 % G2) return -2;
+    /* int8 activations: groups of whole blocks of 32 features (per channel: all the blocks) */
+    const long GB = a->group_size ? a->group_size / QBLOCK : (K + QBLOCK - 1) / QBLOCK;
+    if (a->act8 && (!bits || a->group_size % QBLOCK)) return -2;
+    /* x as float32 rows of 2*K2, read 2*N/32 times per row by the passes below, so made once here */
+    float *xf = malloc(sizeof(float) * (M * 2 * K2 + 1));
+    if (!xf) return -1;
+    for (long m = 0; m < M; m++) {
+        const void *xm = (const char *)a->x + m * x_row * elem;
+        if (a->bf16)
+            input_row(1, xm, K, a->gated, a->norm, a->eps, xf + m * 2 * K2);
+        else
+            input_row(0, xm, K, a->gated, a->norm, a->eps, xf + m * 2 * K2);
+    }
+    int failed = 0;
+    if (a->act8) failed = int8_passes(a, xf, K2, GB);
+    else float_passes(a, xf, K2, G2);
+    free(xf);
+    return failed;
 }

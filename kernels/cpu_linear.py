@@ -67,7 +67,7 @@ def linear(x: torch.Tensor, weight: PackedWeight | QuantizedWeight, bias: torch.
         raise ValueError(f"linear: x [..., {x.shape[-1]}] of dtype {x.dtype} on {x.device} does not fit a weight "
                          f"[{n}, {k}] of dtype {dtype}"
                          + (" (gated: x holds gate and up, 2 x in features)" if gated else ""))
-    size = packed_size(n, k, weight.bits, weight.group_size) if quantized else None
+    size = packed_size(n, k, weight.bits, weight.group_size, weight.act8) if quantized else None
     if quantized and weight.data.numel() != size:  # C reads exactly that many bytes
         raise ValueError(f"linear: a quantized weight [{n}, {k}] of int{weight.bits}, group_size {weight.group_size}, "
                          f"has {weight.data.numel()} bytes, not {size}")
@@ -85,7 +85,7 @@ def linear(x: torch.Tensor, weight: PackedWeight | QuantizedWeight, bias: torch.
     args = LinearArgs(x=x.data_ptr(), weight=weight.data.data_ptr(), bias=pointers[0], norm=pointers[1],
                       residual=pointers[2], y=out.data_ptr(), rows=x.numel() // x.shape[-1], out=n, in_=k, eps=eps,
                       gated=gated, bf16=dtype == torch.bfloat16, bits=weight.bits if quantized else 0,
-                      group_size=weight.group_size if quantized else 0)
+                      group_size=weight.group_size if quantized else 0, act8=quantized and weight.act8)
     failed = lib.specdec_linear(args)
     if failed == -2:
         raise ValueError(f"linear: a quantized weight's group_size {args.group_size} does not divide its {k} "

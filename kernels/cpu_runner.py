@@ -103,10 +103,10 @@ class CpuRunner(TorchRunner):
         addresses = self.layer_addresses(model) if one_call else None
         if addresses is None:  # the same kernels, called from Python layer by layer
             return super().layers(model, x, step, cache)
-        bits, group_size = self._addresses[3]
+        bits, group_size, act8 = self._addresses[3]
         return cpu_layers.decoder_layers(x, addresses, model.model.norm.eps, step.cos, step.sin, step.positions,
                                          cache, attn.num_heads, attn.num_kv_heads, attn.head_dim,
-                                         model.config.intermediate_size, bits=bits, group_size=group_size)
+                                         model.config.intermediate_size, bits=bits, group_size=group_size, act8=act8)
 
     def layer_addresses(self, model) -> torch.Tensor | None:
         """int64 [layers, 8] for kernels/cpu_layers.py, or None where some weight is not on the kernels' path.
@@ -133,23 +133,24 @@ class CpuRunner(TorchRunner):
         return cached[0]
 
 
-def _address_table(model, packed, extras, eps) -> tuple[torch.Tensor | None, tuple[int, int]]:
+def _address_table(model, packed, extras, eps) -> tuple[torch.Tensor | None, tuple[int, int, bool]]:
     """The table for these packed weights and biases / norm weights (4 each per layer), or None where C could
     not take them: C trusts every dtype and shape, so anything unexpected takes the Python loop. With it, the
-    weights' format (bits, group_size) that every one of them has: (0, 0) for float weights."""
+    weights' format (bits, group_size, act8) that every one of them has: (0, 0, False) for float weights."""
     attn, hidden, inner = model.model.layers[0].self_attn, model.config.hidden_size, model.config.intermediate_size
     heads, layers = attn.num_heads * attn.head_dim, len(model.model.layers)
     shapes = [(heads + 2 * attn.num_kv_heads * attn.head_dim, hidden), (hidden, heads), (2 * inner, hidden),
               (hidden, inner)]  # [out, in] of q/k/v, o, gate/up, down, as cpu_layers.c computes them
     sizes = [shapes[0][0], hidden, hidden, hidden]  # of the q/k/v bias, the o bias, the two norms
-    formats = {(type(p), getattr(p, "bits", 0), getattr(p, "group_size", 0)) for p in packed}
+    formats = {(type(p), getattr(p, "bits", 0), getattr(p, "group_size", 0), getattr(p, "act8", False))
+               for p in packed}
     if (len(formats) != 1 or next(iter(formats))[0] not in KERNEL_WEIGHTS
             or any(type(p) is cpu_linear.PackedWeight and p.dtype != model.dtype for p in packed)
             or any(t is not None and (t.dtype != model.dtype or not t.is_contiguous() or t.shape != (n,))
                    for t, n in zip(extras, sizes * layers))
             or any(t is None for t in extras[2::4] + extras[3::4]) or len(set(eps)) != 1
             or [(p.out_features, p.in_features) for p in packed] != shapes * layers):
-        return None, (0, 0)
+        return None, (0, 0, False)
     rows = []
     for i in range(layers):
         qkv, o, gate_up, down = (p.data.data_ptr() for p in packed[4 * i: 4 * i + 4])

@@ -51,7 +51,7 @@ class TorchRunner:
         """``residual + layer(norm(x))``, or of SiLU(gate) * up if gated (x holds gate then up).
         layer: an nn.Linear; norm: an RMSNorm module or None; x [..., in] -> [..., out]"""
         x = cpu_linear.fused_input(x, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps, gated)
-        y = F.linear(x, layer.weight, layer.bias)
+        y = layer(x)  # nn.Linear: F.linear; QuantizedLinear: its reference (models/quantized.py)
         return y if residual is None else residual + y
 
     def attention(self, attn, qkv, step, cache):

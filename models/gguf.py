@@ -89,10 +89,11 @@ def _cat(parts: list[Quantized]) -> Quantized:
     return Quantized(*(torch.cat([getattr(p, f) for p in parts]) for f in ("q", "scale", "zero")), parts[0].bits)
 
 
-def keep_blocks(native, path) -> None:
+def keep_blocks(native, path, activations: str = "int8") -> None:
     """Replace ``native``'s linear layers by the GGUF file's blocks where every part of a layer is Q4_0, Q4_1
     or Q8_0 of one width (q/k/v and gate/up are fused: their parts must agree); the rest stay float, with a
-    warning naming them. Only the "llama" architecture (SmolLM2, Llama, Mistral files) is mapped."""
+    warning naming them. Only the "llama" architecture (SmolLM2, Llama, Mistral files) is mapped. activations:
+    the layers' (models/quantized.py: QuantizedLinear)."""
     arch, kinds, raw = gguf_blocks(path)
     if arch != "llama":
         warnings.warn(f"specdec: GGUF architecture {arch!r} is dequantized to float (blocks kept for 'llama' only)",
@@ -124,7 +125,7 @@ def keep_blocks(native, path) -> None:
             skipped.append(f"{module_name} (a scale or zero beyond float16)")
             continue
         replace_module(native, module_name,
-                       QuantizedLinear(whole, linear.in_features, linear.bias, native.dtype, per_channel=False))
+                       QuantizedLinear(whole, linear.in_features, linear.bias, native.dtype, False, activations))
     if skipped:
         warnings.warn(f"specdec: kept in float (not blocks of {sorted(FORMATS)} that fit): {', '.join(skipped)}",
                       stacklevel=3)

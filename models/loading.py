@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrained
 from specdec.models.llama import ARCHITECTURES, FUSED, LlamaModel, fuse_state_dict
 from specdec.models.gguf import keep_blocks
 from specdec.models.head import DraftHead, is_head_folder
-from specdec.models.quantized import SCHEMES, SELF_DRAFTS
+from specdec.models.quantized import ACTIVATIONS, SCHEMES, SELF_DRAFTS
 from specdec.models.quantized import quantize as quantize_model
 
 #: registered names -> a function returning a local path (a GGUF file or a checkpoint folder)
@@ -205,19 +205,23 @@ def _convert_gguf(path: Path, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # another process converted the same file first: use its copy
 
 
-def load(name_or_path, dtype=None, device=None, quantize=None, group_size=..., zero_point=False):
+def load(name_or_path, dtype=None, device=None, quantize=None, group_size=..., zero_point=False, activations="int8"):
     """``model, tokenizer = specdec.load(name_or_path, dtype=None, device=None, quantize=None)``.
 
     name_or_path: a registered name (``specdec.models.loading.REGISTRY``), a checkpoint folder, or a .gguf file.
     A draft head's folder (``models/head.py``) gives a ``DraftHead``: pass it as ``draft_model``.
     A .gguf file loaded on the CPU with no ``dtype`` keeps its Q4_0, Q4_1 and Q8_0 tensors in their block
-    formats (models/gguf.py; float32 activations: the same logits as the float32 model, bit for bit);
-    ``dtype=`` gives the dequantized float model. quantize="int8" or "int4" (with group_size, zero_point:
-    ``specdec.quantize``) quantizes a native model's linear layers from its float weights.
+    formats (models/gguf.py); ``dtype=`` gives the dequantized float model. quantize="int8" or "int4" (with
+    group_size, zero_point: ``specdec.quantize``) quantizes a native model's linear layers from its float
+    weights. activations: what quantized layers multiply with: "int8" (blocks of 32 features per row, integer
+    products, as llama.cpp does) or "float" (the dequantized weight; for a GGUF file's blocks, logits equal to
+    the float32 model's bit for bit).
     """
     dtype = _dtype(dtype)
     if quantize is not None and quantize not in SCHEMES:
         raise ValueError(f"quantize must be None or one of {sorted(SCHEMES)}, got {quantize!r}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
     folder = checkpoint_folder(name_or_path)
     if is_head_folder(folder):
         model = DraftHead.load(folder, dtype=dtype, device=device)
@@ -226,12 +230,12 @@ def load(name_or_path, dtype=None, device=None, quantize=None, group_size=..., z
         source = _source(name_or_path)
         if (source.suffix == ".gguf" and dtype is None and quantize is None and isinstance(model, LlamaModel)
                 and model.device.type == "cpu"):
-            keep_blocks(model, source)
+            keep_blocks(model, source, activations)
     if quantize is not None:
         if not isinstance(model, (LlamaModel, DraftHead)):
             raise ValueError(f"quantize={quantize!r} needs a native model; {str(name_or_path)!r} loads as "
                              f"{type(model).__name__}")
-        quantize_model(model, quantize, group_size=group_size, zero_point=zero_point)
+        quantize_model(model, quantize, group_size=group_size, zero_point=zero_point, activations=activations)
     return model, AutoTokenizer.from_pretrained(folder)
 
 

@@ -78,7 +78,8 @@ def _generate(args) -> int:
     costs, tick = {}, time.perf_counter()
     checkpoint_folder(args.model)  # a GGUF file is converted to a float checkpoint on its first use, then cached
     costs["checkpoint"], tick = time.perf_counter() - tick, time.perf_counter()
-    model, tokenizer = specdec.load(args.model, dtype=args.dtype, quantize=args.quantize)
+    model, tokenizer = specdec.load(args.model, dtype=args.dtype, quantize=args.quantize,
+                                    activations=args.activations)
     draft = load_draft(draft_name, args.dtype) if draft_name else None
     costs["loading"], tick = time.perf_counter() - tick, time.perf_counter()
     if model.device.type == "cpu":
@@ -208,8 +209,11 @@ def main(argv=None) -> int:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float64"],
                      help="of the target (default float32); auto: the file's own (a .gguf keeps its quantized "
-                          "blocks, with float32 activations)")
+                          "blocks; see --activations)")
     gen.add_argument("--quantize", choices=["int8", "int4"], help="quantize the target's linear layers at load")
+    gen.add_argument("--activations", choices=["int8", "float"], default="int8",
+                     help="what quantized layers multiply with (int8: blocks of 32, as llama.cpp; float: exact "
+                          "dequantized weights)")
     gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     dis = sub.add_parser("distill", help="train a draft for a target by distillation on the target's own answers")
     dis.add_argument("--target", default=DEFAULT_MODEL, help="registered name, checkpoint folder or .gguf file")
@@ -243,6 +247,8 @@ def main(argv=None) -> int:
                      help="the target's weights: the float copy (default), the GGUF file's own blocks, or quantized")
     ben.add_argument("--head-quantize", choices=["int8", "int4"], dest="head_quantize",
                      help="quantize the draft head (default: float)")
+    ben.add_argument("--activations", choices=["int8", "float"],
+                     help="what quantized layers multiply with (default int8: blocks of 32, as llama.cpp)")
     ben.add_argument("--llama-cpp", action="store_true", dest="llama_cpp", default=None,
                      help="also time llama.cpp's llama-bench on the same GGUF file ($SPECDEC_LLAMA_BENCH or PATH)")
     ben.add_argument("--synthetic-rates", nargs="+", type=float, dest="synthetic_rates")

@@ -1,5 +1,5 @@
-"""Quantized weights: the C kernel against its reference (dequantize, then the float kernel: bit for bit with
-float32 activations), quantization's own bounds, quantized models as targets and drafts (speculation equals
+"""Quantized weights: the C kernel against its references (int8 activations: the integer definition, bit for
+bit; float activations: dequantize, then the float kernel, bit for bit in float32), quantization's own bounds, quantized models as targets and drafts (speculation equals
 their own plain decoding; the sampled distribution is theirs), clear errors, and GGUF blocks read exactly."""
 
 import copy
@@ -70,6 +70,55 @@ def test_the_kernel_is_dequantize_then_the_float_kernel_bit_for_bit(shape, rows,
     assert (got16.float() - want.float()).abs().max() <= 2**-7 * want.float().abs().max()
 
 
+INT8_SHAPES = [s for s in SHAPES if s[3] is None or s[3] % Q.BLOCK == 0] + [(50, 192, 4, 64, True),
+                                                                            (48, 256, 8, 128, False)]
+
+
+def _int8_reference(x, quantized, n, bias=None, residual=None):
+    """kernels/quantized.py's definition, then the kernel's epilogue: bias in float32, one rounding to x's dtype,
+    the residual added in x's dtype."""
+    y = Q.linear_int8_activations(x.float(), quantized, n)
+    y = (y if bias is None else y + bias.float()).to(x.dtype)
+    return y if residual is None else residual + y
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", INT8_SHAPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 3, 6, 9])  # 6, 9: two and three passes of the 4-row kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_int8_activation_kernel_is_its_integer_definition_bit_for_bit(shape, rows, dtype):
+    """Activations quantized per block of 32 features, integer dot products (VNNI), then float32 sums in a
+    fixed order: the kernel equals ``linear_int8_activations`` exactly, in both activation dtypes, and each row
+    alone equals the row in any batch (a verification pass reproduces plain steps)."""
+    out, n, bits, group, zero_point = shape
+    _, quantized = _layer(*shape)
+    packed = Q.pack_int8_activations(quantized, n)
+    g = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, n, generator=g) * torch.rand(rows, 1, generator=g) * 4).to(dtype)
+    x[0, : min(n, 40)] = 0  # a block of zeros: dx = 0
+    bias, residual = torch.randn(out, generator=g).to(dtype), torch.randn(rows, out, generator=g).to(dtype)
+    assert torch.equal(cpu_linear.linear(x, packed), _int8_reference(x, quantized, n))
+    got = cpu_linear.linear(x, packed, bias, residual=residual)
+    assert torch.equal(got, _int8_reference(x, quantized, n, bias, residual))
+    assert torch.equal(got[-1:], cpu_linear.linear(x[-1:], packed, bias, residual=residual[-1:]))
+    want = x.double() @ Q.dequantize(quantized, n).double().t() + bias.double() + residual.double()
+    assert (got.double() - want).abs().max() <= 0.05 * want.abs().max()  # int8 blocks: ~1% of the scale
+
+
+@needs_kernels
+def test_the_int8_activation_reference_catches_a_wrong_rounding():
+    """The companion: with activations rounded half away from zero instead of to even, the exact comparison
+    above fails (on inputs that hit .5 exactly)."""
+    _, quantized = _layer(32, 64, 4, 32, False)
+    packed = Q.pack_int8_activations(quantized, 64)
+    x = torch.zeros(1, 64)
+    x[0, 0], x[0, 1:8] = 127.0, torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 3.5, 4.5])  # dx = 1: ties
+    got = cpu_linear.linear(x, packed)
+    assert torch.equal(got, _int8_reference(x, quantized, 64))
+    away = x.sign() * (x.abs() + 0.5).floor()  # half away from zero, then exact in the reference's rounding
+    assert not torch.equal(got, _int8_reference(away, quantized, 64))
+
+
 @needs_kernels
 def test_the_kernel_refuses_what_it_cannot_take():
     _, quantized = _layer(32, 64, 4, 32, False)
@@ -81,24 +130,28 @@ def test_the_kernel_refuses_what_it_cannot_take():
     bad = Q.QuantizedWeight(packed.data, 32, 64, 4, 48)  # 48 does not divide 64
     with pytest.raises(ValueError, match="group_size 48"):
         cpu_linear.linear(torch.randn(1, 64), bad)
+    _, quantized = _layer(32, 64, 4, 16, False)
+    with pytest.raises(ValueError, match="multiple of 32 .* for int8 activations, got 16"):
+        Q.pack_int8_activations(quantized, 64)
 
 
-def _quantized(arch, dtype, scheme="int4", group_size=16, zero_point=False):
+def _quantized(arch, dtype, scheme="int4", group_size=None, zero_point=False, activations="int8"):
     native = copy.deepcopy(as_native(tiny_model(arch, dtype)))
-    return specdec.quantize(native, scheme, group_size=group_size, zero_point=zero_point)
+    return specdec.quantize(native, scheme, group_size=group_size, zero_point=zero_point, activations=activations)
 
 
-@pytest.mark.parametrize("scheme, group_size, zero_point", [("int8", ..., False), ("int4", 16, False),
-                                                            ("int4", None, True)])
+@pytest.mark.parametrize("scheme, group_size, zero_point, activations", [
+    ("int8", ..., False, "int8"), ("int4", None, True, "int8"), ("int4", 16, False, "float"),
+    ("int8", ..., False, "float")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_quantized_model_runs_its_layers_in_one_call_as_in_the_loop_and_tracks_the_reference(
-        scheme, group_size, zero_point, dtype):
-    model = _quantized("qwen2", dtype, scheme, group_size, zero_point)
+        scheme, group_size, zero_point, activations, dtype):
+    model = _quantized("qwen2", dtype, scheme, group_size, zero_point, activations)
     assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 2 * 4 + 1  # the output layer too
     ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(1))
     positions = torch.arange(9).expand(2, -1)
     reference = copy.deepcopy(model)
-    reference.runner = TorchRunner("cpu")  # dequantize, then torch's ops
+    reference.runner = TorchRunner("cpu")  # each layer's reference (QuantizedLinear.forward), then torch's ops
     with torch.no_grad():
         one_call = model(ids, positions, model.new_cache(2, 9))
         if cpu_linear.available():
@@ -113,9 +166,11 @@ def test_a_quantized_model_runs_its_layers_in_one_call_as_in_the_loop_and_tracks
 
 @pytest.mark.parametrize("arch", ["llama", "smollm2", "qwen2"])
 @pytest.mark.parametrize("draft", ["model", "head", "ngram", "quantized copy", "self", "self-int8"])
-def test_speculation_over_a_quantized_target_equals_its_plain_decoding(arch, draft):
+@pytest.mark.parametrize("activations", ["int8", "float"])
+def test_speculation_over_a_quantized_target_equals_its_plain_decoding(arch, draft, activations):
     """Greedy, float32 (the C kernels' path), a ragged batch: a quantized target is a target in its own right."""
-    target = _quantized(arch, torch.float32)
+    target = _quantized(arch, torch.float32, group_size=None if activations == "int8" else 16,
+                        activations=activations)
     drafts = {"model": lambda: _quantized("llama", torch.float32, "int8"),
               "head": lambda: specdec.quantize(tiny_head(tiny_model(arch, torch.float32), None, seed=1).float(),
                                                "int8"),
@@ -165,7 +220,7 @@ def test_sampling_from_a_quantized_target_is_its_distribution():
     """The chi-square and 6-sigma tests of tests/distribution.py (false alarm 1e-5; power: test_sampling) with
     the reference computed by transformers from the dequantized weights (float64: the torch runner's path)."""
     hf = copy.deepcopy(_toy(0))
-    target = specdec.quantize(copy.deepcopy(as_native(hf)), "int4", group_size=8)
+    target = specdec.quantize(copy.deepcopy(as_native(hf)), "int4", group_size=8, activations="float")
     with torch.no_grad():  # the transformers twin gets the weights the quantized target computes with
         for name, module in target.named_modules():
             if isinstance(module, QuantizedLinear):
@@ -202,6 +257,10 @@ def test_quantize_refuses_bad_arguments_and_leaves_the_model_as_it_was():
         specdec.quantize(model, "int4", group_size=32)  # divides 64, not the MLP's 112
     with pytest.raises(ValueError, match="needs a native specdec model"):
         specdec.quantize(torch.nn.Linear(4, 4), "int8")
+    with pytest.raises(ValueError, match="multiple of 32 .* for int8 activations, got 16"):
+        specdec.quantize(model, "int4", group_size=16)
+    with pytest.raises(ValueError, match="activations must be one of"):
+        specdec.quantize(model, "int4", activations="int4")
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="quantize must be None or one of"):
