@@ -218,7 +218,8 @@ static inline __attribute__((always_inline)) void dispatch(const int BF16, const
  * half of the tile (columns 0-15, 16-31), per quad j of features (4j .. 4j+3) one 64-byte vector whose lane c
  * holds column c's 4 values: int8 8 quads (512 bytes a half); int4 4 vectors (256 bytes a half), quad j in the
  * low nibbles and quad j + 4 in the high ones. VNNI's vpdpbusd multiplies the 4 unsigned values of a lane by
- * 4 signed activations and adds the products to the lane's int32, exactly (|sum| < 2^20 per block).
+ * 4 signed activations and adds the products to the lane's int32, exactly (|sum| < 2^20 per block); CPUs
+ * without VNNI compute the same integers with 32-bit multiplies (dot4).
  *
  * y[m, n] = sum over groups g, in order, of (p_g * scale + S[g] * zero), each product and sum rounded in
  * float32, where p_g = the sum over g's blocks, in order, of float(isum) * dx and isum = sum xq * q: since
@@ -227,6 +228,21 @@ static inline __attribute__((always_inline)) void dispatch(const int BF16, const
 #define QBLOCK 32
 #define MAX_Q8_ROWS 4 /* per pass: 8 int32 + 8 float32 accumulators, the partial sums and weights beside them */
 #define BLOCK_BYTES(BITS) ((BITS) * QBLOCK * TILE / 8)
+
+/* acc + the products of lane i's 4 unsigned bytes of w with its 4 signed bytes of x, summed per lane (vpdpbusd);
+ * without VNNI, the same integers byte by byte (exact: no intermediate can overflow). */
+static inline __m512i dot4(__m512i acc, __m512i w, __m512i x) {
+#ifdef __AVX512VNNI__
+    return _mm512_dpbusd_epi32(acc, w, x);
+#else
+    for (int i = 0; i < 4; i++) {
+        const __m512i wi = _mm512_and_si512(_mm512_srli_epi32(w, 8 * i), _mm512_set1_epi32(255));
+        const __m512i xi = _mm512_srai_epi32(_mm512_slli_epi32(x, 24 - 8 * i), 24);
+        acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(wi, xi));
+    }
+    return acc;
+#endif
+}
 
 static inline void quantize_row(const float *xf, long K, long KB, long GB, int8_t *xq, float *dx, float *S) {
     for (long b = 0; b < KB; b++) {
@@ -281,13 +297,13 @@ static inline __attribute__((always_inline)) void tile_pass_q8(const int ROWS, c
                     const __m512i q0 = BITS == 4 ? _mm512_and_si512(w, low) : w;
                     for (int i = 0; i < ROWS; i++) {
                         const int32_t *xi = (const int32_t *)(xq + (i * KB + b) * QBLOCK);
-                        isum[i] = _mm512_dpbusd_epi32(isum[i], q0, _mm512_set1_epi32(xi[j]));
+                        isum[i] = dot4(isum[i], q0, _mm512_set1_epi32(xi[j]));
                     }
                     if (BITS == 4) {
                         const __m512i q1 = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
                         for (int i = 0; i < ROWS; i++) {
                             const int32_t *xi = (const int32_t *)(xq + (i * KB + b) * QBLOCK);
-                            isum[i] = _mm512_dpbusd_epi32(isum[i], q1, _mm512_set1_epi32(xi[j + 4]));
+                            isum[i] = dot4(isum[i], q1, _mm512_set1_epi32(xi[j + 4]));
                         }
                     }
                 }
