@@ -303,7 +303,7 @@ _UNSET = _Unset()
 def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_draft_tokens=4,
              max_new_tokens=_UNSET, max_length=_UNSET, do_sample=_UNSET, temperature=_UNSET, top_k=_UNSET,
              top_p=_UNSET, eos_token_id=_UNSET, pad_token_id=_UNSET, generator=None, streamer=None,
-             return_dict_in_generate=False):
+             return_dict_in_generate=False, feature_hook=None):
     """Generate like transformers' ``model.generate()``; with ``draft_model``, speculatively and losslessly.
 
     input_ids       [batch, prompt_len] LongTensor; left padding allowed with attention_mask [batch, prompt_len].
@@ -317,6 +317,12 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
                     e.g. ``specdec.load("smollm2-135m-instruct-head")``) | a Proposer. A draft model must be on
                     the target's device (ValueError otherwise) but may have another dtype: a bfloat16 draft
                     for a float32 target is fine, both distributions are compared in float32.
+    feature_hook    specdec's own, not transformers': None, or a function that generate() calls once, when
+                    every row is done, with the target's features [batch, prompt_len + max_new_tokens, hidden]
+                    (each position's last-layer output before the final norm: what a draft head reads), slot
+                    == position: row b's prompt without its padding, then its new tokens. Every position but
+                    each row's last token holds its feature (the target never reads that token); the rest is
+                    stale. A native target only. It changes nothing that generate() returns
     returns         [batch, prompt_len + new_tokens] as transformers lays it out (finished rows padded with
                     pad_token_id), or GenerateOutput(sequences, stats) with return_dict_in_generate=True
 
@@ -368,6 +374,7 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
         pad_token_id = 0  # (never written: every row runs to max_new_tokens)
     draft_length(num_draft_tokens)
     proposer = make_proposer(draft_model, target)
+    _check_feature_hook(feature_hook, target)
     if streamer is not None and input_ids.shape[0] != 1:
         raise ValueError(f"streamer needs batch size 1, got input_ids of shape {tuple(input_ids.shape)}")
     device = target.device
@@ -393,7 +400,8 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
     with torch.inference_mode():
         head = needs_features(proposer)
         # (only then the keyword: a transformers-fallback target's cache has no features)
-        cache = state.target_cache = target.new_cache(batch, state.max_len, **({"features": True} if head else {}))
+        features = {"features": True} if head or feature_hook is not None else {}
+        cache = state.target_cache = target.new_cache(batch, state.max_len, **features)
         while bool(state.active.any()):
             k = length.next(state.stats) if proposer is not None else 0
             if head and state.stats.target_passes == 0:
@@ -404,6 +412,8 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
             counts = commit(state, emitted, num_accepted, num_drafts)
             if streamer is not None:
                 streamer.put(emitted[0, : int(counts[0])].cpu())
+        if feature_hook is not None:
+            feature_hook(cache.features[:, :capacity])
     if streamer is not None:
         streamer.end()
     state.stats.wall_seconds = time.perf_counter() - start
@@ -415,6 +425,16 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
     new = torch.where(j < generated[:, None], new, pad_token_id)
     sequences = torch.cat((input_ids, new), dim=1)
     return GenerateOutput(sequences, state.stats) if return_dict_in_generate else sequences
+
+
+def _check_feature_hook(feature_hook, target) -> None:
+    from specdec.models.llama import LlamaModel
+
+    if feature_hook is not None and not callable(feature_hook):
+        raise ValueError(f"feature_hook must be a function of the features, got feature_hook={feature_hook!r}")
+    if feature_hook is not None and not isinstance(target, LlamaModel):
+        raise ValueError("feature_hook reads the target's hidden states, which only a native model target "
+                         f"provides; the target runs through {type(target).__name__}")
 
 
 def _check_inputs(input_ids, attention_mask, target, infer_from_pad=None):

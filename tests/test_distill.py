@@ -115,19 +115,19 @@ def test_distill_head_reduces_loss_and_the_head_drafts_exactly(target_folder, tm
 
 
 def test_training_resumes_from_its_checkpoint(target_folder, tmp_path):
-    from specdec.distill import _load_target, teacher_records
+    from specdec.distill import _load_target, answer_batch, teacher_records
 
     model, tokenizer = _load_target(str(target_folder))
     config = DistillConfig(**{**SMALL.__dict__, "steps": 10, "num_prompts": 8})
-    records = make_chunks(training_prompts(8), tmp_path / "data", 4, "answers",
-                          functools.partial(teacher_records, model, tokenizer, config))
-    draft = make_draft(model, config)
-    first = train(draft, records, tmp_path, config, lambda rs: distill_loss(draft, *_batch(rs, 2)), resume=False,
-                  progress=False)
+    records = make_chunks(training_prompts(8), tmp_path / "data", 4, "answers", lambda start, prompts: teacher_records(
+        model, answer_batch(model, tokenizer, config.data, start, prompts), config.teacher_top_k))
+    draft = make_draft(model, config.objective)
+    first = train(draft, records, tmp_path, config.train, lambda rs: distill_loss(draft, *_batch(rs, 2)),
+                  resume=False, progress=False)
     longer = DistillConfig(**{**config.__dict__, "steps": 16})
-    draft = make_draft(model, longer)
-    history = train(draft, records, tmp_path, longer, lambda rs: distill_loss(draft, *_batch(rs, 2)), resume=True,
-                    progress=False)
+    draft = make_draft(model, longer.objective)
+    history = train(draft, records, tmp_path, longer.train, lambda rs: distill_loss(draft, *_batch(rs, 2)),
+                    resume=True, progress=False)
     assert history[:10] == first and len(history) == 16  # continued at step 10, not restarted
 
 
@@ -235,20 +235,101 @@ def test_make_chunks_resumes_and_grows(tmp_path):
 def test_answers_with_features_are_generate_s_and_a_second_pass_s(target_folder):
     """The answers are specdec.generate's greedy ones, and the features recorded while answering are the
     bits one pass over prompt + answer records (each row's bits do not depend on how it was batched)."""
-    from specdec.distill import answer_with_features
-    from specdec.sampling import SamplingConfig
+    from specdec.distill import answer
 
     target, _ = specdec.load(target_folder)
     prompts = [[1, 5, 9, 13], [1, 7], [1, 3, 3, 8, 2, 6]]
-    answers, feats = answer_with_features(target, prompts, 12, {-1}, SamplingConfig())
+    answers = answer(target, prompts, 12, [])
     for row, prompt in enumerate(prompts):
         plain = specdec.generate(target, torch.tensor([prompt]), max_new_tokens=12, eos_token_id=[])
-        assert plain[0, len(prompt):].tolist() == answers[row].tolist()
+        assert plain[0].tolist() == answers[row].ids.tolist() and answers[row].prompt_len == len(prompt)
         seq = plain[0]
         cache = target.new_cache(1, len(seq), features=True)
         with torch.inference_mode():
             target(seq[None], torch.arange(len(seq))[None], cache, logits_index=torch.zeros(1, 1, dtype=torch.long))
-        assert torch.equal(feats[row, :len(seq)], cache.features[0, :len(seq)])
+        assert torch.equal(answers[row].features, cache.features[0, :len(seq) - 1])  # all but the last token's
+
+
+@torch.inference_mode()
+def _answer_step_by_step(target, prompts, max_new_tokens, eos, sampling, generator=None):
+    """An independent decode loop, the reference for generate()'s feature_hook: every row steps until all have
+    answered an EOS or max_new_tokens, each answer token fed back (the last one only to write its feature)
+    into a cache that keeps every position's feature. -> answers [B, new], features [B, >= P + new, hidden]"""
+    from specdec.sampling import sample
+
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)  # [B, P] right-padded, as the native model takes
+    positions = torch.full((len(prompts), width), -1)
+    for row, prompt in enumerate(prompts):
+        ids[row, :len(prompt)], positions[row, :len(prompt)] = torch.tensor(prompt), torch.arange(len(prompt))
+    lengths = (positions >= 0).sum(1)  # [B]
+    cache = target.new_cache(len(prompts), width + max_new_tokens, features=True)
+    logits = target(ids, positions, cache, logits_index=(lengths - 1)[:, None])  # [B, 1, vocab]
+    finished, answers = torch.zeros(len(prompts), dtype=torch.bool), []
+    for _ in range(max_new_tokens):
+        logits = logits[:, -1]  # [B, vocab]
+        token = logits.argmax(-1) if sampling.greedy else sample(sampling.probs(logits), generator)  # [B]
+        answers.append(token)
+        logits = target(token[:, None], lengths[:, None], cache)
+        lengths = lengths + 1
+        finished |= torch.isin(token, torch.tensor(eos, dtype=torch.long))
+        if bool(finished.all()):
+            break
+    return torch.stack(answers, 1), cache.features
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_generate_s_feature_hook_gives_the_answers_and_features_of_a_step_by_step_loop(target_folder, dtype):
+    """``answer`` (specdec.generate with a feature_hook) against a loop that steps every row until all are
+    done: the same answers, greedy and sampled (the same random numbers), cut through the first EOS, and the
+    same features at every position but each answer's last. In float32 bit for bit (the CPU kernels compute
+    every token alone); in float64 within 1e-12 relative (there the rows that finished are padding in
+    generate's passes and live rows in the loop's, and the reference runner's sums differ in the last bit)."""
+    from specdec.distill import answer
+    from specdec.sampling import SamplingConfig
+
+    target, _ = specdec.load(target_folder, dtype=dtype)
+    prompts = [[1, 5, 9, 13], [1, 7], [1, 3, 3, 8, 2, 6], [1, 40, 41]]
+    endless = answer(target, prompts, 12, [])
+    ends = sorted({int(endless[0].ids[4 + 4]), int(endless[2].ids[6 + 1])})  # ids rows 0 and 2 answer
+    sampling = SamplingConfig(do_sample=True, temperature=0.7, top_p=0.9)
+    for eos, sampled in (([], False), (ends, False), ([], True)):
+        answers = answer(target, prompts, 12, eos, sampled, torch.Generator().manual_seed(3))
+        tokens, features = _answer_step_by_step(target, prompts, 12, eos, sampling if sampled else SamplingConfig(),
+                                                torch.Generator().manual_seed(3))
+        for row, prompt in enumerate(prompts):
+            through_eos = next((i + 1 for i, t in enumerate(tokens[row].tolist()) if t in eos), tokens.shape[1])
+            assert answers[row].ids.tolist() == prompt + tokens[row, :through_eos].tolist()
+            want = features[row, :len(answers[row].ids) - 1]
+            if dtype == torch.float32:
+                assert torch.equal(answers[row].features, want)
+            else:
+                assert torch.allclose(answers[row].features, want, rtol=1e-12, atol=1e-12 * want.abs().max())
+        assert any(len(a.ids) - a.prompt_len < 12 for a in answers) == bool(eos)  # EOS ends rows early
+
+
+def test_feature_hook_changes_nothing_generate_returns_and_is_checked(target_folder):
+    """generate() with a feature_hook returns what it returns without one, plain or speculative, and hands
+    the hook the same features either way; a hook that is not a function, or a target without native
+    features, is refused with a ValueError naming it."""
+    target, _ = specdec.load(target_folder)
+    ids = torch.tensor([[1, 5, 9, 13], [0, 0, 1, 7]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    kept = {}
+    for draft in (None, "ngram"):
+        settings = dict(draft_model=draft, num_draft_tokens=3, max_new_tokens=10, eos_token_id=[],
+                        return_dict_in_generate=True)
+        hooked = specdec.generate(target, ids, mask, **settings, feature_hook=functools.partial(kept.__setitem__,
+                                                                                                draft))
+        plain = specdec.generate(target, ids, mask, **settings)
+        assert torch.equal(hooked.sequences, plain.sequences) and hooked.stats.emitted == plain.stats.emitted
+        assert kept[draft].shape == (2, 4 + 10, target.config.hidden_size)
+    for row, prompt_len in enumerate((4, 2)):  # slot == position; every position but the last token's
+        assert torch.equal(kept["ngram"][row, :prompt_len + 9], kept[None][row, :prompt_len + 9])
+    with pytest.raises(ValueError, match="feature_hook must be a function of the features, got feature_hook=3"):
+        specdec.generate(target, ids, mask, max_new_tokens=4, feature_hook=3)
+    with pytest.raises(ValueError, match="feature_hook reads the target's hidden states.*TransformersModel"):
+        specdec.generate(tiny_model("gpt2"), ids, mask, max_new_tokens=4, feature_hook=print)
 
 
 def test_self_written_prompts_keep_finished_new_messages_and_resume(target_folder, tmp_path, monkeypatch):
@@ -256,7 +337,7 @@ def test_self_written_prompts_keep_finished_new_messages_and_resume(target_folde
     has three words and is new but for case and punctuation (among those kept and ``exclude``); the file lets
     a second call reuse them without sampling; 20 rounds in a row without a new one give up."""
     import specdec.speculative
-    from specdec.distill import SELF_PROMPT_BATCH, _load_target, self_written_prompts
+    from specdec.distill import SELF_PROMPT_BATCH, DataConfig, _load_target, self_written_prompts
 
     model, tokenizer = _load_target(str(target_folder))
     prefix = [tokenizer.bos_token_id]  # the tiny tokenizer has no chat template: messages start after BOS
@@ -278,7 +359,7 @@ def test_self_written_prompts_keep_finished_new_messages_and_resume(target_folde
         return torch.cat([rows, torch.tensor(new)], dim=1)
 
     monkeypatch.setattr(specdec.speculative, "generate", scripted)
-    config = DistillConfig(max_prompt_tokens=24)
+    config = DataConfig(max_prompt_tokens=24)
     file = tmp_path / "self_prompts.json"
     want = ["one two three", "seven eight nine"]
     assert self_written_prompts(model, tokenizer, 2, file, config, progress=False,
@@ -304,6 +385,61 @@ def test_self_written_prompts_keep_finished_new_messages_and_resume(target_folde
     with pytest.raises(ValueError, match=f"20 rounds of {2 * SELF_PROMPT_BATCH} samples"):
         self_written_prompts(model, tokenizer, 4, file, wide, progress=False)
     assert rows_seen == [2 * SELF_PROMPT_BATCH] * 20
+
+
+def test_one_trainer_runs_both_objectives(target_folder, tmp_path):
+    """The same answers made into each objective's records, then the same ``train`` over either: a few steps
+    lower the loss, and each evaluation reports its figures."""
+    from specdec.distill import DraftObjective, HeadObjective, TrainConfig, _load_target, answer_batch
+    from specdec.models.loading import as_native
+
+    model, tokenizer = _load_target(str(target_folder))
+    target = as_native(model)
+    answers = answer_batch(target, tokenizer, SMALL.data, 0, training_prompts(16))
+    config = TrainConfig(steps=12, batch_size=8, lr=1e-2, warmup=2, checkpoint_every=5)
+    for objective, figure in ((DraftObjective(SMALL.objective, target, tokenizer), "agreement"),
+                              (HeadObjective(SMALL_HEAD.objective, target, tokenizer), "first_draft_agreement")):
+        records = objective.records(answers)
+        trained = objective.make(records, config.seed)
+        out = tmp_path / type(objective).__name__
+        out.mkdir()
+        history = train(trained, records, out, config, functools.partial(objective.loss, trained), resume=False,
+                        progress=False)
+        assert [step for step, _, _ in history] == list(range(1, 13)) and (out / "trainer.pt").is_file()
+        assert history[-1][1] < history[0][1], (type(objective).__name__, history)
+        assert 0.0 <= objective.evaluate(trained, records)[figure] <= 1.0
+
+
+def test_each_config_validates_its_fields_and_the_flat_one_makes_them():
+    """Every setting is checked where it enters, by the config it belongs to (a ValueError naming it and
+    its value); DistillConfig, flat as the command line gives it, makes the configs the pipeline reads:
+    the objective's is a DraftConfig, or with head a HeadConfig."""
+    from specdec.distill import DataConfig, DraftConfig, HeadConfig, TrainConfig
+
+    for config, bad, message in (
+            (DataConfig, dict(num_prompts=0), "num_prompts=0"), (DataConfig, dict(self_prompts=-1), "self_prompts=-1"),
+            (DataConfig, dict(sample_fraction=1.5), "sample_fraction=1.5"),
+            (DataConfig, dict(max_prompt_tokens=0), "max_prompt_tokens=0"), (DataConfig, dict(seed=-1), "seed=-1"),
+            (TrainConfig, dict(steps=0), "steps=0"), (TrainConfig, dict(lr=-1.0), "lr=-1.0"),
+            (TrainConfig, dict(lr=float("nan")), "lr=nan"), (TrainConfig, dict(warmup=-1), "warmup=-1"),
+            (TrainConfig, dict(weight_decay=-0.1), "weight_decay=-0.1"),
+            (TrainConfig, dict(checkpoint_every=0), "checkpoint_every=0"),
+            (DraftConfig, dict(num_layers=0), "num_layers=0"), (DraftConfig, dict(teacher_top_k=0), "teacher_top_k=0"),
+            (DraftConfig, dict(hidden_size=30, num_heads=4), "hidden_size=30 must divide by num_heads=4"),
+            (DraftConfig, dict(hidden_size=12, num_heads=4, num_kv_heads=2), "hidden_size=12 and num_heads=4"),
+            (DraftConfig, dict(dtype="float16"), "dtype='float16'"), (HeadConfig, dict(num_layers=0), "num_layers=0"),
+            (HeadConfig, dict(kept_vocab=0), "kept_vocab=0"), (HeadConfig, dict(unroll=0), "unroll=0"),
+            (HeadConfig, dict(dtype="int8"), "dtype='int8'")):
+        with pytest.raises(ValueError, match=message):
+            config(**bad)
+        with pytest.raises(ValueError, match=message):  # the flat settings are checked by the same configs
+            DistillConfig(**bad)
+    head = DistillConfig(**HEAD)
+    assert head.objective == HeadConfig() and DistillConfig().objective == DraftConfig()
+    assert head.train == TrainConfig(steps=600, batch_size=16, lr=1e-3, warmup=50, weight_decay=0.0,
+                                     checkpoint_every=50)
+    assert SMALL.data == DataConfig(num_prompts=40, eval_prompts=8, max_new_tokens=16, gen_batch=8)
+    assert DistillConfig(seed=3).data.seed == DistillConfig(seed=3).train.seed == 3
 
 
 def test_training_prompts_are_varied_and_held_out_from_the_benchmark():
