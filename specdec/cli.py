@@ -189,7 +189,8 @@ def _serve(args) -> int:
     k = _num_draft_tokens(args.num_draft_tokens)
     return serve(args.model, _draft_name(args.model, args.draft), host=args.host, port=args.port, num_draft_tokens=k,
                  max_num_seqs=args.max_num_seqs, kv_blocks=args.kv_blocks, block_size=args.block_size,
-                 max_queued=args.max_queued, dtype=args.dtype, quantize=args.quantize, grace_seconds=args.grace)
+                 max_queued=args.max_queued, dtype=args.dtype, quantize=args.quantize,
+                 activations=args.activations, grace_seconds=args.grace)
 
 
 def main(argv=None) -> int:
@@ -271,6 +272,9 @@ def main(argv=None) -> int:
     srv.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float64"],
                      help="of the target (default float32); auto: the file's own (a .gguf keeps its quantized blocks)")
     srv.add_argument("--quantize", choices=["int8", "int4"], help="quantize the target's linear layers at load")
+    srv.add_argument("--activations", choices=["int8", "float"], default="int8",
+                     help="what quantized layers multiply with (int8: blocks of 32, as llama.cpp; float: exact "
+                          "dequantized weights)")
     srv.add_argument("--grace", type=float, default=10.0, help="seconds running requests get after SIGTERM")
     args = parser.parse_args(argv)
     try:

@@ -279,16 +279,19 @@ def test_shipped_head_greedy_equals_plain_and_is_accepted(models):
 
 
 def test_a_quantized_head_drafts_exactly_and_keeps_most_of_its_acceptance(models, int8_model):
-    """The shipped head quantized to int8 per channel at load: spec == plain over the default target (the
-    GGUF's blocks, int8 activations), and its first-position acceptance stays above the float head's floor
-    (measured 2026-12-07, 2-core x86-64 VM, with "auto"'s timing-dependent part: int8 0.63, int4 0.69, the
-    float head 0.66, over the float-activation target)."""
+    """The shipped head quantized to int8 per channel at load: spec == plain over the GGUF's blocks, with float
+    and with int8 activations. Over the float-activation target its first-position acceptance stays above the
+    float head's floor (measured 2026-12-07, 2-core x86-64 VM, with "auto"'s timing-dependent part: int8 0.63,
+    int4 0.69, the float head 0.66). The head was trained on float features: over the int8-activation target
+    it reads 0.44 (the float head 0.45); the floor there, 0.33, lies 0.11 below that and 0.11 above a head half
+    as good."""
     from specdec.models.quantized import QuantizedLinear
 
-    model, tokenizer = int8_model, models[1]
+    tokenizer = models[1]
     head, _ = specdec.load("smollm2-135m-instruct-head", quantize="int8")
     assert sum(isinstance(m, QuantizedLinear) for m in head.modules()) == 6  # fc, 4 in its layer, its output
-    assert _first_position_acceptance(model, tokenizer, head) > 0.5
+    assert _first_position_acceptance(models[0], tokenizer, head) > 0.5
+    assert _first_position_acceptance(int8_model, tokenizer, head) > 0.33
 
 
 def test_the_target_writes_user_messages_for_distillation(models, tmp_path):

@@ -127,7 +127,7 @@ class InProcessServer:
 
 def serve(model: str, draft: str | None = "ngram", host: str = "127.0.0.1", port: int = 8000, *,
           num_draft_tokens="auto", max_num_seqs: int = 32, kv_blocks: int | None = None, block_size: int = 16,
-          max_queued: int = 64, dtype: str | None = None, quantize: str | None = None,
+          max_queued: int = 64, dtype: str | None = None, quantize: str | None = None, activations: str = "int8",
           grace_seconds: float = 10.0) -> int:
     """Load the model (and draft), build the engine, and serve until SIGINT/SIGTERM.
 
@@ -135,7 +135,7 @@ def serve(model: str, draft: str | None = "ngram", host: str = "127.0.0.1", port
     those still running then end with a 503 error (their requests aborted, their blocks freed), and the
     process exits 0.
     """
-    target, tokenizer = specdec.load(model, dtype=dtype, quantize=quantize)
+    target, tokenizer = specdec.load(model, dtype=dtype, quantize=quantize, activations=activations)
     draft_model = None if draft is None else load_draft(draft, dtype)
     engine = Engine(target, draft_model, num_draft_tokens=num_draft_tokens if draft else 1, max_num_seqs=max_num_seqs,
                     kv_blocks=kv_blocks, block_size=block_size)
