@@ -12,6 +12,7 @@ without the kernel: oneDNN's prepacked layout.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 
@@ -19,7 +20,7 @@ import torch
 
 from specdec.kernels import cpu_attention, cpu_layers, cpu_linear
 from specdec.kernels.quantized import QuantizedWeight
-from specdec.kernels.runner import TorchRunner, stored_weight, weight_key
+from specdec.kernels.runner import TorchRunner, weight_key
 
 KERNEL_WEIGHTS = (cpu_linear.PackedWeight, QuantizedWeight)  # what cpu_linear.linear takes
 
@@ -46,6 +47,17 @@ class CpuRunner(TorchRunner):
         # copies go with it
         self._packs = weakref.WeakKeyDictionary()
         self._addresses = None  # (table, the packed weights it was made from, the key of the rest)
+        self._trusted = None  # inside steady(): False until the table was checked once, then True
+
+    @contextlib.contextmanager
+    def steady(self):
+        # checking the table against 30 layers' modules costs ~0.7 ms a forward (SmolLM2, int8 activations: 8%
+        # of a decode step); inside the span it is checked once
+        outer, self._trusted = self._trusted, False
+        try:
+            yield
+        finally:
+            self._trusted = outer
 
     def linear(self, layer, x, norm=None, gated: bool = False, residual=None):
         # called once per linear layer per step from the Python loop (~121 times for SmolLM2): one C call
@@ -64,14 +76,23 @@ class CpuRunner(TorchRunner):
         """layer's weight in specdec's kernel layout (a PackedWeight or QuantizedWeight) or oneDNN's (a tensor)
         for activations of ``dtype``, made on first use and remade whenever the weight changed; None for
         torch's own path (autograd, float64, another dtype than the weight's, not on the CPU)."""
-        w = stored_weight(layer)
-        quantized = "qweight" in layer._buffers
-        if (torch.is_grad_enabled() or dtype not in cpu_linear.DTYPES or w.device.type != "cpu"
-                or (layer.dtype if quantized else w.dtype) != dtype):
+        if torch.is_grad_enabled() or dtype not in cpu_linear.DTYPES:
+            return None
+        return self._packed(layer, dtype)
+
+    def _packed(self, layer, dtype: torch.dtype):
+        """``packed`` once grad mode and the dtype are known to fit (per layer per step: kept to the few
+        attribute reads that say whether the copy is current)."""
+        buffers = layer._buffers
+        w = buffers.get("qweight")
+        quantized = w is not None
+        if not quantized:
+            w = layer._parameters["weight"]
+        if w.device.type != "cpu" or (buffers["_dtype"].dtype if quantized else w.dtype) != dtype:
             return None
         key = weight_key(w)
         if quantized:
-            key += weight_key(layer._buffers["scale_bits"]) + weight_key(layer._buffers["zero_bits"])
+            key += weight_key(buffers["scale_bits"]) + weight_key(buffers["zero_bits"])
         entry = self._packs.get(layer)
         if entry is None or entry[0] != key:  # first use, or the weight changed: (re)pack, once
             # the weight's storage is held with its copy: a new weight cannot reuse its address meanwhile
@@ -111,8 +132,13 @@ class CpuRunner(TorchRunner):
     def layer_addresses(self, model) -> torch.Tensor | None:
         """int64 [layers, 8] for kernels/cpu_layers.py, or None where some weight is not on the kernels' path.
         Checked on every forward (a changed weight is repacked, as ``linear`` does; a replaced module,
-        parameter or eps is seen), rebuilt only when something changed: for SmolLM2 ~0.3 ms to check against
-        1.9 to rebuild."""
+        parameter or eps is seen), or once inside ``steady()``; rebuilt only when something changed: for
+        SmolLM2 ~0.6 ms to check against 1.9 to rebuild."""
+        dtype = model.dtype
+        if torch.is_grad_enabled() or dtype not in cpu_linear.DTYPES:
+            return None
+        if self._trusted and self._addresses is not None:
+            return self._addresses[0]
         operands = []  # per layer the modules C reads (through _modules: a module attribute costs ~1 us)
         for layer in model.model.layers:
             attn, mlp, mods = layer._modules["self_attn"]._modules, layer._modules["mlp"]._modules, layer._modules
@@ -120,8 +146,8 @@ class CpuRunner(TorchRunner):
                              mods["input_layernorm"], mods["post_attention_layernorm"]))
         packed, extras = [], []
         for qkv, o, gate_up, down, norm1, norm2 in operands:
-            packed += (self.packed(qkv, model.dtype), self.packed(o, model.dtype), self.packed(gate_up, model.dtype),
-                       self.packed(down, model.dtype))
+            packed += (self._packed(qkv, dtype), self._packed(o, dtype), self._packed(gate_up, dtype),
+                       self._packed(down, dtype))
             extras += (qkv._parameters["bias"], o._parameters["bias"], norm1._parameters["weight"],
                        norm2._parameters["weight"])
         key = [None if t is None else (t.data_ptr(), t.dtype, t.shape, t.is_contiguous()) for t in extras]
@@ -130,6 +156,8 @@ class CpuRunner(TorchRunner):
         if cached is None or key != cached[2] or any(a is not b for a, b in zip(packed, cached[1])):
             table, weight_format = _address_table(model, packed, extras, key[len(extras):])
             self._addresses = cached = (table, packed, key, weight_format)
+        if self._trusted is False:  # checked once inside steady(): trusted for the rest of it
+            self._trusted = True
         return cached[0]
 
 

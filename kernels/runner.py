@@ -21,6 +21,7 @@ row-parallel layer with its all-reduce. The model's forward does not change for 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -46,6 +47,12 @@ class TorchRunner:
 
     def reset(self) -> None:
         """Drop kernel state; it is remade on the next forward."""
+
+    @contextlib.contextmanager
+    def steady(self):
+        """A span in which the model's weights do not change (one ``generate()`` call): a runner may check its
+        kernel state against them on the span's first forward only, instead of on every forward."""
+        yield
 
     def linear(self, layer, x, norm=None, gated: bool = False, residual=None):
         """``residual + layer(norm(x))``, or of SiLU(gate) * up if gated (x holds gate then up).

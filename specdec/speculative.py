@@ -5,6 +5,7 @@ Plain decoding is the speculative step with k = 0: one loop, one mechanism.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import weakref
@@ -351,27 +352,9 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
     from specdec.models.loading import as_native  # models imports specdec: import at call time
 
     target = as_native(model, "model")
-    config = target.generation_config
-    # Each setting is resolved here, once: left out -> generation_config -> transformers' global default;
-    # an explicit None stays None and means what it means to transformers.
-    eos = token_ids("eos_token_id", _setting(config, "eos_token_id", eos_token_id))
-    pad_token_id = _setting(config, "pad_token_id", pad_token_id)
-    if pad_token_id is not None:
-        ids = token_ids("pad_token_id", pad_token_id)
-        if len(ids) != 1:
-            raise ValueError(f"pad_token_id must be one token id >= 0 (or None), got pad_token_id={pad_token_id!r}")
-        pad_token_id = ids[0]
-    if pad_token_id is None:  # transformers: the first EOS id (none without an EOS: then no row ends early)
-        pad_token_id = eos[0] if eos else None
-    # transformers infers a mask from padding only where the pad id is not an EOS id
-    input_ids, attention_mask = _check_inputs(
-        input_ids, attention_mask, target, pad_token_id if pad_token_id is not None and pad_token_id not in eos
-        else None)
-    sampling = _sampling_config(config, do_sample, temperature, top_k, top_p)
-    max_new_tokens = _max_new_tokens(config, max_new_tokens, max_length, input_ids.shape[1],
-                                     getattr(getattr(target, "config", None), "max_position_embeddings", None))
-    if pad_token_id is None:
-        pad_token_id = 0  # (never written: every row runs to max_new_tokens)
+    eos, pad_token_id, input_ids, attention_mask, sampling, max_new_tokens = _settings(
+        target, input_ids, attention_mask, eos_token_id, pad_token_id, do_sample, temperature, top_k, top_p,
+        max_new_tokens, max_length)
     draft_length(num_draft_tokens)
     proposer = make_proposer(draft_model, target)
     _check_feature_hook(feature_hook, target)
@@ -397,7 +380,53 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
     if streamer is not None:
         streamer.put(input_ids.cpu())
     start = time.perf_counter()
-    with torch.inference_mode():
+    _decode(target, proposer, state, length, streamer, feature_hook)
+    if streamer is not None:
+        streamer.end()
+    state.stats.wall_seconds = time.perf_counter() - start
+
+    generated = state.num_tokens - prompt_lengths  # [batch]
+    j = torch.arange(int(generated.max()), device=device)
+    new = state.tokens.gather(1, (prompt_lengths[:, None] + j).clamp(max=capacity))
+    new = torch.where(j < generated[:, None], new, pad_token_id)
+    sequences = torch.cat((input_ids, new), dim=1)
+    return GenerateOutput(sequences, state.stats) if return_dict_in_generate else sequences
+
+
+def _settings(target, input_ids, attention_mask, eos_token_id, pad_token_id, do_sample, temperature, top_k, top_p,
+              max_new_tokens, max_length):
+    """generate()'s settings, each resolved here, once: left out -> generation_config -> transformers' global
+    default; an explicit None stays None and means what it means to transformers. Returns the EOS ids, the pad
+    id, the checked input_ids and attention_mask, the SamplingConfig and max_new_tokens."""
+    config = target.generation_config
+    eos = token_ids("eos_token_id", _setting(config, "eos_token_id", eos_token_id))
+    pad_token_id = _setting(config, "pad_token_id", pad_token_id)
+    if pad_token_id is not None:
+        ids = token_ids("pad_token_id", pad_token_id)
+        if len(ids) != 1:
+            raise ValueError(f"pad_token_id must be one token id >= 0 (or None), got pad_token_id={pad_token_id!r}")
+        pad_token_id = ids[0]
+    if pad_token_id is None:  # transformers: the first EOS id (none without an EOS: then no row ends early)
+        pad_token_id = eos[0] if eos else None
+    # transformers infers a mask from padding only where the pad id is not an EOS id
+    input_ids, attention_mask = _check_inputs(
+        input_ids, attention_mask, target, pad_token_id if pad_token_id is not None and pad_token_id not in eos
+        else None)
+    sampling = _sampling_config(config, do_sample, temperature, top_k, top_p)
+    max_new_tokens = _max_new_tokens(config, max_new_tokens, max_length, input_ids.shape[1],
+                                     getattr(getattr(target, "config", None), "max_position_embeddings", None))
+    if pad_token_id is None:
+        pad_token_id = 0  # (never written: every row runs to max_new_tokens)
+    return eos, pad_token_id, input_ids, attention_mask, sampling, max_new_tokens
+
+
+def _decode(target, proposer, state: DecodeState, length, streamer, feature_hook) -> None:
+    """Speculative steps (plain ones without a proposer) until every row is done, into ``state``."""
+    batch, prompt_lengths = state.tokens.shape[0], state.prompt_lengths
+    with torch.inference_mode(), contextlib.ExitStack() as steady:
+        for model in (target, getattr(proposer, "model", None)):  # native models' runners: weights stay put
+            for runner in {id(m.runner): m.runner for m in _modules(model) if hasattr(m, "runner")}.values():
+                steady.enter_context(runner.steady())
         head = needs_features(proposer)
         # (only then the keyword: a transformers-fallback target's cache has no features)
         features = {"features": True} if head or feature_hook is not None else {}
@@ -406,25 +435,18 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
             k = length.next(state.stats) if proposer is not None else 0
             if head and state.stats.target_passes == 0:
                 k = 0  # a draft head drafts from the target's features, which the prefill makes
-            remaining = max_new_tokens - (state.num_tokens - prompt_lengths)
+            remaining = state.max_new_tokens - (state.num_tokens - prompt_lengths)
             num_drafts = torch.where(state.active, (remaining - 1).clamp(min=0, max=k), 0)  # [batch]
             emitted, num_accepted, num_drafts = speculative_step(target, cache, proposer, state, num_drafts)
             counts = commit(state, emitted, num_accepted, num_drafts)
             if streamer is not None:
                 streamer.put(emitted[0, : int(counts[0])].cpu())
         if feature_hook is not None:
-            feature_hook(cache.features[:, :capacity])
-    if streamer is not None:
-        streamer.end()
-    state.stats.wall_seconds = time.perf_counter() - start
+            feature_hook(cache.features[:, :state.tokens.shape[1] - 1])
 
-    generated = state.num_tokens - prompt_lengths  # [batch]
-    width = int(generated.max())
-    j = torch.arange(width, device=device)
-    new = state.tokens.gather(1, (prompt_lengths[:, None] + j).clamp(max=capacity))
-    new = torch.where(j < generated[:, None], new, pad_token_id)
-    sequences = torch.cat((input_ids, new), dim=1)
-    return GenerateOutput(sequences, state.stats) if return_dict_in_generate else sequences
+
+def _modules(model) -> list:
+    return list(model.modules()) if isinstance(model, torch.nn.Module) else []
 
 
 def _check_feature_hook(feature_hook, target) -> None:

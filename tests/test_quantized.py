@@ -310,3 +310,29 @@ def test_output_layer_false_keeps_it_in_float():
                              output_layer=False)
     assert type(model.lm_head) is torch.nn.Linear
     assert isinstance(model.model.layers[0].mlp.down_proj, QuantizedLinear)
+
+
+@needs_kernels
+def test_generate_checks_the_kernel_state_once_per_call_and_sees_a_change_between_calls(monkeypatch):
+    """Inside one generate() call the weights stay put: the one-call table is checked against the layers on the
+    first forward only (runner.steady()); a weight changed between calls is seen by the next call."""
+    from specdec.kernels.cpu_runner import CpuRunner
+
+    model = _quantized("llama", torch.float32, "int8")
+    floats = copy.deepcopy(as_native(tiny_model("llama", torch.float32)))
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    checks = []
+    packed = CpuRunner._packed
+    monkeypatch.setattr(CpuRunner, "_packed", lambda self, layer, dtype: checks.append(1) or packed(self, layer,
+                                                                                                        dtype))
+    for target in (model, floats):
+        checks.clear()
+        specdec.generate(target, ids, max_new_tokens=12, eos_token_id=[])
+        assert len(checks) == 4 * len(target.model.layers) + 12  # one table check; the output layer each step
+    before = specdec.generate(floats, ids, max_new_tokens=12, eos_token_id=[])
+    with torch.no_grad():
+        floats.model.layers[0].mlp.down_proj.weight.mul_(-3.0)
+    after = specdec.generate(floats, ids, max_new_tokens=12, eos_token_id=[])
+    fresh = copy.deepcopy(floats)  # a new runner: nothing cached
+    assert torch.equal(after, specdec.generate(fresh, ids, max_new_tokens=12, eos_token_id=[]))
+    assert not torch.equal(after, before)
