@@ -24,6 +24,7 @@ Methods
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -284,7 +285,7 @@ def unpadded(work: Workload, generated: list[torch.Tensor]) -> list[torch.Tensor
 
 class Bench:
     def __init__(self, config: BenchConfig, target, draft, prompts: list[list[int]], progress: bool = True,
-                 head=None):
+                 head=None, peer=None):
         from specdec.models.loading import as_native
 
         self.config, self.target, self.draft, self.head = config, target, draft, head
@@ -298,6 +299,7 @@ class Bench:
         eos = gen.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.prompts, self.progress = prompts, progress
+        self.peer = peer  # None, or a function timing a peer's plain decoding, called between the repeats
 
     def _sampling(self, run: Run) -> dict:
         if run.mode == "greedy":
@@ -355,7 +357,10 @@ class Bench:
         specdec.generate(self.native, warm.input_ids[:1], warm.attention_mask[:1], max_new_tokens=2)
         total = cfg.repeats * sum(len(works[r.batch]) for r in runs)
         bar = tqdm(total=total, desc="bench", unit="call", disable=not self.progress, file=sys.stderr)
+        peer = []  # the peer's figures, alternating with the repeats: a shared machine drifts within minutes
         for repeat in range(cfg.repeats):
+            if self.peer is not None:
+                peer.append(self.peer())
             for mode, batch in dict.fromkeys((r.mode, r.batch) for r in runs):
                 group = [r for r in runs if r.mode == mode and r.batch == batch]
                 for w, work in enumerate(works[batch]):
@@ -375,7 +380,10 @@ class Bench:
                                                               f"{run.name} batch={batch}"))
                         bar.update(1)
         bar.close()
-        return self._report(runs, tokens, seconds, stats, checks)
+        report = self._report(runs, tokens, seconds, stats, checks)
+        if self.peer is not None:
+            report["llama_cpp"] = llama_cpp.summary(peer + [self.peer()])
+        return report
 
     def _report(self, runs, tokens, seconds, stats, checks) -> dict:
         cfg = self.config
@@ -465,7 +473,7 @@ def peer_line(report: dict) -> str:
     ratio = f"; specdec plain {plain[0]['tokens_per_s']:.1f} tok/s = " \
             f"{plain[0]['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if plain else ""
     return (f"llama.cpp ({peer['type']}, build {peer['build']}, `{peer['command']}`): plain "
-            f"{peer['tokens_per_s']:.1f} tok/s (before and after: {', '.join(f'{x:.1f}' for x in peer['runs'])})"
+            f"{peer['tokens_per_s']:.1f} tok/s (between the repeats: {', '.join(f'{x:.1f}' for x in peer['runs'])})"
             f"{ratio}")
 
 
@@ -684,10 +692,8 @@ def main(config: BenchConfig, json_path: Path | None = None, plot_dir: Path | No
     from specdec.bench.common import chat_ids
 
     ids = [chat_ids(tokenizer, p)[0].tolist() for texts in prompts.values() for p in texts]
-    peer = _llama_cpp(config) if config.llama_cpp else None
-    report = Bench(config, target, draft, ids, progress, head=head).run()
-    if peer is not None:
-        report["llama_cpp"] = llama_cpp.summary(peer, _llama_cpp(config))
+    peer = functools.partial(_llama_cpp, config) if config.llama_cpp else None
+    report = Bench(config, target, draft, ids, progress, head=head, peer=peer).run()
     report["prompts"] = prompts
     if torch.cuda.is_available():  # GPU mode: the same questions at a realistic size (bench/large_model.py)
         from specdec.bench.large_model import report as large_model_report

@@ -45,9 +45,11 @@ def measure(gguf: Path, new_tokens: int, threads: int, repeats: int = 3) -> dict
             "command": " ".join([Path(exe).name, "-m", Path(gguf).name, *command[3:]])}  # no local paths
 
 
-def summary(before: dict, after: dict) -> dict:
-    """The two calls around specdec's runs -> one entry for the report."""
-    if "skipped" in before or "skipped" in after:
-        return before if "skipped" in before else after
-    return {**after, "tokens_per_s": statistics.median([before["tokens_per_s"], after["tokens_per_s"]]),
-            "runs": [before["tokens_per_s"], after["tokens_per_s"]]}
+def summary(calls: list[dict]) -> dict:
+    """The calls made between specdec's repeats (before the first, between each two, after the last) -> one
+    entry for the report: their median, and each call's figure."""
+    skipped = [c for c in calls if "skipped" in c]
+    if skipped:
+        return skipped[0]
+    rates = [c["tokens_per_s"] for c in calls]
+    return {**calls[-1], "tokens_per_s": statistics.median(rates), "runs": rates}

@@ -193,12 +193,23 @@ def _serve(args) -> int:
                  activations=args.activations, grace_seconds=args.grace)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="specdec", description="Speculative decoding, lossless and fast.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _target_arguments(parser) -> None:
+    """The target's flags, as generate and serve take them."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="registered name, checkpoint folder or .gguf file")
+    parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float64"],
+                        help="of the target (default float32); auto: the file's own (a .gguf keeps its quantized "
+                             "blocks; see --activations)")
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="quantize the target's linear layers at load")
+    parser.add_argument("--activations", choices=["int8", "float"], default="int8",
+                        help="what quantized layers multiply with (int8: blocks of 32, as llama.cpp; float: exact "
+                             "dequantized weights)")
+
+
+def _generate_parser(sub) -> None:
+    """specdec generate"""
     gen = sub.add_parser("generate", help="generate text, streamed, then print the statistics table")
+    _target_arguments(gen)
     gen.add_argument("prompt", nargs="?", help=f"the prompt (default: {DEFAULT_PROMPT!r})")
-    gen.add_argument("--model", default=DEFAULT_MODEL, help="registered name, checkpoint folder or .gguf file")
     gen.add_argument("--draft", default=None, help="'ngram', or a draft model or head: registered name, folder or "
                      ".gguf file (a head runs in the dtype it was saved in)")
     gen.add_argument("-k", "--num-draft-tokens", default="auto",
@@ -208,14 +219,10 @@ def main(argv=None) -> int:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float64"],
-                     help="of the target (default float32); auto: the file's own (a .gguf keeps its quantized "
-                          "blocks; see --activations)")
-    gen.add_argument("--quantize", choices=["int8", "int4"], help="quantize the target's linear layers at load")
-    gen.add_argument("--activations", choices=["int8", "float"], default="int8",
-                     help="what quantized layers multiply with (int8: blocks of 32, as llama.cpp; float: exact "
-                          "dequantized weights)")
     gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+
+def _distill_parser(sub) -> None:
+    """specdec distill"""
     dis = sub.add_parser("distill", help="train a draft for a target by distillation on the target's own answers")
     dis.add_argument("--target", default=DEFAULT_MODEL, help="registered name, checkpoint folder or .gguf file")
     dis.add_argument("--out", required=True, help="output folder (must not exist unless --resume)")
@@ -230,6 +237,9 @@ def main(argv=None) -> int:
     dis.add_argument("--sample-fraction", type=float, dest="sample_fraction")
     dis.add_argument("--dtype", choices=["float32", "bfloat16"], help="of the saved weights (default bfloat16)")
     dis.add_argument("--device", default="cpu", help="where a --head run answers and trains: cpu (default) or cuda")
+
+def _bench_parser(sub) -> None:
+    """specdec bench"""
     ben = sub.add_parser("bench", help="specdec against transformers and the memory roofline, side by side")
     ben.add_argument("--model", help=f"target (default {DEFAULT_MODEL})")
     ben.add_argument("--draft", help="draft model for hf-assisted/draft/auto ('none': no draft)")
@@ -258,8 +268,11 @@ def main(argv=None) -> int:
     ben.add_argument("--json", help="write every figure and the machine description to this file")
     ben.add_argument("--plot", help="write PNG plots into this folder")
     ben.add_argument("--quick", action="store_true", help="a small run: under 5 minutes on a 2-core CPU")
+
+def _serve_parser(sub) -> None:
+    """specdec serve"""
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server: continuous batching + speculation")
-    srv.add_argument("--model", default=DEFAULT_MODEL, help="registered name, checkpoint folder or .gguf file")
+    _target_arguments(srv)
     srv.add_argument("--draft", default=None, help="'ngram', 'none', or a draft model or head name/folder/.gguf "
                      f"(default: {DEFAULT_HEAD} for the default model, 'ngram' for any other)")
     srv.add_argument("-k", "--num-draft-tokens", default="auto", help="drafts per step, or 'auto' (default)")
@@ -269,13 +282,13 @@ def main(argv=None) -> int:
     srv.add_argument("--max-queued", type=int, default=64, help="requests waiting beyond those (more: 429)")
     srv.add_argument("--kv-blocks", type=int, default=1024, help="KV pool blocks (of --block-size positions)")
     srv.add_argument("--block-size", type=int, default=16)
-    srv.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float64"],
-                     help="of the target (default float32); auto: the file's own (a .gguf keeps its quantized blocks)")
-    srv.add_argument("--quantize", choices=["int8", "int4"], help="quantize the target's linear layers at load")
-    srv.add_argument("--activations", choices=["int8", "float"], default="int8",
-                     help="what quantized layers multiply with (int8: blocks of 32, as llama.cpp; float: exact "
-                          "dequantized weights)")
     srv.add_argument("--grace", type=float, default=10.0, help="seconds running requests get after SIGTERM")
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="specdec", description="Speculative decoding, lossless and fast.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_generate_parser, _distill_parser, _bench_parser, _serve_parser):
+        add(sub)
     args = parser.parse_args(argv)
     try:
         return {"generate": _generate, "distill": _distill, "bench": _bench, "serve": _serve}[args.command](args)

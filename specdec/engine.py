@@ -360,7 +360,15 @@ class Engine:
             emitted, num_accepted, num_drafts = speculative_step(self.target, cache, self.proposer, state, num_drafts,
                                                                  verifier=_row_verifier(seqs))
             counts = commit(state, emitted, num_accepted, num_drafts)
-        counts, lengths, active = counts.tolist(), cache.lengths.tolist(), state.active.tolist()
+        outputs, counts = self._outputs(seqs, emitted, counts, state, draft_cache)
+        self.last_step = StepInfo(len(seqs), k, prefill=bool(prefill), emitted=counts,
+                                  seconds=time.perf_counter() - start)
+        return outputs
+
+    def _outputs(self, seqs, emitted, counts, state, draft_cache) -> tuple[list[RequestOutput], list[int]]:
+        """What each sequence emitted this step into its tokens and its request's output; finished ones leave
+        and free their blocks. emitted [batch, k + 1], counts [batch]: the tokens each row keeps."""
+        counts, lengths, active = counts.tolist(), state.target_cache.lengths.tolist(), state.active.tolist()
         draft_lengths = draft_cache.lengths.tolist() if draft_cache is not None else [0] * len(seqs)
         emitted = emitted.tolist()
         outputs = []
@@ -379,9 +387,7 @@ class Engine:
             else:
                 self._trim(s)
             outputs.append(RequestOutput(s.request_id, new, finished, reason, s.prompt_len, s.num_output))
-        self.last_step = StepInfo(len(seqs), k, prefill=bool(prefill), emitted=counts,
-                                  seconds=time.perf_counter() - start)
-        return outputs
+        return outputs, counts
 
     def _controller(self, rows: int):
         size = 1 << (rows - 1).bit_length()  # 1, 2, 4, 8, ...: a verification pass costs more with more rows

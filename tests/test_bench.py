@@ -193,7 +193,7 @@ def test_quantized_weights_self_speculation_and_the_llama_cpp_line(tmp_path, mon
                     "\"model_type\": \"llama 135M Q4_1\", \"build_commit\": \"abc\"}]'\n")
     fake.chmod(0o755)
     monkeypatch.setenv("SPECDEC_LLAMA_BENCH", str(fake))
-    peer = llama_cpp.summary(llama_cpp.measure(tmp_path / "m.gguf", 8, 2), llama_cpp.measure(tmp_path / "m.gguf", 8, 2))
+    peer = llama_cpp.summary([llama_cpp.measure(tmp_path / "m.gguf", 8, 2)] * 3)
     line = peer_line({**report, "llama_cpp": peer})
     assert "plain 50.0 tok/s" in line and "llama 135M Q4_1" in line and "specdec plain" in line
     monkeypatch.setenv("SPECDEC_LLAMA_BENCH", str(tmp_path / "missing"))
