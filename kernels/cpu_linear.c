@@ -289,26 +289,33 @@ static inline __attribute__((always_inline)) void tile_pass_q8(const int ROWS, c
             if (PREFETCH)
                 for (long line = 0; line < BLOCK_BYTES(BITS); line += 64)
                     _mm_prefetch((const char *)block + PREFETCH_BYTES + line, _MM_HINT_T1);
-            for (int h = 0; h < 2; h++) {
-                __m512i isum[MAX_Q8_ROWS];
-                for (int i = 0; i < ROWS; i++) isum[i] = _mm512_setzero_si512();
-                for (int j = 0; j < (BITS == 4 ? 4 : 8); j++) {
-                    const __m512i w = _mm512_loadu_si512(block + (h * (BITS == 4 ? 4 : 8) + j) * 64);
-                    const __m512i q0 = BITS == 4 ? _mm512_and_si512(w, low) : w;
+            __m512i isum[MAX_Q8_ROWS][2]; /* both halves of the tile per row: each broadcast serves two */
+            for (int i = 0; i < ROWS; i++) isum[i][0] = isum[i][1] = _mm512_setzero_si512();
+            const int per_half = BITS == 4 ? 4 : 8; /* 64-byte vectors per half of the tile */
+            for (int j = 0; j < per_half; j++) {
+                const __m512i w0 = _mm512_loadu_si512(block + j * 64);
+                const __m512i w1 = _mm512_loadu_si512(block + (per_half + j) * 64);
+                const __m512i q0 = BITS == 4 ? _mm512_and_si512(w0, low) : w0;
+                const __m512i q1 = BITS == 4 ? _mm512_and_si512(w1, low) : w1;
+                for (int i = 0; i < ROWS; i++) {
+                    const __m512i xj = _mm512_set1_epi32(((const int32_t *)(xq + (i * KB + b) * QBLOCK))[j]);
+                    isum[i][0] = dot4(isum[i][0], q0, xj);
+                    isum[i][1] = dot4(isum[i][1], q1, xj);
+                }
+                if (BITS == 4) { /* the high nibbles: quad j + 4 */
+                    const __m512i r0 = _mm512_and_si512(_mm512_srli_epi16(w0, 4), low);
+                    const __m512i r1 = _mm512_and_si512(_mm512_srli_epi16(w1, 4), low);
                     for (int i = 0; i < ROWS; i++) {
-                        const int32_t *xi = (const int32_t *)(xq + (i * KB + b) * QBLOCK);
-                        isum[i] = dot4(isum[i], q0, _mm512_set1_epi32(xi[j]));
-                    }
-                    if (BITS == 4) {
-                        const __m512i q1 = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
-                        for (int i = 0; i < ROWS; i++) {
-                            const int32_t *xi = (const int32_t *)(xq + (i * KB + b) * QBLOCK);
-                            isum[i] = dot4(isum[i], q1, _mm512_set1_epi32(xi[j + 4]));
-                        }
+                        const __m512i xj = _mm512_set1_epi32(((const int32_t *)(xq + (i * KB + b) * QBLOCK))[j + 4]);
+                        isum[i][0] = dot4(isum[i][0], r0, xj);
+                        isum[i][1] = dot4(isum[i][1], r1, xj);
                     }
                 }
-                for (int i = 0; i < ROWS; i++) {
-                    const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(isum[i]), _mm512_set1_ps(dx[i * KB + b]));
+            }
+            for (int i = 0; i < ROWS; i++) {
+                const __m512 d = _mm512_set1_ps(dx[i * KB + b]);
+                for (int h = 0; h < 2; h++) {
+                    const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(isum[i][h]), d);
                     p[i][h] = bb ? _mm512_add_ps(p[i][h], t) : t;
                 }
             }
