@@ -1,23 +1,36 @@
-"""Shared pieces of the benchmarks: machine description, memory bandwidth, the default model, prompts."""
+"""Shared pieces of the benchmarks: the evaluation prompts, timing, machine description, memory bandwidth,
+weight bytes, the near-tie bound of output checks."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
-import sys
 import time
+from pathlib import Path
 
 import torch
 
 from specdec.stats import median_ratio, synchronize
 
-PROMPTS = [
-    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
-    "Explain how a hash table works and when it is a poor choice.",
-    "Write a Python function that merges two sorted lists, with a docstring.",
-    "Rewrite in plain English: The aforementioned party shall indemnify the other party against all losses.",
-]
+PROMPT_DIR = Path(__file__).resolve().parent / "prompts"  # the evaluation prompts: one JSON list per category
+CATEGORIES = ("chat", "explanation", "code", "rewriting", "math")
+
+
+def load_prompts(categories=CATEGORIES, per_category: int | None = None) -> dict[str, list[str]]:
+    """The evaluation prompts of each category, the first ``per_category`` of each (None: all)."""
+    return {c: json.loads((PROMPT_DIR / f"{c}.json").read_text())[:per_category] for c in categories}
+
+
+def timed(fn, device="cpu"):
+    """fn() -> (what it returns, its wall seconds), the device synchronized before and after (CUDA work is
+    asynchronous: a timer read before it finishes counts only the launches)."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - start
 
 
 def machine() -> dict:
@@ -37,13 +50,7 @@ def bandwidth_gbs(megabytes: int = 1024, repeats: int = 5, device="cpu") -> floa
     src = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    times = [timed(lambda: dst.copy_(src), device)[1] for _ in range(repeats)]
     return 2 * src.numel() * 4 / statistics.median(times) / 1e9
 
 
@@ -59,11 +66,7 @@ def verification_cost(model, ks, context: int, repeats: int, device="cpu") -> di
         for t in times:
             ids = torch.full((1, t), 7, device=device)
             pos = torch.arange(context, context + t, device=device)[None]
-            synchronize(device)
-            start = time.perf_counter()
-            model(ids, pos, cache)
-            synchronize(device)
-            times[t].append(time.perf_counter() - start)
+            times[t].append(timed(lambda: model(ids, pos, cache), device)[1])
             cache.rollback(context)
     return {t - 1: median_ratio(ts, times[1]) for t, ts in times.items() if t > 1}
 
@@ -83,40 +86,9 @@ def weight_bytes(model) -> int:
     return total
 
 
-def load_pair(dtype):
-    """specdec's native model and transformers' model over the same float32 weights, cast to ``dtype``."""
-    from transformers import AutoModelForCausalLM
-
-    import specdec
-    from specdec.models.loading import REGISTRY, converted_gguf
-
-    model, tokenizer = specdec.load("smollm2-135m-instruct", dtype=dtype)
-    hf = AutoModelForCausalLM.from_pretrained(converted_gguf(REGISTRY["smollm2-135m-instruct"]()),
-                                              dtype=dtype).eval()
-    return model, hf, tokenizer
-
-
 def chat_ids(tokenizer, prompt):
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                          return_tensors="pt", return_dict=True)["input_ids"]
 
 
-def median(xs):
-    return statistics.median(xs)
-
-
 NEAR_TIE = 0.5  # logit gap under which a bfloat16 departure counts as a near-tie flip (tests/test_real_model.py)
-
-
-def compare(model, reference, candidate, label: str) -> str:
-    """'exact', 'N near-tie flips' or a red MISMATCH line (printed to stderr), never hidden."""
-    from specdec.checks import departures
-
-    found = departures(model, reference, candidate)
-    if not found:
-        return "exact"
-    real = [d for d in found if abs(d.gap) > NEAR_TIE]
-    if real:
-        print(f"\x1b[31mMISMATCH\x1b[0m {label}: {real}", file=sys.stderr)
-        return f"MISMATCH x{len(real)}"
-    return f"{len(found)} near-tie flip(s), gap <= {max(abs(d.gap) for d in found):.3f}"

@@ -6,19 +6,9 @@ alike; figures are medians over repeats. Every greedy speculative output is chec
 against specdec's plain greedy output of the same batch: a departure is counted and printed in red, never
 hidden (in reduced precision a departure at a near-tie is reported as such, with its logit gap).
 
-Methods
-    hf           transformers ``generate``, plain
-    hf-assisted  transformers assisted generation with the same draft (``assistant_model=``; batch 1 only:
-                 transformers refuses larger batches)
-    hf-lookup    transformers prompt lookup (``prompt_lookup_num_tokens=``; batch 1 only)
-    plain        specdec, plain decoding
-    draft        specdec with the draft model, once per k in ``ks``
-    auto         specdec with the draft model, ``num_draft_tokens="auto"``
-    head         specdec with the draft head (``head``: feature-conditioned, models/head.py), once per k in ``ks``
-    head-auto    specdec with the draft head, ``num_draft_tokens="auto"``
-    ngram        specdec with n-gram prompt lookup, ``num_draft_tokens="auto"``
-    synthetic    specdec with a proposer whose drafts the target accepts with a chosen probability (greedy
-                 only): the system's own overhead and the break-even acceptance rate, whatever the draft
+Methods are registered objects (``specdec.bench.methods.METHODS``: hf, hf-assisted, hf-lookup, plain, draft,
+auto, head, head-auto, ngram, self, synthetic), and named configurations are presets (``PRESETS``: quick, plain,
+speculative, ngram, top-p, draft-quality; ``specdec bench --preset NAME``, flags given beside it win).
 """
 
 from __future__ import annotations
@@ -34,17 +24,13 @@ from pathlib import Path
 
 import torch
 from specdec.bench import llama_cpp
-from specdec.bench.common import bandwidth_gbs, machine, weight_bytes
+from specdec.bench.common import CATEGORIES, NEAR_TIE, bandwidth_gbs, chat_ids, load_prompts, machine, weight_bytes
+from specdec.bench.methods import EACH, METHODS, REFERENCE, Run, Workload, needing
+from specdec.bench.methods import SyntheticProposer  # noqa: F401  (imported from here by bench/gpu_check.py)
 import specdec
 
-METHODS = ("hf", "hf-assisted", "hf-lookup", "plain", "draft", "auto", "head", "head-auto", "ngram", "self",
-           "synthetic")
-#: what a run without --methods measures: every method but "self" (self-speculation, asked for by name)
-DEFAULT_METHODS = tuple(m for m in METHODS if m != "self")
-CATEGORIES = ("chat", "explanation", "code", "rewriting", "math")
-PROMPT_DIR = Path(__file__).parent / "prompts"
-HF_BATCH_ONE = ("hf-assisted", "hf-lookup")  # transformers refuses batch > 1 for these (#29769, #32165)
-LOOKUP_TOKENS = 10  # transformers' documented example value for prompt_lookup_num_tokens
+#: what a run without --methods measures: every method but those asked for by name only ("self")
+DEFAULT_METHODS = tuple(name for name, m in METHODS.items() if m.default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +44,7 @@ class BenchConfig:
     batch_sizes: tuple = (1, 4, 16)
     max_new_tokens: int = 128
     repeats: int = 3
-    prompts_per_category: int = 2
+    prompts_per_category: int | None = 2  # None: every prompt of each category
     categories: tuple = CATEGORIES
     dtype: str = "float32"
     weights: str = "float"  # the target's: "float" (dtype), "gguf" (the file's own blocks), "int8", "int4"
@@ -84,8 +70,9 @@ class BenchConfig:
         if not self.batch_sizes or any(not isinstance(b, int) or b < 1 for b in self.batch_sizes):
             raise ValueError(f"batch_sizes={list(self.batch_sizes)}: each must be an integer >= 1")
         for name in ("max_new_tokens", "repeats", "prompts_per_category"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {name}={getattr(self, name)}")
+            value = getattr(self, name)
+            if not (value is None and name == "prompts_per_category") and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {name}={value}")
         bad_cat = [c for c in self.categories if c not in CATEGORIES]
         if bad_cat or not self.categories:
             raise ValueError(f"categories={list(self.categories)}: choose from {list(CATEGORIES)}")
@@ -99,45 +86,66 @@ class BenchConfig:
             raise ValueError(f"activations must be 'int8' or 'float', got activations={self.activations!r}")
         if self.head_quantize not in (None, "int8", "int4"):
             raise ValueError(f"head_quantize must be None, 'int8' or 'int4', got head_quantize={self.head_quantize!r}")
-        needs_draft = DRAFT_METHODS & set(self.methods)
-        if needs_draft and self.draft is None:
-            raise ValueError(f"methods {sorted(needs_draft)} need a draft; got draft=None")
-        needs_head = HEAD_METHODS & set(self.methods)
-        if needs_head and self.head is None:
-            raise ValueError(f"methods {sorted(needs_head)} need a draft head; got head=None")
+        for what, given in (("draft", self.draft), ("head", self.head)):
+            needs = needing(what, self.methods)
+            if needs and given is None:
+                raise ValueError(f"methods {needs} need a draft{' head' if what == 'head' else ''}; got {what}=None")
 
     @property
     def draft_in_use(self) -> str | None:
         """The draft, if some method runs it (a run of plain and n-gram lookup reads none)."""
-        return self.draft if DRAFT_METHODS & set(self.methods) else None
+        return self.draft if needing("draft", self.methods) else None
 
     @property
     def head_in_use(self) -> str | None:
-        return self.head if HEAD_METHODS & set(self.methods) else None
-
-
-DRAFT_METHODS = frozenset({"hf-assisted", "draft", "auto"})  # the methods that run ``draft``
-HEAD_METHODS = frozenset({"head", "head-auto"})  # and ``head``
-
-
-#: finishes in under 5 minutes on a 2-core CPU with SmolLM2-135M (measured: see bench/RESULTS.md)
-QUICK = dict(ks=(1, 3, 5), modes=("greedy",), batch_sizes=(1, 4), max_new_tokens=48, repeats=1,
-             prompts_per_category=1, synthetic_rates=(0.0, 0.5, 0.9), categories=("chat", "code", "rewriting"))
+        return self.head if needing("head", self.methods) else None
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
-    method: str
-    mode: str
-    batch: int
-    k: int | str | None = None  # drafts per step ("auto"), None for methods without
-    rate: float | None = None  # synthetic acceptance rate
+class Preset:
+    """A named configuration: the BenchConfig fields it sets (flags given beside it override them)."""
 
-    @property
-    def name(self) -> str:
-        k = "" if self.k is None else f" k={self.k}"
-        rate = "" if self.rate is None else f" rate={self.rate:g}"
-        return f"{self.method}{k}{rate}"
+    doc: str  # what it measures, one line
+    fields: dict
+
+
+PRESETS: dict[str, Preset] = {
+    # finishes in under 5 minutes on a 2-core CPU with SmolLM2-135M (measured: see bench/RESULTS.md)
+    "quick": Preset("a small run of every default method: under 5 minutes on a 2-core CPU",
+                    dict(ks=(1, 3, 5), modes=("greedy",), batch_sizes=(1, 4), max_new_tokens=48, repeats=1,
+                         prompts_per_category=1, synthetic_rates=(0.0, 0.5, 0.9),
+                         categories=("chat", "code", "rewriting"))),
+    "plain": Preset("plain decoding, transformers' generate() against specdec's, greedy, batch 1, against the "
+                    "memory roofline (--dtype bfloat16 for the other dtype)",
+                    dict(methods=("hf", "plain"), modes=("greedy",), batch_sizes=(1,), max_new_tokens=128,
+                         prompts_per_category=1)),
+    "speculative": Preset("the system's own cost: drafts always accepted (synthetic rate 1: k + 1 tokens per "
+                          "target forward) and never (rate 0: the overhead floor), and the draft model at every k, "
+                          "each round split into verification pass + drafting + the rest in plain steps",
+                          dict(methods=("plain", "draft", "auto", "synthetic"), modes=("greedy",), batch_sizes=(1,),
+                               max_new_tokens=64, prompts_per_category=1, synthetic_rates=(0.0, 1.0))),
+    "ngram": Preset("n-gram prompt lookup against plain decoding on every prompt (--categories for one category)",
+                    dict(methods=("plain", "ngram"), modes=("greedy",), batch_sizes=(1,), max_new_tokens=128,
+                         repeats=2, prompts_per_category=None)),
+    "top-p": Preset("sampled decoding (temperature 0.7, top_p 0.9) against transformers, whose top-p warper sorts "
+                    "the whole vocabulary, at batch 1, 4 and 16",
+                    dict(methods=("hf", "plain"), modes=("sampling",), batch_sizes=(1, 4, 16))),
+    "draft-quality": Preset("the draft head's acceptance per draft position and tokens per target forward at "
+                            "k = 1..4, greedy (no timing noise in these figures) on every prompt",
+                            dict(methods=("plain", "head"), ks=(1, 2, 3, 4), modes=("greedy",), batch_sizes=(1,),
+                                 max_new_tokens=128, repeats=1, prompts_per_category=None)),
+}
+
+
+def configure(preset: str | None = None, **fields) -> BenchConfig:
+    """The BenchConfig of a preset (None: the defaults) with ``fields`` set over it."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} is not a preset; choose from {list(PRESETS)}")
+    return BenchConfig(**{**(PRESETS[preset].fields if preset is not None else {}), **fields})
+
+
+#: the columns "vs X": a run's tokens/s over method X's in the same mode and batch
+BASELINES = (("vs_plain", REFERENCE), ("vs_hf", "hf"), ("vs_hf_assisted", "hf-assisted"))
 
 
 def plan(config: BenchConfig) -> list[Run]:
@@ -147,23 +155,10 @@ def plan(config: BenchConfig) -> list[Run]:
     runs = []
     for mode in config.modes:
         for batch in config.batch_sizes:
-            group = []
-            for method in config.methods:
-                if method in HF_BATCH_ONE and batch > 1:
-                    continue
-                if method == "synthetic":
-                    if mode == "greedy":  # acceptance of "the target's own token" is defined for greedy only
-                        group += [Run(method, mode, batch, config.synthetic_k, r) for r in config.synthetic_rates]
-                elif method in ("draft", "head", "self"):
-                    group += [Run(method, mode, batch, k) for k in config.ks]
-                elif method in ("auto", "head-auto", "ngram"):
-                    group.append(Run(method, mode, batch, "auto"))
-                elif method == "hf-lookup":
-                    group.append(Run(method, mode, batch, LOOKUP_TOKENS))
-                elif method != "plain":
-                    group.append(Run(method, mode, batch))
-            needs_plain = "plain" in config.methods or (mode == "greedy" and group)
-            runs += ([Run("plain", mode, batch)] if needs_plain else []) + group
+            group = [run for name in config.methods if name != REFERENCE
+                     for run in METHODS[name].runs(config, mode, batch)]
+            needs_reference = REFERENCE in config.methods or (mode == "greedy" and group)
+            runs += ([Run(REFERENCE, mode, batch)] if needs_reference else []) + group
     return runs
 
 
@@ -200,38 +195,7 @@ def break_even(rates: list[float], speedups: list[float]) -> float | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------- synthetic
-
-class SyntheticProposer:
-    """Proposes the target's own greedy continuation (known from a plain run), each token kept with
-    probability ``rate`` and otherwise replaced by a wrong one, so greedy verification accepts position i
-    with probability ``rate`` given that positions < i were accepted. Costs nothing to run: what it
-    measures is the system's own overhead."""
-
-    def __init__(self, reference: list[torch.Tensor], rate: float, generator: torch.Generator):
-        # per row the plain greedy output, unpadded (prompt + new tokens), padded here with -1: [batch, L]
-        self.reference = torch.nn.utils.rnn.pad_sequence(list(reference), batch_first=True, padding_value=-1)
-        self.rate, self.generator = rate, generator
-
-    def propose(self, state, k: int):
-        device = state.num_tokens.device
-        reference = self.reference = self.reference.to(device)  # a copy on the first step only
-        where = state.num_tokens[:, None] + torch.arange(k, device=device)  # [batch, k] next positions
-        drafts = reference.gather(1, where.clamp(max=reference.shape[1] - 1))
-        drafts = torch.where(where < reference.shape[1], drafts, -1)  # past the reference: fewer drafts
-        wrong = (torch.rand(drafts.shape, generator=self.generator) >= self.rate).to(device)
-        return torch.where(wrong & (drafts >= 0), (drafts + 1) % state.vocab_size, drafts), None
-
-
 # ---------------------------------------------------------------------------------------------- running
-
-@dataclasses.dataclass
-class Workload:
-    """One generate() call: a left-padded batch of prompts."""
-
-    input_ids: torch.Tensor  # [batch, prompt_len]
-    attention_mask: torch.Tensor  # [batch, prompt_len]
-
 
 def workloads(prompts: list[list[int]], batch: int, pad: int) -> list[Workload]:
     """Batch 1: one call per prompt. Batch B: calls of B prompts (cycled so that every call is full)."""
@@ -247,20 +211,8 @@ def workloads(prompts: list[list[int]], batch: int, pad: int) -> list[Workload]:
     return out
 
 
-def new_tokens(sequences: torch.Tensor, prompt_len: int, eos: set[int]) -> list[torch.Tensor]:
-    """Per row, the generated tokens through the first EOS (transformers pads after it)."""
-    rows = []
-    for row in sequences[:, prompt_len:]:
-        ids = row.tolist()
-        n = next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids))
-        rows.append(row[:n])
-    return rows
-
-
 def check_rows(native, reference: list[torch.Tensor], candidate: list[torch.Tensor], label: str) -> str:
     """'exact', 'N near-tie flip(s) ...' or 'MISMATCH xN' (also printed in red on stderr, never hidden)."""
-    from specdec.bench.common import NEAR_TIE
-
     from specdec.checks import departures
 
     found, lengths = [], 0
@@ -289,9 +241,8 @@ class Bench:
         from specdec.models.loading import as_native
 
         self.config, self.target, self.draft, self.head = config, target, draft, head
-        if head is None and {"head", "head-auto"} & set(config.methods):
-            raise ValueError(f"methods {sorted({'head', 'head-auto'} & set(config.methods))} need a draft head; "
-                             f"got head=None")
+        if head is None and needing("head", config.methods):
+            raise ValueError(f"methods {needing('head', config.methods)} need a draft head; got head=None")
         self.native = with_weights(as_native(target), config)
         self.native_draft = as_native(draft, "draft") if draft is not None else None
         gen = target.generation_config
@@ -301,44 +252,15 @@ class Bench:
         self.prompts, self.progress = prompts, progress
         self.peer = peer  # None, or a function timing a peer's plain decoding, called between the repeats
 
-    def _sampling(self, run: Run) -> dict:
+    def sampling(self, run: Run) -> dict:
+        """generate()'s sampling arguments in the run's mode (a new dict)."""
         if run.mode == "greedy":
             return dict(do_sample=False)
         return dict(do_sample=True, temperature=self.config.temperature, top_p=self.config.top_p, top_k=0)
 
     def call(self, run: Run, work: Workload, reference: list[torch.Tensor] | None, seed: int):
         """One timed generate() call -> (generated per row, seconds, SpecStats or None)."""
-        cfg = self.config
-        prompt_len = work.input_ids.shape[1]
-        sampling = self._sampling(run)
-        if run.method.startswith("hf"):
-            extra = {}
-            if run.method == "hf-assisted":
-                extra = dict(assistant_model=self.draft)
-            elif run.method == "hf-lookup":
-                extra = dict(prompt_lookup_num_tokens=run.k)
-            if run.mode == "sampling":
-                torch.manual_seed(seed)  # transformers samples from the global generator
-            start = time.perf_counter()
-            with torch.inference_mode():
-                out = self.target.generate(input_ids=work.input_ids, attention_mask=work.attention_mask,
-                                           max_new_tokens=cfg.max_new_tokens, pad_token_id=self.pad, **sampling,
-                                           **({} if run.mode == "sampling" else dict(temperature=None, top_p=None,
-                                                                                    top_k=None)), **extra)
-            seconds = time.perf_counter() - start
-            return new_tokens(out, prompt_len, self.eos), seconds, None
-        draft = {"plain": None, "draft": self.native_draft, "auto": self.native_draft, "head": self.head,
-                 "head-auto": self.head, "ngram": "ngram", "self": "self"}.get(run.method)
-        if run.method == "synthetic":
-            draft = SyntheticProposer(reference, run.rate, torch.Generator().manual_seed(seed))
-        start = time.perf_counter()
-        out = specdec.generate(self.native, work.input_ids, work.attention_mask, draft_model=draft,
-                                    num_draft_tokens=run.k if run.k is not None else 4,
-                                    max_new_tokens=cfg.max_new_tokens, pad_token_id=self.pad,
-                                    generator=torch.Generator().manual_seed(seed), return_dict_in_generate=True,
-                                    **sampling)
-        seconds = time.perf_counter() - start
-        return new_tokens(out.sequences, prompt_len, self.eos), seconds, out.stats
+        return METHODS[run.method].generate(self, run, work, reference, seed)
 
     def run(self) -> dict:
         from tqdm.auto import tqdm
@@ -373,7 +295,7 @@ class Bench:
                         if st is not None:
                             stats[run].merge(st)
                         if mode == "greedy":
-                            if run.method == "plain":
+                            if run.method == REFERENCE:
                                 reference = unpadded(work, got)
                             else:
                                 checks[run].append(check_rows(self.native, reference, unpadded(work, got),
@@ -386,71 +308,68 @@ class Bench:
         return report
 
     def _report(self, runs, tokens, seconds, stats, checks) -> dict:
-        cfg = self.config
+        runs = list(tokens)  # (each once)
         bandwidth = bandwidth_gbs() * 1e9
         target_bytes = weight_bytes(self.native)
-        draft_bytes = weight_bytes(self.native_draft) if self.native_draft is not None else 0
-        # a head also reads a row of the target's embedding per token: nothing beside its own weights
-        head_bytes = weight_bytes(self.head) if self.head is not None else 0
-        drafted = {"draft": draft_bytes, "auto": draft_bytes, "head": head_bytes, "head-auto": head_bytes}
-        if "self" in cfg.methods:  # the target's own layers quantized (models/quantized.py: self_draft)
-            from specdec.models.quantized import self_draft
-
-            drafted["self"] = weight_bytes(self_draft(self.native))
-        rows = []
-        for run in tokens:
-            n = len(tokens[run]) // cfg.repeats
-            tok = [sum(tokens[run][i * n:(i + 1) * n]) for i in range(cfg.repeats)]
-            sec = [sum(seconds[run][i * n:(i + 1) * n]) for i in range(cfg.repeats)]
-            s = stats[run] if stats[run].row_passes else None
-            row = {"method": run.method, "mode": run.mode, "batch": run.batch, "k": run.k, "rate": run.rate,
-                   "tokens_per_s": median_rate(tok, sec), "tokens": tok[0], "seconds": sec}
-            if s is not None:
-                row.update(tokens_per_target_forward=s.tokens_per_target_forward,
-                           acceptance_rate=s.acceptance_rate if s.proposed else None,
-                           per_position_acceptance=s.per_position_acceptance, mean_k=s.mean_k,
-                           cost_ratio=s.cost_ratio, predicted_speedup=s.predicted_speedup,
-                           steps_by_k={str(k): v for k, v in s.steps_by_k.items()})
-                uses_draft = run.method in drafted
-                row.update(roofline(row["tokens_per_s"], s.tokens_per_target_forward, run.batch, target_bytes,
-                                    drafted.get(run.method, 0), s.mean_k if uses_draft else 0, bandwidth))
-            elif run.method == "hf":
-                row.update(tokens_per_target_forward=1.0,
-                           **roofline(row["tokens_per_s"], 1.0, run.batch, target_bytes, 0, 0, bandwidth))
-            found = checks[run]
-            if found:
-                bad = [c for c in found if c.startswith("MISMATCH")]
-                row["check"] = f"MISMATCH in {len(bad)} of {len(found)} calls" if bad else (
-                    "exact" if all(c == "exact" for c in found) else "; ".join(sorted(set(found))))
-                row["mismatches"] = len(bad)
-            rows.append(row)
+        drafted = {}  # method -> bytes of weights one draft step reads (a head: its own; the embedding row is noise)
+        for name in dict.fromkeys(run.method for run in runs):
+            module = METHODS[name].draft_weights(self)
+            drafted[name] = weight_bytes(module) if module is not None else 0
+        rows = [self._row(run, tokens[run], seconds[run], stats[run], checks[run], target_bytes,
+                          drafted[run.method], bandwidth) for run in runs]
 
         def base(method, mode, batch):
             return next((r["tokens_per_s"] for r in rows if r["method"] == method and r["mode"] == mode
                          and r["batch"] == batch), None)
 
         for row in rows:
-            for label, method, batch in (("vs_plain", "plain", row["batch"]), ("vs_hf", "hf", row["batch"]),
-                                         ("vs_hf_assisted", "hf-assisted", row["batch"])):
-                ref = base(method, row["mode"], batch)
+            for label, method in BASELINES:
+                ref = base(method, row["mode"], row["batch"])
                 row[label] = row["tokens_per_s"] / ref if ref else None
-        plain_stats = {(run.mode, run.batch): stats[run] for run in tokens if run.method == "plain"}
-        for row, run in zip(rows, tokens):
-            s, plain = stats[run], plain_stats.get((run.mode, run.batch))
-            budget = s.round_budget(plain.round_seconds) if run.method != "plain" and plain is not None else None
+        plain_stats = {(run.mode, run.batch): stats[run] for run in runs if run.method == REFERENCE}
+        for row, run in zip(rows, runs):
+            plain = plain_stats.get((run.mode, run.batch)) if run.method != REFERENCE else None
+            budget = stats[run].round_budget(plain.round_seconds) if plain is not None else None
             if budget is not None:
                 row["round_budget"] = budget
-        synthetic = {}
-        for mode_batch in {(r["mode"], r["batch"]) for r in rows if r["method"] == "synthetic"}:
-            pts = [(r["rate"], r["vs_plain"]) for r in rows if r["method"] == "synthetic"
-                   and (r["mode"], r["batch"]) == mode_batch and r["vs_plain"]]
-            synthetic[f"batch={mode_batch[1]}"] = {
-                "k": cfg.synthetic_k, "rates": [p[0] for p in pts], "speedups": [p[1] for p in pts],
+        synthetic = {}  # the runs at a chosen acceptance rate: speedup against it, per batch size
+        for batch in sorted({r["batch"] for r in rows if r["rate"] is not None}):
+            pts = [(r["rate"], r["vs_plain"]) for r in rows if r["rate"] is not None and r["batch"] == batch
+                   and r["vs_plain"]]
+            synthetic[f"batch={batch}"] = {
+                "k": self.config.synthetic_k, "rates": [p[0] for p in pts], "speedups": [p[1] for p in pts],
                 "break_even_rate": break_even([p[0] for p in pts], [p[1] for p in pts])}
         return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(),
                 "config": dataclasses.asdict(self.config), "bandwidth_gbs": bandwidth / 1e9,
-                "target_weight_bytes": target_bytes, "draft_weight_bytes": draft_bytes, "runs": rows,
-                "synthetic": synthetic, "mismatches": sum(r.get("mismatches", 0) for r in rows)}
+                "target_weight_bytes": target_bytes,
+                "draft_weight_bytes": weight_bytes(self.native_draft) if self.native_draft is not None else 0,
+                "runs": rows, "synthetic": synthetic, "mismatches": sum(r.get("mismatches", 0) for r in rows)}
+
+    def _row(self, run: Run, tokens, seconds, stats, checks, target_bytes, draft_bytes, bandwidth) -> dict:
+        """One run's figures: medians over repeats of its calls' totals, its statistics, roofline and check."""
+        repeats = self.config.repeats
+        n = len(tokens) // repeats
+        tok = [sum(tokens[i * n:(i + 1) * n]) for i in range(repeats)]
+        sec = [sum(seconds[i * n:(i + 1) * n]) for i in range(repeats)]
+        row = {"method": run.method, "mode": run.mode, "batch": run.batch, "k": run.k, "rate": run.rate,
+               "tokens_per_s": median_rate(tok, sec), "tokens": tok[0], "seconds": sec}
+        if stats.row_passes:  # specdec's methods
+            row.update(tokens_per_target_forward=stats.tokens_per_target_forward,
+                       acceptance_rate=stats.acceptance_rate if stats.proposed else None,
+                       per_position_acceptance=stats.per_position_acceptance, mean_k=stats.mean_k,
+                       cost_ratio=stats.cost_ratio, predicted_speedup=stats.predicted_speedup,
+                       steps_by_k={str(k): v for k, v in stats.steps_by_k.items()})
+            row.update(roofline(row["tokens_per_s"], stats.tokens_per_target_forward, run.batch, target_bytes,
+                                draft_bytes, stats.mean_k, bandwidth))
+        elif not METHODS[run.method].drafts:  # transformers' plain decoding: one token per forward
+            row.update(tokens_per_target_forward=1.0,
+                       **roofline(row["tokens_per_s"], 1.0, run.batch, target_bytes, 0, 0, bandwidth))
+        if checks:
+            bad = [c for c in checks if c.startswith("MISMATCH")]
+            row["check"] = f"MISMATCH in {len(bad)} of {len(checks)} calls" if bad else (
+                "exact" if all(c == "exact" for c in checks) else "; ".join(sorted(set(checks))))
+            row["mismatches"] = len(bad)
+        return row
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -518,80 +437,87 @@ def plots(report: dict, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     runs, written = report["runs"], []
     modes = sorted({r["mode"] for r in runs})
-
-    def save(fig, name):
-        path = folder / name
+    figures = [("tokens_per_s_vs_k.png", (1, len(modes)), (6.5 * len(modes), 4.5), _tokens_vs_k),
+               ("per_position_acceptance.png", (1, 1), (6.5, 4.5), _per_position),
+               ("speedup_vs_batch.png", (1, 1), (6.5, 4.5), _speedup_vs_batch)]
+    if report.get("synthetic"):
+        figures.append(("synthetic_acceptance.png", (1, 1), (6.5, 4.5), _synthetic))
+    for name, grid, size, draw in figures:
+        fig, axes = plt.subplots(*grid, figsize=size, squeeze=False)
+        draw(list(axes[0]), report, modes)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fig.savefig(folder / name, dpi=110)
         plt.close(fig)
-        written.append(path)
+        written.append(folder / name)
+    return written
 
-    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.5), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
-        batch = min(r["batch"] for r in runs)
-        sel = [r for r in runs if r["mode"] == mode and r["batch"] == batch]
-        lines = ["hf", "hf-assisted", "hf-lookup", "plain", "auto", "head-auto", "ngram"]
-        for method in ("draft", "head", "self"):
-            points = sorted((r for r in sel if r["method"] == method), key=lambda r: r["k"])
-            if points:
-                ax.plot([r["k"] for r in points], [r["tokens_per_s"] for r in points], "o-", label=f"specdec {method}")
-        for r in sel:
-            if r["method"] in lines:
-                ax.axhline(r["tokens_per_s"], ls="--" if r["method"].startswith("hf") else ":",
-                           color=f"C{2 + lines.index(r['method'])}",
-                           label=f"{'specdec ' if not r['method'].startswith('hf') else 'transformers '}{r['method']}")
+
+def _tokens_vs_k(axes, report, modes):
+    """Per mode at the smallest batch: the methods run once per k as curves, the others as lines."""
+    runs = report["runs"]
+    batch = min(r["batch"] for r in runs)
+    for ax, mode in zip(axes, modes):
+        for i, (name, method) in enumerate(METHODS.items()):
+            points = sorted((r for r in runs if r["method"] == name and r["mode"] == mode and r["batch"] == batch
+                             and r["rate"] is None), key=lambda r: r["k"])
+            if points and method.k == EACH:
+                ax.plot([r["k"] for r in points], [r["tokens_per_s"] for r in points], "o-",
+                        label=f"{method.library} {name}")
+            elif points:
+                ax.axhline(points[0]["tokens_per_s"], ls="--" if method.library == "transformers" else ":",
+                           color=f"C{i % 10}", label=f"{method.library} {name}")
         ax.set(xlabel="draft tokens per step k", ylabel="tokens/s", title=f"{mode}, batch {batch}")
         ax.legend(fontsize=7)
-    save(fig, "tokens_per_s_vs_k.png")
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+
+def _per_position(axes, report, modes):
+    """At the smallest batch, every drafting run's (a method run once per k: its largest k)."""
+    runs, (ax,) = report["runs"], axes
+    batch = min(r["batch"] for r in runs)
     for r in runs:
-        if r["method"] in ("draft", "auto", "head", "head-auto", "ngram", "self") \
-                and r["batch"] == min(x["batch"] for x in runs) and r.get("per_position_acceptance") \
-                and (r["method"] not in ("draft", "head", "self") or r["k"] == max(
-                    x["k"] for x in runs if x["method"] == r["method"])):
+        sweep = METHODS[r["method"]].k == EACH
+        if r["rate"] is None and r["batch"] == batch and r.get("per_position_acceptance") and (
+                not sweep or r["k"] == max(x["k"] for x in runs if x["method"] == r["method"])):
             acc = r["per_position_acceptance"]
             ax.plot(range(1, len(acc) + 1), acc, "o-", label=f"{r['method']} k={r['k']} ({r['mode']})")
     ax.set(xlabel="draft position i", ylabel="P(accepted | all before accepted)", ylim=(0, 1.02),
            title="per-position acceptance")
     ax.legend(fontsize=7)
-    save(fig, "per_position_acceptance.png")
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+
+def _speedup_vs_batch(axes, report, modes):
+    """specdec's drafting methods over specdec plain, per batch size: the best k, the highest synthetic rate."""
+    runs, (ax,) = report["runs"], axes
     for mode in modes:
-        for method in ("draft", "auto", "head", "head-auto", "ngram", "self", "synthetic"):
+        for name, method in METHODS.items():
+            if method.library != "specdec" or not method.drafts:
+                continue
+            rates = [r["rate"] for r in runs if r["method"] == name and r["rate"] is not None]
+            top = max(rates, default=None)
             best = {}
             for r in runs:
-                if r["method"] == method and r["mode"] == mode and r["vs_plain"]:
-                    if method == "synthetic" and r["rate"] != max(x["rate"] for x in runs if x["method"] == method):
-                        continue
+                if r["method"] == name and r["mode"] == mode and r["vs_plain"] and r["rate"] == top:
                     best[r["batch"]] = max(best.get(r["batch"], 0), r["vs_plain"])
             if best:
-                label = f"{method} ({mode})" + (" best k" if method in ("draft", "head", "self") else "")
-                if method == "synthetic":
-                    label = f"synthetic rate {max(x['rate'] for x in runs if x['method'] == method):g} ({mode})"
+                label = f"{name} ({mode})" + (" best k" if method.k == EACH else "")
+                if top is not None:
+                    label = f"{name} rate {top:g} ({mode})"
                 ax.plot(sorted(best), [best[b] for b in sorted(best)], "o-", label=label)
     ax.axhline(1.0, color="red", lw=1, label="break-even (plain decoding)")
     ax.set(xscale="log", xlabel="batch size", ylabel="speedup over specdec plain", title="speculation vs batch size")
     ax.legend(fontsize=7)
-    save(fig, "speedup_vs_batch.png")
 
-    if report.get("synthetic"):
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        for name, curve in sorted(report["synthetic"].items()):
-            ax.plot(curve["rates"], curve["speedups"], "o-", label=f"{name}, k={curve['k']}")
-        ax.axhline(1.0, color="red", lw=1, label="break-even")
-        ax.set(xlabel="acceptance rate per position", ylabel="speedup over plain", title="synthetic acceptance")
-        ax.legend(fontsize=7)
-        save(fig, "synthetic_acceptance.png")
-    return written
+
+def _synthetic(axes, report, modes):
+    (ax,) = axes
+    for name, curve in sorted(report["synthetic"].items()):
+        ax.plot(curve["rates"], curve["speedups"], "o-", label=f"{name}, k={curve['k']}")
+    ax.axhline(1.0, color="red", lw=1, label="break-even")
+    ax.set(xlabel="acceptance rate per position", ylabel="speedup over plain", title="synthetic acceptance")
+    ax.legend(fontsize=7)
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-
-def load_prompts(categories, per_category: int) -> dict[str, list[str]]:
-    return {c: json.loads((PROMPT_DIR / f"{c}.json").read_text())[:per_category] for c in categories}
-
 
 def check_outputs(json_path: Path | None, plot_dir: Path | None) -> None:
     """Refuse unwritable output paths before any model is loaded, by writing there (permission bits say
@@ -689,8 +615,6 @@ def main(config: BenchConfig, json_path: Path | None = None, plot_dir: Path | No
     check_draft_vocab(config.model, config.draft_in_use, config.head_in_use)
     target, draft, head, tokenizer = load_models(config)
     prompts = load_prompts(config.categories, config.prompts_per_category)
-    from specdec.bench.common import chat_ids
-
     ids = [chat_ids(tokenizer, p)[0].tolist() for texts in prompts.values() for p in texts]
     peer = functools.partial(_llama_cpp, config) if config.llama_cpp else None
     report = Bench(config, target, draft, ids, progress, head=head, peer=peer).run()

@@ -22,7 +22,6 @@ the ``tiny`` preset runs the same code in seconds (tests/test_bench.py).
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
@@ -70,9 +69,9 @@ def report(device="cuda", preset: str = "llama3-8b", dtype=torch.bfloat16, ks=ra
            prompt_len: int = 128, progress: bool = True, cuda_graphs: bool = False) -> dict:
     """cuda_graphs: the target replays its layers as CUDA graphs (``LlamaModel.use_cuda_graphs``); every
     generate() call captures its shapes anew, inside the timed region."""
-    from specdec.bench.common import bandwidth_gbs, verification_cost, weight_bytes
-    from specdec.stats import synchronize
-    from specdec.bench.harness import SyntheticProposer, break_even
+    from specdec.bench.common import bandwidth_gbs, timed, verification_cost, weight_bytes
+    from specdec.bench.harness import break_even
+    from specdec.bench.methods import SyntheticProposer
 
     import specdec
 
@@ -87,17 +86,14 @@ def report(device="cuda", preset: str = "llama3-8b", dtype=torch.bfloat16, ks=ra
            "weight_bytes": weights, "bandwidth_gbs": bandwidth / 1e9,
            "device": torch.cuda.get_device_name() if on_gpu else "cpu"}
 
-    def timed(ids, draft=None, k=4):
-        synchronize(device)
-        start = time.perf_counter()
-        res = specdec.generate(model, ids, draft_model=draft, num_draft_tokens=k, max_new_tokens=tokens,
-                               eos_token_id=[], do_sample=False, return_dict_in_generate=True)
-        synchronize(device)
-        return res, time.perf_counter() - start
+    def generate(ids, draft=None, k=4):  # -> (its output, seconds)
+        return timed(lambda: specdec.generate(model, ids, draft_model=draft, num_draft_tokens=k,
+                                              max_new_tokens=tokens, eos_token_id=[], do_sample=False,
+                                              return_dict_in_generate=True), device)
 
     ids = torch.randint(3, model.vocab_size, (1, prompt_len), generator=gen).to(device)
-    timed(ids)  # warm-up: kernel compilation, allocator
-    plain = statistics.median(timed(ids)[1] for _ in range(3))
+    generate(ids)  # warm-up: kernel compilation, allocator
+    plain = statistics.median(generate(ids)[1] for _ in range(3))
     out["plain_tokens_per_s"] = tokens / plain
     out["roofline_tokens_per_s"] = bandwidth / weights
     out["fraction_of_roofline"] = out["plain_tokens_per_s"] / out["roofline_tokens_per_s"]
@@ -110,12 +106,12 @@ def report(device="cuda", preset: str = "llama3-8b", dtype=torch.bfloat16, ks=ra
     curves = {}
     for batch in batch_sizes:
         ids = torch.randint(3, model.vocab_size, (batch, prompt_len), generator=gen).to(device)
-        reference, plain_s = timed(ids)
+        reference, plain_s = generate(ids)
         rows = [seq for seq in reference.sequences]  # no padding: every prompt has prompt_len tokens
         speedups, departed = [], []
         for rate in rates:
             proposer = SyntheticProposer(rows, rate, torch.Generator().manual_seed(batch))
-            res, secs = timed(ids, proposer, synthetic_k)
+            res, secs = generate(ids, proposer, synthetic_k)
             # counted, not raised: a departure is a finding to report beside the timings (a verification
             # pass over k + 1 tokens whose argmax differs from the one-token step's, e.g. a near-tie that
             # another matrix-product tiling rounds the other way), and the run goes on

@@ -32,14 +32,15 @@ from pathlib import Path
 
 import httpx
 
-HERE = Path(__file__).resolve().parent
 MODES = {"plain": (None, 1), "ngram-k4": ("ngram", 4), "ngram-auto": ("ngram", "auto"),
          **{f"draft-k{k}": ("model", k) for k in (1, 2, 3, 4)}, "draft-auto": ("model", "auto")}  # the --draft model
 
 
 def prompts() -> list[str]:
     """Every held-out prompt, categories interleaved (chat, code, explanation, math, rewriting, chat, ...)."""
-    by_category = [json.loads(f.read_text()) for f in sorted((HERE / "prompts").glob("*.json"))]
+    from specdec.bench.common import CATEGORIES, load_prompts
+
+    by_category = load_prompts(sorted(CATEGORIES)).values()
     return [p for group in zip(*by_category) for p in group]
 
 

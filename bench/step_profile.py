@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from contextlib import contextmanager
 
 import torch
-from specdec.bench.common import machine
+from specdec.bench.common import machine, timed
 
 import specdec
 from specdec.kernels.cpu_runner import CpuRunner
@@ -35,9 +34,7 @@ def _steps(model, context: int, steps: int, before_each=None) -> list[float]:
         if before_each is not None:
             before_each()
         positions = cache.lengths[:, None].clone()
-        start = time.perf_counter()
-        model(torch.tensor([[7]]), positions, cache)
-        times.append(time.perf_counter() - start)
+        times.append(timed(lambda: model(torch.tensor([[7]]), positions, cache))[1])
         cache.rollback(context)
     return times[WARMUP:]
 
@@ -55,17 +52,16 @@ def _patched_linear(forward):
 def profile(model, context: int, steps: int) -> dict:
     inside = [0.0]  # seconds in the linear layers: the prefill's, then one sum per step
 
-    def timed(self, layer, x, _forward=CpuRunner.linear, **fused):
-        start = time.perf_counter()
-        out = _forward(self, layer, x, **fused)
-        inside[-1] += time.perf_counter() - start
+    def timed_linear(self, layer, x, _forward=CpuRunner.linear, **fused):
+        out, seconds = timed(lambda: _forward(self, layer, x, **fused))
+        inside[-1] += seconds
         return out
 
     whole = _steps(model, context, steps)
     model.runner.one_call = False  # the pieces below are timed around Python calls
     try:
         loop = _steps(model, context, steps)
-        with _patched_linear(timed):
+        with _patched_linear(timed_linear):
             _steps(model, context, steps, before_each=lambda: inside.append(0.0))
         outputs = {}
 

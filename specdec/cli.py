@@ -169,7 +169,7 @@ def _bench(args) -> int:
     import dataclasses
     from pathlib import Path
 
-    from specdec.bench.harness import QUICK, BenchConfig, main
+    from specdec.bench.harness import BenchConfig, configure, main
 
     fields = {f.name for f in dataclasses.fields(BenchConfig)}
     given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items()
@@ -178,7 +178,9 @@ def _bench(args) -> int:
         given["draft"] = None
     if args.head in ("none", ""):
         given["head"] = None
-    config = BenchConfig(**{**(QUICK if args.quick else {}), **given})
+    if args.quick and args.preset not in (None, "quick"):
+        raise ValueError(f"--quick is --preset quick; got --preset {args.preset!r} beside it")
+    config = configure("quick" if args.quick else args.preset, **given)
     main(config, json_path=Path(args.json) if args.json else None, plot_dir=Path(args.plot) if args.plot else None)
     return 0
 
@@ -240,12 +242,16 @@ def _distill_parser(sub) -> None:
 
 def _bench_parser(sub) -> None:
     """specdec bench"""
+    from specdec.bench.harness import PRESETS
+    from specdec.bench.methods import METHODS
+
     ben = sub.add_parser("bench", help="specdec against transformers and the memory roofline, side by side")
+    ben.add_argument("--preset", help="a named configuration; the flags given beside it override its settings: "
+                     + "; ".join(f"{name}: {p.doc}" for name, p in PRESETS.items()))
     ben.add_argument("--model", help=f"target (default {DEFAULT_MODEL})")
     ben.add_argument("--draft", help="draft model for hf-assisted/draft/auto ('none': no draft)")
     ben.add_argument("--head", help="draft head for head/head-auto ('none': no head)")
-    ben.add_argument("--methods", nargs="+",
-                     help="hf hf-assisted hf-lookup plain draft auto head head-auto ngram self synthetic")
+    ben.add_argument("--methods", nargs="+", help="; ".join(f"{name}: {m.doc}" for name, m in METHODS.items()))
     ben.add_argument("--ks", nargs="+", type=int, help="k values for the draft (1..16)")
     ben.add_argument("--modes", nargs="+", help="greedy and/or sampling (temperature 0.7, top_p 0.9)")
     ben.add_argument("--batch-sizes", nargs="+", type=int, dest="batch_sizes")
@@ -267,7 +273,7 @@ def _bench_parser(sub) -> None:
     ben.add_argument("--seed", type=int)
     ben.add_argument("--json", help="write every figure and the machine description to this file")
     ben.add_argument("--plot", help="write PNG plots into this folder")
-    ben.add_argument("--quick", action="store_true", help="a small run: under 5 minutes on a 2-core CPU")
+    ben.add_argument("--quick", action="store_true", help=f"--preset quick: {PRESETS['quick'].doc}")
 
 def _serve_parser(sub) -> None:
     """specdec serve"""

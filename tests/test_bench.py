@@ -87,6 +87,41 @@ def test_cli_refuses_bad_input_before_loading(args, word, capsys, monkeypatch):
     assert word in capsys.readouterr().err
 
 
+def test_every_registered_method_and_preset_is_reachable_from_the_cli(monkeypatch):
+    """``--methods NAME`` reaches each registered method, ``--preset NAME`` each preset (flags beside it win),
+    and every one of them plans at least one run."""
+    from specdec.bench import harness
+    from specdec.bench.methods import METHODS
+
+    seen = []
+    monkeypatch.setattr(harness, "main", lambda config, **_: seen.append(config))
+    for name in METHODS:
+        assert cli(["bench", "--methods", name]) == 0
+        assert seen[-1].methods == (name,) and any(r.method == name for r in plan(seen[-1])), name
+    for name, preset in harness.PRESETS.items():
+        assert cli(["bench", "--preset", name, "--seed", "5"]) == 0
+        assert seen[-1] == harness.BenchConfig(**{**preset.fields, "seed": 5}) and plan(seen[-1]), name
+    assert cli(["bench", "--preset", "ngram", "--repeats", "1"]) == 0
+    assert seen[-1].methods == ("plain", "ngram") and seen[-1].repeats == 1
+    assert cli(["bench", "--quick"]) == 0 and seen[-1] == harness.configure("quick")
+
+
+@pytest.mark.parametrize("args, value", [
+    (["--preset", "speedy"], "speedy"), (["--methods", "plain", "medusa"], "medusa"),
+    (["--quick", "--preset", "ngram"], "ngram"),
+])
+def test_unknown_preset_or_method_is_a_value_error_naming_it(args, value, capsys, monkeypatch):
+    from specdec.bench import harness
+
+    monkeypatch.setattr(harness, "main", lambda *a, **k: pytest.fail("the benchmark ran"))
+    assert cli(["bench", *args]) == 2
+    assert repr(value) in capsys.readouterr().err
+    with pytest.raises(ValueError, match="'speedy'"):
+        harness.configure("speedy")
+    with pytest.raises(ValueError, match="'medusa'"):
+        harness.configure("ngram", methods=("plain", "medusa"))
+
+
 def test_cli_refuses_draft_with_other_vocabulary(tmp_path, capsys, monkeypatch):
     from specdec.bench import harness
 
