@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 import torch
 
 from specdec.cache import PagedKVCache
-from specdec.kernels.rejection_sample import greedy_accept, rejection_sample
 from specdec.proposers import DraftModelProposer, HeadProposer
-from specdec.sampling import SamplingConfig, random_numbers
+from specdec.sampling import SamplingConfig
 from specdec.speculative import DraftLength, commit, make_proposer, token_ids, needs_features, speculative_step
 from specdec.state import DecodeState
 from specdec.stats import SpecStats
@@ -109,57 +108,19 @@ class _Sequence:
         return len(self.tokens) - self.prompt_len
 
 
-class _RowSampling:
-    """``state.sampling`` for a batch whose rows have their own settings (read by the draft proposer)."""
+class _RowSampling(tuple):
+    """One SamplingConfig per row [batch]: ``verify`` takes it as its per-row ``sampling``, and the draft
+    proposers read it as ``state.sampling`` (``greedy``, ``probs``)."""
 
-    def __init__(self, configs: list[SamplingConfig]):
-        self.configs = configs
-        self.greedy = all(c.greedy for c in configs)
+    @property
+    def greedy(self) -> bool:
+        return all(c.greedy for c in self)
 
     def probs(self, logits):
         """logits [batch, vocab] -> probabilities [batch, vocab]; a greedy row gets the one-hot argmax."""
         rows = [torch.nn.functional.one_hot(row.argmax(), row.shape[-1]).to(row.dtype) if c.greedy else c.probs(row)
-                for c, row in zip(self.configs, logits)]
+                for c, row in zip(self, logits)]
         return torch.stack(rows)
-
-
-def _row_verifier(seqs: list[_Sequence]):
-    """``verify`` with each request's own sampling settings and generator, in one acceptance call.
-
-    Greedy rows take the argmax rule; sampled rows are warped together where they share settings (one
-    softmax/top-k/top-p call per distinct setting, not per row) and accepted by one rejection-sampling call.
-    Each sampled row draws its random numbers from its own generator with ``random_numbers``, for its own
-    drafts only, exactly as ``verify`` on that row alone would: the numbers a request draws depend on
-    nothing but the request (with a deterministic proposer and a fixed k, a seeded request samples the same
-    tokens whatever else is running), and every step is bit-identical to verifying row by row.
-    """
-    sampled = [i for i, s in enumerate(seqs) if not s.sampling.greedy]
-
-    def run(drafts, draft_probs, logits, num_drafts, sampling, generator):
-        # every row through the argmax rule in one call (cheap); the sampled rows' results are overwritten
-        emitted, num_accepted = greedy_accept(drafts, logits, num_drafts)  # [batch, k + 1], [batch]
-        if not sampled:
-            return emitted, num_accepted
-        k, vocab = drafts.shape[1], logits.shape[-1]
-        rows = torch.tensor(sampled, device=drafts.device)  # [sampled] their rows in the batch
-        target_probs = torch.empty(len(sampled), k + 1, vocab, device=logits.device, dtype=logits.dtype)
-        groups: dict[SamplingConfig, list[int]] = {}  # setting -> indices into `sampled`
-        for j, i in enumerate(sampled):
-            groups.setdefault(seqs[i].sampling, []).append(j)
-        for config, members in groups.items():
-            at = torch.tensor(members, device=drafts.device)
-            target_probs[at] = config.probs(logits[rows[at]])
-        uniforms = torch.zeros(len(sampled), k, device=drafts.device, dtype=logits.dtype)  # [sampled, k]
-        exponentials = torch.empty(len(sampled), vocab, device=drafts.device, dtype=logits.dtype)
-        for j, (i, n) in enumerate(zip(sampled, num_drafts[rows].tolist())):
-            u, e = random_numbers((1, n), vocab, seqs[i].generator, logits.dtype, drafts.device)
-            uniforms[j, :n], exponentials[j] = u[0], e[0]
-        probs = None if draft_probs is None else draft_probs[rows]
-        emitted[rows], num_accepted[rows] = rejection_sample(drafts[rows], probs, target_probs, num_drafts[rows],
-                                                             uniforms, exponentials)
-        return emitted, num_accepted
-
-    return run
 
 
 class Engine:
@@ -358,7 +319,7 @@ class Engine:
         num_drafts = (remaining - 1).clamp(min=0, max=k)  # [batch] as generate() asks
         with torch.inference_mode():
             emitted, num_accepted, num_drafts = speculative_step(self.target, cache, self.proposer, state, num_drafts,
-                                                                 verifier=_row_verifier(seqs))
+                                                                 generators=[s.generator for s in seqs])
             counts = commit(state, emitted, num_accepted, num_drafts)
         outputs, counts = self._outputs(seqs, emitted, counts, state, draft_cache)
         self.last_step = StepInfo(len(seqs), k, prefill=bool(prefill), emitted=counts,

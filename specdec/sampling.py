@@ -1,7 +1,8 @@
 """Logits processing and the acceptance rule: greedy matching and lossless rejection sampling.
 
 The rule itself lives in ``kernels/rejection_sample.py`` (Triton on CUDA, its PyTorch reference elsewhere);
-``verify`` draws the random numbers from the caller's torch.Generator and calls it.
+``verify`` warps the target's logits, draws the random numbers from the caller's torch.Generator (one for the
+batch, or one per row) and calls it.
 """
 
 from __future__ import annotations
@@ -71,9 +72,10 @@ def top_p_filter(scores: torch.Tensor, top_p: float, first: int = 256) -> torch.
 
     transformers sorts the whole vocabulary for it: over 49152 ids on a 2-core CPU 4.5 ms at 1 row (beside a
     26 ms float32 SmolLM2 step), 12 ms at 5 (a verification pass at k = 4), 170 ms at 64; this: 0.7 / 1.4 /
-    23 ms (bench/top_p.py). The kept tokens are the top of the distribution, so a top-``first`` selection
-    finds them wherever those hold ``top_p`` of the mass (almost always; rows where they do not look again
-    at twice as many, up to the whole vocabulary). A token is kept where the mass above it is < top_p: the
+    23 ms (each timed alone on SmolLM2's own logits at temperature 0.7, top_p 0.9, median of 20; end to end,
+    sampled decoding against transformers: ``specdec bench --preset top-p``). The kept tokens are the top of
+    the distribution, so a top-``first`` selection finds them wherever those hold ``top_p`` of the mass
+    (almost always; rows where they do not look again at twice as many, up to the whole vocabulary). A token is kept where the mass above it is < top_p: the
     warper's rule (its ascending cumulative sum > 1 - top_p) summed from the other end, in float64: the two
     differ only on tokens at the cut that the warper's float32 sum over the whole tail misplaces (over 49152
     ids at top_p = 0.999: a few dozen tokens of ~1e-6 each; tests/test_sampling.py bounds their mass)."""
@@ -103,30 +105,89 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     return (probs / exponentials(probs.shape, generator, probs.dtype, probs.device)).argmax(dim=-1)
 
 
-def verify(drafts, draft_probs, target_logits, num_drafts, sampling: SamplingConfig, generator=None):
+def verify(drafts, draft_probs, target_logits, num_drafts, sampling, generator=None):
     """Decide how many drafts each row keeps and which token follows them.
 
     drafts         [batch, k]            proposed token ids
     draft_probs    [batch, k, vocab]     the distribution each draft was sampled from; None = deterministic
-                                         proposer (one-hot); ignored when greedy
+                                         proposer (one-hot); ignored in greedy rows
     target_logits  [batch, k + 1, vocab] target logits after the pending token and after each draft
     num_drafts     [batch]               drafts that count in each row (<= k; the rest are padding)
+    sampling       a SamplingConfig for every row, or a sequence of one per row [batch]
+    generator      a torch.Generator (or None: torch's global one) drawing every sampled row's numbers in one
+                   call, or a sequence of one per row [batch]: each row then draws ``random_numbers`` for its own
+                   num_drafts only, exactly what ``verify`` of that row alone draws, so a seeded row samples the
+                   same tokens whatever else is in the batch (the engine: each request's own generator)
     returns emitted [batch, k + 1] (accepted drafts, then the recovered or bonus token, then -1)
             and num_accepted [batch] (row b emits num_accepted[b] + 1 tokens)
+
+    Greedy rows take the argmax rule; sampled rows are warped in one call per distinct setting and accepted
+    by one rejection-sampling call. Every row alike (generate()): one ``greedy_accept`` call, or one warp and
+    one ``rejection_sample`` call over the whole batch, with no row gathered or scattered.
     """
-    if sampling.greedy:
+    batch = drafts.shape[0]
+    configs = [sampling] * batch if isinstance(sampling, SamplingConfig) else _per_row("sampling", sampling, batch)
+    if not (generator is None or isinstance(generator, torch.Generator)):
+        generator = _per_row("generator", generator, batch)
+    sampled = [i for i, c in enumerate(configs) if not c.greedy]
+    if not sampled:
         return greedy_accept(drafts, target_logits, num_drafts)
-    target_probs = sampling.probs(target_logits)  # [batch, k + 1, vocab]
-    uniforms, exponentials = random_numbers(drafts.shape, target_probs.shape[-1], generator, target_probs.dtype,
-                                            drafts.device)
-    return rejection_sample(drafts, draft_probs, target_probs, num_drafts, uniforms, exponentials)
+    every = len(sampled) == batch
+    rows = slice(None) if every else torch.tensor(sampled, device=drafts.device)  # the sampled rows
+    target_probs = _warp(target_logits[rows], [configs[i] for i in sampled])  # [sampled, k + 1, vocab]
+    uniforms, exponentials = _draws(generator, sampled, num_drafts[rows], drafts.shape[1], target_probs)
+    kept = rejection_sample(drafts[rows], None if draft_probs is None else draft_probs[rows], target_probs,
+                            num_drafts[rows], uniforms, exponentials)
+    if every:
+        return kept
+    # the greedy rows by the argmax rule, all rows in one call (cheap); the sampled rows' results replaced
+    emitted, num_accepted = greedy_accept(drafts, target_logits, num_drafts)  # [batch, k + 1], [batch]
+    emitted[rows], num_accepted[rows] = kept
+    return emitted, num_accepted
+
+
+def _per_row(name: str, values, batch: int) -> list:
+    """``values`` as a list of one per row; a ValueError naming ``name`` if there are not ``batch`` of them."""
+    values = list(values)
+    if len(values) != batch:
+        raise ValueError(f"{name} must be one value for the batch or one per row ({batch}), got {len(values)}")
+    return values
+
+
+def _warp(logits: torch.Tensor, configs: list[SamplingConfig]) -> torch.Tensor:
+    """logits [rows, k + 1, vocab], configs [rows] -> target_probs [rows, k + 1, vocab], one call per setting."""
+    groups: dict[SamplingConfig, list[int]] = {}
+    for j, config in enumerate(configs):
+        groups.setdefault(config, []).append(j)
+    if len(groups) == 1:
+        return configs[0].probs(logits)
+    probs = torch.empty_like(logits)
+    for config, members in groups.items():
+        at = torch.tensor(members, device=logits.device)
+        probs[at] = config.probs(logits[at])
+    return probs
+
+
+def _draws(generator, sampled: list[int], num_drafts: torch.Tensor, k: int, target_probs: torch.Tensor):
+    """The sampled rows' random numbers: uniforms [sampled, k] and exponentials [sampled, vocab] (see
+    ``verify``'s generator: one, or a list of one per row of the batch). num_drafts [sampled]."""
+    vocab, dtype, device = target_probs.shape[-1], target_probs.dtype, target_probs.device
+    if not isinstance(generator, list):  # one generator (or torch's global one) for the batch
+        return random_numbers((len(sampled), k), vocab, generator, dtype, device)
+    uniforms = torch.zeros(len(sampled), k, device=device, dtype=dtype)  # past a row's drafts: unused
+    exponentials = torch.empty(len(sampled), vocab, device=device, dtype=dtype)
+    for j, (i, n) in enumerate(zip(sampled, num_drafts.tolist())):
+        u, e = random_numbers((1, n), vocab, generator[i], dtype, device)
+        uniforms[j, :n], exponentials[j] = u[0], e[0]
+    return uniforms, exponentials
 
 
 def random_numbers(shape, vocab: int, generator, dtype, device):
     """What rejection sampling draws, in this order: uniforms [batch, k] for the acceptance tests, then
     exponentials [batch, vocab], Exp(1) variates for the race that draws the recovered/bonus token (never
-    exactly 0: 0/0 is NaN; never +inf: a race no token can win). shape = (batch, k). The engine draws each
-    request's numbers with this too, so a seeded request draws the same numbers alone or in a batch."""
+    exactly 0: 0/0 is NaN; never +inf: a race no token can win). shape = (batch, k). ``verify`` with a generator
+    per row draws each row's numbers with this too, shape (1, its num_drafts), so a seeded request draws the
+    same numbers alone or in a batch."""
     uniforms = torch.rand(shape, generator=generator, device=device, dtype=dtype)
     return uniforms, exponentials((shape[0], vocab), generator, dtype, device)
 

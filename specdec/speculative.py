@@ -30,14 +30,14 @@ class GenerateOutput:
     stats: SpecStats
 
 
-def speculative_step(target, cache, proposer, state: DecodeState, num_drafts, verifier=None):
+def speculative_step(target, cache, proposer, state: DecodeState, num_drafts, generators=None):
     """One round: draft, verify all drafts in one target pass, roll back, commit.
 
     num_drafts [batch] drafts wanted per row (0 = plain step); the proposer sees only the rows that want
                some as active: a row that takes a plain step is padding in the draft's forward (no catch-up
                over its unseen tokens) and its draft cache is left as it is
-    verifier   None (``verify``) or a function of its signature (the engine's applies each request's own
-               sampling settings and generator to its row)
+    generators None: ``verify`` draws from state.generator for the batch; or one generator per row [batch]
+               (the engine's: each request's own, with state.sampling holding each request's settings)
     returns emitted [batch, k + 1], num_accepted [batch] (row b emits num_accepted[b] + 1 tokens) and
             num_drafts [batch] as offered (a proposer may offer fewer)
     """
@@ -61,8 +61,8 @@ def speculative_step(target, cache, proposer, state: DecodeState, num_drafts, ve
     logits_index = ((num_unseen - 1).clamp(min=0)[:, None] + torch.arange(k + 1, device=positions.device))
     logits_index = logits_index.clamp(max=positions.shape[1] - 1)  # [batch, k + 1]
     logits = target(input_ids, positions, cache, logits_index=logits_index)  # [batch, k + 1, vocab]
-    emitted, num_accepted = (verifier or verify)(drafts, draft_probs, logits, num_drafts, state.sampling,
-                                                 state.generator)
+    emitted, num_accepted = verify(drafts, draft_probs, logits, num_drafts, state.sampling,
+                                   state.generator if generators is None else generators)
     # Keep the pending token and the accepted drafts; the recovered/bonus token becomes the new pending one.
     cache.rollback(torch.where(state.active, state.num_tokens + num_accepted, cache.lengths))
     synchronize(state.tokens.device)

@@ -16,8 +16,8 @@ class DecodeState:
     num_tokens: torch.Tensor  # [batch] tokens held per row; the last one is *pending*: not yet in the target's cache
     prompt_lengths: torch.Tensor  # [batch]
     active: torch.Tensor  # [batch] bool: row still generating
-    sampling: SamplingConfig
-    generator: torch.Generator | None
+    sampling: SamplingConfig  # or, in the engine, one per row (a tuple with greedy and probs as well)
+    generator: torch.Generator | None  # draws the drafts, and verify's numbers unless speculative_step has one per row
     vocab_size: int  # the target's; proposers return distributions over it
     max_len: int  # positions a cache must be able to hold
     eos: torch.Tensor  # [n_eos] ids that end a row (may be empty)

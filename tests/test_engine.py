@@ -409,12 +409,12 @@ def test_sampled_first_token_has_the_target_distribution_with_a_sampling_draft()
     assert tv(torch.tensor([t[0] for t in tokens.values()])) < bound
 
 
-def test_row_verifier_is_bit_identical_to_verifying_each_row_alone():
-    """One acceptance call for a mixed batch == ``verify`` row by row on each row's own drafts: greedy and
-    sampled rows, shared and distinct settings, draft distributions given, a row with no drafts."""
+def test_verify_per_row_is_bit_identical_to_verifying_each_row_alone():
+    """One ``verify`` call for a mixed batch, each row with its own setting and generator (as the engine calls
+    it) == ``verify`` row by row on each row's own drafts: greedy and sampled rows, shared and distinct
+    settings, draft distributions given, a row with no drafts."""
     from types import SimpleNamespace
 
-    from specdec.engine import _row_verifier
     from specdec.sampling import SamplingConfig, verify
 
     g = torch.Generator().manual_seed(0)
@@ -432,7 +432,9 @@ def test_row_verifier_is_bit_identical_to_verifying_each_row_alone():
 
     outcomes = set()
     for repeat in range(20):  # many draws: acceptances and rejections both occur
-        emitted, accepted = _row_verifier(seqs(repeat))(drafts, draft_probs, logits, num_drafts, None, None)
+        rows = seqs(repeat)
+        emitted, accepted = verify(drafts, draft_probs, logits, num_drafts, [s.sampling for s in rows],
+                                   [s.generator for s in rows])
         outcomes.update(accepted.tolist())
         for i, s in enumerate(seqs(repeat)):  # the same seeds, one row at a time
             n = int(num_drafts[i])
