@@ -189,7 +189,7 @@ def linear_int8_activations(x: torch.Tensor, quantized: Quantized, in_features: 
     isum = torch.einsum("...bk,nbk->...nb", xq.double(), q).float()  # [..., out, KB]
     t, xs = isum * dx[..., None, :], dx * xq.sum(-1)  # [..., out, KB], [..., KB]
     scale, zero = quantized.scale.float(), quantized.zero.float()  # [out, groups]
-    acc = torch.zeros(t.shape[:-1])
+    acc = torch.zeros(t.shape[:-1], device=t.device)  # [..., out]
     for g in range(scale.shape[1]):
         blocks = range(g * per_group, (g + 1) * per_group)
         p, s = t[..., blocks[0]], xs[..., blocks[0], None]

@@ -105,6 +105,14 @@ def test_the_int8_activation_kernel_is_its_integer_definition_bit_for_bit(shape,
     assert (got.double() - want).abs().max() <= 0.05 * want.abs().max()  # int8 blocks: ~1% of the scale
 
 
+def test_the_int8_activation_reference_runs_where_its_inputs_are():
+    """The torch runner's path on another device (here "meta", which checks devices as CUDA would)."""
+    _, quantized = _layer(32, 64, 4, 32, False)
+    on_meta = Q.Quantized(*(t.to("meta") for t in (quantized.q, quantized.scale, quantized.zero)), quantized.bits)
+    y = Q.linear_int8_activations(torch.randn(3, 64, device="meta"), on_meta, 64)
+    assert y.device.type == "meta" and y.shape == (3, 32)
+
+
 @needs_kernels
 def test_the_int8_activation_reference_catches_a_wrong_rounding():
     """The companion: with activations rounded half away from zero instead of to even, the exact comparison
