@@ -64,9 +64,11 @@ def check_group_size(bits: int, group_size: int | None, in_features: int, int8_a
     return group_size
 
 
-def check_activation_groups(quantized: Quantized, in_features: int) -> None:
+def check_activation_groups(quantized: Quantized) -> None:
     """ValueError unless int8 activations can take this weight: per channel, or groups of multiples of 32."""
-    _blocks(quantized, in_features)
+    if quantized.scale.shape[1] != 1 and quantized.group_size % BLOCK:
+        raise ValueError(f"group_size must be a multiple of {BLOCK} (or None) for int8 activations, got "
+                         f"{quantized.group_size}; activations='float' takes any even group size")
 
 
 def quantize(weight: torch.Tensor, bits: int, group_size: int | None = 32, zero_point: bool = False) -> Quantized:
@@ -138,12 +140,10 @@ def packed_size(out_features: int, in_features: int, bits: int, group_size: int,
 def _blocks(quantized: Quantized, in_features: int) -> tuple[torch.Tensor, int]:
     """q [out, KB * 32] (per channel: padded to whole blocks of 32 features; the padding meets zero
     activations) and the blocks per group; ValueError where groups are not whole blocks."""
+    check_activation_groups(quantized)
     q, blocks = quantized.q, -(-in_features // BLOCK)
     if quantized.scale.shape[1] == 1:  # per channel
         return F.pad(q[:, :in_features], (0, blocks * BLOCK - in_features)), blocks
-    if quantized.group_size % BLOCK:
-        raise ValueError(f"group_size must be a multiple of {BLOCK} (or None) for int8 activations, got "
-                         f"{quantized.group_size}; activations='float' takes any even group size")
     return q, quantized.group_size // BLOCK
 
 
