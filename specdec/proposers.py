@@ -42,20 +42,35 @@ class DraftModelProposer:
         input_ids = input_ids.masked_fill(input_ids >= self.model.vocab_size, 0)
         last = (num_new - 1).clamp(min=0)[:, None]  # [batch, 1]
         drafts, probs = [], []
-        for _ in range(k):
+        drafting = state.active.clone()  # [batch] rows whose processors still allow a token
+        for j in range(k):
             logits = self.model(input_ids, positions, cache, logits_index=last)[:, 0]  # [batch, draft_vocab]
-            logits = state.fit_vocab(logits)  # [batch, vocab]
-            if state.sampling.greedy:
-                token = logits.argmax(dim=-1)
-            else:
-                p = state.sampling.probs(logits)
-                token = sample(p, state.generator)
+            logits = state.process(state.fit_vocab(logits), torch.stack(drafts, dim=1) if j else None)  # [batch, vocab]
+            token, p, drafting = draw(state, logits, drafting)
+            if p is not None:
                 probs.append(p)
             drafts.append(token)
-            input_ids, positions = token[:, None], cache.next_positions(state.active.long(), 1)
+            input_ids, positions = token.clamp(min=0)[:, None], cache.next_positions(state.active.long(), 1)
             last = torch.zeros_like(last)
         state.stats.draft_passes += k
         return torch.stack(drafts, dim=1), (torch.stack(probs, dim=1) if probs else None)
+
+
+def draw(state: DecodeState, logits, drafting):
+    """One draft step's tokens from logits [batch, vocab] over the target's vocabulary, processed: the argmax,
+    or a sample from the sampling settings' distribution, which is returned as draft_probs [batch, vocab] (None
+    when greedy). drafting [batch]: rows still drafting; a row whose processors leave no token possible stops
+    (its draft is -1 from there on: no distribution to draw from). returns token, draft_probs, drafting."""
+    if state.processing is not None:
+        drafting = drafting & ~logits.isneginf().all(dim=-1)
+    if state.sampling.greedy:
+        token, p = logits.argmax(dim=-1), None
+    else:
+        p = state.sampling.probs(logits)
+        if state.processing is not None:
+            p = p.nan_to_num(0.0)  # (a stopped row's: never read)
+        token = sample(p, state.generator)
+    return token.masked_fill(~drafting, -1), p, drafting
 
 
 class NGramProposer:
@@ -136,9 +151,17 @@ class HeadProposer:
         features = target.features_at(positions - 1).masked_fill((positions < 1)[..., None], 0)  # position 0: none
         last = (num_new - 1).clamp(min=0)[:, None]  # [batch, 1]
         drafts, probs = [], []
-        for _ in range(k):
+        drafting = ready.clone()
+        for j in range(k):
             logits = self.head(self.embed(input_ids), features, positions, cache, logits_index=last)[:, 0]
-            if state.sampling.greedy:  # (vocab_ids ascend: the first maximum is the one a full argmax finds)
+            if state.processing is not None:  # processors read the whole vocabulary: the ids never kept at -inf
+                full = logits.new_full((state.batch_size, state.vocab_size), -torch.inf)
+                full[:, self.head.vocab_ids] = logits
+                logits = state.process(full, torch.stack(drafts, dim=1) if j else None)  # [batch, vocab]
+                token, p, drafting = draw(state, logits, drafting)
+                if p is not None:
+                    probs.append(p)
+            elif state.sampling.greedy:  # (vocab_ids ascend: the first maximum is the one a full argmax finds)
                 token = self.head.vocab_ids[logits.argmax(dim=-1)]
             else:
                 # temperature, top-k and top-p over the kept ids alone: the ids never proposed would have
@@ -151,7 +174,7 @@ class HeadProposer:
             drafts.append(token)
             # the next position reads the head's own prediction of this one's feature
             features = cache.features_at(positions.gather(1, last))  # [batch, 1, hidden]
-            input_ids, positions = token[:, None], cache.next_positions(ready.long(), 1)
+            input_ids, positions = token.clamp(min=0)[:, None], cache.next_positions(ready.long(), 1)
             last = torch.zeros_like(last)
         # keep what the target's features made; the positions drafted on the head's own are redone next round
         # (a row that did not draft keeps its cache as it was: all of it came from the target's features)

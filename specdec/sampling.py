@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper
+from transformers.generation.logits_process import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper
 
 from specdec.kernels.rejection_sample import greedy_accept, rejection_sample
 from specdec.validate import integer
@@ -28,6 +28,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = 0  # 0 = no top-k filter
     top_p: float = 1.0
+    min_p: float = 0.0  # 0 = no min-p filter
 
     def __post_init__(self):
         t = self.temperature
@@ -40,6 +41,9 @@ class SamplingConfig:
         p = self.top_p
         if not isinstance(p, (int, float)) or not 0 < p <= 1:  # NaN fails the comparison too
             raise ValueError(f"top_p must lie in (0, 1], got top_p={p!r}")
+        m = self.min_p
+        if not isinstance(m, (int, float)) or not 0 <= m <= 1:
+            raise ValueError(f"min_p must lie in [0, 1], got min_p={m!r}")
 
     @property
     def greedy(self) -> bool:
@@ -47,7 +51,7 @@ class SamplingConfig:
         return not self.do_sample or self.temperature == 0 or self.top_k == 1
 
     def warp(self, logits: torch.Tensor) -> torch.Tensor:
-        """Apply temperature, top-k, top-p (transformers' own warpers, in generate()'s order).
+        """Apply temperature, top-k, top-p, min-p (transformers' own warpers, in generate()'s order).
 
         logits [..., vocab] -> processed logits [..., vocab]
         """
@@ -59,6 +63,8 @@ class SamplingConfig:
             scores = TopKLogitsWarper(self.top_k)(None, scores)
         if self.top_p < 1.0:
             scores = top_p_filter(scores, float(self.top_p))
+        if self.min_p > 0:
+            scores = MinPLogitsWarper(float(self.min_p))(None, scores)
         return scores.reshape(shape)
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import GenerationConfig
 
+from specdec.processing import Processing, check_processors
+from specdec.processing import builder as processor_builder
 from specdec.proposers import DraftModelProposer, HeadProposer, NGramProposer
 from specdec.sampling import SamplingConfig, verify
 from specdec.state import DecodeState
@@ -61,6 +63,8 @@ def speculative_step(target, cache, proposer, state: DecodeState, num_drafts, ge
     logits_index = ((num_unseen - 1).clamp(min=0)[:, None] + torch.arange(k + 1, device=positions.device))
     logits_index = logits_index.clamp(max=positions.shape[1] - 1)  # [batch, k + 1]
     logits = target(input_ids, positions, cache, logits_index=logits_index)  # [batch, k + 1, vocab]
+    if state.processing is not None:  # position i after the pending token and drafts 0..i-1
+        logits = state.processing.positions(logits, state, drafts)
     emitted, num_accepted = verify(drafts, draft_probs, logits, num_drafts, state.sampling,
                                    state.generator if generators is None else generators)
     # Keep the pending token and the accepted drafts; the recovered/bonus token becomes the new pending one.
@@ -303,8 +307,10 @@ _UNSET = _Unset()
 
 def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_draft_tokens=4,
              max_new_tokens=_UNSET, max_length=_UNSET, do_sample=_UNSET, temperature=_UNSET, top_k=_UNSET,
-             top_p=_UNSET, eos_token_id=_UNSET, pad_token_id=_UNSET, generator=None, streamer=None,
-             return_dict_in_generate=False, feature_hook=None):
+             top_p=_UNSET, min_p=_UNSET, eos_token_id=_UNSET, pad_token_id=_UNSET, repetition_penalty=_UNSET,
+             no_repeat_ngram_size=_UNSET, bad_words_ids=_UNSET, suppress_tokens=_UNSET, min_length=_UNSET,
+             min_new_tokens=_UNSET, logits_processor=None, prefix_allowed_tokens_fn=None, generator=None,
+             streamer=None, return_dict_in_generate=False, feature_hook=None):
     """Generate like transformers' ``model.generate()``; with ``draft_model``, speculatively and losslessly.
 
     input_ids       [batch, prompt_len] LongTensor; left padding allowed with attention_mask [batch, prompt_len].
@@ -324,6 +330,14 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
                     == position: row b's prompt without its padding, then its new tokens. Every position but
                     each row's last token holds its feature (the target never reads that token); the rest is
                     stale. A native target only. It changes nothing that generate() returns
+    logits_processor, prefix_allowed_tokens_fn, repetition_penalty, no_repeat_ngram_size, bad_words_ids,
+    suppress_tokens, min_length, min_new_tokens, min_p
+                    as in transformers, in its order (specdec/processing.py): every position of a speculative round
+                    is processed with the prefix plain decoding gives it, the draft's distribution too, and
+                    acceptance compares the processed distributions. A processor must be a function of
+                    (input_ids, scores) alone: it is called on sub-batches of rows with prefixes of one length,
+                    on drafts that may be rejected, and more than once for a prefix. Ones that keep state across
+                    calls (classifier-free guidance, Whisper's, Bark's, SynthID's) are refused
     returns         [batch, prompt_len + new_tokens] as transformers lays it out (finished rows padded with
                     pad_token_id), or GenerateOutput(sequences, stats) with return_dict_in_generate=True
 
@@ -353,8 +367,12 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
 
     target = as_native(model, "model")
     eos, pad_token_id, input_ids, attention_mask, sampling, max_new_tokens = _settings(
-        target, input_ids, attention_mask, eos_token_id, pad_token_id, do_sample, temperature, top_k, top_p,
+        target, input_ids, attention_mask, eos_token_id, pad_token_id, do_sample, temperature, top_k, top_p, min_p,
         max_new_tokens, max_length)
+    processing = _processing(target.generation_config, input_ids, attention_mask, eos, dict(
+        repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+        bad_words_ids=bad_words_ids, suppress_tokens=suppress_tokens, min_length=min_length,
+        min_new_tokens=min_new_tokens), logits_processor, prefix_allowed_tokens_fn)
     draft_length(num_draft_tokens)
     proposer = make_proposer(draft_model, target)
     _check_feature_hook(feature_hook, target)
@@ -376,6 +394,7 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
         active=torch.ones(batch, dtype=torch.bool, device=device), sampling=sampling, generator=generator,
         vocab_size=target.vocab_size, max_len=capacity + min(length.k, max_new_tokens) + 1,
         eos=torch.tensor(eos, dtype=torch.long, device=device), max_new_tokens=max_new_tokens,
+        processing=processing and Processing(input_ids, processing),
     )
     if streamer is not None:
         streamer.put(input_ids.cpu())
@@ -394,7 +413,7 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
 
 
 def _settings(target, input_ids, attention_mask, eos_token_id, pad_token_id, do_sample, temperature, top_k, top_p,
-              max_new_tokens, max_length):
+              min_p, max_new_tokens, max_length):
     """generate()'s settings, each resolved here, once: left out -> generation_config -> transformers' global
     default; an explicit None stays None and means what it means to transformers. Returns the EOS ids, the pad
     id, the checked input_ids and attention_mask, the SamplingConfig and max_new_tokens."""
@@ -412,7 +431,7 @@ def _settings(target, input_ids, attention_mask, eos_token_id, pad_token_id, do_
     input_ids, attention_mask = _check_inputs(
         input_ids, attention_mask, target, pad_token_id if pad_token_id is not None and pad_token_id not in eos
         else None)
-    sampling = _sampling_config(config, do_sample, temperature, top_k, top_p)
+    sampling = _sampling_config(config, do_sample, temperature, top_k, top_p, min_p)
     max_new_tokens = _max_new_tokens(config, max_new_tokens, max_length, input_ids.shape[1],
                                      getattr(getattr(target, "config", None), "max_position_embeddings", None))
     if pad_token_id is None:
@@ -499,19 +518,57 @@ def _setting(config, name, value):
     return GLOBAL_DEFAULTS.get(name) if found is None else found
 
 
-def _sampling_config(config, do_sample, temperature, top_k, top_p):
+def _sampling_config(config, do_sample, temperature, top_k, top_p, min_p):
     for name, default in UNSUPPORTED.items():
         value = getattr(config, name, None)
         if value not in (None, default):
             raise ValueError(f"generation_config.{name}={value!r} is not supported by specdec yet; set it to "
                              f"{default!r} (or None) to generate with the remaining settings")
-    do_sample, temperature, top_k, top_p = (_setting(config, name, value) for name, value in (
-        ("do_sample", do_sample), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p)))
+    do_sample, temperature, top_k, top_p, min_p = (_setting(config, name, value) for name, value in (
+        ("do_sample", do_sample), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
+        ("min_p", min_p)))
     # an explicit None: transformers skips that warper (and samples only where do_sample is true)
     sampling = SamplingConfig(bool(do_sample), 1.0 if temperature is None else temperature,
-                              0 if top_k is None else top_k, 1.0 if top_p is None else top_p)
+                              0 if top_k is None else top_k, 1.0 if top_p is None else top_p,
+                              0.0 if min_p is None else min_p)
     # as transformers: the sampling knobs are validated always, but inert in greedy mode
-    return sampling if sampling.do_sample else replace(sampling, temperature=1.0, top_k=0, top_p=1.0)
+    return sampling if sampling.do_sample else replace(sampling, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+
+
+def _processing(config, input_ids, attention_mask, eos, settings: dict, logits_processor, prefix_allowed_tokens_fn):
+    """The logits processors' settings resolved (left out -> generation_config; an explicit None: none) and
+    checked, naming the argument; returns rows -> processors (specdec/processing.py) or None."""
+    settings = {name: _setting(config, name, value) for name, value in settings.items()}
+    penalty = settings["repetition_penalty"]
+    if penalty is not None and (isinstance(penalty, bool) or not isinstance(penalty, (int, float))
+                                or not math.isfinite(penalty) or penalty <= 0):
+        raise ValueError(f"repetition_penalty must be a finite number > 0, got repetition_penalty={penalty!r}")
+    for name in ("no_repeat_ngram_size", "min_length", "min_new_tokens"):
+        if settings[name] is not None:
+            integer(name, settings[name], 0)
+    for name in ("bad_words_ids", "suppress_tokens"):
+        settings[name] = _id_lists(name, settings[name], nested=name == "bad_words_ids")
+    if prefix_allowed_tokens_fn is not None and not callable(prefix_allowed_tokens_fn):
+        raise ValueError("prefix_allowed_tokens_fn must be a function (batch_id, input_ids) -> allowed ids, got "
+                         f"prefix_allowed_tokens_fn={prefix_allowed_tokens_fn!r}")
+    settings["prefix_allowed_tokens_fn"] = prefix_allowed_tokens_fn
+    custom = check_processors(logits_processor, input_ids.shape[0])
+    return processor_builder(settings, custom, attention_mask, eos)
+
+
+def _id_lists(name, value, nested: bool):
+    """bad_words_ids (lists of ids) or suppress_tokens (ids) as lists of ints >= 0; None stays None."""
+    if value is None:
+        return None
+    try:
+        lists = [list(x) for x in value] if nested else [list(value)]
+        ok = all(lists) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for x in lists for i in x)
+    except TypeError:
+        ok = False
+    if not ok:
+        what = "a list of non-empty lists of token ids >= 0" if nested else "a list of token ids >= 0"
+        raise ValueError(f"{name} must be {what}, got {name}={value!r}")
+    return lists if nested else lists[0]
 
 
 #: transformers' global defaults (``GenerationConfig._get_default_generation_params()``), which fill what a
@@ -525,10 +582,8 @@ except AttributeError:  # an older transformers: its GenerationConfig() holds th
 
 #: generation_config fields that change what transformers generates and that specdec does not implement,
 #: with their neutral values: a model that sets one is refused rather than silently generating otherwise.
-UNSUPPORTED = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0, "min_length": 0,
-               "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None, "min_p": None,
-               "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beams": 1,
-               "forced_bos_token_id": None, "forced_eos_token_id": None, "sequence_bias": None,
+UNSUPPORTED = {"begin_suppress_tokens": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+               "num_beams": 1, "forced_bos_token_id": None, "forced_eos_token_id": None, "sequence_bias": None,
                "encoder_repetition_penalty": 1.0, "length_penalty": 1.0, "top_h": None}
 
 

@@ -27,6 +27,14 @@ class DecodeState:
     # the target's KV cache; for proposers that read the target's last hidden states (``needs_features``) it
     # keeps them too (``target_cache.features_at``)
     target_cache: object = None
+    # the logits processors (specdec/processing.Processing): position i of a round is processed with the row's
+    # tokens and drafts 0..i-1, the target's logits and the draft's alike; None: none
+    processing: object = None
+
+    def process(self, logits, drafted):
+        """A draft's logits [batch, vocab] after drafted [batch, j] (j = 0: nothing yet), processed as the target's
+        at that position; unchanged without processors."""
+        return logits if self.processing is None else self.processing(logits, self, drafted)
 
     @property
     def batch_size(self) -> int:

@@ -21,14 +21,15 @@ import types
 
 import torch
 from scipy import stats as scipy_stats
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
+                          TopPLogitsWarper)
 
 ALPHA = 1e-5  # false-alarm rate of one aggregate test
 SEED = int(os.environ.get("SPECDEC_TEST_SEED", "0"))  # the statistical tests' seed (tests/mutation_check.py varies it)
 MIN_EXPECTED = 5.0  # cells expected below this many counts are pooled
 
 
-def warpers(temperature=1.0, top_k=0, top_p=1.0) -> LogitsProcessorList:
+def warpers(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> LogitsProcessorList:
     """transformers' sampling warpers for these settings, in the order its generate() applies them."""
     out = LogitsProcessorList()
     if temperature != 1.0:
@@ -37,15 +38,19 @@ def warpers(temperature=1.0, top_k=0, top_p=1.0) -> LogitsProcessorList:
         out.append(TopKLogitsWarper(top_k))
     if top_p < 1.0:
         out.append(TopPLogitsWarper(top_p))
+    if min_p:
+        out.append(MinPLogitsWarper(min_p))
     return out
 
 
-def reference_joint(hf_model, prompt: list[int], new: int, knobs: dict, eos: int | None = None) -> torch.Tensor:
-    """P(t_1 .. t_new) of ancestral sampling from a transformers model with its warpers, by enumeration.
+def reference_joint(hf_model, prompt: list[int], new: int, knobs: dict, eos: int | None = None,
+                    processors=()) -> torch.Tensor:
+    """P(t_1 .. t_new) of ancestral sampling from a transformers model with its warpers, by enumeration;
+    ``processors`` (transformers' logits processors) run before the warpers, as generate() runs them.
 
     returns [S] * new with S = vocab + 1 symbols: ids, then END (after an EOS every later token is END)."""
     V = hf_model.config.vocab_size
-    END, process = V, warpers(**knobs)
+    END, process = V, LogitsProcessorList([*processors, *warpers(**knobs)])
     joint = torch.ones([1], dtype=torch.float64)  # over prefixes of length 0
     for step in range(new):
         combos = list(itertools.product(range(V + 1), repeat=step))
@@ -191,6 +196,11 @@ SAMPLER_BUGS = {
         "specdec/sampling.py", "keep[rows[done]].scatter(1, ids[done], above[done] < top_p)",
         "keep[rows[done]].scatter(1, ids[done], (above[done] < top_p) & ((above[done] + top[done] < top_p) "
         "| (above[done] == 0)))"),
+    "processors see a draft position without the drafts before it": (
+        "specdec/processing.py", "self(logits[:, i], state, drafts[:, :i])", "self(logits[:, i], state, drafts[:, :0])"),
+    "acceptance on the unprocessed target distribution": (
+        "specdec/processing.py", "self(logits[:, i], state, drafts[:, :i])",
+        "(self(logits[:, i], state, drafts[:, :i]) if i == logits.shape[1] - 1 else logits[:, i])"),
     "draft tokens not drawn from draft_probs": (
         "specdec/proposers.py", "token = sample(p, state.generator)",
         "token = sample(p.sqrt() / p.sqrt().sum(-1, keepdim=True), state.generator)"),
