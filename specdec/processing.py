@@ -47,21 +47,39 @@ class PrefixAllowed:
 
 
 class Processing:
-    """The target's logits processors of one generate() call, applied at any position of any row.
+    """The target's logits processors and grammar of one generate() call, applied at any position of any row.
 
     prompt_ids  [batch, P] the prompt as the caller passed it (left padding included): what a processor sees
                 before a row's new tokens
     build       rows -> the processors for those rows of the batch, in the order they run (the ones that read a
-                row's batch index or padding are made for the rows at hand)
+                row's batch index or padding are made for the rows at hand); None: no processors
+    grammar     specdec/grammar.GrammarMasks, applied after the processors (before the sampling warpers); or None
     """
 
-    def __init__(self, prompt_ids: torch.Tensor, build):
-        self.prompt_ids, self.build = prompt_ids, build
+    def __init__(self, prompt_ids: torch.Tensor, build, grammar=None):
+        self.prompt_ids, self.build, self.grammar = prompt_ids, build, grammar
 
     def __call__(self, scores: torch.Tensor, state, extra: torch.Tensor | None = None) -> torch.Tensor:
         """scores [batch, vocab] after each row's tokens (``state``: prompt, new tokens through the pending one)
         and then extra [batch, j] (the drafts before this position) -> processed scores [batch, vocab].
         Inactive rows come back as they were."""
+        out = scores if self.build is None else self._processed(scores, state, extra)
+        if self.grammar is not None:
+            j = 0 if extra is None else extra.shape[1]
+            out = out.masked_fill(~self.grammar.allowed(state, extra, j, j + 1)[:, 0], -torch.inf)
+        return out
+
+    def positions(self, logits: torch.Tensor, state, drafts: torch.Tensor) -> torch.Tensor:
+        """logits [batch, k + 1, vocab] of a verification pass: position i after drafts [batch, :i]."""
+        if self.build is not None:
+            logits = torch.stack([self._processed(logits[:, i], state, drafts[:, :i])
+                                  for i in range(logits.shape[1])], dim=1)
+        if self.grammar is not None:
+            logits = logits.masked_fill(~self.grammar.allowed(state, drafts, 0, logits.shape[1]), -torch.inf)
+        return logits
+
+    def _processed(self, scores, state, extra):
+        """The processors alone (see __call__)."""
         j = 0 if extra is None else extra.shape[1]
         new = state.num_tokens - state.prompt_lengths + j  # [batch] new tokens in each row's prefix
         out = scores.clone()
@@ -75,10 +93,6 @@ class Processing:
                 processed = processor(ids, processed)
             out[rows] = processed.to(out.dtype)
         return out
-
-    def positions(self, logits: torch.Tensor, state, drafts: torch.Tensor) -> torch.Tensor:
-        """logits [batch, k + 1, vocab] of a verification pass: position i after drafts [batch, :i]."""
-        return torch.stack([self(logits[:, i], state, drafts[:, :i]) for i in range(logits.shape[1])], dim=1)
 
     def _prefixes(self, rows, n: int, state, extra) -> torch.Tensor:
         """The rows' prefixes with n new tokens each: prompt_ids, then state's new tokens, then extra.

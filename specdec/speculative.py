@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import GenerationConfig
 
+from specdec.grammar import ForcedDrafts, GrammarMasks, check_grammar, compile_grammar
 from specdec.processing import Processing, check_processors
 from specdec.processing import builder as processor_builder
 from specdec.proposers import DraftModelProposer, HeadProposer, NGramProposer
@@ -309,8 +310,9 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
              max_new_tokens=_UNSET, max_length=_UNSET, do_sample=_UNSET, temperature=_UNSET, top_k=_UNSET,
              top_p=_UNSET, min_p=_UNSET, eos_token_id=_UNSET, pad_token_id=_UNSET, repetition_penalty=_UNSET,
              no_repeat_ngram_size=_UNSET, bad_words_ids=_UNSET, suppress_tokens=_UNSET, min_length=_UNSET,
-             min_new_tokens=_UNSET, logits_processor=None, prefix_allowed_tokens_fn=None, generator=None,
-             streamer=None, return_dict_in_generate=False, feature_hook=None):
+             min_new_tokens=_UNSET, logits_processor=None, prefix_allowed_tokens_fn=None, grammar=None,
+             tokenizer=None, forced_drafts=True, generator=None, streamer=None, return_dict_in_generate=False,
+             feature_hook=None):
     """Generate like transformers' ``model.generate()``; with ``draft_model``, speculatively and losslessly.
 
     input_ids       [batch, prompt_len] LongTensor; left padding allowed with attention_mask [batch, prompt_len].
@@ -338,6 +340,11 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
                     (input_ids, scores) alone: it is called on sub-batches of rows with prefixes of one length,
                     on drafts that may be rejected, and more than once for a prefix. Ones that keep state across
                     calls (classifier-free guidance, Whisper's, Bark's, SynthID's) are refused
+    grammar         structured output (specdec/grammar.py, on xgrammar): {"json_schema": schema (dict or JSON
+                    text)}, {"json_object": True}, {"regex": pattern} or {"ebnf": grammar}; needs ``tokenizer``
+                    and an EOS id (a row ends with it once the grammar is complete). Every position, the
+                    draft's too, is masked to the tokens the grammar allows after its prefix; with
+                    ``forced_drafts`` (the default) tokens the grammar forces are offered as drafts, free
     returns         [batch, prompt_len + new_tokens] as transformers lays it out (finished rows padded with
                     pad_token_id), or GenerateOutput(sequences, stats) with return_dict_in_generate=True
 
@@ -373,8 +380,14 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
         repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
         bad_words_ids=bad_words_ids, suppress_tokens=suppress_tokens, min_length=min_length,
         min_new_tokens=min_new_tokens), logits_processor, prefix_allowed_tokens_fn)
+    masks = None
+    if grammar is not None:
+        compiled = compile_grammar(check_grammar(grammar, tokenizer, eos), tokenizer, target.vocab_size)
+        masks = GrammarMasks(compiled, input_ids.shape[0], target.vocab_size, eos)
     draft_length(num_draft_tokens)
     proposer = make_proposer(draft_model, target)
+    if masks is not None and forced_drafts:
+        proposer = ForcedDrafts(proposer, masks)
     _check_feature_hook(feature_hook, target)
     if streamer is not None and input_ids.shape[0] != 1:
         raise ValueError(f"streamer needs batch size 1, got input_ids of shape {tuple(input_ids.shape)}")
@@ -394,7 +407,7 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
         active=torch.ones(batch, dtype=torch.bool, device=device), sampling=sampling, generator=generator,
         vocab_size=target.vocab_size, max_len=capacity + min(length.k, max_new_tokens) + 1,
         eos=torch.tensor(eos, dtype=torch.long, device=device), max_new_tokens=max_new_tokens,
-        processing=processing and Processing(input_ids, processing),
+        processing=Processing(input_ids, processing, masks) if processing or masks else None,
     )
     if streamer is not None:
         streamer.put(input_ids.cpu())
@@ -450,12 +463,16 @@ def _decode(target, proposer, state: DecodeState, length, streamer, feature_hook
         # (only then the keyword: a transformers-fallback target's cache has no features)
         features = {"features": True} if head or feature_hook is not None else {}
         cache = state.target_cache = target.new_cache(batch, state.max_len, **features)
+        drafter = proposer.inner if isinstance(proposer, ForcedDrafts) else proposer
         while bool(state.active.any()):
-            k = length.next(state.stats) if proposer is not None else 0
+            k = length.next(state.stats) if drafter is not None else 0
             if head and state.stats.target_passes == 0:
                 k = 0  # a draft head drafts from the target's features, which the prefill makes
             remaining = state.max_new_tokens - (state.num_tokens - prompt_lengths)
             num_drafts = torch.where(state.active, (remaining - 1).clamp(min=0, max=k), 0)  # [batch]
+            if drafter is not proposer:  # the grammar's forced tokens ride along, as many as fit
+                num_drafts = torch.maximum(num_drafts, proposer.prepare(state, torch.where(
+                    state.active, remaining - 1, 0)))
             emitted, num_accepted, num_drafts = speculative_step(target, cache, proposer, state, num_drafts)
             counts = commit(state, emitted, num_accepted, num_drafts)
             if streamer is not None:

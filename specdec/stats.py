@@ -80,6 +80,7 @@ class SpecStats:
     requested: int = 0  # drafts asked of the proposer (k per active row, fewer near max_new_tokens)
     proposed: int = 0  # draft tokens offered to the target (an n-gram lookup without a match offers none)
     accepted: int = 0  # draft tokens the target kept
+    forced: int = 0  # of the proposed, tokens a grammar forced (the only one it allowed: always kept)
     emitted: int = 0  # tokens appended to the output (accepted + recovered/bonus, cut at EOS and max_new_tokens)
     target_passes: int = 0  # target forwards; the first one also prefills the prompt
     draft_passes: int = 0  # draft forwards, its prefill and catch-up included
@@ -200,6 +201,7 @@ class SpecStats:
             ("tokens per target forward", self.tokens_per_target_forward),
             ("proposed / accepted", f"{self.proposed} / {self.accepted}"),
             ("acceptance rate", self.acceptance_rate if self.proposed else None),
+            *([("forced by the grammar", self.forced)] if self.forced else []),
             ("per-position acceptance", " ".join(f"{r:.2f}" for r in self.per_position_acceptance) or "-"),
             ("draft passes", self.draft_passes),
             ("draft cost ratio c", self.cost_ratio),

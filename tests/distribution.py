@@ -197,10 +197,11 @@ SAMPLER_BUGS = {
         "keep[rows[done]].scatter(1, ids[done], (above[done] < top_p) & ((above[done] + top[done] < top_p) "
         "| (above[done] == 0)))"),
     "processors see a draft position without the drafts before it": (
-        "specdec/processing.py", "self(logits[:, i], state, drafts[:, :i])", "self(logits[:, i], state, drafts[:, :0])"),
+        "specdec/processing.py", "self._processed(logits[:, i], state, drafts[:, :i])",
+        "self._processed(logits[:, i], state, drafts[:, :0])"),
     "acceptance on the unprocessed target distribution": (
-        "specdec/processing.py", "self(logits[:, i], state, drafts[:, :i])",
-        "(self(logits[:, i], state, drafts[:, :i]) if i == logits.shape[1] - 1 else logits[:, i])"),
+        "specdec/processing.py", "self._processed(logits[:, i], state, drafts[:, :i])",
+        "(self._processed(logits[:, i], state, drafts[:, :i]) if i == logits.shape[1] - 1 else logits[:, i])"),
     "draft tokens not drawn from draft_probs": (
         "specdec/proposers.py", "token = sample(p, state.generator)",
         "token = sample(p.sqrt() / p.sqrt().sum(-1, keepdim=True), state.generator)"),
