@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import replace
 
 import torch
 
@@ -31,6 +32,10 @@ def check_grammar(grammar, tokenizer, eos: list[int]) -> dict:
     if not eos:
         raise ValueError("grammar ends a row with an EOS id when the grammar is complete: eos_token_id must "
                          "name one (got none)")
+    try:
+        import xgrammar  # noqa: F401
+    except ImportError:
+        raise ImportError('grammar= needs xgrammar: pip install "specdec[grammar]"') from None
     form, value = next(iter(grammar.items()))
     if form == "json_schema" and isinstance(value, dict):
         value = json.dumps(value)
@@ -73,8 +78,12 @@ class GrammarMasks:
 
         self.matchers = [xgr.GrammarMatcher(compiled, override_stop_tokens=eos) for _ in range(batch)]
         self.consumed = [0] * batch  # new tokens each matcher has accepted
+        # each row's mask at its committed state: a round asks for it up to three times (its forced run, the
+        # draft's first step, the verification's first position)
+        self.committed: list[torch.Tensor | None] = [None] * batch
         self.vocab_size = vocab_size
         self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # [1, ceil(vocab / 32)] int32
+        self.bits = torch.arange(32, dtype=torch.int32)
 
     def allowed(self, state, drafts: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
         """Positions start..stop-1 of every active row, position i after the row's tokens and drafts[:, :i]:
@@ -88,7 +97,7 @@ class GrammarMasks:
             taken = 0
             for i in range(stop):
                 if i >= start and not matcher.is_terminated():  # (after an EOS draft: the row ends there)
-                    out[b, i - start] = self._mask(matcher)
+                    out[b, i - start] = self._mask(matcher) if taken else self._committed(b, matcher)
                 if i == stop - 1 or i >= len(rows[b]) or not matcher.accept_token(max(rows[b][i], 0)):
                     break
                 taken += 1
@@ -101,7 +110,7 @@ class GrammarMasks:
         for b in state.active.nonzero().flatten().tolist():
             matcher = self._synced(b, state)
             while len(runs[b]) < limit and not matcher.is_terminated():
-                ids = self._mask(matcher).nonzero().flatten()
+                ids = (self._mask(matcher) if runs[b] else self._committed(b, matcher)).nonzero().flatten()
                 if len(ids) != 1 or not matcher.accept_token(int(ids[0])):
                     break
                 runs[b].append(int(ids[0]))
@@ -112,16 +121,24 @@ class GrammarMasks:
         """Row b's matcher, advanced over the tokens committed since it last saw the row."""
         matcher = self.matchers[b]
         start, have = int(state.prompt_lengths[b]), int(state.num_tokens[b] - state.prompt_lengths[b])
+        if have == self.consumed[b]:
+            return matcher
         for token in state.tokens[b, start + self.consumed[b]: start + have].tolist():
             if not matcher.accept_token(token):
                 raise RuntimeError(f"row {b} committed token {token}, which its grammar forbids")
-        self.consumed[b] = have
+        self.consumed[b], self.committed[b] = have, None
         return matcher
+
+    def _committed(self, b: int, matcher) -> torch.Tensor:
+        """Row b's mask at its committed state (the matcher must be there)."""
+        if self.committed[b] is None:
+            self.committed[b] = self._mask(matcher)
+        return self.committed[b]
 
     def _mask(self, matcher) -> torch.Tensor:
         """allowed [vocab] bool at the matcher's state."""
         matcher.fill_next_token_bitmask(self.bitmask, 0)
-        bits = (self.bitmask[0, :, None] >> torch.arange(32, dtype=torch.int32)) & 1  # [words, 32]
+        bits = (self.bitmask[0, :, None] >> self.bits) & 1  # [words, 32]
         return bits.reshape(-1)[: self.vocab_size].bool()
 
 
@@ -146,8 +163,6 @@ class ForcedDrafts:
         probs = None
         others = state.active & ~forced
         if self.inner is not None and bool(others.any()):
-            from dataclasses import replace
-
             drafts, probs = self.inner.propose(replace(state, active=others), k)
             drafts = drafts.masked_fill(forced[:, None], -1)
         for b in forced.nonzero().flatten().tolist():

@@ -43,9 +43,9 @@ class DraftModelProposer:
         last = (num_new - 1).clamp(min=0)[:, None]  # [batch, 1]
         drafts, probs = [], []
         drafting = state.active.clone()  # [batch] rows whose processors still allow a token
-        for j in range(k):
+        for _ in range(k):
             logits = self.model(input_ids, positions, cache, logits_index=last)[:, 0]  # [batch, draft_vocab]
-            logits = state.process(state.fit_vocab(logits), torch.stack(drafts, dim=1) if j else None)  # [batch, vocab]
+            logits = state.process(state.fit_vocab(logits), drafts)  # [batch, vocab]
             token, p, drafting = draw(state, logits, drafting)
             if p is not None:
                 probs.append(p)
@@ -61,16 +61,15 @@ def draw(state: DecodeState, logits, drafting):
     or a sample from the sampling settings' distribution, which is returned as draft_probs [batch, vocab] (None
     when greedy). drafting [batch]: rows still drafting; a row whose processors leave no token possible stops
     (its draft is -1 from there on: no distribution to draw from). returns token, draft_probs, drafting."""
-    if state.processing is not None:
-        drafting = drafting & ~logits.isneginf().all(dim=-1)
     if state.sampling.greedy:
         token, p = logits.argmax(dim=-1), None
     else:
         p = state.sampling.probs(logits)
-        if state.processing is not None:
-            p = p.nan_to_num(0.0)  # (a stopped row's: never read)
         token = sample(p, state.generator)
-    return token.masked_fill(~drafting, -1), p, drafting
+    if state.processing is None:  # (every row has a token to draw)
+        return token, p, drafting
+    drafting = drafting & ~logits.isneginf().all(dim=-1)
+    return token.masked_fill(~drafting, -1), (None if p is None else p.nan_to_num(0.0)), drafting
 
 
 class NGramProposer:
@@ -152,12 +151,12 @@ class HeadProposer:
         last = (num_new - 1).clamp(min=0)[:, None]  # [batch, 1]
         drafts, probs = [], []
         drafting = ready.clone()
-        for j in range(k):
+        for _ in range(k):
             logits = self.head(self.embed(input_ids), features, positions, cache, logits_index=last)[:, 0]
             if state.processing is not None:  # processors read the whole vocabulary: the ids never kept at -inf
                 full = logits.new_full((state.batch_size, state.vocab_size), -torch.inf)
                 full[:, self.head.vocab_ids] = logits
-                logits = state.process(full, torch.stack(drafts, dim=1) if j else None)  # [batch, vocab]
+                logits = state.process(full, drafts)  # [batch, vocab]
                 token, p, drafting = draw(state, logits, drafting)
                 if p is not None:
                     probs.append(p)

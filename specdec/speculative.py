@@ -376,7 +376,7 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
     eos, pad_token_id, input_ids, attention_mask, sampling, max_new_tokens = _settings(
         target, input_ids, attention_mask, eos_token_id, pad_token_id, do_sample, temperature, top_k, top_p, min_p,
         max_new_tokens, max_length)
-    processing = _processing(target.generation_config, input_ids, attention_mask, eos, dict(
+    build = _processing(target.generation_config, input_ids, attention_mask.to(target.device), eos, dict(
         repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
         bad_words_ids=bad_words_ids, suppress_tokens=suppress_tokens, min_length=min_length,
         min_new_tokens=min_new_tokens), logits_processor, prefix_allowed_tokens_fn)
@@ -407,7 +407,7 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
         active=torch.ones(batch, dtype=torch.bool, device=device), sampling=sampling, generator=generator,
         vocab_size=target.vocab_size, max_len=capacity + min(length.k, max_new_tokens) + 1,
         eos=torch.tensor(eos, dtype=torch.long, device=device), max_new_tokens=max_new_tokens,
-        processing=Processing(input_ids, processing, masks) if processing or masks else None,
+        processing=Processing(input_ids, build, masks) if build or masks else None,
     )
     if streamer is not None:
         streamer.put(input_ids.cpu())

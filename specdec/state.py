@@ -31,10 +31,12 @@ class DecodeState:
     # tokens and drafts 0..i-1, the target's logits and the draft's alike; None: none
     processing: object = None
 
-    def process(self, logits, drafted):
-        """A draft's logits [batch, vocab] after drafted [batch, j] (j = 0: nothing yet), processed as the target's
-        at that position; unchanged without processors."""
-        return logits if self.processing is None else self.processing(logits, self, drafted)
+    def process(self, logits, drafted: list):
+        """A draft's logits [batch, vocab] after the drafted tokens (a list of j [batch] tensors, j = 0: nothing
+        yet), processed as the target's at that position; unchanged without processors."""
+        if self.processing is None:
+            return logits
+        return self.processing(logits, self, torch.stack(drafted, dim=1) if drafted else None)
 
     @property
     def batch_size(self) -> int:

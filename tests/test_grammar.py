@@ -2,6 +2,7 @@
 plain output, every finished row follows its grammar, forced tokens ride as free drafts."""
 
 import json
+import re
 import string
 
 import pytest
@@ -80,23 +81,27 @@ def test_forced_tokens_are_free_drafts_counted_in_the_stats(tokenizer):
     assert stats.forced > 5 and stats.accepted == stats.forced == stats.proposed
     assert stats.tokens_per_target_forward > 1.5
     assert "forced by the grammar" in str(stats)
+    value = json.loads(_text(tokenizer, out.sequences[0], 3))  # it finishes: valid JSON of the schema
+    assert set(value) == {"name", "ok", "tag"} and value["tag"] in ("ab", "cd")
     bare = specdec.generate(target, torch.tensor([[5, 6, 7]]), max_new_tokens=60, eos_token_id=2,
                             grammar={"json_schema": SCHEMA}, tokenizer=tokenizer, forced_drafts=False)
     assert torch.equal(out.sequences, bare)
 
 
-@pytest.mark.parametrize("grammar, fits", [({"regex": "(ab|c)+x"}, lambda t: t.endswith("x")),
-                                           ({"json_object": True}, lambda t: json.loads(t) is not None),
-                                           ({"ebnf": 'root ::= "k" [0-9]+ ";"'}, lambda t: t[0] == "k")])
-def test_regex_any_json_and_ebnf(tokenizer, grammar, fits):
+@pytest.mark.parametrize("grammar, fits", [({"regex": "(ab|c)+x"}, lambda t: re.fullmatch("(ab|c)+x", t)),
+                                           ({"ebnf": 'root ::= "k" [0-9]+ ";"'}, lambda t: re.fullmatch("k[0-9]+;", t)),
+                                           ({"json_object": True}, None)])
+def test_regex_ebnf_and_any_json(tokenizer, grammar, fits):
+    """The regex and EBNF rows finish (EOS) and match; any JSON: the tiny model never closes its object within
+    40 tokens, so only spec == plain is checked there."""
     target = tiny_model("llama")
     ids = torch.tensor([[5, 6, 7]])
     out = specdec.generate(target, ids, max_new_tokens=40, eos_token_id=2, grammar=grammar, tokenizer=tokenizer,
                            draft_model=perturbed_copy("llama"), num_draft_tokens=3)
     plain = specdec.generate(target, ids, max_new_tokens=40, eos_token_id=2, grammar=grammar, tokenizer=tokenizer)
     assert torch.equal(out, plain)
-    if 2 in out[0, 3:].tolist():
-        assert fits(_text(tokenizer, out[0], 3))
+    if fits is not None:
+        assert 2 in out[0, 3:].tolist() and fits(_text(tokenizer, out[0], 3))
 
 
 @pytest.mark.parametrize("kwargs, match", [
