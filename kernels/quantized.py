@@ -58,17 +58,22 @@ def check_group_size(bits: int, group_size: int | None, in_features: int, int8_a
             or in_features % group_size):
         raise ValueError(f"group_size must be an even number dividing the layer's {in_features} input features, "
                          f"or None (one group per output channel), got {group_size!r}")
-    if int8_activations and group_size % BLOCK:
-        raise ValueError(f"group_size must be a multiple of {BLOCK} (or None) for int8 activations, got "
-                         f"{group_size!r}; activations='float' takes any even group size")
+    if int8_activations:
+        check_activation_groups(group_size)
     return group_size
 
 
-def check_activation_groups(quantized: Quantized) -> None:
-    """ValueError unless int8 activations can take this weight: per channel, or groups of multiples of 32."""
-    if quantized.scale.shape[1] != 1 and quantized.group_size % BLOCK:
+def check_activation_groups(group_size: int) -> None:
+    """ValueError unless int8 activations can take groups of ``group_size`` features: multiples of 32, or 0
+    (one group per output channel)."""
+    if group_size % BLOCK:
         raise ValueError(f"group_size must be a multiple of {BLOCK} (or None) for int8 activations, got "
-                         f"{quantized.group_size}; activations='float' takes any even group size")
+                         f"{group_size!r}; activations='float' takes any even group size")
+
+
+def activation_groups(quantized: Quantized) -> int:
+    """The group size a quantized weight was made with, 0 for one group per output channel."""
+    return 0 if quantized.scale.shape[1] == 1 else quantized.group_size
 
 
 def quantize(weight: torch.Tensor, bits: int, group_size: int | None = 32, zero_point: bool = False) -> Quantized:
@@ -140,7 +145,7 @@ def packed_size(out_features: int, in_features: int, bits: int, group_size: int,
 def _blocks(quantized: Quantized, in_features: int) -> tuple[torch.Tensor, int]:
     """q [out, KB * 32] (per channel: padded to whole blocks of 32 features; the padding meets zero
     activations) and the blocks per group; ValueError where groups are not whole blocks."""
-    check_activation_groups(quantized)
+    check_activation_groups(activation_groups(quantized))
     q, blocks = quantized.q, -(-in_features // BLOCK)
     if quantized.scale.shape[1] == 1:  # per channel
         return F.pad(q[:, :in_features], (0, blocks * BLOCK - in_features)), blocks

@@ -37,7 +37,7 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = in_features, quantized.q.shape[0]
         self.bits, self.per_channel, self.activations = quantized.bits, per_channel, activations
         if activations == "int8":  # raises where the groups are not whole blocks of 32 input features
-            Q.check_activation_groups(quantized)
+            Q.check_activation_groups(Q.activation_groups(quantized))
         self.register_buffer("qweight", quantized.q)  # uint8 [out, groups * group]
         self.register_buffer("scale_bits", quantized.scale.view(torch.int16))  # float16 bits [out, groups]
         self.register_buffer("zero_bits", quantized.zero.view(torch.int16))  # float16 bits [out, groups]
