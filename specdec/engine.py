@@ -35,6 +35,7 @@ from specdec.sampling import SamplingConfig
 from specdec.speculative import DraftLength, commit, make_proposer, token_ids, needs_features, speculative_step
 from specdec.state import DecodeState
 from specdec.stats import SpecStats
+from specdec import validate
 from specdec.validate import draft_length, integer
 
 GREEDY = SamplingConfig()
@@ -52,9 +53,7 @@ class RequestParams:
 
     def __post_init__(self):
         integer("max_new_tokens", self.max_new_tokens)
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
-                                      or not 0 <= self.seed < 2**64):  # torch's seeds: unsigned 64-bit
-            raise ValueError(f"seed must be an integer in 0..2**64 - 1 or None, got seed={self.seed!r}")
+        validate.seed("seed", self.seed)
         # SamplingConfig validates temperature, top_k and top_p and names the offending one
         SamplingConfig(True, self.temperature, self.top_k, self.top_p)
 
@@ -134,13 +133,16 @@ class Engine:
     kv_blocks         blocks in the target's pool (and the draft's); default max_num_seqs * 32
     block_size        positions per block
     max_model_len     prompt + max_new_tokens limit (an integer >= 1); default the target's max_position_embeddings
+    seed              seeds the generator that samples a draft model's or head's drafts (None: a random seed);
+                      each request's own ``seed`` decides its tokens, this one only which drafts are offered
 
     ``add_request`` queues a request, ``step`` runs one step and returns what each scheduled request emitted,
     ``abort`` drops a request and frees its blocks. Not thread-safe: drive it from one thread.
     """
 
     def __init__(self, target, draft=None, num_draft_tokens=4, max_num_seqs: int = 32, kv_blocks: int | None = None,
-                 block_size: int = 16, *, max_model_len: int | None = None, eos_token_id=None):
+                 block_size: int = 16, *, max_model_len: int | None = None, eos_token_id=None,
+                 seed: int | None = None):
         from specdec.models.loading import as_native
 
         self.target = as_native(target, "target")
@@ -177,7 +179,10 @@ class Engine:
             self.draft_pool = draft_model.new_pool(kv_blocks, block_size) if draft_model is not None else None
         # drafts are sampled with the engine's generator; each request's own generator decides its tokens
         self._draft_generator = torch.Generator(device=device)
-        self._draft_generator.seed()
+        if seed is None:
+            self._draft_generator.seed()
+        else:
+            self._draft_generator.manual_seed(validate.seed("seed", seed))
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._ids: dict[str, _Sequence] = {}

@@ -10,6 +10,13 @@ def integer(name: str, value, minimum: int = 1):
     return value
 
 
+def seed(name: str, value):
+    """``value`` if it is None or a torch seed (an int in 0..2**64 - 1, unsigned 64-bit); else ValueError."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**64):
+        raise ValueError(f"{name} must be an integer in 0..2**64 - 1 or None, got {name}={value!r}")
+    return value
+
+
 def draft_length(value):
     """num_draft_tokens: an integer >= 1 or "auto"."""
     if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
