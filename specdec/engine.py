@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 
 from specdec.cache import PagedKVCache
+from specdec.grammar import ForcedDrafts, GrammarMasks, RowGrammar, check_grammar, compile_grammar
+from specdec.processing import OpenAIPenalties, Processing
 from specdec.proposers import DraftModelProposer, HeadProposer
 from specdec.sampling import SamplingConfig
 from specdec.speculative import DraftLength, commit, make_proposer, token_ids, needs_features, speculative_step
@@ -50,10 +52,27 @@ class RequestParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k filter
     seed: int | None = None  # seeds this request's own generator (None: a fresh random seed)
+    # OpenAI's penalties, -2..2, on the logits before sampling: minus frequency_penalty times the times a token
+    # occurs in the output so far, minus presence_penalty if it occurs at all (specdec/processing.py)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict | None = None  # {token id: -100..100} added to its logit
+    # structured output, as generate()'s grammar= ({"json_schema": ...}, {"json_object": True}, {"regex": ...},
+    # {"ebnf": ...}); needs an Engine with a tokenizer
+    grammar: dict | None = None
 
     def __post_init__(self):
         integer("max_new_tokens", self.max_new_tokens)
         validate.seed("seed", self.seed)
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {name}={value!r}")
+        bias = self.logit_bias or {}
+        if not isinstance(bias, dict) or any(
+                isinstance(t, bool) or not isinstance(t, int) or isinstance(b, bool)
+                or not isinstance(b, (int, float)) or not -100 <= b <= 100 for t, b in bias.items()):
+            raise ValueError(f"logit_bias must map token ids to numbers in [-100, 100], got logit_bias={bias!r}")
         # SamplingConfig validates temperature, top_k and top_p and names the offending one
         SamplingConfig(True, self.temperature, self.top_k, self.top_p)
 
@@ -62,6 +81,11 @@ class RequestParams:
         if self.temperature == 0:
             return GREEDY
         return SamplingConfig(True, float(self.temperature), self.top_k, float(self.top_p))
+
+    @property
+    def processed(self) -> bool:
+        """Whether the logits are processed before sampling (penalties, a bias)."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.logit_bias)
 
 
 @dataclass
@@ -101,6 +125,7 @@ class _Sequence:
     cached: int = 0  # positions in the target's cache
     draft_cached: int = 0
     preemptions: int = 0
+    grammar: RowGrammar | None = None  # its matcher, following its output
 
     @property
     def num_output(self) -> int:
@@ -135,6 +160,8 @@ class Engine:
     max_model_len     prompt + max_new_tokens limit (an integer >= 1); default the target's max_position_embeddings
     seed              seeds the generator that samples a draft model's or head's drafts (None: a random seed);
                       each request's own ``seed`` decides its tokens, this one only which drafts are offered
+    tokenizer         the model's, for requests with a ``grammar`` (compiled with it; the text a grammar
+                      forces is tokenized with it into drafts offered within the step's k)
 
     ``add_request`` queues a request, ``step`` runs one step and returns what each scheduled request emitted,
     ``abort`` drops a request and frees its blocks. Not thread-safe: drive it from one thread.
@@ -142,7 +169,7 @@ class Engine:
 
     def __init__(self, target, draft=None, num_draft_tokens=4, max_num_seqs: int = 32, kv_blocks: int | None = None,
                  block_size: int = 16, *, max_model_len: int | None = None, eos_token_id=None,
-                 seed: int | None = None):
+                 seed: int | None = None, tokenizer=None):
         from specdec.models.loading import as_native
 
         self.target = as_native(target, "target")
@@ -170,6 +197,7 @@ class Engine:
         eos = token_ids("eos_token_id", eos_token_id if eos_token_id is not None
                          else getattr(gen, "eos_token_id", None))
         self.eos_token_ids = eos
+        self.tokenizer = tokenizer
         device = self.target.device
         self._eos = torch.tensor(eos, dtype=torch.long, device=device)
         with torch.inference_mode():
@@ -222,7 +250,18 @@ class Engine:
         if need > self.pool.num_blocks:
             raise ValueError(f"prompt + max_new_tokens = {total} tokens need {need} KV blocks; the pool has "
                              f"{self.pool.num_blocks} (block_size {self.pool.block_size})")
+        bad = [t for t in params.logit_bias or {} if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"logit_bias holds id {bad[0]} outside the vocabulary 0..{vocab - 1}")
+        self.compiled_grammar(params)
         return list(prompt_ids), params
+
+    def compiled_grammar(self, params: RequestParams):
+        """The request's compiled grammar (None without one); ValueError naming ``grammar`` if it is wrong."""
+        if params.grammar is None:
+            return None
+        grammar = check_grammar(params.grammar, self.tokenizer, self.eos_token_ids)
+        return compile_grammar(grammar, self.tokenizer, self.target.vocab_size)  # (xgrammar caches it)
 
     def add_request(self, prompt_ids, params: RequestParams | None = None, request_id: str | None = None) -> str:
         """Queue a request; it joins the running batch at a step boundary. Returns its id."""
@@ -240,6 +279,8 @@ class Engine:
             else:
                 generator.manual_seed(params.seed)
         seq = _Sequence(request_id, self._arrivals, list(prompt_ids), len(prompt_ids), params, sampling, generator)
+        if params.grammar is not None:
+            seq.grammar = RowGrammar(self.compiled_grammar(params), self.eos_token_ids)
         self._arrivals += 1
         self._ids[request_id] = seq
         self._waiting.append(seq)
@@ -322,14 +363,46 @@ class Engine:
             state.scratch[self.proposer] = draft_cache
         remaining = max_new - (num_tokens - prompt_lengths)
         num_drafts = (remaining - 1).clamp(min=0, max=k)  # [batch] as generate() asks
+        state.processing = self._processing(seqs)
+        proposer, counted = self.proposer, None
+        if state.processing is not None and state.processing.grammar is not None and k > 0:
+            # the grammars' drafts, within this step's k (the blocks reserved for it)
+            proposer = ForcedDrafts(self.proposer, state.processing.grammar)
+            proposer.prepare(state, num_drafts, k)
+            counted = ~proposer.grammar_rows(device)
         with torch.inference_mode():
-            emitted, num_accepted, num_drafts = speculative_step(self.target, cache, self.proposer, state, num_drafts,
-                                                                 generators=[s.generator for s in seqs])
-            counts = commit(state, emitted, num_accepted, num_drafts)
+            emitted, num_accepted, num_drafts = speculative_step(self.target, cache, proposer, state, num_drafts,
+                                                                 generators=[s.generator for s in seqs],
+                                                                 counted=counted)
+            if counted is not None:
+                proposer.settle(state, num_accepted)
+            counts = commit(state, emitted, num_accepted, num_drafts, counted)
         outputs, counts = self._outputs(seqs, emitted, counts, state, draft_cache)
         self.last_step = StepInfo(len(seqs), k, prefill=bool(prefill), emitted=counts,
                                   seconds=time.perf_counter() - start)
         return outputs
+
+    def _processing(self, seqs: list[_Sequence]) -> Processing | None:
+        """The step's logits processing: each request's penalties and bias over its output so far (the
+        processors see a row's new tokens alone: an empty prompt), its grammar; None where no request has any."""
+        grammars = [s.grammar for s in seqs]
+        masks = GrammarMasks(grammars, self.target.vocab_size, self.tokenizer) if any(grammars) else None
+        params = [s.params for s in seqs]
+        build = None
+        if any(p.processed for p in params):
+            device = self.target.device
+            frequency = torch.tensor([float(p.frequency_penalty) for p in params], device=device)
+            presence = torch.tensor([float(p.presence_penalty) for p in params], device=device)
+            bias = torch.zeros(len(seqs), self.target.vocab_size, device=device)  # [batch, vocab]
+            for row, p in enumerate(params):
+                for token, value in (p.logit_bias or {}).items():
+                    bias[row, token] = value
+
+            def build(rows: list[int]) -> list:
+                return [OpenAIPenalties(frequency[rows], presence[rows], bias[rows])]
+        if build is None and masks is None:
+            return None
+        return Processing(torch.zeros(len(seqs), 0, dtype=torch.long, device=self.target.device), build, masks)
 
     def _outputs(self, seqs, emitted, counts, state, draft_cache) -> tuple[list[RequestOutput], list[int]]:
         """What each sequence emitted this step into its tokens and its request's output; finished ones leave

@@ -67,94 +67,155 @@ def compile_grammar(grammar: dict, tokenizer, vocab_size: int):
         raise ValueError(f"grammar {form} does not compile: {err}") from None
 
 
-class GrammarMasks:
-    """One matcher per row of a generate() call: the tokens each position of a row may take.
+#: bit t of a mask word: token 32 w + t of word w (xgrammar's layout of a token bitmask)
+SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
+def masked(logits: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """logits [..., vocab] with the tokens a mask forbids at -inf; bits [..., words] int32 (GrammarMasks)."""
+    allowed = ((bits[..., None] >> SHIFTS) & 1).flatten(-2)[..., : logits.shape[-1]]  # [..., vocab]
+    return logits.masked_fill(allowed == 0, -torch.inf)
+
+
+def single_token(bits: torch.Tensor) -> int | None:
+    """The one token a mask [words] allows, or None where it allows several (or none)."""
+    words = bits.nonzero().flatten()
+    if len(words) != 1:
+        return None
+    word = int(bits[words[0]]) & 0xFFFFFFFF
+    return None if word & (word - 1) else int(words[0]) * 32 + word.bit_length() - 1
+
+
+class RowGrammar:
+    """One row's matcher, following the row's committed tokens: a generate() row or an engine request.
 
     compiled    xgrammar's compiled grammar; eos [n] the ids that end a row (the grammar's stop tokens)
     """
 
-    def __init__(self, compiled, batch: int, vocab_size: int, eos: list[int]):
+    def __init__(self, compiled, eos: list[int]):
         import xgrammar as xgr
 
-        self.matchers = [xgr.GrammarMatcher(compiled, override_stop_tokens=eos) for _ in range(batch)]
-        self.consumed = [0] * batch  # new tokens each matcher has accepted
-        # each row's mask at its committed state: a round asks for it up to three times (its forced run, the
-        # draft's first step, the verification's first position)
-        self.committed: list[torch.Tensor | None] = [None] * batch
-        self.vocab_size = vocab_size
-        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # [1, ceil(vocab / 32)] int32
-        self.bits = torch.arange(32, dtype=torch.int32)
+        self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=eos)
+        self.words = (compiled.tokenizer_info.vocab_size + 31) // 32
+        self.consumed = 0  # new tokens the matcher has accepted
+        # the mask at the committed state: a round asks for it up to three times (its forced run, the draft's
+        # first step, the verification's first position)
+        self.committed: torch.Tensor | None = None
+
+    def sync(self, new_tokens: torch.Tensor):
+        """The matcher, advanced over the row's new tokens [n] it has not seen (all of them: it keeps count)."""
+        if len(new_tokens) == self.consumed:
+            return self.matcher
+        for token in new_tokens[self.consumed:].tolist():
+            if not self.matcher.accept_token(token):
+                raise RuntimeError(f"a row committed token {token}, which its grammar forbids")
+        self.consumed, self.committed = len(new_tokens), None
+        return self.matcher
+
+    def at_committed(self) -> torch.Tensor:
+        """The mask [words] at the committed state (the matcher must be there)."""
+        if self.committed is None:
+            self.committed = self.fill()
+        return self.committed
+
+    def fill(self) -> torch.Tensor:
+        """The mask [words] at the matcher's state."""
+        bits = torch.empty(1, self.words, dtype=torch.int32)
+        self.matcher.fill_next_token_bitmask(bits, 0)
+        return bits[0]
+
+
+class GrammarMasks:
+    """The grammars of a batch's rows: the tokens each position of a row may take.
+
+    rows        [batch] each row's RowGrammar, or None for a row without a grammar
+    tokenizer   the model's: text the grammar forces is tokenized with it into drafts (``forced``)
+    """
+
+    def __init__(self, rows: list[RowGrammar | None], vocab_size: int, tokenizer=None):
+        self.rows, self.vocab_size, self.words = rows, vocab_size, (vocab_size + 31) // 32
+        self.tokenizer = tokenizer
+        self.encoded: dict[str, list[int]] = {}  # forced text -> its tokens
 
     def allowed(self, state, drafts: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
         """Positions start..stop-1 of every active row, position i after the row's tokens and drafts[:, :i]:
-        returns allowed [batch, stop - start, vocab] bool. A position after a draft the grammar forbids (the
-        target rejects that draft) allows everything: it is never used."""
-        batch = state.batch_size
-        out = torch.ones(batch, stop - start, self.vocab_size, dtype=torch.bool)
-        rows = drafts.tolist() if drafts is not None else [[]] * batch
-        for b in state.active.nonzero().flatten().tolist():
-            matcher = self._synced(b, state)
-            taken = 0
+        returns their masks, bits [batch, stop - start, words] int32 (``masked`` applies them). A position
+        after a draft the grammar forbids (the target rejects that draft) allows everything: it is never used."""
+        n = stop - start
+        bits = torch.full((state.batch_size, n, self.words), -1, dtype=torch.int32)
+        flat = bits.view(-1, self.words)  # [batch * n, words]: xgrammar fills a row of a 2-d mask
+        rows = drafts.tolist() if drafts is not None else [[]] * state.batch_size
+        for b in self._constrained(state):
+            row = self.rows[b]
+            matcher, taken = self._synced(b, state), 0
             for i in range(stop):
-                if i >= start and not matcher.is_terminated():  # (after an EOS draft: the row ends there)
-                    out[b, i - start] = self._mask(matcher) if taken else self._committed(b, matcher)
+                if matcher.is_terminated():  # (after an EOS draft: the row ends there)
+                    break
+                if i >= start and taken:
+                    matcher.fill_next_token_bitmask(flat, b * n + i - start)
+                elif i >= start:
+                    flat[b * n + i - start] = row.at_committed()
                 if i == stop - 1 or i >= len(rows[b]) or not matcher.accept_token(max(rows[b][i], 0)):
                     break
                 taken += 1
             matcher.rollback(taken)
-        return out.to(state.tokens.device)
+        return bits.to(state.tokens.device)
 
-    def forced(self, state, limit: int) -> list[list[int]]:
-        """Each active row's run of forced tokens (the grammar allows exactly one), up to ``limit``."""
-        runs = [[] for _ in range(state.batch_size)]
-        for b in state.active.nonzero().flatten().tolist():
-            matcher = self._synced(b, state)
-            while len(runs[b]) < limit and not matcher.is_terminated():
-                ids = (self._mask(matcher) if runs[b] else self._committed(b, matcher)).nonzero().flatten()
-                if len(ids) != 1 or not matcher.accept_token(int(ids[0])):
+    def forced(self, state, limit: int) -> list[tuple[list[int], int]]:
+        """Each active row's drafts from its grammar, up to ``limit``: the run of tokens it forces (the only
+        one it allows, each), then the text it forces from there, tokenized as the tokenizer writes it, as far
+        as the grammar accepts those tokens (several tokenizations of a text are allowed, so these are
+        drafts to verify). Returns (tokens, how many of them are forced) per row."""
+        runs = [([], 0) for _ in range(state.batch_size)]
+        for b in self._constrained(state):
+            matcher, run = self._synced(b, state), []
+            while len(run) < limit and not matcher.is_terminated():
+                token = single_token(self.rows[b].fill() if run else self.rows[b].at_committed())
+                if token is None or not matcher.accept_token(token):
                     break
-                runs[b].append(int(ids[0]))
-            matcher.rollback(len(runs[b]))
+                run.append(token)
+            certain = len(run)
+            if not matcher.is_terminated():
+                for token in self._encode(matcher.find_jump_forward_string())[: limit - len(run)]:
+                    if not matcher.accept_token(token):
+                        break
+                    run.append(token)
+            matcher.rollback(len(run))
+            runs[b] = (run, certain)
         return runs
+
+    def _encode(self, text: str) -> list[int]:
+        if not text or self.tokenizer is None:
+            return []
+        if text not in self.encoded:
+            self.encoded[text] = self.tokenizer.encode(text, add_special_tokens=False)
+        return self.encoded[text]
+
+    def _constrained(self, state) -> list[int]:
+        return [b for b in state.active.nonzero().flatten().tolist() if self.rows[b] is not None]
 
     def _synced(self, b: int, state):
         """Row b's matcher, advanced over the tokens committed since it last saw the row."""
-        matcher = self.matchers[b]
-        start, have = int(state.prompt_lengths[b]), int(state.num_tokens[b] - state.prompt_lengths[b])
-        if have == self.consumed[b]:
-            return matcher
-        for token in state.tokens[b, start + self.consumed[b]: start + have].tolist():
-            if not matcher.accept_token(token):
-                raise RuntimeError(f"row {b} committed token {token}, which its grammar forbids")
-        self.consumed[b], self.committed[b] = have, None
-        return matcher
-
-    def _committed(self, b: int, matcher) -> torch.Tensor:
-        """Row b's mask at its committed state (the matcher must be there)."""
-        if self.committed[b] is None:
-            self.committed[b] = self._mask(matcher)
-        return self.committed[b]
-
-    def _mask(self, matcher) -> torch.Tensor:
-        """allowed [vocab] bool at the matcher's state."""
-        matcher.fill_next_token_bitmask(self.bitmask, 0)
-        bits = (self.bitmask[0, :, None] >> self.bits) & 1  # [words, 32]
-        return bits.reshape(-1)[: self.vocab_size].bool()
+        start, stop = int(state.prompt_lengths[b]), int(state.num_tokens[b])
+        return self.rows[b].sync(state.tokens[b, start:stop])
 
 
 class ForcedDrafts:
-    """A proposer: each row's forced tokens (``GrammarMasks.forced``, found by ``prepare`` before the round)
-    as its drafts; rows without any draft from ``inner`` (another proposer, or None: no drafts)."""
+    """A proposer: each row's drafts from its grammar (``GrammarMasks.forced``, found by ``prepare`` before
+    the round) where it has some; the other rows' from ``inner`` (another proposer, or None: no drafts).
+    ``settle`` counts, after the round, the grammar's drafts the target kept (``SpecStats.forced``)."""
 
     def __init__(self, inner, grammar: GrammarMasks):
-        self.inner, self.grammar, self.runs = inner, grammar, []
+        self.inner, self.grammar, self.runs, self.k = inner, grammar, [], 0
         self.model = getattr(inner, "model", None)  # (the runner's steady() and the engine look for it)
         self.needs_features = bool(getattr(inner, "needs_features", False))
 
-    def prepare(self, state, limits: torch.Tensor) -> torch.Tensor:
-        """Find this round's forced runs, row b's up to limits[b]; returns their lengths [batch]."""
+    def prepare(self, state, limits: torch.Tensor, k: int) -> torch.Tensor:
+        """Find this round's grammar drafts, row b's up to limits[b]; returns their lengths [batch] (0: the
+        row drafts with ``inner``, k tokens at most)."""
         runs = self.grammar.forced(state, MAX_FORCED)
-        self.runs = [run[: max(limit, 0)] for run, limit in zip(runs, limits.tolist())]
+        self.runs = [run[: max(limit, 0)] for (run, _), limit in zip(runs, limits.tolist())]
+        self.k = k
         return torch.tensor([len(r) for r in self.runs], device=limits.device)
 
     def propose(self, state, k: int):
@@ -162,14 +223,26 @@ class ForcedDrafts:
         drafts = torch.full((state.batch_size, k), -1, dtype=torch.long, device=state.tokens.device)
         probs = None
         others = state.active & ~forced
-        if self.inner is not None and bool(others.any()):
-            drafts, probs = self.inner.propose(replace(state, active=others), k)
-            drafts = drafts.masked_fill(forced[:, None], -1)
+        if self.inner is not None and self.k > 0 and bool(others.any()):  # (k: the longest run; inner's is less)
+            inner, inner_probs = self.inner.propose(replace(state, active=others), min(k, self.k))
+            drafts[:, : inner.shape[1]] = inner.masked_fill(forced[:, None], -1)
+            if inner_probs is not None:
+                probs = inner_probs.new_zeros(state.batch_size, k, state.vocab_size)
+                probs[:, : inner.shape[1]] = inner_probs
         for b in forced.nonzero().flatten().tolist():
-            run = self.runs[b][:k]
+            run = self.runs[b] = self.runs[b][:k]
             drafts[b, : len(run)] = torch.tensor(run)
-            state.stats.forced += len(run)
-            if probs is not None:  # one-hot: a forced token's draft distribution (padding positions: unused)
+            state.stats.forced_offered += len(run)
+            if probs is not None:  # one-hot: a fixed draft's distribution (padding positions: unused)
                 probs[b] = 0
                 probs[b, torch.arange(len(run)), torch.tensor(run)] = 1
         return drafts, probs
+
+    def settle(self, state, num_accepted: torch.Tensor) -> None:
+        """After the round: count the grammar's drafts kept, num_accepted [batch] as ``verify`` gives it."""
+        kept = [min(len(run), n) for run, n in zip(self.runs, num_accepted.tolist())]
+        state.stats.forced += sum(kept)
+
+    def grammar_rows(self, device) -> torch.Tensor:
+        """[batch] the rows drafting from their grammar this round (their acceptance is not the model's)."""
+        return torch.tensor([len(r) > 0 for r in self.runs], dtype=torch.bool, device=device)

@@ -20,6 +20,8 @@ import inspect
 import torch
 from transformers.generation import logits_process as lp
 
+from specdec.grammar import masked
+
 #: transformers' processors that keep state across calls or need a batch generate() does not make
 #: (classifier-free guidance doubles it; Whisper's and Bark's read their model's own layout).
 STATEFUL = tuple(getattr(lp, name) for name in (
@@ -66,7 +68,7 @@ class Processing:
         out = scores if self.build is None else self._processed(scores, state, extra)
         if self.grammar is not None:
             j = 0 if extra is None else extra.shape[1]
-            out = out.masked_fill(~self.grammar.allowed(state, extra, j, j + 1)[:, 0], -torch.inf)
+            out = masked(out, self.grammar.allowed(state, extra, j, j + 1)[:, 0])
         return out
 
     def positions(self, logits: torch.Tensor, state, drafts: torch.Tensor) -> torch.Tensor:
@@ -75,7 +77,7 @@ class Processing:
             logits = torch.stack([self._processed(logits[:, i], state, drafts[:, :i])
                                   for i in range(logits.shape[1])], dim=1)
         if self.grammar is not None:
-            logits = logits.masked_fill(~self.grammar.allowed(state, drafts, 0, logits.shape[1]), -torch.inf)
+            logits = masked(logits, self.grammar.allowed(state, drafts, 0, logits.shape[1]))
         return logits
 
     def _processed(self, scores, state, extra):
@@ -107,6 +109,22 @@ class Processing:
             drafted = extra[rows].gather(1, (m - have).clamp(0, extra.shape[1] - 1)).clamp(min=0)
             new = torch.where(m < have, history, drafted)
         return torch.cat((prompt, new), dim=1)
+
+
+class OpenAIPenalties:
+    """OpenAI's frequency_penalty, presence_penalty and logit_bias for some rows: scores - frequency * count -
+    presence * (count > 0) + bias, count [rows, vocab] how often each token occurs in input_ids (the engine
+    passes a row's output alone, as OpenAI counts).
+
+    frequency, presence [rows]; bias [rows, vocab]
+    """
+
+    def __init__(self, frequency: torch.Tensor, presence: torch.Tensor, bias: torch.Tensor):
+        self.frequency, self.presence, self.bias = frequency[:, None], presence[:, None], bias
+
+    def __call__(self, input_ids, scores):  # [rows, L], [rows, vocab] -> [rows, vocab]
+        counts = torch.zeros_like(scores).scatter_add_(1, input_ids, torch.ones_like(input_ids, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0) + self.bias.to(scores.dtype)
 
 
 def check_processors(processors, batch: int) -> list:

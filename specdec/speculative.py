@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import GenerationConfig
 
-from specdec.grammar import ForcedDrafts, GrammarMasks, check_grammar, compile_grammar
+from specdec.grammar import ForcedDrafts, GrammarMasks, RowGrammar, check_grammar, compile_grammar
 from specdec.processing import Processing, check_processors
 from specdec.processing import builder as processor_builder
 from specdec.proposers import DraftModelProposer, HeadProposer, NGramProposer
@@ -33,7 +33,7 @@ class GenerateOutput:
     stats: SpecStats
 
 
-def speculative_step(target, cache, proposer, state: DecodeState, num_drafts, generators=None):
+def speculative_step(target, cache, proposer, state: DecodeState, num_drafts, generators=None, counted=None):
     """One round: draft, verify all drafts in one target pass, roll back, commit.
 
     num_drafts [batch] drafts wanted per row (0 = plain step); the proposer sees only the rows that want
@@ -41,10 +41,13 @@ def speculative_step(target, cache, proposer, state: DecodeState, num_drafts, ge
                over its unseen tokens) and its draft cache is left as it is
     generators None: ``verify`` draws from state.generator for the batch; or one generator per row [batch]
                (the engine's: each request's own, with state.sampling holding each request's settings)
+    counted    [batch] the rows whose drafts count as the draft model's in the statistics (None: all; rows
+               drafting from a grammar do not: specdec/grammar.ForcedDrafts)
     returns emitted [batch, k + 1], num_accepted [batch] (row b emits num_accepted[b] + 1 tokens) and
             num_drafts [batch] as offered (a proposer may offer fewer)
     """
-    k, requested = torch.stack((num_drafts.max(), num_drafts.sum())).tolist()  # one host sync
+    asked = num_drafts if counted is None else num_drafts * counted
+    k, requested = torch.stack((num_drafts.max(), asked.sum())).tolist()  # one host sync
     state.stats.requested += requested
     draft_unseen = state.stats.draft_passes == 0  # (a draft with weights has not run on these rows yet)
     tick = time.perf_counter()
@@ -92,9 +95,9 @@ def _check_proposal(drafts, draft_probs, state: DecodeState, k: int) -> None:
                          f"expected {(*want, state.vocab_size)}")
 
 
-def commit(state: DecodeState, emitted, num_accepted, num_drafts):
+def commit(state: DecodeState, emitted, num_accepted, num_drafts, counted=None):
     """Append each active row's emitted tokens, cut after an EOS; retire finished rows (``generate`` and the
-    engine alike).
+    engine alike). counted [batch]: as in ``speculative_step``.
 
     returns counts [batch] of tokens appended
     """
@@ -113,9 +116,10 @@ def commit(state: DecodeState, emitted, num_accepted, num_drafts):
     state.active &= ~done
     # statistics, one host transfer per step
     i = torch.arange(k1 - 1, device=emitted.device)  # draft positions
-    reached = ((num_drafts[:, None] > i) & (num_accepted[:, None] >= i) & rows[:, None]).sum(0)
-    accepted = ((num_accepted[:, None] > i) & rows[:, None]).sum(0)
-    summary = torch.cat((torch.stack((num_drafts.sum(), counts.sum(), rows.sum())), reached, accepted))
+    drafted = rows if counted is None else rows & counted  # [batch] rows whose drafts are the model's
+    reached = ((num_drafts[:, None] > i) & (num_accepted[:, None] >= i) & drafted[:, None]).sum(0)
+    accepted = ((num_accepted[:, None] > i) & drafted[:, None]).sum(0)
+    summary = torch.cat((torch.stack(((num_drafts * drafted).sum(), counts.sum(), rows.sum())), reached, accepted))
     values = summary.tolist()
     n = len(i)
     state.stats.record(values[0], values[3:3 + n], values[3 + n:], emitted=values[1], rows=values[2],
@@ -344,7 +348,9 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
                     text)}, {"json_object": True}, {"regex": pattern} or {"ebnf": grammar}; needs ``tokenizer``
                     and an EOS id (a row ends with it once the grammar is complete). Every position, the
                     draft's too, is masked to the tokens the grammar allows after its prefix; with
-                    ``forced_drafts`` (the default) tokens the grammar forces are offered as drafts, free
+                    ``forced_drafts`` (the default) a row's grammar drafts: the tokens it forces (always
+                    kept), then the text it forces, tokenized, which the target verifies (stats.forced_offered,
+                    stats.forced: offered and kept)
     returns         [batch, prompt_len + new_tokens] as transformers lays it out (finished rows padded with
                     pad_token_id), or GenerateOutput(sequences, stats) with return_dict_in_generate=True
 
@@ -383,7 +389,8 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
     masks = None
     if grammar is not None:
         compiled = compile_grammar(check_grammar(grammar, tokenizer, eos), tokenizer, target.vocab_size)
-        masks = GrammarMasks(compiled, input_ids.shape[0], target.vocab_size, eos)
+        masks = GrammarMasks([RowGrammar(compiled, eos) for _ in range(input_ids.shape[0])], target.vocab_size,
+                             tokenizer)
     draft_length(num_draft_tokens)
     proposer = make_proposer(draft_model, target)
     if masks is not None and forced_drafts:
@@ -470,11 +477,16 @@ def _decode(target, proposer, state: DecodeState, length, streamer, feature_hook
                 k = 0  # a draft head drafts from the target's features, which the prefill makes
             remaining = state.max_new_tokens - (state.num_tokens - prompt_lengths)
             num_drafts = torch.where(state.active, (remaining - 1).clamp(min=0, max=k), 0)  # [batch]
-            if drafter is not proposer:  # the grammar's forced tokens ride along, as many as fit
+            counted = None
+            if drafter is not proposer:  # the grammar's drafts ride along, as many as fit
                 num_drafts = torch.maximum(num_drafts, proposer.prepare(state, torch.where(
-                    state.active, remaining - 1, 0)))
-            emitted, num_accepted, num_drafts = speculative_step(target, cache, proposer, state, num_drafts)
-            counts = commit(state, emitted, num_accepted, num_drafts)
+                    state.active, remaining - 1, 0), k))
+                counted = ~proposer.grammar_rows(num_drafts.device)
+            emitted, num_accepted, num_drafts = speculative_step(target, cache, proposer, state, num_drafts,
+                                                                 counted=counted)
+            if counted is not None:
+                proposer.settle(state, num_accepted)
+            counts = commit(state, emitted, num_accepted, num_drafts, counted)
             if streamer is not None:
                 streamer.put(emitted[0, : int(counts[0])].cpu())
         if feature_hook is not None:

@@ -80,7 +80,10 @@ class SpecStats:
     requested: int = 0  # drafts asked of the proposer (k per active row, fewer near max_new_tokens)
     proposed: int = 0  # draft tokens offered to the target (an n-gram lookup without a match offers none)
     accepted: int = 0  # draft tokens the target kept
-    forced: int = 0  # of the proposed, tokens a grammar forced (the only one it allowed: always kept)
+    # drafts a grammar gave (the tokens it forces, then the text it forces, tokenized: specdec/grammar.py), the
+    # target kept; they are not counted in proposed / accepted, which measure the draft model
+    forced: int = 0
+    forced_offered: int = 0  # drafts a grammar offered
     emitted: int = 0  # tokens appended to the output (accepted + recovered/bonus, cut at EOS and max_new_tokens)
     target_passes: int = 0  # target forwards; the first one also prefills the prompt
     draft_passes: int = 0  # draft forwards, its prefill and catch-up included
@@ -201,7 +204,8 @@ class SpecStats:
             ("tokens per target forward", self.tokens_per_target_forward),
             ("proposed / accepted", f"{self.proposed} / {self.accepted}"),
             ("acceptance rate", self.acceptance_rate if self.proposed else None),
-            *([("forced by the grammar", self.forced)] if self.forced else []),
+            *([("grammar drafts offered / kept", f"{self.forced_offered} / {self.forced}")]
+              if self.forced_offered else []),
             ("per-position acceptance", " ".join(f"{r:.2f}" for r in self.per_position_acceptance) or "-"),
             ("draft passes", self.draft_passes),
             ("draft cost ratio c", self.cost_ratio),

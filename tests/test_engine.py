@@ -382,6 +382,13 @@ BAD = [
     (lambda e: Engine(tiny_model("llama"), max_model_len=2.5), "max_model_len"),
     (lambda e: Engine(tiny_model("llama"), seed=-1), "seed"),
     (lambda e: Engine(tiny_model("gpt2")), "native model"),
+    (lambda e: RequestParams(frequency_penalty=2.5), "frequency_penalty"),
+    (lambda e: RequestParams(presence_penalty=True), "presence_penalty"),
+    (lambda e: RequestParams(logit_bias={3: 101}), "logit_bias"),
+    (lambda e: RequestParams(logit_bias={"3": 1}), "logit_bias"),
+    (lambda e: e.add_request([3], RequestParams(logit_bias={VOCAB: 1.0})), "logit_bias"),
+    (lambda e: e.add_request([3], RequestParams(grammar={"json_object": True})), "tokenizer"),
+    (lambda e: e.add_request([3], RequestParams(grammar={"yaml": "x"})), "grammar"),
 ]
 
 
@@ -529,3 +536,44 @@ def test_a_head_keeps_the_cache_of_a_row_that_does_not_draft(monkeypatch):
     for i, (prompt, params) in enumerate(requests):
         assert tokens[f"r{i}"] == single(prompt, params.max_new_tokens)
     assert any(kept)  # a step where request 0 did not draft, and its head cache stayed
+
+
+# Per-request processing: OpenAI's penalties and bias, and grammars, in a batch of rows that differ.
+# ---------------------------------------------------------------------------------------------------------
+def openai_processor(prompt_len: int, params: RequestParams):
+    """OpenAI's rule as a generate() processor, over the output alone: the engine's reference."""
+    def process(input_ids, scores):  # [1, L], [1, vocab]
+        counts = torch.bincount(input_ids[0, prompt_len:], minlength=scores.shape[-1]).to(scores.dtype)
+        bias = torch.zeros_like(scores)
+        for token, value in (params.logit_bias or {}).items():
+            bias[0, token] = value
+        return scores - params.frequency_penalty * counts - params.presence_penalty * (counts > 0) + bias
+    return process
+
+
+@pytest.mark.parametrize("kind", ["none", "ngram", "perturbed", "head"])
+def test_per_request_penalties_bias_and_grammars_equal_generate(kind):
+    """Rows with penalties, a bias, a grammar, or nothing, side by side: each greedy output is generate()'s
+    for its request alone with the same processing, and the grammar's output parses."""
+    from test_grammar import SCHEMA, tokenizer
+
+    tok = tokenizer.__wrapped__()
+    requests = [((5, 6, 7), RequestParams(max_new_tokens=40, grammar={"json_schema": SCHEMA})),
+                ((8, 9), RequestParams(max_new_tokens=25, frequency_penalty=1.2, presence_penalty=-0.5,
+                                       logit_bias={7: 4.0, 11: -100})),
+                ((10, 11, 12), RequestParams(max_new_tokens=25)),
+                ((13,), RequestParams(max_new_tokens=40, presence_penalty=2.0, grammar={"regex": "[a-c]+x"}))]
+    engine = Engine(tiny_model("llama"), draft_of(kind), num_draft_tokens=3, max_num_seqs=4, kv_blocks=80,
+                    block_size=4, tokenizer=tok, eos_token_id=2)
+    tokens, _ = run(engine, requests)
+    for i, (prompt, params) in enumerate(requests):
+        processors = [openai_processor(len(prompt), params)] if params.processed else None
+        want = specdec.generate(tiny_model("llama"), torch.tensor([prompt]), max_new_tokens=params.max_new_tokens,
+                                eos_token_id=2, logits_processor=processors, grammar=params.grammar,
+                                tokenizer=tok)[0, len(prompt):].tolist()
+        assert tokens[f"r{i}"] == want[: len(tokens[f"r{i}"])] and len(tokens[f"r{i}"]) == len(want), f"request {i}"
+    assert 11 not in tokens["r1"]
+    assert tok.decode(tokens["r0"][:-1]).startswith('{"name": ') and tokens["r0"][-1] == 2
+    assert engine.pool.num_used == 0
+    if kind != "none":  # the grammar's drafts ride within k, kept ones counted apart from the model's
+        assert engine.stats.forced > 0

@@ -80,7 +80,7 @@ def text_of(ids: list[int]) -> str:
 @pytest.fixture(scope="module")
 def server():
     engine = Engine(tiny_model("llama"), perturbed_copy("llama"), num_draft_tokens=3, max_num_seqs=32,
-                    kv_blocks=400, block_size=4)
+                    kv_blocks=400, block_size=4, tokenizer=TOKENIZER)
     with Server(engine, max_queued=8, max_body_bytes=4096) as s:
         yield s
 
@@ -262,7 +262,17 @@ BAD_REQUESTS = [
     ({**GOOD, "n": 2}, 400, "n"),
     ({**GOOD, "seed": 2**63}, 400, "seed"),  # OpenAI's seeds are signed 64-bit (negative ones are fine)
     ({**GOOD, "logprobs": 5}, 400, "logprobs"),
-    ({**GOOD, "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({**GOOD, "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({**GOOD, "frequency_penalty": "1"}, 400, "frequency_penalty"),
+    ({**GOOD, "logit_bias": {"a": 1}}, 400, "logit_bias"),
+    ({**GOOD, "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({**GOOD, "logit_bias": {"500": 1}}, 400, "logit_bias"),  # the tiny models' vocabulary is 101
+    ({**GOOD, "response_format": {"type": "xml"}}, 400, "response_format"),
+    ({**GOOD, "response_format": {"type": "json_schema"}}, 400, "response_format"),
+    ({**GOOD, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+     400, "response_format"),
+    ({**GOOD, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": []}}}, 400,
+     "response_format"),
     ({"model": "tiny"}, 400, "prompt"),
     ("{not json", 400, "body"),
     ({**GOOD, "prompt": "x" * 600}, 400, "context"),
@@ -795,3 +805,67 @@ def test_requests_running_when_the_grace_period_ends_get_an_error_not_a_cut():
     assert list(last) == ["error"] and set(last["error"]) == {"message", "type", "param", "code"}
     assert last["error"]["message"] == "server is shutting down"
     assert not engine.has_unfinished() and engine.pool.num_used == 0
+
+
+# Structured output and OpenAI's processors: response_format, frequency_penalty, presence_penalty, logit_bias.
+# ---------------------------------------------------------------------------------------------------------
+SCHEMA = {"type": "object", "properties": {"name": {"type": "integer", "minimum": 0, "maximum": 99},
+                                           "ok": {"type": "boolean"},
+                                           "tag": {"type": "string", "enum": ["ab", "cd"]}},
+          "required": ["name", "ok", "tag"]}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_format_json_schema_gives_json_of_the_schema(server, stream):
+    """The output is the constrained greedy generate()'s, parses, and follows the schema, streamed or whole."""
+    client = server.client()
+    messages = [{"role": "user", "content": "A record, please."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "record", "schema": SCHEMA}}
+    ids = TOKENIZER.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)["input_ids"]
+    want = specdec.generate(tiny_model("llama"), torch.tensor([ids]), max_new_tokens=80, grammar={
+        "json_schema": SCHEMA}, tokenizer=TOKENIZER)[0, len(ids):].tolist()
+    if stream:
+        chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=80, temperature=0,
+                                                     response_format=fmt, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        reason = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason][0]
+    else:
+        out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=80, temperature=0,
+                                             response_format=fmt)
+        text, reason = out.choices[0].message.content, out.choices[0].finish_reason
+    assert text == text_of(want) and reason == "stop"
+    value = json.loads(text)
+    assert set(value) == {"name", "ok", "tag"} and isinstance(value["name"], int) and value["tag"] in ("ab", "cd")
+
+
+def test_response_format_json_object_sampled_is_json(server):
+    """Sampled, through the completions endpoint (OpenAI's has no response_format: an extension here): every
+    finished output parses (a random model may also fill max_tokens inside one string)."""
+    finished = 0
+    for seed in range(6):
+        out = server.client().completions.create(model="tiny", prompt="{", max_tokens=100, temperature=0.8,
+                                                 seed=seed, extra_body={"response_format": {"type": "json_object"}})
+        if out.choices[0].finish_reason == "stop":
+            json.loads(out.choices[0].text)
+            finished += 1
+    assert finished > 0
+
+
+def test_penalties_and_logit_bias_are_openais(server):
+    """Greedy output equals plain decoding with scores - frequency * count - presence * (count > 0) + bias,
+    counted over the output alone; a bias of -100 keeps its token out."""
+    prompt = "abc abc"
+    ids = TOKENIZER(prompt)["input_ids"]
+    banned = greedy(ids, 1)[0]
+
+    def openai_processing(input_ids, scores):  # [1, L], [1, vocab]
+        counts = torch.bincount(input_ids[0, len(ids):], minlength=scores.shape[-1]).to(scores.dtype)
+        return scores - 0.7 * counts - 1.5 * (counts > 0) - 100 * (torch.arange(scores.shape[-1]) == banned)
+
+    want = specdec.generate(tiny_model("llama"), torch.tensor([ids]), max_new_tokens=30,
+                            logits_processor=[openai_processing])[0, len(ids):].tolist()
+    out = server.client().completions.create(model="tiny", prompt=prompt, max_tokens=30, temperature=0,
+                                             frequency_penalty=0.7, presence_penalty=1.5,
+                                             logit_bias={str(banned): -100})
+    assert out.choices[0].text == text_of(want) and banned not in want

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from specdec.sampling import SamplingConfig
 
@@ -68,8 +68,64 @@ def _stops(value: str | list[str] | None) -> list[str]:
 #: OpenAI parameters this server does not implement: refused when set to anything but their neutral value,
 #: rather than silently generating something else than asked
 UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
-               "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}),
-               "suffix": (None, ""), "tools": (None, []), "response_format": (None, {"type": "text"})}
+               "suffix": (None, ""), "tools": (None, [])}
+
+
+def _penalty(value: float | None) -> float | None:
+    if value is not None and not -2 <= value <= 2:
+        raise ValueError(f"must be a number in [-2, 2], got {value}")
+    return value
+
+
+def _logit_bias(value: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's {"token id": bias}, the ids as JSON keys (text) -> {id: bias}."""
+    if value is None:
+        return None
+    out = {}
+    for key, bias in value.items():
+        if not key.isdigit():
+            raise ValueError(f"keys must be token ids, got {key!r}")
+        if not -100 <= bias <= 100:
+            raise ValueError(f"biases must lie in [-100, 100], got {bias} for token {key}")
+        out[int(key)] = bias
+    return out
+
+
+Penalty = Annotated[float | None, AfterValidator(_penalty)]
+
+
+class JsonSchema(BaseModel):
+    """``response_format.json_schema``: the schema the output follows (OpenAI's name and strict are read,
+    and the output follows the schema in either case)."""
+
+    model_config = ConfigDict(strict=True, extra="allow", populate_by_name=True)
+
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")  # (an empty schema: any JSON)
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = STRICT
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _needs_schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type json_schema needs json_schema: {"name": ..., "schema": {...}}')
+        return self
+
+    @property
+    def grammar(self) -> dict | None:
+        """As generate()'s grammar= (None: free text)."""
+        if self.type == "json_object":
+            return {"json_object": True}
+        if self.type == "json_schema":
+            return {"json_schema": self.json_schema.schema_ or {"type": "object"}}
+        return None
 
 
 class StreamOptions(BaseModel):
@@ -98,12 +154,12 @@ class GenerationRequest(BaseModel):
     top_logprobs: Any = None
     echo: Any = None
     best_of: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    logit_bias: Any = None
+    presence_penalty: Penalty = None
+    frequency_penalty: Penalty = None
+    logit_bias: Annotated[dict[str, float] | None, AfterValidator(_logit_bias)] = None  # -> {id: bias}
+    response_format: ResponseFormat | None = None
     suffix: Any = None
     tools: Any = None
-    response_format: Any = None
 
     @field_validator(*UNSUPPORTED)
     @classmethod
@@ -173,7 +229,7 @@ class ErrorBody(BaseModel):
 
 
 _FIELDS = frozenset().union(*(m.model_fields for m in (CompletionRequest, ChatRequest, ChatMessage, ContentPart,
-                                                        StreamOptions)))
+                                                        StreamOptions, ResponseFormat, JsonSchema)), {"schema"})
 
 
 def param_name(loc) -> str | None:

@@ -138,7 +138,7 @@ def serve(model: str, draft: str | None = "ngram", host: str = "127.0.0.1", port
     target, tokenizer = specdec.load(model, dtype=dtype, quantize=quantize, activations=activations)
     draft_model = None if draft is None else load_draft(draft, dtype)
     engine = Engine(target, draft_model, num_draft_tokens=num_draft_tokens if draft else 1, max_num_seqs=max_num_seqs,
-                    kv_blocks=kv_blocks, block_size=block_size)
+                    kv_blocks=kv_blocks, block_size=block_size, tokenizer=tokenizer)
     worker = EngineLoop(engine, Metrics())
     app = create_app(engine, tokenizer, ServerConfig(model_name=model, max_queued=max_queued), worker=worker)
     server = Server(app, grace_seconds, host=host, port=port)

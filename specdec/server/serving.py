@@ -54,7 +54,10 @@ def request_params(body: GenerationRequest, prompt_len: int, ctx: ServerContext,
     top_k = 0 if body.top_k is None else body.top_k
     # (a negative seed is as good as any: torch seeds are unsigned 64-bit, so it wraps)
     return RequestParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                         seed=None if body.seed is None else body.seed % 2**64)
+                         seed=None if body.seed is None else body.seed % 2**64,
+                         frequency_penalty=body.frequency_penalty or 0.0,
+                         presence_penalty=body.presence_penalty or 0.0, logit_bias=body.logit_bias or None,
+                         grammar=None if body.response_format is None else body.response_format.grammar)
 
 
 async def respond(ctx: ServerContext, body: GenerationRequest, prompt_ids: list[int], request: Request,
@@ -65,6 +68,14 @@ async def respond(ctx: ServerContext, body: GenerationRequest, prompt_ids: list[
     if len(body.stop) > ctx.config.max_stop:
         raise ApiError(400, f"stop: at most {ctx.config.max_stop} stop strings, got {len(body.stop)}", "stop")
     params = request_params(body, len(prompt_ids), ctx, shape)
+    vocab = ctx.engine.target.vocab_size
+    bad = [t for t in params.logit_bias or {} if t >= vocab]
+    if bad:
+        raise ApiError(400, f"logit_bias: token id {bad[0]} is outside the vocabulary 0..{vocab - 1}", "logit_bias")
+    try:  # (compiled once: the engine's compiler keeps it)
+        ctx.engine.compiled_grammar(params)
+    except (ValueError, ImportError) as err:
+        raise ApiError(400, f"response_format: {err}", "response_format") from None
     try:  # (the KV pool's size: a request it cannot hold however long it waits)
         ctx.engine.check_request(prompt_ids, params)
     except ValueError as err:
