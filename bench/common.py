@@ -1,5 +1,6 @@
-"""Shared pieces of the benchmarks: the evaluation prompts, timing, machine description, memory bandwidth,
-weight bytes, the near-tie bound of output checks."""
+"""Shared pieces of the benchmarks: the evaluation prompts (and the structured-output ones, each with its JSON
+schema), timing, machine description, memory bandwidth, weight bytes, the near-tie bound of output checks, the
+check of a JSON output against its schema."""
 
 from __future__ import annotations
 
@@ -21,6 +22,37 @@ CATEGORIES = ("chat", "explanation", "code", "rewriting", "math")
 def load_prompts(categories=CATEGORIES, per_category: int | None = None) -> dict[str, list[str]]:
     """The evaluation prompts of each category, the first ``per_category`` of each (None: all)."""
     return {c: json.loads((PROMPT_DIR / f"{c}.json").read_text())[:per_category] for c in categories}
+
+
+def load_structured(count: int | None = None) -> list[dict]:
+    """The structured-output prompts (prompts/structured/NAME.json, by name), the first ``count`` (None: all):
+    each a dict of name, schema (a JSON schema) and prompt (the user message, the schema's JSON text in place
+    of ``{schema}``, so that the model is asked for what the grammar allows)."""
+    out = []
+    for path in sorted((PROMPT_DIR / "structured").glob("*.json"))[:count]:
+        item = json.loads(path.read_text())
+        out.append({"name": path.stem, "schema": item["schema"],
+                    "prompt": item["prompt"].replace("{schema}", json.dumps(item["schema"]))})
+    return out
+
+
+def schema_error(text: str, schema: dict) -> str | None:
+    """Why ``text`` is not a JSON value of ``schema`` (None: it is). With jsonschema installed, full
+    validation; without it, JSON that parses to an object holding the schema's required keys."""
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        return f"not JSON: {err}"
+    try:
+        import jsonschema
+    except ImportError:
+        missing = [key for key in schema.get("required", ()) if not isinstance(value, dict) or key not in value]
+        return f"missing required key(s) {missing}" if missing else None
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError as err:
+        return f"not of the schema: {err.message}"
+    return None
 
 
 def timed(fn, device="cpu"):

@@ -8,7 +8,13 @@ hidden (in reduced precision a departure at a near-tie is reported as such, with
 
 Methods are registered objects (``specdec.bench.methods.METHODS``: hf, hf-assisted, hf-lookup, plain, draft,
 auto, head, head-auto, ngram, self, synthetic), and named configurations are presets (``PRESETS``: quick, plain,
-speculative, ngram, top-p, draft-quality; ``specdec bench --preset NAME``, flags given beside it win).
+speculative, ngram, top-p, draft-quality, structured; ``specdec bench --preset NAME``, flags given beside it win).
+
+Structured output (``constraints``, the ``structured`` preset): the prompts of prompts/structured/, each
+asking for JSON of its own schema, and every method run unconstrained ("free"), masked by the schema
+("schema") and masked with forced drafts ("forced"). Each greedy constrained output is checked token for token
+against plain decoding masked by the schema, and every finished constrained output against its schema: an
+invalid one is counted and printed in red, as a departure is.
 """
 
 from __future__ import annotations
@@ -24,13 +30,18 @@ from pathlib import Path
 
 import torch
 from specdec.bench import llama_cpp
-from specdec.bench.common import CATEGORIES, NEAR_TIE, bandwidth_gbs, chat_ids, load_prompts, machine, weight_bytes
-from specdec.bench.methods import EACH, METHODS, REFERENCE, Run, Workload, needing
+from specdec.bench.common import (CATEGORIES, NEAR_TIE, bandwidth_gbs, chat_ids, load_prompts, load_structured,
+                                   machine, schema_error, weight_bytes)
+from specdec.bench.methods import (CONSTRAINTS, EACH, GRAMMAR, METHODS, REFERENCE, Run, Workload, needing,
+                                   reference_constraint)
 from specdec.bench.methods import SyntheticProposer  # noqa: F401  (imported from here by bench/gpu_check.py)
 import specdec
 
 #: what a run without --methods measures: every method but those asked for by name only ("self")
 DEFAULT_METHODS = tuple(name for name, m in METHODS.items() if m.default)
+#: SpecStats counters of tokens the grammar supplied, each reported as a share of the generated tokens
+#: ("<name>_share" in a constrained run's row, a column of the structured table)
+GRAMMAR_COUNTERS = ("forced",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +55,11 @@ class BenchConfig:
     batch_sizes: tuple = (1, 4, 16)
     max_new_tokens: int = 128
     repeats: int = 3
-    prompts_per_category: int | None = 2  # None: every prompt of each category
+    prompts_per_category: int | None = 2  # None: every prompt of each category (constraints: of structured/)
     categories: tuple = CATEGORIES
+    # structured output: each method under each of these (methods.CONSTRAINTS) on prompts/structured/
+    # instead of the categories' prompts; () : the categories' prompts, unconstrained
+    constraints: tuple = ()
     dtype: str = "float32"
     weights: str = "float"  # the target's: "float" (dtype), "gguf" (the file's own blocks), "int8", "int4"
     head_quantize: str | None = None  # the head's: None (float), "int8", "int4"
@@ -76,6 +90,11 @@ class BenchConfig:
         bad_cat = [c for c in self.categories if c not in CATEGORIES]
         if bad_cat or not self.categories:
             raise ValueError(f"categories={list(self.categories)}: choose from {list(CATEGORIES)}")
+        if any(c not in CONSTRAINTS for c in self.constraints) or len(set(self.constraints)) < len(self.constraints):
+            raise ValueError(f"constraints={list(self.constraints)}: each at most once, from {list(CONSTRAINTS)}")
+        if self.constraints and tuple(self.categories) != CATEGORIES:  # (rather than ignore them)
+            raise ValueError(f"categories={list(self.categories)}: constraints run on the structured prompts, "
+                             "not on categories")
         if any(not 0.0 <= r <= 1.0 for r in self.synthetic_rates):
             raise ValueError(f"synthetic_rates={list(self.synthetic_rates)}: each must lie in [0, 1]")
         if self.dtype not in ("float32", "bfloat16", "float64"):
@@ -134,6 +153,14 @@ PRESETS: dict[str, Preset] = {
                             "k = 1..4, greedy (no timing noise in these figures) on every prompt",
                             dict(methods=("plain", "head"), ks=(1, 2, 3, 4), modes=("greedy",), batch_sizes=(1,),
                                  max_new_tokens=128, repeats=1, prompts_per_category=None)),
+    # 9 runs x 4 prompts (218-331 prompt tokens, answers of 40-100 tokens) x 3 repeats = 108 calls of at most
+    # 128 new tokens: an estimated 6-10 minutes on a 2-core CPU with SmolLM2-135M
+    "structured": Preset("structured output: plain, the draft head (k = 3) and n-gram lookup on JSON-schema prompts, "
+                         "each unconstrained, masked by the schema, and masked with forced drafts; tokens/s, tokens "
+                         "per target forward, forced share, every finished output validated against its schema",
+                         dict(methods=("plain", "head", "ngram"), ks=(3,), modes=("greedy",), batch_sizes=(1,),
+                              max_new_tokens=128, repeats=3, prompts_per_category=None,
+                              constraints=CONSTRAINTS)),
 }
 
 
@@ -149,16 +176,25 @@ BASELINES = (("vs_plain", REFERENCE), ("vs_hf", "hf"), ("vs_hf_assisted", "hf-as
 
 
 def plan(config: BenchConfig) -> list[Run]:
-    """Every configuration the benchmark runs, grouped by (mode, batch), in the order each repeat runs them.
-    specdec plain runs first in each group: its greedy output is the reference every other run is checked
-    against (and the synthetic proposer's oracle), so it runs even when not asked for."""
+    """Every configuration the benchmark runs, grouped by (mode, batch) and then constraint, in the order each
+    repeat runs them. specdec plain runs first in each constraint's group: its greedy output is the reference
+    every other run of the group is checked against (and the synthetic proposer's oracle), so it runs even when
+    not asked for; "forced" runs are checked against plain "schema" (``reference_constraint``)."""
     runs = []
+    constraints = config.constraints or (None,)
     for mode in config.modes:
         for batch in config.batch_sizes:
-            group = [run for name in config.methods if name != REFERENCE
-                     for run in METHODS[name].runs(config, mode, batch)]
-            needs_reference = REFERENCE in config.methods or (mode == "greedy" and group)
-            runs += ([Run(REFERENCE, mode, batch)] if needs_reference else []) + group
+            groups = {c: [run for name in config.methods for run in METHODS[name].runs(config, mode, batch, c)
+                          if run != Run(REFERENCE, mode, batch, constraint=reference_constraint(c))]
+                      for c in constraints}
+            for c in sorted({*constraints, *map(reference_constraint, constraints)},
+                            key=lambda c: CONSTRAINTS.index(c) if c is not None else -1):
+                if reference_constraint(c) != c:  # ("forced": plain under it is in its group, checked)
+                    runs += groups[c]
+                    continue
+                needs_reference = (REFERENCE in config.methods and c in groups) or (mode == "greedy" and any(
+                    group for x, group in groups.items() if reference_constraint(x) == c))
+                runs += ([Run(REFERENCE, mode, batch, constraint=c)] if needs_reference else []) + groups.get(c, [])
     return runs
 
 
@@ -197,8 +233,12 @@ def break_even(rates: list[float], speedups: list[float]) -> float | None:
 
 # ---------------------------------------------------------------------------------------------- running
 
-def workloads(prompts: list[list[int]], batch: int, pad: int) -> list[Workload]:
-    """Batch 1: one call per prompt. Batch B: calls of B prompts (cycled so that every call is full)."""
+def workloads(prompts: list[list[int]], batch: int, pad: int, schemas: list[dict] | None = None) -> list[Workload]:
+    """Batch 1: one call per prompt. Batch B: calls of B prompts (cycled so that every call is full); with
+    ``schemas`` (one per prompt), B copies of one prompt a call, as a call takes one grammar."""
+    if schemas is not None:
+        return [Workload(torch.tensor([p] * batch), torch.ones(batch, len(p), dtype=torch.long), schema)
+                for p, schema in zip(prompts, schemas)]
     count = max(1, math.ceil(len(prompts) / batch))
     cycled = [prompts[i % len(prompts)] for i in range(count * batch)]
     out = []
@@ -235,14 +275,34 @@ def unpadded(work: Workload, generated: list[torch.Tensor]) -> list[torch.Tensor
                                                                          generated)]
 
 
+def schema_checks(tokenizer, work: Workload, generated: list[torch.Tensor], eos: set[int]) -> list[str | None]:
+    """Per row: None for a finished answer that is JSON of the workload's schema, why not for one that is
+    not, "unfinished" for a row that reached max_new_tokens before its EOS."""
+    out = []
+    for row in generated:
+        if not len(row) or int(row[-1]) not in eos:
+            out.append("unfinished")
+        else:
+            out.append(schema_error(tokenizer.decode(row[:-1].tolist(), skip_special_tokens=True), work.schema))
+    return out
+
+
 class Bench:
+    """prompts: token ids per prompt; with config.constraints, schemas holds each prompt's JSON schema and
+    tokenizer is the target's (the grammar's vocabulary, and the decoding of answers to validate them)."""
+
     def __init__(self, config: BenchConfig, target, draft, prompts: list[list[int]], progress: bool = True,
-                 head=None, peer=None):
+                 head=None, peer=None, tokenizer=None, schemas: list[dict] | None = None):
         from specdec.models.loading import as_native
 
         self.config, self.target, self.draft, self.head = config, target, draft, head
         if head is None and needing("head", config.methods):
             raise ValueError(f"methods {needing('head', config.methods)} need a draft head; got head=None")
+        if config.constraints and (tokenizer is None or schemas is None or len(schemas) != len(prompts)):
+            raise ValueError(f"constraints={list(config.constraints)} need the tokenizer and one JSON schema per "
+                             f"prompt; got tokenizer={tokenizer!r}, {len(schemas or ())} schema(s) for "
+                             f"{len(prompts)} prompt(s)")
+        self.tokenizer, self.schemas = tokenizer, schemas if config.constraints else None
         self.native = with_weights(as_native(target), config)
         self.native_draft = as_native(draft, "draft") if draft is not None else None
         gen = target.generation_config
@@ -269,14 +329,20 @@ class Bench:
 
         cfg = self.config
         runs = plan(cfg)
-        works = {b: workloads(self.prompts, b, self.pad) for b in cfg.batch_sizes}
+        works = {b: workloads(self.prompts, b, self.pad, self.schemas) for b in cfg.batch_sizes}
         tokens = {r: [] for r in runs}
         seconds = {r: [] for r in runs}
         stats = {r: SpecStats() for r in runs}
         checks = {r: [] for r in runs}
-        # warm-up: first calls pay one-time costs (weight packing, allocator growth) that no run should carry
+        lengths = {r: [] for r in runs}  # the first repeat's generated tokens per row
+        schema = {r: [] for r in runs}  # per finished row with a schema: None (valid) or why not
+        # warm-up: first calls pay one-time costs (weight packing, allocator growth; with a grammar, the
+        # compiler's vocabulary tables and each schema's compilation) that no run should carry
         warm = works[cfg.batch_sizes[0]][0]
         specdec.generate(self.native, warm.input_ids[:1], warm.attention_mask[:1], max_new_tokens=2)
+        for work in works[cfg.batch_sizes[0]] if set(cfg.constraints) & set(GRAMMAR) else ():
+            specdec.generate(self.native, work.input_ids[:1], work.attention_mask[:1], max_new_tokens=2,
+                             grammar={"json_schema": work.schema}, tokenizer=self.tokenizer)
         total = cfg.repeats * sum(len(works[r.batch]) for r in runs)
         bar = tqdm(total=total, desc="bench", unit="call", disable=not self.progress, file=sys.stderr)
         peer = []  # the peer's figures, alternating with the repeats: a shared machine drifts within minutes
@@ -287,27 +353,43 @@ class Bench:
                 group = [r for r in runs if r.mode == mode and r.batch == batch]
                 for w, work in enumerate(works[batch]):
                     seed = cfg.seed + 1000 * repeat + w
-                    reference = None
+                    references = {}  # constraint -> plain's greedy output under it
                     for run in group:
-                        got, secs, st = self.call(run, work, reference, seed)
+                        against = reference_constraint(run.constraint)
+                        got, secs, st = self.call(run, work, references.get(against), seed)
                         tokens[run].append(sum(len(g) for g in got))
                         seconds[run].append(secs)
+                        if repeat == 0:
+                            lengths[run] += [len(g) for g in got]
                         if st is not None:
                             stats[run].merge(st)
+                        if work.schema is not None:
+                            schema[run] += self._schema_checks(run, work, got)
                         if mode == "greedy":
-                            if run.method == REFERENCE:
-                                reference = unpadded(work, got)
+                            if run.method == REFERENCE and run.constraint == against:
+                                references[against] = unpadded(work, got)
                             else:
-                                checks[run].append(check_rows(self.native, reference, unpadded(work, got),
-                                                              f"{run.name} batch={batch}"))
+                                checks[run].append(check_rows(self.native, references[against],
+                                                              unpadded(work, got), f"{run.name} batch={batch}"))
                         bar.update(1)
         bar.close()
-        report = self._report(runs, tokens, seconds, stats, checks)
+        report = self._report(runs, tokens, seconds, stats, checks, lengths, schema)
         if self.peer is not None:
             report["llama_cpp"] = llama_cpp.summary(peer + [self.peer()])
         return report
 
-    def _report(self, runs, tokens, seconds, stats, checks) -> dict:
+    def _schema_checks(self, run: Run, work: Workload, got: list[torch.Tensor]) -> list[str | None]:
+        """``schema_checks`` of one call; a constrained run's invalid answer is also printed in red on stderr
+        (an unconstrained one is the model's own, and counted only)."""
+        found = schema_checks(self.tokenizer, work, got, self.eos)
+        if run.constraint in GRAMMAR:
+            for row, why in zip(got, found):
+                if why not in (None, "unfinished"):
+                    print(f"\x1b[31mINVALID\x1b[0m {run.name} batch={run.batch}: {why}; output "
+                          f"{self.tokenizer.decode(row.tolist())!r}", file=sys.stderr)
+        return found
+
+    def _report(self, runs, tokens, seconds, stats, checks, lengths=None, schema=None) -> dict:
         runs = list(tokens)  # (each once)
         bandwidth = bandwidth_gbs() * 1e9
         target_bytes = weight_bytes(self.native)
@@ -317,33 +399,47 @@ class Bench:
             drafted[name] = weight_bytes(module) if module is not None else 0
         rows = [self._row(run, tokens[run], seconds[run], stats[run], checks[run], target_bytes,
                           drafted[run.method], bandwidth) for run in runs]
+        for row, run in zip(rows, runs):
+            if lengths is not None:
+                row.update(lengths=lengths[run], mean_length=statistics.mean(lengths[run]) if lengths[run] else 0.0)
+            if run.constraint is not None and schema is not None:
+                found = schema[run]
+                row.update(finished=sum(why != "unfinished" for why in found), valid=found.count(None),
+                           invalid=sum(why not in (None, "unfinished") for why in found))
 
-        def base(method, mode, batch):
+        def base(method, mode, batch, constraint):  # the run of the same mode, batch and constraint
             return next((r["tokens_per_s"] for r in rows if r["method"] == method and r["mode"] == mode
-                         and r["batch"] == batch), None)
+                         and r["batch"] == batch and r.get("constraint") == constraint), None)
 
         for row in rows:
             for label, method in BASELINES:
-                ref = base(method, row["mode"], row["batch"])
+                ref = base(method, row["mode"], row["batch"], reference_constraint(row.get("constraint")))
                 row[label] = row["tokens_per_s"] / ref if ref else None
-        plain_stats = {(run.mode, run.batch): stats[run] for run in runs if run.method == REFERENCE}
+            if row.get("constraint") is not None:  # against the same method and k, unconstrained
+                free = next((r["tokens_per_s"] for r in rows if r.get("constraint") == "free" and all(
+                    r[f] == row[f] for f in ("method", "mode", "batch", "k", "rate"))), None)
+                row["vs_free"] = row["tokens_per_s"] / free if free else None
+        plain_stats = {(run.mode, run.batch, run.constraint): stats[run] for run in runs if run.method == REFERENCE}
         for row, run in zip(rows, runs):
-            plain = plain_stats.get((run.mode, run.batch)) if run.method != REFERENCE else None
-            budget = stats[run].round_budget(plain.round_seconds) if plain is not None else None
+            plain = plain_stats.get((run.mode, run.batch, reference_constraint(run.constraint)))
+            budget = stats[run].round_budget(plain.round_seconds) if plain is not None and plain is not stats[run] \
+                else None
             if budget is not None:
                 row["round_budget"] = budget
-        synthetic = {}  # the runs at a chosen acceptance rate: speedup against it, per batch size
-        for batch in sorted({r["batch"] for r in rows if r["rate"] is not None}):
+        synthetic = {}  # the runs at a chosen acceptance rate: speedup against it, per batch size (and constraint)
+        for batch, constraint in sorted({(r["batch"], r.get("constraint") or "") for r in rows
+                                         if r["rate"] is not None}):
             pts = [(r["rate"], r["vs_plain"]) for r in rows if r["rate"] is not None and r["batch"] == batch
-                   and r["vs_plain"]]
-            synthetic[f"batch={batch}"] = {
+                   and (r.get("constraint") or "") == constraint and r["vs_plain"]]
+            synthetic[f"batch={batch}" + (f" {constraint}" if constraint else "")] = {
                 "k": self.config.synthetic_k, "rates": [p[0] for p in pts], "speedups": [p[1] for p in pts],
                 "break_even_rate": break_even([p[0] for p in pts], [p[1] for p in pts])}
         return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(),
                 "config": dataclasses.asdict(self.config), "bandwidth_gbs": bandwidth / 1e9,
                 "target_weight_bytes": target_bytes,
                 "draft_weight_bytes": weight_bytes(self.native_draft) if self.native_draft is not None else 0,
-                "runs": rows, "synthetic": synthetic, "mismatches": sum(r.get("mismatches", 0) for r in rows)}
+                "runs": rows, "synthetic": synthetic, "mismatches": sum(r.get("mismatches", 0) for r in rows),
+                "invalid": sum(r.get("invalid", 0) for r in rows if r.get("constraint") in GRAMMAR)}
 
     def _row(self, run: Run, tokens, seconds, stats, checks, target_bytes, draft_bytes, bandwidth) -> dict:
         """One run's figures: medians over repeats of its calls' totals, its statistics, roofline and check."""
@@ -353,6 +449,12 @@ class Bench:
         sec = [sum(seconds[i * n:(i + 1) * n]) for i in range(repeats)]
         row = {"method": run.method, "mode": run.mode, "batch": run.batch, "k": run.k, "rate": run.rate,
                "tokens_per_s": median_rate(tok, sec), "tokens": tok[0], "seconds": sec}
+        if run.constraint is not None:
+            row["constraint"] = run.constraint
+        if run.constraint in GRAMMAR:  # each counter and its share of the generated tokens
+            for name in GRAMMAR_COUNTERS:
+                row[name] = getattr(stats, name)
+                row[f"{name}_share"] = row[name] / stats.emitted if stats.emitted else None
         if stats.row_passes:  # specdec's methods
             row.update(tokens_per_target_forward=stats.tokens_per_target_forward,
                        acceptance_rate=stats.acceptance_rate if stats.proposed else None,
@@ -426,6 +528,37 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def structured_table(report: dict) -> str:
+    """The terminal table of a structured-output run: per method, k and constraint, its speed against the same
+    run unconstrained ("vs free") and against plain decoding masked by the schema ("vs plain"; unconstrained
+    runs: against plain unconstrained), the grammar's tokens (GRAMMAR_COUNTERS) as shares of the generated
+    ones, the generated lengths (unconstrained runs may stop earlier, at their own EOS), and the answers that
+    are JSON of their schema among the finished ones; invalid constrained answers and mismatches in red."""
+    shares = [f"{name} share" for name in GRAMMAR_COUNTERS]
+    head = (f"| method | mode | batch | k | constraint | tokens/s | vs free | vs plain | tok/fwd "
+            f"| {' | '.join(shares)} | new tokens, mean (min-max) | valid JSON / finished | output |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def f(x, spec=".2f", suffix=""):
+        return "-" if x is None else f"{x:{spec}}{suffix}"
+
+    for r in report["runs"]:
+        lengths = r.get("lengths") or [0]
+        valid = f"{r['valid']} / {r['finished']}" if "valid" in r else "-"
+        if r.get("invalid") and r.get("constraint") in GRAMMAR:
+            valid = f"\x1b[31m{valid} ({r['invalid']} INVALID)\x1b[0m"
+        check = r.get("check", "")
+        if check.startswith("MISMATCH"):
+            check = f"\x1b[31m{check}\x1b[0m"
+        lines.append(
+            f"| {r['method']} | {r['mode']} | {r['batch']} | {'-' if r['k'] is None else r['k']} "
+            f"| {r.get('constraint', '-')} | {r['tokens_per_s']:.1f} | {f(r.get('vs_free'), '.2f', 'x')} "
+            f"| {f(r['vs_plain'], '.2f', 'x')} | {f(r.get('tokens_per_target_forward'))} "
+            + "".join(f"| {f(r.get(f'{name}_share'), '.3f')} " for name in GRAMMAR_COUNTERS)
+            + f"| {r.get('mean_length', 0):.1f} ({min(lengths)}-{max(lengths)}) | {valid} | {check} |")
+    return "\n".join(lines)
+
+
 def plots(report: dict, folder: Path) -> list[Path]:
     """PNGs: tokens/s vs k per method; per-position acceptance; speedup vs batch size (break-even line);
     synthetic speedup vs acceptance rate."""
@@ -435,6 +568,8 @@ def plots(report: dict, folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
+    # a structured run's constrained rows would stack on its unconstrained ones: these plots show the latter
+    report = {**report, "runs": [r for r in report["runs"] if r.get("constraint") in (None, "free")]}
     runs, written = report["runs"], []
     modes = sorted({r["mode"] for r in runs})
     figures = [("tokens_per_s_vs_k.png", (1, len(modes)), (6.5 * len(modes), 4.5), _tokens_vs_k),
@@ -614,11 +749,20 @@ def main(config: BenchConfig, json_path: Path | None = None, plot_dir: Path | No
     check_outputs(json_path, plot_dir)
     check_draft_vocab(config.model, config.draft_in_use, config.head_in_use)
     target, draft, head, tokenizer = load_models(config)
-    prompts = load_prompts(config.categories, config.prompts_per_category)
+    schemas = None
+    if config.constraints:  # the structured prompts, each with its schema, in place of the categories'
+        structured = load_structured(config.prompts_per_category)
+        prompts = {"structured": [item["prompt"] for item in structured]}
+        schemas = [item["schema"] for item in structured]
+    else:
+        prompts = load_prompts(config.categories, config.prompts_per_category)
     ids = [chat_ids(tokenizer, p)[0].tolist() for texts in prompts.values() for p in texts]
     peer = functools.partial(_llama_cpp, config) if config.llama_cpp else None
-    report = Bench(config, target, draft, ids, progress, head=head, peer=peer).run()
+    report = Bench(config, target, draft, ids, progress, head=head, peer=peer, tokenizer=tokenizer,
+                   schemas=schemas).run()
     report["prompts"] = prompts
+    if schemas is not None:
+        report["schemas"] = {item["name"]: item["schema"] for item in structured}
     if torch.cuda.is_available():  # GPU mode: the same questions at a realistic size (bench/large_model.py)
         from specdec.bench.large_model import report as large_model_report
 
@@ -626,11 +770,14 @@ def main(config: BenchConfig, json_path: Path | None = None, plot_dir: Path | No
         report["gpu"] = large_model_report("cuda", progress=progress)
         report["gpu_graphs"] = large_model_report("cuda", progress=progress, cuda_graphs=True)
         report["mismatches"] += report["gpu"]["mismatches"] + report["gpu_graphs"]["mismatches"]
-    print(table(report))
+    print(structured_table(report) if config.constraints else table(report))
     if "llama_cpp" in report:
         print(peer_line(report))
     if report["mismatches"]:
         print(f"\x1b[31m{report['mismatches']} greedy call(s) departed from plain greedy output\x1b[0m",
+              file=sys.stderr)
+    if report["invalid"]:
+        print(f"\x1b[31m{report['invalid']} constrained answer(s) are not JSON of their schema\x1b[0m",
               file=sys.stderr)
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2))

@@ -4,6 +4,9 @@ A method is a ``Method``: its name on the command line (``--methods``), a line s
 needs loaded (the draft model or the draft head), how many drafts per step it runs (one run per k in ``ks``,
 ``"auto"``, a fixed number, or none), and ``generate``: one timed call over one workload. The harness plans,
 runs and reports through these objects only; a new method is one more entry in ``METHODS``.
+
+Structured output: a run may carry a constraint (``CONSTRAINTS``), and a workload the JSON schema of its
+prompt; specdec's methods then generate under ``grammar=`` (specdec/grammar.py), transformers' only without.
 """
 
 from __future__ import annotations
@@ -19,6 +22,17 @@ from specdec.bench.common import timed
 EACH = "each"  # Method.k: one run per k in BenchConfig.ks
 REFERENCE = "plain"  # the method whose greedy output every other run is checked against; it runs in every group
 LOOKUP_TOKENS = 10  # transformers' documented example value for prompt_lookup_num_tokens
+#: what a structured-output run is held to (BenchConfig.constraints): "free" generates unconstrained (the same
+#: prompts and max_new_tokens: the speed a grammar is measured against), "schema" masks every position to the
+#: prompt's JSON schema (forced_drafts=False), "forced" masks and offers the tokens the schema forces as drafts
+CONSTRAINTS = ("free", "schema", "forced")
+GRAMMAR = ("schema", "forced")  # the constraints that pass grammar= to generate()
+
+
+def reference_constraint(constraint: str | None) -> str | None:
+    """The constraint of the plain run a run's greedy output must equal: plain decoding masked by the schema
+    for both grammar constraints (forced drafts are drafts: they must change nothing)."""
+    return "schema" if constraint in GRAMMAR else constraint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,12 +42,14 @@ class Run:
     batch: int
     k: int | str | None = None  # drafts per step ("auto"), None for methods without
     rate: float | None = None  # synthetic acceptance rate
+    constraint: str | None = None  # one of CONSTRAINTS on the structured prompts; None: the categories' prompts
 
     @property
     def name(self) -> str:
         k = "" if self.k is None else f" k={self.k}"
         rate = "" if self.rate is None else f" rate={self.rate:g}"
-        return f"{self.method}{k}{rate}"
+        constraint = "" if self.constraint is None else f" {self.constraint}"
+        return f"{self.method}{k}{rate}{constraint}"
 
 
 @dataclasses.dataclass
@@ -42,6 +58,7 @@ class Workload:
 
     input_ids: torch.Tensor  # [batch, prompt_len]
     attention_mask: torch.Tensor  # [batch, prompt_len]
+    schema: dict | None = None  # the JSON schema every row's answer must follow (structured prompts)
 
 
 def new_tokens(sequences: torch.Tensor, prompt_len: int, eos: set[int]) -> list[torch.Tensor]:
@@ -91,12 +108,14 @@ class Method:
     default: bool = True  # measured by a run that names no methods
     batch_one: bool = False  # transformers refuses batch > 1 for it (#29769, #32165)
     library = ""  # whose generate() runs it
+    grammar = False  # whether it runs under a grammar (the GRAMMAR constraints)
 
-    def runs(self, config, mode: str, batch: int) -> list[Run]:
-        """The runs of one (mode, batch) group."""
-        if self.batch_one and batch > 1:
+    def runs(self, config, mode: str, batch: int, constraint: str | None = None) -> list[Run]:
+        """The runs of one (mode, batch, constraint) group."""
+        if (self.batch_one and batch > 1) or (constraint in GRAMMAR and not self.grammar):
             return []
-        return [Run(self.name, mode, batch, k) for k in (config.ks if self.k == EACH else (self.k,))]
+        return [Run(self.name, mode, batch, k, constraint=constraint)
+                for k in (config.ks if self.k == EACH else (self.k,))]
 
     def generate(self, bench, run: Run, work: Workload, reference, seed: int):
         """One timed call -> (generated tokens per row, seconds, SpecStats or None). reference: per row the
@@ -135,14 +154,17 @@ class Specdec(Method):
     proposer: Callable = lambda bench, run, reference, seed: None  # -> generate()'s draft_model
     reads: Callable = lambda bench: None  # -> the module one draft step reads
     library = "specdec"
+    grammar = True
 
     def generate(self, bench, run, work, reference, seed):
         draft = self.proposer(bench, run, reference, seed)
+        grammar = {} if run.constraint not in GRAMMAR else dict(
+            grammar={"json_schema": work.schema}, tokenizer=bench.tokenizer, forced_drafts=run.constraint == "forced")
         out, seconds = timed(lambda: specdec.generate(
             bench.native, work.input_ids, work.attention_mask, draft_model=draft,
             num_draft_tokens=run.k if run.k is not None else 4, max_new_tokens=bench.config.max_new_tokens,
             pad_token_id=bench.pad, generator=torch.Generator().manual_seed(seed), return_dict_in_generate=True,
-            **bench.sampling(run)), bench.native.device)
+            **grammar, **bench.sampling(run)), bench.native.device)
         return new_tokens(out.sequences, work.input_ids.shape[1], bench.eos), seconds, out.stats
 
     def draft_weights(self, bench):
@@ -154,10 +176,10 @@ class Synthetic(Specdec):
     """Greedy only (acceptance of "the target's own token" is defined for greedy decoding), one run per rate
     in ``synthetic_rates`` at ``synthetic_k``."""
 
-    def runs(self, config, mode, batch):
+    def runs(self, config, mode, batch, constraint=None):
         if mode != "greedy":
             return []
-        return [Run(self.name, mode, batch, config.synthetic_k, rate) for rate in config.synthetic_rates]
+        return [Run(self.name, mode, batch, config.synthetic_k, rate, constraint) for rate in config.synthetic_rates]
 
 
 def _self_draft(bench):

@@ -243,7 +243,7 @@ def _distill_parser(sub) -> None:
 def _bench_parser(sub) -> None:
     """specdec bench"""
     from specdec.bench.harness import PRESETS
-    from specdec.bench.methods import METHODS
+    from specdec.bench.methods import CONSTRAINTS, METHODS
 
     ben = sub.add_parser("bench", help="specdec against transformers and the memory roofline, side by side")
     ben.add_argument("--preset", help="a named configuration; the flags given beside it override its settings: "
@@ -259,6 +259,10 @@ def _bench_parser(sub) -> None:
     ben.add_argument("--repeats", type=int)
     ben.add_argument("--prompts-per-category", type=int, dest="prompts_per_category")
     ben.add_argument("--categories", nargs="+")
+    ben.add_argument("--constraints", nargs="+", choices=CONSTRAINTS,
+                     help="structured output: run each method on bench/prompts/structured/ (each prompt with its "
+                     "JSON schema) unconstrained (free), masked by the schema (schema), and masked with forced "
+                     "drafts (forced); --prompts-per-category then counts those prompts")
     ben.add_argument("--dtype", choices=["float32", "bfloat16", "float64"])
     ben.add_argument("--weights", choices=["float", "gguf", "int8", "int4"],
                      help="the target's weights: the float copy (default), the GGUF file's own blocks, or quantized")

@@ -310,3 +310,129 @@ def test_load_rounds_take_medians_and_pair_each_round_with_its_own_plain_run():
     assert ratio["tokens_per_second_ratio"] == pytest.approx([1.5, 1.5])
     text = table({"medians": medians(levels), "against_plain_by_round": [ratio]})
     assert "median 0.60x" in text and "median 1.50x" in text
+
+
+# ---------------------------------------------------------------------------------------------- structured output
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "tag": {"type": "string", "enum": ["ab", "cd"]}},
+          "required": ["ok", "tag"]}  # bounded: the tiny models finish it within 40 tokens
+
+
+@pytest.fixture(scope="module")
+def toy_tokenizer():
+    """101 tokens for the tiny models' 101 ids (as tests/test_grammar.py's): <pad> <s> </s> (EOS = 2), the 95
+    printable ASCII characters, '"name"', 'true', 'false'; decoding concatenates them."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for piece in [*string.printable[:95], '"name"', "true", "false"]:
+        vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def test_structured_plan_checks_forced_runs_against_plain_under_the_schema():
+    from specdec.bench.harness import configure
+
+    runs = plan(BenchConfig(methods=("hf", "plain", "head"), ks=(2,), modes=("greedy",), batch_sizes=(1,),
+                            constraints=("free", "forced")))
+    assert [(r.method, r.constraint) for r in runs] == [
+        ("plain", "free"), ("hf", "free"), ("head", "free"),
+        ("plain", "schema"),  # the reference of "forced", run although "schema" was not asked for
+        ("plain", "forced"), ("head", "forced")]  # transformers' methods run unconstrained only
+    runs = plan(configure("structured"))
+    assert len(runs) == 9 and {r.constraint for r in runs} == {"free", "schema", "forced"}
+    assert plan(BenchConfig(methods=("plain", "ngram"), batch_sizes=(1,), modes=("greedy",))) == [
+        Run("plain", "greedy", 1), Run("ngram", "greedy", 1, "auto")]  # no constraints: as ever
+    with pytest.raises(ValueError, match="constraints"):
+        BenchConfig(constraints=("loose",))
+    with pytest.raises(ValueError, match="categories"):
+        configure("structured", categories=("chat",))
+
+
+def test_structured_prompts_carry_their_schema():
+    import jsonschema
+    from specdec.bench.common import load_structured
+
+    items = load_structured()
+    assert len(items) >= 3 and len({item["name"] for item in items}) == len(items)
+    for item in items:
+        jsonschema.Draft202012Validator.check_schema(item["schema"])
+        assert json.dumps(item["schema"]) in item["prompt"] and "{schema}" not in item["prompt"]
+    assert len(load_structured(2)) == 2
+
+
+def test_schema_error_with_and_without_jsonschema(monkeypatch):
+    import sys
+
+    from specdec.bench.common import schema_error
+
+    assert schema_error('{"ok":true,"tag":"ab"}', SCHEMA) is None
+    assert schema_error('{"ok":true,"tag":"zz"}', SCHEMA).startswith("not of the schema")
+    assert schema_error('{"ok":tru', SCHEMA).startswith("not JSON")
+    monkeypatch.setitem(sys.modules, "jsonschema", None)  # not installed: JSON with the required keys
+    assert schema_error('{"ok":true,"tag":"zz"}', SCHEMA) is None
+    assert schema_error('{"ok":true}', SCHEMA) == "missing required key(s) ['tag']"
+
+
+def _structured_bench(monkeypatch, tokenizer, bench_class=Bench, **fields):
+    """The structured preset over two prompts, its figures at k = 2 and 32 new tokens (the schema's answer
+    takes 26 on the tokenizer's characters); the 1 GB bandwidth probe is left out."""
+    from specdec.bench import harness
+
+    monkeypatch.setattr(harness, "bandwidth_gbs", lambda: 10.0)
+    config = harness.configure("structured", **{"ks": (2,), "max_new_tokens": 32, "repeats": 1, **fields})
+    target = tiny_model("llama")
+    return bench_class(config, target, None, _prompts()[:2], progress=False, head=tiny_head(target, seed=1),
+                       tokenizer=tokenizer, schemas=[SCHEMA] * 2)
+
+
+def test_structured_preset_runs_end_to_end(toy_tokenizer, monkeypatch):
+    from specdec.bench.harness import GRAMMAR_COUNTERS, structured_table
+
+    report = json.loads(json.dumps(_structured_bench(monkeypatch, toy_tokenizer).run()))  # every figure serialises
+    assert report["mismatches"] == 0 and report["invalid"] == 0
+    rows = {(r["method"], r["constraint"]): r for r in report["runs"]}
+    assert set(rows) == {(m, c) for m in ("plain", "head", "ngram") for c in ("free", "schema", "forced")}
+    for (method, constraint), r in rows.items():
+        assert r["tokens_per_s"] > 0 and r["tokens_per_target_forward"] >= 1.0
+        assert len(r["lengths"]) == 2 and sum(r["lengths"]) == r["tokens"]
+        assert r["mean_length"] == pytest.approx(r["tokens"] / 2)
+        assert r["vs_free"] == pytest.approx(r["tokens_per_s"] / rows[method, "free"]["tokens_per_s"])
+        if constraint == "free":
+            assert not any(f"{name}_share" in r for name in GRAMMAR_COUNTERS)
+        else:  # every constrained answer finishes (the schema is bounded) and is JSON of the schema
+            assert r["finished"] == r["valid"] == 2 and r["invalid"] == 0
+            assert all(r[f"{name}_share"] == pytest.approx(r[name] / r["tokens"]) for name in GRAMMAR_COUNTERS)
+        if (method, constraint) not in (("plain", "free"), ("plain", "schema")):
+            assert r["check"] == "exact", r
+    # on a one-character vocabulary keys and punctuation are forced: free drafts, more than a token a pass
+    assert rows["plain", "forced"]["forced_share"] > 0.3 and rows["plain", "schema"]["forced_share"] == 0
+    assert rows["plain", "forced"]["tokens_per_target_forward"] > 1.3
+    assert rows["plain", "forced"]["vs_plain"] == pytest.approx(
+        rows["plain", "forced"]["tokens_per_s"] / rows["plain", "schema"]["tokens_per_s"])
+    text = structured_table(report)
+    assert "forced share" in text and "valid JSON / finished" in text and "| head | greedy | 1 | 2 | forced |" in text
+    assert "2 / 2" in text and "INVALID" not in text
+
+
+def test_invalid_constrained_answer_is_reported(toy_tokenizer, capsys, monkeypatch):
+    from specdec.bench.harness import structured_table
+
+    class Corrupting(Bench):
+        def call(self, run, work, reference, seed):
+            got, secs, stats = super().call(run, work, reference, seed)
+            if run.method == "ngram" and run.constraint == "forced":
+                got[0] = torch.tensor([toy_tokenizer.convert_tokens_to_ids("{"), 2])  # "{" then EOS: not JSON
+            return got, secs, stats
+
+    report = _structured_bench(monkeypatch, toy_tokenizer, Corrupting, methods=("plain", "ngram")).run()
+    ngram = next(r for r in report["runs"] if r["method"] == "ngram" and r["constraint"] == "forced")
+    assert ngram["invalid"] == 2 and ngram["valid"] == 0 and report["invalid"] == 2
+    assert ngram["check"].startswith("MISMATCH")  # and it departs from plain decoding under the schema
+    assert "\x1b[31m0 / 2 (2 INVALID)" in structured_table(report)
+    assert "INVALID" in capsys.readouterr().err
