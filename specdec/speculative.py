@@ -47,7 +47,7 @@ def speculative_step(target, cache, proposer, state: DecodeState, num_drafts, ge
             num_drafts [batch] as offered (a proposer may offer fewer)
     """
     asked = num_drafts if counted is None else num_drafts * counted
-    k, requested = torch.stack((num_drafts.max(), asked.sum())).tolist()  # one host sync
+    k, requested, draft_steps = torch.stack((num_drafts.max(), asked.sum(), asked.max())).tolist()  # one sync
     state.stats.requested += requested
     draft_unseen = state.stats.draft_passes == 0  # (a draft with weights has not run on these rows yet)
     tick = time.perf_counter()
@@ -79,7 +79,8 @@ def speculative_step(target, cache, proposer, state: DecodeState, num_drafts, ge
     # Timed, a head's prefill over a 40-token prompt read as c = 0.34-0.40 instead of ~0.07 and kept "auto"
     # from drafting at all on some prompts.
     if state.stats.target_passes > 0 and not (draft_unseen and state.stats.draft_passes > 0):
-        state.stats.record_pass(k, target_seconds=time.perf_counter() - tock, draft_seconds=tock - tick)
+        state.stats.record_pass(k, target_seconds=time.perf_counter() - tock, draft_seconds=tock - tick,
+                                draft_steps=draft_steps)
     return emitted, num_accepted, num_drafts
 
 
