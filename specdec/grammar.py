@@ -67,13 +67,11 @@ def compile_grammar(grammar: dict, tokenizer, vocab_size: int):
         raise ValueError(f"grammar {form} does not compile: {err}") from None
 
 
-#: bit t of a mask word: token 32 w + t of word w (xgrammar's layout of a token bitmask)
-SHIFTS = torch.arange(32, dtype=torch.int32)
-
-
 def masked(logits: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """logits [..., vocab] with the tokens a mask forbids at -inf; bits [..., words] int32 (GrammarMasks)."""
-    allowed = ((bits[..., None] >> SHIFTS) & 1).flatten(-2)[..., : logits.shape[-1]]  # [..., vocab]
+    """logits [..., vocab] with the tokens a mask forbids at -inf; bits [..., words] int32 (GrammarMasks), bit
+    t of word w standing for token 32 w + t (xgrammar's layout)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bits.device)
+    allowed = ((bits[..., None] >> shifts) & 1).flatten(-2)[..., : logits.shape[-1]]  # [..., vocab]
     return logits.masked_fill(allowed == 0, -torch.inf)
 
 
@@ -161,12 +159,12 @@ class GrammarMasks:
             matcher.rollback(taken)
         return bits.to(state.tokens.device)
 
-    def forced(self, state, limit: int) -> list[tuple[list[int], int]]:
+    def forced(self, state, limit: int) -> list[list[int]]:
         """Each active row's drafts from its grammar, up to ``limit``: the run of tokens it forces (the only
         one it allows, each), then the text it forces from there, tokenized as the tokenizer writes it, as far
         as the grammar accepts those tokens (several tokenizations of a text are allowed, so these are
-        drafts to verify). Returns (tokens, how many of them are forced) per row."""
-        runs = [([], 0) for _ in range(state.batch_size)]
+        drafts to verify)."""
+        runs = [[] for _ in range(state.batch_size)]
         for b in self._constrained(state):
             matcher, run = self._synced(b, state), []
             while len(run) < limit and not matcher.is_terminated():
@@ -174,14 +172,13 @@ class GrammarMasks:
                 if token is None or not matcher.accept_token(token):
                     break
                 run.append(token)
-            certain = len(run)
             if not matcher.is_terminated():
                 for token in self._encode(matcher.find_jump_forward_string())[: limit - len(run)]:
                     if not matcher.accept_token(token):
                         break
                     run.append(token)
             matcher.rollback(len(run))
-            runs[b] = (run, certain)
+            runs[b] = run
         return runs
 
     def _encode(self, text: str) -> list[int]:
@@ -214,7 +211,7 @@ class ForcedDrafts:
         """Find this round's grammar drafts, row b's up to limits[b]; returns their lengths [batch] (0: the
         row drafts with ``inner``, k tokens at most)."""
         runs = self.grammar.forced(state, MAX_FORCED)
-        self.runs = [run[: max(limit, 0)] for (run, _), limit in zip(runs, limits.tolist())]
+        self.runs = [run[: max(limit, 0)] for run, limit in zip(runs, limits.tolist())]
         self.k = k
         return torch.tensor([len(r) for r in self.runs], device=limits.device)
 
