@@ -66,6 +66,25 @@ def one_layer_llama(vocab: int, hidden: int, seed: int, scale: float):
 
 
 @functools.lru_cache(maxsize=None)
+def toy_tokenizer():
+    """101 tokens for the tiny models' 101 ids: <pad> <s> </s> (EOS = 2), the 95 printable ASCII characters,
+    '"name"', 'true', 'false'; decoding concatenates them. Encoding writes text a character a token, so
+    text a grammar forces (such as '{"name": ') becomes drafts the target may reject (it may write '"name"')."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for piece in [*string.printable[:95], '"name"', "true", "false"]:
+        vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+@functools.lru_cache(maxsize=None)
 def perturbed_copy(arch: str, scale: float = 0.02):
     """The target with noise on every weight: a draft that agrees often but not always."""
     import copy

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import perturbed_copy, tiny_head, tiny_model
+from conftest import perturbed_copy, tiny_head, tiny_model, toy_tokenizer
 from specdec.bench.harness import (
     Bench,
     BenchConfig,
@@ -318,21 +318,10 @@ SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "tag": {"t
           "required": ["ok", "tag"]}  # bounded: the tiny models finish it within 40 tokens
 
 
-@pytest.fixture(scope="module")
-def toy_tokenizer():
-    """101 tokens for the tiny models' 101 ids (as tests/test_grammar.py's): <pad> <s> </s> (EOS = 2), the 95
-    printable ASCII characters, '"name"', 'true', 'false'; decoding concatenates them."""
-    import string
-
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    for piece in [*string.printable[:95], '"name"', "true", "false"]:
-        vocab.setdefault(piece, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+@pytest.fixture(scope="module", name="toy_tokenizer")
+def toy_tokenizer_fixture():
+    """The tests' 101-token tokenizer (tests/conftest.py)."""
+    return toy_tokenizer()
 
 
 def test_structured_plan_checks_forced_runs_against_plain_under_the_schema():

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import perturbed_copy, tiny_head, tiny_model
+from conftest import perturbed_copy, tiny_head, tiny_model, toy_tokenizer
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -555,9 +555,9 @@ def openai_processor(prompt_len: int, params: RequestParams):
 def test_per_request_penalties_bias_and_grammars_equal_generate(kind):
     """Rows with penalties, a bias, a grammar, or nothing, side by side: each greedy output is generate()'s
     for its request alone with the same processing, and the grammar's output parses."""
-    from test_grammar import SCHEMA, tokenizer
+    from test_grammar import SCHEMA
 
-    tok = tokenizer.__wrapped__()
+    tok = toy_tokenizer()
     requests = [((5, 6, 7), RequestParams(max_new_tokens=40, grammar={"json_schema": SCHEMA})),
                 ((8, 9), RequestParams(max_new_tokens=25, frequency_penalty=1.2, presence_penalty=-0.5,
                                        logit_bias={7: 4.0, 11: -100})),
