@@ -368,7 +368,8 @@ class Engine:
         if state.processing is not None and state.processing.grammar is not None and k > 0:
             # the grammars' drafts, within this step's k (the blocks reserved for it)
             proposer = ForcedDrafts(self.proposer, state.processing.grammar)
-            proposer.prepare(state, num_drafts, k)
+            wanted = proposer.prepare(state, num_drafts, k)
+            num_drafts = torch.where(wanted > 0, wanted, num_drafts)
             counted = ~proposer.grammar_rows(device)
         with torch.inference_mode():
             emitted, num_accepted, num_drafts = speculative_step(self.target, cache, proposer, state, num_drafts,

@@ -133,7 +133,7 @@ class GrammarMasks:
     def __init__(self, rows: list[RowGrammar | None], vocab_size: int, tokenizer=None):
         self.rows, self.vocab_size, self.words = rows, vocab_size, (vocab_size + 31) // 32
         self.tokenizer = tokenizer
-        self.encoded: dict[str, list[int]] = {}  # forced text -> its tokens
+        self.encoded: dict[tuple[int, str], list[int]] = {}  # (last token, forced text) -> its tokens
 
     def allowed(self, state, drafts: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
         """Positions start..stop-1 of every active row, position i after the row's tokens and drafts[:, :i]:
@@ -172,8 +172,9 @@ class GrammarMasks:
                 if token is None or not matcher.accept_token(token):
                     break
                 run.append(token)
+            last = run[-1] if run else int(state.tokens[b, state.num_tokens[b] - 1])
             if not matcher.is_terminated():
-                for token in self._encode(matcher.find_jump_forward_string())[: limit - len(run)]:
+                for token in self._encode(matcher.find_jump_forward_string(), last)[: limit - len(run)]:
                     if not matcher.accept_token(token):
                         break
                     run.append(token)
@@ -181,12 +182,18 @@ class GrammarMasks:
             runs[b] = run
         return runs
 
-    def _encode(self, text: str) -> list[int]:
+    def _encode(self, text: str, last: int) -> list[int]:
+        """The forced ``text`` as the tokenizer writes it after token ``last``: the tokens of last's text + text
+        after the first, where that first one is ``last`` itself; none where the tokenizer would have written
+        last otherwise (the text goes on with a word that last began in other tokens than the tokenizer's, as
+        when a model is steered into an enum value: such drafts were mostly rejected on SmolLM2's tool-call
+        schema, and a rejected run costs a longer verification pass)."""
         if not text or self.tokenizer is None:
             return []
-        if text not in self.encoded:
-            self.encoded[text] = self.tokenizer.encode(text, add_special_tokens=False)
-        return self.encoded[text]
+        if (last, text) not in self.encoded:
+            ids = self.tokenizer.encode(self.tokenizer.decode([last]) + text, add_special_tokens=False)
+            self.encoded[last, text] = ids[1:] if ids[:1] == [last] else []
+        return self.encoded[last, text]
 
     def _constrained(self, state) -> list[int]:
         return [b for b in state.active.nonzero().flatten().tolist() if self.rows[b] is not None]
@@ -199,40 +206,48 @@ class GrammarMasks:
 
 class ForcedDrafts:
     """A proposer: each row's drafts from its grammar (``GrammarMasks.forced``, found by ``prepare`` before
-    the round) where it has some; the other rows' from ``inner`` (another proposer, or None: no drafts).
-    ``settle`` counts, after the round, the grammar's drafts the target kept (``SpecStats.forced``)."""
+    the round) first, then ``inner``'s (another proposer, or None: none) after them. Proposers that draft a
+    step at a time (``follows_fixed``: a draft model, a draft head) are handed the grammar's tokens as their
+    first steps' and draft on from there; another one's drafts are kept only for rows without grammar drafts
+    (they were not made after them). ``settle`` counts, after the round, the grammar's drafts the target kept
+    (``SpecStats.forced``)."""
 
     def __init__(self, inner, grammar: GrammarMasks):
         self.inner, self.grammar, self.runs, self.k = inner, grammar, [], 0
         self.model = getattr(inner, "model", None)  # (the runner's steady() and the engine look for it)
         self.needs_features = bool(getattr(inner, "needs_features", False))
+        self.follows = bool(getattr(inner, "follows_fixed", False))
 
     def prepare(self, state, limits: torch.Tensor, k: int) -> torch.Tensor:
-        """Find this round's grammar drafts, row b's up to limits[b]; returns their lengths [batch] (0: the
-        row drafts with ``inner``, k tokens at most)."""
+        """Find this round's grammar drafts, row b's up to limits[b]; k: the inner proposer's drafts a row.
+        Returns the drafts row b takes [batch]: its grammar's, then k of inner's where it follows them, up to
+        limits[b]; 0 for a row without grammar drafts (it drafts k with inner, as without a grammar)."""
         runs = self.grammar.forced(state, MAX_FORCED)
         self.runs = [run[: max(limit, 0)] for run, limit in zip(runs, limits.tolist())]
+        lengths = torch.tensor([len(r) for r in self.runs], device=limits.device)
         self.k = k
-        return torch.tensor([len(r) for r in self.runs], device=limits.device)
+        more = k if self.inner is not None and self.follows else 0
+        return torch.where(lengths > 0, torch.minimum(lengths + more, limits), 0)
 
     def propose(self, state, k: int):
-        forced = torch.tensor([len(r) > 0 for r in self.runs], device=state.tokens.device) & state.active
-        drafts = torch.full((state.batch_size, k), -1, dtype=torch.long, device=state.tokens.device)
-        probs = None
-        others = state.active & ~forced
-        if self.inner is not None and self.k > 0 and bool(others.any()):  # (k: the longest run; inner's is less)
-            inner, inner_probs = self.inner.propose(replace(state, active=others), min(k, self.k))
-            drafts[:, : inner.shape[1]] = inner.masked_fill(forced[:, None], -1)
-            if inner_probs is not None:
-                probs = inner_probs.new_zeros(state.batch_size, k, state.vocab_size)
-                probs[:, : inner.shape[1]] = inner_probs
-        for b in forced.nonzero().flatten().tolist():
-            run = self.runs[b] = self.runs[b][:k]
-            drafts[b, : len(run)] = torch.tensor(run)
-            state.stats.forced_offered += len(run)
-            if probs is not None:  # one-hot: a fixed draft's distribution (padding positions: unused)
-                probs[b] = 0
-                probs[b, torch.arange(len(run)), torch.tensor(run)] = 1
+        device = state.tokens.device
+        fixed = torch.full((state.batch_size, k), -1, dtype=torch.long, device=device)  # [batch, k]
+        for b, run in enumerate(self.runs):
+            if run and bool(state.active[b]):
+                run = self.runs[b] = run[:k]
+                fixed[b, : len(run)] = torch.tensor(run, device=device)
+                state.stats.forced_offered += len(run)
+        grammar_rows = fixed[:, 0] >= 0  # [batch]
+        if self.inner is None or self.k == 0 or not (self.follows or bool((state.active & ~grammar_rows).any())):
+            return fixed, None
+        drafts, probs = self.inner.propose(replace(state, fixed=fixed if self.follows else None), k)
+        if self.follows:  # (``draw`` took the fixed tokens, their draft_probs one-hot)
+            return drafts, probs
+        # its drafts were not made after the grammar's: those rows take the grammar's alone
+        drafts = torch.where(grammar_rows[:, None], fixed, drafts)
+        if probs is not None:  # one-hot: a fixed draft's distribution (padding positions: unused)
+            one_hot = torch.nn.functional.one_hot(fixed.clamp(min=0), probs.shape[-1]).to(probs.dtype)
+            probs = torch.where(grammar_rows[:, None, None], one_hot, probs)
         return drafts, probs
 
     def settle(self, state, num_accepted: torch.Tensor) -> None:
@@ -241,5 +256,5 @@ class ForcedDrafts:
         state.stats.forced += sum(kept)
 
     def grammar_rows(self, device) -> torch.Tensor:
-        """[batch] the rows drafting from their grammar this round (their acceptance is not the model's)."""
+        """[batch] the rows with grammar drafts this round (their acceptance is not the draft model's)."""
         return torch.tensor([len(r) > 0 for r in self.runs], dtype=torch.bool, device=device)

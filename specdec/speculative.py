@@ -47,9 +47,9 @@ def speculative_step(target, cache, proposer, state: DecodeState, num_drafts, ge
             num_drafts [batch] as offered (a proposer may offer fewer)
     """
     asked = num_drafts if counted is None else num_drafts * counted
-    k, requested, draft_steps = torch.stack((num_drafts.max(), asked.sum(), asked.max())).tolist()  # one sync
+    k, requested = torch.stack((num_drafts.max(), asked.sum())).tolist()  # one host sync
     state.stats.requested += requested
-    draft_unseen = state.stats.draft_passes == 0  # (a draft with weights has not run on these rows yet)
+    passes = state.stats.draft_passes  # (a draft with weights has not run on these rows yet while 0)
     tick = time.perf_counter()
     if k > 0:
         drafting = replace(state, active=state.active & (num_drafts > 0))
@@ -78,9 +78,12 @@ def speculative_step(target, cache, proposer, state: DecodeState, num_drafts, ge
     # whole prompt (a draft head's comes in the second step: the head drafts from features the first one makes).
     # Timed, a head's prefill over a 40-token prompt read as c = 0.34-0.40 instead of ~0.07 and kept "auto"
     # from drafting at all on some prompts.
-    if state.stats.target_passes > 0 and not (draft_unseen and state.stats.draft_passes > 0):
+    # The draft steps a round's drafting time paid for: the passes a draft with weights ran (not k where a
+    # grammar gave some drafts: specdec/grammar.ForcedDrafts), or k for a proposer without weights (n-gram).
+    steps = state.stats.draft_passes - passes
+    if state.stats.target_passes > 0 and not (passes == 0 and steps > 0):
         state.stats.record_pass(k, target_seconds=time.perf_counter() - tock, draft_seconds=tock - tick,
-                                draft_steps=draft_steps)
+                                draft_steps=steps if getattr(proposer, "model", None) is not None else k)
     return emitted, num_accepted, num_drafts
 
 
@@ -480,8 +483,8 @@ def _decode(target, proposer, state: DecodeState, length, streamer, feature_hook
             num_drafts = torch.where(state.active, (remaining - 1).clamp(min=0, max=k), 0)  # [batch]
             counted = None
             if drafter is not proposer:  # the grammar's drafts ride along, as many as fit
-                num_drafts = torch.maximum(num_drafts, proposer.prepare(state, torch.where(
-                    state.active, remaining - 1, 0), k))
+                wanted = proposer.prepare(state, torch.where(state.active, remaining - 1, 0), k)
+                num_drafts = torch.where(wanted > 0, wanted, num_drafts)
                 counted = ~proposer.grammar_rows(num_drafts.device)
             emitted, num_accepted, num_drafts = speculative_step(target, cache, proposer, state, num_drafts,
                                                                  counted=counted)
