@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from specdec.bench import llama_cpp
 from specdec.bench.common import (CATEGORIES, NEAR_TIE, bandwidth_gbs, chat_ids, load_prompts, load_structured,
-                                   machine, schema_error, weight_bytes)
+                                   machine, schema_error, timed, weight_bytes)
 from specdec.bench.methods import (CONSTRAINTS, EACH, GRAMMAR, METHODS, REFERENCE, Run, Workload, needing,
                                    reference_constraint)
 from specdec.bench.methods import SyntheticProposer  # noqa: F401  (imported from here by bench/gpu_check.py)
@@ -336,6 +336,9 @@ class Bench:
         checks = {r: [] for r in runs}
         lengths = {r: [] for r in runs}  # the first repeat's generated tokens per row
         schema = {r: [] for r in runs}  # per finished row with a schema: None (valid) or why not
+        # structured runs stop at different lengths, so their rates leave out the prefill: a plain call of one
+        # new token over the same workload, timed beside them in each repeat (seconds per run, as ``seconds``)
+        prefill = {r: [] for r in runs} if cfg.constraints else None
         # warm-up: first calls pay one-time costs (weight packing, allocator growth; with a grammar, the
         # compiler's vocabulary tables and each schema's compilation) that no run should carry
         warm = works[cfg.batch_sizes[0]][0]
@@ -354,6 +357,11 @@ class Bench:
                 for w, work in enumerate(works[batch]):
                     seed = cfg.seed + 1000 * repeat + w
                     references = {}  # constraint -> plain's greedy output under it
+                    if prefill is not None:
+                        _, first = timed(lambda: specdec.generate(self.native, work.input_ids, work.attention_mask,
+                                                                  max_new_tokens=1), self.native.device)
+                        for run in group:
+                            prefill[run].append(first)
                     for run in group:
                         against = reference_constraint(run.constraint)
                         got, secs, st = self.call(run, work, references.get(against), seed)
@@ -373,7 +381,7 @@ class Bench:
                                                               unpadded(work, got), f"{run.name} batch={batch}"))
                         bar.update(1)
         bar.close()
-        report = self._report(runs, tokens, seconds, stats, checks, lengths, schema)
+        report = self._report(runs, tokens, seconds, stats, checks, lengths, schema, prefill)
         if self.peer is not None:
             report["llama_cpp"] = llama_cpp.summary(peer + [self.peer()])
         return report
@@ -389,7 +397,7 @@ class Bench:
                           f"{self.tokenizer.decode(row.tolist())!r}", file=sys.stderr)
         return found
 
-    def _report(self, runs, tokens, seconds, stats, checks, lengths=None, schema=None) -> dict:
+    def _report(self, runs, tokens, seconds, stats, checks, lengths=None, schema=None, prefill=None) -> dict:
         runs = list(tokens)  # (each once)
         bandwidth = bandwidth_gbs() * 1e9
         target_bytes = weight_bytes(self.native)
@@ -402,6 +410,9 @@ class Bench:
         for row, run in zip(rows, runs):
             if lengths is not None:
                 row.update(lengths=lengths[run], mean_length=statistics.mean(lengths[run]) if lengths[run] else 0.0)
+            if prefill is not None and prefill[run]:  # tokens after the first over the time after the prefill
+                row["decode_tokens_per_s"] = statistics.median(  # (a call's first token per row: the prefill's)
+                    (t - run.batch) / max(s - p, 1e-9) for t, s, p in zip(tokens[run], seconds[run], prefill[run]))
             if run.constraint is not None and schema is not None:
                 found = schema[run]
                 row.update(finished=sum(why != "unfinished" for why in found), valid=found.count(None),
@@ -415,10 +426,11 @@ class Bench:
             for label, method in BASELINES:
                 ref = base(method, row["mode"], row["batch"], reference_constraint(row.get("constraint")))
                 row[label] = row["tokens_per_s"] / ref if ref else None
-            if row.get("constraint") is not None:  # against the same method and k, unconstrained
-                free = next((r["tokens_per_s"] for r in rows if r.get("constraint") == "free" and all(
+            if row.get("constraint") is not None:  # against the same method and k, unconstrained, decode alone
+                rate = "decode_tokens_per_s" if "decode_tokens_per_s" in row else "tokens_per_s"
+                free = next((r[rate] for r in rows if r.get("constraint") == "free" and all(
                     r[f] == row[f] for f in ("method", "mode", "batch", "k", "rate"))), None)
-                row["vs_free"] = row["tokens_per_s"] / free if free else None
+                row["vs_free"] = row[rate] / free if free else None
         plain_stats = {(run.mode, run.batch, run.constraint): stats[run] for run in runs if run.method == REFERENCE}
         for row, run in zip(rows, runs):
             plain = plain_stats.get((run.mode, run.batch, reference_constraint(run.constraint)))
@@ -529,13 +541,14 @@ def table(report: dict) -> str:
 
 
 def structured_table(report: dict) -> str:
-    """The terminal table of a structured-output run: per method, k and constraint, its speed against the same
-    run unconstrained ("vs free") and against plain decoding masked by the schema ("vs plain"; unconstrained
+    """The terminal table of a structured-output run: per method, k and constraint, its speed (tokens/s over
+    whole calls; decode tokens/s: the prefill left out, since runs stop at different lengths) against the same
+    run unconstrained ("vs free", decode rates) and against plain decoding masked by the schema ("vs plain"; unconstrained
     runs: against plain unconstrained), the grammar's tokens (GRAMMAR_COUNTERS) as shares of the generated
     ones, the generated lengths (unconstrained runs may stop earlier, at their own EOS), and the answers that
     are JSON of their schema among the finished ones; invalid constrained answers and mismatches in red."""
     shares = [f"{name} share" for name in GRAMMAR_COUNTERS]
-    head = (f"| method | mode | batch | k | constraint | tokens/s | vs free | vs plain | tok/fwd "
+    head = (f"| method | mode | batch | k | constraint | tokens/s | decode tokens/s | vs free | vs plain | tok/fwd "
             f"| {' | '.join(shares)} | new tokens, mean (min-max) | valid JSON / finished | output |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
@@ -552,7 +565,8 @@ def structured_table(report: dict) -> str:
             check = f"\x1b[31m{check}\x1b[0m"
         lines.append(
             f"| {r['method']} | {r['mode']} | {r['batch']} | {'-' if r['k'] is None else r['k']} "
-            f"| {r.get('constraint', '-')} | {r['tokens_per_s']:.1f} | {f(r.get('vs_free'), '.2f', 'x')} "
+            f"| {r.get('constraint', '-')} | {r['tokens_per_s']:.1f} | {f(r.get('decode_tokens_per_s'), '.1f')} "
+            f"| {f(r.get('vs_free'), '.2f', 'x')} "
             f"| {f(r['vs_plain'], '.2f', 'x')} | {f(r.get('tokens_per_target_forward'))} "
             + "".join(f"| {f(r.get(f'{name}_share'), '.3f')} " for name in GRAMMAR_COUNTERS)
             + f"| {r.get('mean_length', 0):.1f} ({min(lengths)}-{max(lengths)}) | {valid} | {check} |")
