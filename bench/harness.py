@@ -153,13 +153,14 @@ PRESETS: dict[str, Preset] = {
                             "k = 1..4, greedy (no timing noise in these figures) on every prompt",
                             dict(methods=("plain", "head"), ks=(1, 2, 3, 4), modes=("greedy",), batch_sizes=(1,),
                                  max_new_tokens=128, repeats=1, prompts_per_category=None)),
-    # 9 runs x 4 prompts (218-331 prompt tokens, answers of 40-100 tokens) x 3 repeats = 108 calls of at most
-    # 128 new tokens: an estimated 6-10 minutes on a 2-core CPU with SmolLM2-135M
-    "structured": Preset("structured output: plain, the draft head (k = 3) and n-gram lookup on JSON-schema prompts, "
-                         "each unconstrained, masked by the schema, and masked with forced drafts; tokens/s, tokens "
-                         "per target forward, forced share, every finished output validated against its schema",
-                         dict(methods=("plain", "head", "ngram"), ks=(3,), modes=("greedy",), batch_sizes=(1,),
-                              max_new_tokens=128, repeats=3, prompts_per_category=None,
+    # 12 runs x 4 prompts (218-331 prompt tokens, answers of 40-128 tokens) x 3 repeats = 144 calls of at most
+    # 128 new tokens: ~3 minutes on a 2-core CPU with SmolLM2-135M's Q4_1 blocks (bench/RESULTS.md)
+    "structured": Preset("structured output: plain, the draft head (k = 3 and auto) and n-gram lookup on JSON-schema "
+                         "prompts, each unconstrained, masked by the schema, and masked with grammar drafts; tokens/s, "
+                         "tokens per target forward, grammar-draft share, every finished output validated against "
+                         "its schema",
+                         dict(methods=("plain", "head", "head-auto", "ngram"), ks=(3,), modes=("greedy",),
+                              batch_sizes=(1,), max_new_tokens=128, repeats=3, prompts_per_category=None,
                               constraints=CONSTRAINTS)),
 }
 

@@ -206,48 +206,45 @@ class GrammarMasks:
 
 class ForcedDrafts:
     """A proposer: each row's drafts from its grammar (``GrammarMasks.forced``, found by ``prepare`` before
-    the round) first, then ``inner``'s (another proposer, or None: none) after them. Proposers that draft a
-    step at a time (``follows_fixed``: a draft model, a draft head) are handed the grammar's tokens as their
-    first steps' and draft on from there; another one's drafts are kept only for rows without grammar drafts
-    (they were not made after them). ``settle`` counts, after the round, the grammar's drafts the target kept
-    (``SpecStats.forced``)."""
+    the round) where it has some; the other rows' from ``inner`` (another proposer, or None: no drafts).
+    ``settle`` counts, after the round, the grammar's drafts the target kept (``SpecStats.forced``).
+
+    A row with grammar drafts takes them alone. Handing a draft head the grammar's tokens as its first steps,
+    to draft on from there in the same round, was measured slower on SmolLM2's structured prompts (122-194
+    against 125-243 tokens/s a prompt): feeding the head a token costs a head step, more than the drafts
+    after them bring."""
 
     def __init__(self, inner, grammar: GrammarMasks):
         self.inner, self.grammar, self.runs, self.k = inner, grammar, [], 0
         self.model = getattr(inner, "model", None)  # (the runner's steady() and the engine look for it)
         self.needs_features = bool(getattr(inner, "needs_features", False))
-        self.follows = bool(getattr(inner, "follows_fixed", False))
 
     def prepare(self, state, limits: torch.Tensor, k: int) -> torch.Tensor:
-        """Find this round's grammar drafts, row b's up to limits[b]; k: the inner proposer's drafts a row.
-        Returns the drafts row b takes [batch]: its grammar's, then k of inner's where it follows them, up to
-        limits[b]; 0 for a row without grammar drafts (it drafts k with inner, as without a grammar)."""
+        """Find this round's grammar drafts, row b's up to limits[b]; returns their lengths [batch] (0: the
+        row drafts with ``inner``, k tokens at most)."""
         runs = self.grammar.forced(state, MAX_FORCED)
         self.runs = [run[: max(limit, 0)] for run, limit in zip(runs, limits.tolist())]
-        lengths = torch.tensor([len(r) for r in self.runs], device=limits.device)
         self.k = k
-        more = k if self.inner is not None and self.follows else 0
-        return torch.where(lengths > 0, torch.minimum(lengths + more, limits), 0)
+        return torch.tensor([len(r) for r in self.runs], device=limits.device)
 
     def propose(self, state, k: int):
-        device = state.tokens.device
-        fixed = torch.full((state.batch_size, k), -1, dtype=torch.long, device=device)  # [batch, k]
-        for b, run in enumerate(self.runs):
-            if run and bool(state.active[b]):
-                run = self.runs[b] = run[:k]
-                fixed[b, : len(run)] = torch.tensor(run, device=device)
-                state.stats.forced_offered += len(run)
-        grammar_rows = fixed[:, 0] >= 0  # [batch]
-        if self.inner is None or self.k == 0 or not (self.follows or bool((state.active & ~grammar_rows).any())):
-            return fixed, None
-        drafts, probs = self.inner.propose(replace(state, fixed=fixed if self.follows else None), k)
-        if self.follows:  # (``draw`` took the fixed tokens, their draft_probs one-hot)
-            return drafts, probs
-        # its drafts were not made after the grammar's: those rows take the grammar's alone
-        drafts = torch.where(grammar_rows[:, None], fixed, drafts)
-        if probs is not None:  # one-hot: a fixed draft's distribution (padding positions: unused)
-            one_hot = torch.nn.functional.one_hot(fixed.clamp(min=0), probs.shape[-1]).to(probs.dtype)
-            probs = torch.where(grammar_rows[:, None, None], one_hot, probs)
+        forced = torch.tensor([len(r) > 0 for r in self.runs], device=state.tokens.device) & state.active
+        drafts = torch.full((state.batch_size, k), -1, dtype=torch.long, device=state.tokens.device)
+        probs = None
+        others = state.active & ~forced
+        if self.inner is not None and self.k > 0 and bool(others.any()):  # (k: the longest run; inner's is less)
+            inner, inner_probs = self.inner.propose(replace(state, active=others), min(k, self.k))
+            drafts[:, : inner.shape[1]] = inner.masked_fill(forced[:, None], -1)
+            if inner_probs is not None:
+                probs = inner_probs.new_zeros(state.batch_size, k, state.vocab_size)
+                probs[:, : inner.shape[1]] = inner_probs
+        for b in forced.nonzero().flatten().tolist():
+            run = self.runs[b] = self.runs[b][:k]
+            drafts[b, : len(run)] = torch.tensor(run)
+            state.stats.forced_offered += len(run)
+            if probs is not None:  # one-hot: a fixed draft's distribution (padding positions: unused)
+                probs[b] = 0
+                probs[b, torch.arange(len(run)), torch.tensor(run)] = 1
         return drafts, probs
 
     def settle(self, state, num_accepted: torch.Tensor) -> None:
@@ -256,5 +253,5 @@ class ForcedDrafts:
         state.stats.forced += sum(kept)
 
     def grammar_rows(self, device) -> torch.Tensor:
-        """[batch] the rows with grammar drafts this round (their acceptance is not the draft model's)."""
+        """[batch] the rows drafting from their grammar this round (their acceptance is not the model's)."""
         return torch.tensor([len(r) > 0 for r in self.runs], dtype=torch.bool, device=device)

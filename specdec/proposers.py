@@ -24,8 +24,6 @@ class Proposer(Protocol):
 class DraftModelProposer:
     """A small causal LM sharing the target's tokenizer, drafting autoregressively on its own KV cache."""
 
-    follows_fixed = True  # drafts after state.fixed's tokens (``draw``)
-
     def __init__(self, model):
         self.model = model
 
@@ -48,7 +46,7 @@ class DraftModelProposer:
         for _ in range(k):
             logits = self.model(input_ids, positions, cache, logits_index=last)[:, 0]  # [batch, draft_vocab]
             logits = state.process(state.fit_vocab(logits), drafts)  # [batch, vocab]
-            token, p, drafting = draw(state, logits, drafting, len(drafts))
+            token, p, drafting = draw(state, logits, drafting)
             if p is not None:
                 probs.append(p)
             drafts.append(token)
@@ -58,23 +56,16 @@ class DraftModelProposer:
         return torch.stack(drafts, dim=1), (torch.stack(probs, dim=1) if probs else None)
 
 
-def draw(state: DecodeState, logits, drafting, step: int):
-    """Draft step ``step``'s tokens from logits [batch, vocab] over the target's vocabulary, processed: the
-    argmax, or a sample from the sampling settings' distribution, which is returned as draft_probs [batch, vocab]
-    (None when greedy); where state.fixed holds a token for this step, that token (its draft_probs one-hot).
-    drafting [batch]: rows still drafting; a row whose processors leave no token possible stops (its draft is
-    -1 from there on: no distribution to draw from). returns token, draft_probs, drafting."""
+def draw(state: DecodeState, logits, drafting):
+    """One draft step's tokens from logits [batch, vocab] over the target's vocabulary, processed: the argmax,
+    or a sample from the sampling settings' distribution, which is returned as draft_probs [batch, vocab] (None
+    when greedy). drafting [batch]: rows still drafting; a row whose processors leave no token possible stops
+    (its draft is -1 from there on: no distribution to draw from). returns token, draft_probs, drafting."""
     if state.sampling.greedy:
         token, p = logits.argmax(dim=-1), None
     else:
         p = state.sampling.probs(logits)
         token = sample(p, state.generator)
-    if state.fixed is not None and step < state.fixed.shape[1]:
-        fixed = state.fixed[:, step]  # [batch]
-        token = torch.where(fixed >= 0, fixed, token)
-        if p is not None:
-            one_hot = torch.nn.functional.one_hot(fixed.clamp(min=0), p.shape[-1]).to(p.dtype)
-            p = torch.where((fixed >= 0)[:, None], one_hot, p)
     if state.processing is None:  # (every row has a token to draw)
         return token, p, drafting
     drafting = drafting & ~logits.isneginf().all(dim=-1)
@@ -126,7 +117,6 @@ class HeadProposer:
     """
 
     needs_features = True
-    follows_fixed = True  # with processing, it draws with ``draw``, which takes state.fixed's tokens
 
     def __init__(self, head, target):
         target_hidden = target.config.hidden_size
@@ -167,7 +157,7 @@ class HeadProposer:
                 full = logits.new_full((state.batch_size, state.vocab_size), -torch.inf)
                 full[:, self.head.vocab_ids] = logits
                 logits = state.process(full, drafts)  # [batch, vocab]
-                token, p, drafting = draw(state, logits, drafting, len(drafts))
+                token, p, drafting = draw(state, logits, drafting)
                 if p is not None:
                     probs.append(p)
             elif state.sampling.greedy:  # (vocab_ids ascend: the first maximum is the one a full argmax finds)

@@ -30,9 +30,6 @@ class DecodeState:
     # the logits processors (specdec/processing.Processing): position i of a round is processed with the row's
     # tokens and drafts 0..i-1, the target's logits and the draft's alike; None: none
     processing: object = None
-    # drafts decided before the proposer runs (a grammar's: specdec/grammar.ForcedDrafts) [batch, k], -1 where the
-    # proposer drafts: the proposers that draft a step at a time (``proposers.draw``) take them and go on from there
-    fixed: torch.Tensor | None = None
 
     def process(self, logits, drafted: list):
         """A draft's logits [batch, vocab] after the drafted tokens (a list of j [batch] tensors, j = 0: nothing

@@ -203,7 +203,7 @@ SAMPLER_BUGS = {
         "specdec/processing.py", "self._processed(logits[:, i], state, drafts[:, :i])",
         "(self._processed(logits[:, i], state, drafts[:, :i]) if i == logits.shape[1] - 1 else logits[:, i])"),
     "grammar drafts without their one-hot draft_probs": (
-        "specdec/proposers.py", "p = torch.where((fixed >= 0)[:, None], one_hot, p)", "pass"),
+        "specdec/grammar.py", "probs[b, torch.arange(len(run)), torch.tensor(run)] = 1", "pass"),
     "draft tokens not drawn from draft_probs": (
         "specdec/proposers.py", "token = sample(p, state.generator)",
         "token = sample(p.sqrt() / p.sqrt().sum(-1, keepdim=True), state.generator)"),

@@ -46,13 +46,11 @@ class Mutant:
 SAMPLING = ("tests/test_sampling.py", "-k", "every_path or ragged")
 KERNEL = ("tests/test_kernels_sampler.py",)
 SERVER_SAMPLING = ("tests/test_server.py", "-k", "seed or filter or top_k")
-#: the statistical tests that run a file's or a bug's sampler code (the rest: SAMPLING; Triton: KERNEL)
-GRAMMAR_SAMPLING = ("tests/test_grammar.py", "-k", "constrained_sampling")
+#: the statistical tests that run a file's sampler code (the rest of the samplers: SAMPLING; Triton: KERNEL)
 GUARDS = {"specdec/processing.py": ("tests/test_processing.py", "-k", "processed_sampling"),
-          "specdec/grammar.py": GRAMMAR_SAMPLING, "grammar drafts without their one-hot draft_probs": GRAMMAR_SAMPLING}
+          "specdec/grammar.py": ("tests/test_grammar.py", "-k", "constrained_sampling")}
 MUTANTS = [
-    *(Mutant(name, path, old, new, KERNEL if "(Triton)" in name else GUARDS.get(name, GUARDS.get(path, SAMPLING)),
-             seeded=True)
+    *(Mutant(name, path, old, new, KERNEL if "(Triton)" in name else GUARDS.get(path, SAMPLING), seeded=True)
       for name, (path, old, new) in SAMPLER_BUGS.items()),
     Mutant("greedy accepts the second-best token", "kernels/rejection_sample.py",
            "choice = target_scores.argmax(dim=-1)  # [batch, k + 1]; first maximum on ties",

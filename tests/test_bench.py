@@ -334,7 +334,7 @@ def test_structured_plan_checks_forced_runs_against_plain_under_the_schema():
         ("plain", "schema"),  # the reference of "forced", run although "schema" was not asked for
         ("plain", "forced"), ("head", "forced")]  # transformers' methods run unconstrained only
     runs = plan(configure("structured"))
-    assert len(runs) == 9 and {r.constraint for r in runs} == {"free", "schema", "forced"}
+    assert len(runs) == 12 and {r.constraint for r in runs} == {"free", "schema", "forced"}
     assert plan(BenchConfig(methods=("plain", "ngram"), batch_sizes=(1,), modes=("greedy",))) == [
         Run("plain", "greedy", 1), Run("ngram", "greedy", 1, "auto")]  # no constraints: as ever
     with pytest.raises(ValueError, match="constraints"):
@@ -386,7 +386,7 @@ def test_structured_preset_runs_end_to_end(toy_tokenizer, monkeypatch):
     report = json.loads(json.dumps(_structured_bench(monkeypatch, toy_tokenizer).run()))  # every figure serialises
     assert report["mismatches"] == 0 and report["invalid"] == 0
     rows = {(r["method"], r["constraint"]): r for r in report["runs"]}
-    assert set(rows) == {(m, c) for m in ("plain", "head", "ngram") for c in ("free", "schema", "forced")}
+    assert set(rows) == {(m, c) for m in ("plain", "head", "head-auto", "ngram") for c in ("free", "schema", "forced")}
     for (method, constraint), r in rows.items():
         assert r["tokens_per_s"] > 0 and r["tokens_per_target_forward"] >= 1.0
         assert len(r["lengths"]) == 2 and sum(r["lengths"]) == r["tokens"]

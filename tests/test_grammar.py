@@ -294,17 +294,16 @@ def test_constrained_sampling_has_the_constrained_targets_distribution(case, sev
 
 def test_the_grammar_distribution_test_catches_grammar_drafts_without_their_draft_probs(seven_tokenizer,
                                                                                       monkeypatch):
-    """SAMPLER_BUGS["grammar drafts without their one-hot draft_probs"]: a grammar draft the draft model is
-    handed as its step's token keeps the draft model's probability for that step instead of 1, so the target
-    keeps it with the wrong probability (after [cd][de]: "ab" about as often as the draft model would have
-    drawn it). Every output still follows the grammar, and greedy decoding never reads draft_probs, so neither
-    the greedy tests nor the library's check that committed tokens follow the grammar can see it: the
-    distribution test must."""
-    import specdec.proposers as proposers
+    """SAMPLER_BUGS["grammar drafts without their one-hot draft_probs"]: a grammar draft sharing a round with
+    model drafts gets draft probability 0, so the target keeps it whenever it allows it (after [cd][de]: "ab"
+    always, where it should be ~60%, "a" never). Every output still follows the grammar, and greedy decoding
+    never reads draft_probs, so neither the greedy tests nor the library's check that committed tokens follow
+    the grammar can see it: the distribution test must."""
+    import specdec.grammar as grammar
     import specdec.speculative as speculative
 
-    mutated = bug("grammar drafts without their one-hot draft_probs", proposers)
-    monkeypatch.setattr(speculative, "DraftModelProposer", mutated.DraftModelProposer)
+    mutated = bug("grammar drafts without their one-hot draft_probs", grammar)
+    monkeypatch.setattr(speculative, "ForcedDrafts", mutated.ForcedDrafts)
     case = "model-k1-temperature-topk"
     assert rejects(_grammar_counts(case, seven_tokenizer), _grammar_reference(case))
 
