@@ -23,6 +23,7 @@ prompt: a 500-token prompt beside 31 one-token rows costs 32 x 500 positions of 
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specdec.cache import PagedKVCache
-from specdec.grammar import ForcedDrafts, GrammarMasks, RowGrammar, check_grammar, compile_grammar
+from specdec.grammar import MAX_FORCED, ForcedDrafts, GrammarMasks, RowGrammar, check_grammar, compile_grammar
 from specdec.processing import OpenAIPenalties, Processing
 from specdec.proposers import DraftModelProposer, HeadProposer
 from specdec.sampling import SamplingConfig
@@ -161,7 +162,7 @@ class Engine:
     seed              seeds the generator that samples a draft model's or head's drafts (None: a random seed);
                       each request's own ``seed`` decides its tokens, this one only which drafts are offered
     tokenizer         the model's, for requests with a ``grammar`` (compiled with it; the text a grammar
-                      forces is tokenized with it into drafts offered within the step's k)
+                      forces is tokenized with it into drafts: specdec/grammar.ForcedDrafts)
 
     ``add_request`` queues a request, ``step`` runs one step and returns what each scheduled request emitted,
     ``abort`` drops a request and frees its blocks. Not thread-safe: drive it from one thread.
@@ -197,7 +198,9 @@ class Engine:
         eos = token_ids("eos_token_id", eos_token_id if eos_token_id is not None
                          else getattr(gen, "eos_token_id", None))
         self.eos_token_ids = eos
-        self.tokenizer = tokenizer
+        # its own copy: a fast tokenizer's Rust object refuses (or is changed by) calls from two threads at once,
+        # and a server's request threads use the one it was given
+        self.tokenizer = copy.deepcopy(tokenizer)
         device = self.target.device
         self._eos = torch.tensor(eos, dtype=torch.long, device=device)
         with torch.inference_mode():
@@ -343,7 +346,9 @@ class Engine:
         start = time.perf_counter()
         device = self.target.device
         n = [len(s.tokens) for s in seqs]
-        tokens = torch.zeros(len(seqs), max(n) + k + 2, dtype=torch.long)  # [batch, capacity + 1]
+        remaining = [s.params.max_new_tokens - s.num_output for s in seqs]
+        room = self._grammar_room(seqs, remaining)  # [batch] grammar drafts each row may take
+        tokens = torch.zeros(len(seqs), max(n) + max(k, *room) + 2, dtype=torch.long)  # [batch, capacity + 1]
         for i, s in enumerate(seqs):
             tokens[i, : n[i]] = torch.tensor(s.tokens)
         num_tokens = torch.tensor(n, device=device)
@@ -354,23 +359,20 @@ class Engine:
             active=torch.ones(len(seqs), dtype=torch.bool, device=device),
             sampling=_RowSampling([s.sampling for s in seqs]), generator=self._draft_generator,
             vocab_size=self.target.vocab_size, max_len=tokens.shape[1], eos=self._eos, max_new_tokens=max_new,
-            stats=control[1] if control is not None else self._prefill_stats,
+            stats=control[1] if control is not None else self._prefill_stats, processing=self._processing(seqs),
         )
+        num_drafts = (torch.tensor(remaining, device=device) - 1).clamp(min=0, max=k)  # [batch] as generate() asks
+        proposer, counted = self.proposer, None
+        if any(room):  # the grammars' drafts, as many as the pool holds (blocks given now, trimmed after)
+            proposer = ForcedDrafts(self.proposer, state.processing.grammar)
+            num_drafts, counted = proposer.prepare(state, num_drafts, torch.tensor(room, device=device), k)
+            for s, drafts in zip(seqs, num_drafts.tolist()):
+                s.blocks += self.pool.allocate(max(self.pool.blocks_for(len(s.tokens) + drafts) - len(s.blocks), 0))
         cache = state.target_cache = PagedKVCache(self.pool, [s.blocks for s in seqs], [s.cached for s in seqs])
         draft_cache = None
         if self.draft_pool is not None:
             draft_cache = PagedKVCache(self.draft_pool, [s.draft_blocks for s in seqs], [s.draft_cached for s in seqs])
             state.scratch[self.proposer] = draft_cache
-        remaining = max_new - (num_tokens - prompt_lengths)
-        num_drafts = (remaining - 1).clamp(min=0, max=k)  # [batch] as generate() asks
-        state.processing = self._processing(seqs)
-        proposer, counted = self.proposer, None
-        if state.processing is not None and state.processing.grammar is not None and k > 0:
-            # the grammars' drafts, within this step's k (the blocks reserved for it)
-            proposer = ForcedDrafts(self.proposer, state.processing.grammar)
-            wanted = proposer.prepare(state, num_drafts, k)
-            num_drafts = torch.where(wanted > 0, wanted, num_drafts)
-            counted = ~proposer.grammar_rows(device)
         with torch.inference_mode():
             emitted, num_accepted, num_drafts = speculative_step(self.target, cache, proposer, state, num_drafts,
                                                                  generators=[s.generator for s in seqs],
@@ -382,6 +384,17 @@ class Engine:
         self.last_step = StepInfo(len(seqs), k, prefill=bool(prefill), emitted=counts,
                                   seconds=time.perf_counter() - start)
         return outputs
+
+    def _grammar_room(self, seqs: list[_Sequence], remaining: list[int]) -> list[int]:
+        """The grammar drafts each row may take this step: up to MAX_FORCED and remaining - 1, as many as its
+        blocks and the pool's free ones hold (the free ones shared out in order); 0 for rows without a grammar."""
+        free, size, room = self.pool.num_free, self.pool.block_size, []
+        for s, left in zip(seqs, remaining):
+            want = min(MAX_FORCED, left - 1) if s.grammar is not None else 0
+            take = min(max(self.pool.blocks_for(len(s.tokens) + want) - len(s.blocks), 0), free)
+            free -= take
+            room.append(max(min(want, (len(s.blocks) + take) * size - len(s.tokens)), 0))
+        return room
 
     def _processing(self, seqs: list[_Sequence]) -> Processing | None:
         """The step's logits processing: each request's penalties and bias over its output so far (the

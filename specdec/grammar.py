@@ -1,12 +1,16 @@
-"""Structured output: a grammar (JSON schema, any JSON, a regular expression, EBNF) constrains what a row may
-emit, on xgrammar's matchers (the engine chosen by measurement: bench/RESULTS.md, "Structured output").
+"""Structured output: a grammar (JSON schema, any JSON object, a regular expression, EBNF) constrains what a
+row may emit, on xgrammar's matchers (the engine chosen by measurement: bench/RESULTS.md, "Structured output").
 
 A row's matcher follows its committed tokens (it is advanced lazily, whenever a mask is asked for, by the
 tokens committed since). A speculative round asks for masks along the drafts: the matcher accepts them one by
 one, filling a mask at each position, and rolls back to the committed state afterwards, the way the KV cache
-rolls back rejected drafts. Where the grammar allows exactly one token it is known without any model: a
-**forced draft**, offered to the target (probability 1 under the constrained target, so always accepted) and
-counted in the statistics (``SpecStats.forced``).
+rolls back rejected drafts.
+
+The grammar also drafts (``ForcedDrafts``): where it allows exactly one token, that token is known without any
+model and always accepted (probability 1 under the constrained target); where it fixes a text but not its
+tokens (a BPE vocabulary writes `", "country": "` several ways), the text is tokenized as the tokenizer writes
+it and offered as drafts the target verifies like any other. ``SpecStats.forced_offered`` / ``forced`` count
+these drafts offered and kept, apart from the draft model's acceptance.
 """
 
 from __future__ import annotations
@@ -39,16 +43,22 @@ def check_grammar(grammar, tokenizer, eos: list[int]) -> dict:
     form, value = next(iter(grammar.items()))
     if form == "json_schema" and isinstance(value, dict):
         value = json.dumps(value)
+    if form == "json_object" and value is not True:
+        raise ValueError(f"grammar json_object takes True, got grammar={grammar!r}")
     if form != "json_object" and not isinstance(value, str):
         raise ValueError(f"grammar {form} must be text, got grammar={grammar!r}")
     return {form: value}
+
+
+COMPILED_CACHE_BYTES = 256 * 2**20  # compiled grammars a compiler keeps (a server meets many schemas)
 
 
 @functools.lru_cache(maxsize=8)
 def _compiler(tokenizer, vocab_size: int):
     import xgrammar as xgr
 
-    return xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size))
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+    return xgr.GrammarCompiler(info, cache_limit_bytes=COMPILED_CACHE_BYTES)
 
 
 def compile_grammar(grammar: dict, tokenizer, vocab_size: int):
@@ -58,8 +68,8 @@ def compile_grammar(grammar: dict, tokenizer, vocab_size: int):
     try:
         if form == "json_schema":  # fixed separators, no free whitespace: a model cannot pad forever, and
             return compiler.compile_json_schema(value, any_whitespace=False)  # keys and punctuation are forced
-        if form == "json_object":
-            return compiler.compile_builtin_json_grammar()
+        if form == "json_object":  # (a JSON object, written as a schema's are)
+            return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
         if form == "regex":
             return compiler.compile_regex(value)
         return compiler.compile_grammar(value)
@@ -82,6 +92,19 @@ def single_token(bits: torch.Tensor) -> int | None:
         return None
     word = int(bits[words[0]]) & 0xFFFFFFFF
     return None if word & (word - 1) else int(words[0]) * 32 + word.bit_length() - 1
+
+
+@functools.lru_cache(maxsize=4096)
+def forced_tokens(tokenizer, last: int, text: str) -> tuple[int, ...]:
+    """The forced ``text`` as ``tokenizer`` writes it after token ``last``: the tokens of last's text + text
+    after the first, where that first one is ``last`` itself. None where the tokenizer would have written
+    last otherwise: the text goes on with a word that last began in other pieces than the tokenizer's, as
+    when the mask steers a model into an enum value (on SmolLM2's tool-call prompt, drafts of such text were
+    kept 29 times of 68 offered, bench/RESULTS.md, and a rejected run costs a longer verification pass). A
+    SentencePiece tokenizer, which writes a word's first piece with its space, offers none after a piece
+    inside a word either."""
+    ids = tokenizer.encode(tokenizer.decode([last]) + text, add_special_tokens=False)
+    return tuple(ids[1:]) if ids[:1] == [last] else ()
 
 
 class RowGrammar:
@@ -133,7 +156,6 @@ class GrammarMasks:
     def __init__(self, rows: list[RowGrammar | None], vocab_size: int, tokenizer=None):
         self.rows, self.vocab_size, self.words = rows, vocab_size, (vocab_size + 31) // 32
         self.tokenizer = tokenizer
-        self.encoded: dict[tuple[int, str], list[int]] = {}  # (last token, forced text) -> its tokens
 
     def allowed(self, state, drafts: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
         """Positions start..stop-1 of every active row, position i after the row's tokens and drafts[:, :i]:
@@ -173,27 +195,15 @@ class GrammarMasks:
                     break
                 run.append(token)
             last = run[-1] if run else int(state.tokens[b, state.num_tokens[b] - 1])
-            if not matcher.is_terminated():
-                for token in self._encode(matcher.find_jump_forward_string(), last)[: limit - len(run)]:
+            if len(run) < limit and not matcher.is_terminated() and self.tokenizer is not None:
+                text = matcher.find_jump_forward_string()
+                for token in (forced_tokens(self.tokenizer, last, text) if text else ())[: limit - len(run)]:
                     if not matcher.accept_token(token):
                         break
                     run.append(token)
             matcher.rollback(len(run))
             runs[b] = run
         return runs
-
-    def _encode(self, text: str, last: int) -> list[int]:
-        """The forced ``text`` as the tokenizer writes it after token ``last``: the tokens of last's text + text
-        after the first, where that first one is ``last`` itself; none where the tokenizer would have written
-        last otherwise (the text goes on with a word that last began in other tokens than the tokenizer's, as
-        when a model is steered into an enum value: such drafts were mostly rejected on SmolLM2's tool-call
-        schema, and a rejected run costs a longer verification pass)."""
-        if not text or self.tokenizer is None:
-            return []
-        if (last, text) not in self.encoded:
-            ids = self.tokenizer.encode(self.tokenizer.decode([last]) + text, add_special_tokens=False)
-            self.encoded[last, text] = ids[1:] if ids[:1] == [last] else []
-        return self.encoded[last, text]
 
     def _constrained(self, state) -> list[int]:
         return [b for b in state.active.nonzero().flatten().tolist() if self.rows[b] is not None]
@@ -210,22 +220,24 @@ class ForcedDrafts:
     ``settle`` counts, after the round, the grammar's drafts the target kept (``SpecStats.forced``).
 
     A row with grammar drafts takes them alone. Handing a draft head the grammar's tokens as its first steps,
-    to draft on from there in the same round, was measured slower on SmolLM2's structured prompts (122-194
-    against 125-243 tokens/s a prompt): feeding the head a token costs a head step, more than the drafts
-    after them bring."""
+    to draft on from there in the same round, was measured slower on SmolLM2's structured prompts (2-core AMD
+    EPYC, 2026-12-07, decode tokens/s a prompt: 122-194 against 125-243 without; bench/RESULTS.md): feeding
+    the head a token costs a head step, more than the drafts after them bring."""
 
     def __init__(self, inner, grammar: GrammarMasks):
         self.inner, self.grammar, self.runs, self.k = inner, grammar, [], 0
         self.model = getattr(inner, "model", None)  # (the runner's steady() and the engine look for it)
         self.needs_features = bool(getattr(inner, "needs_features", False))
 
-    def prepare(self, state, limits: torch.Tensor, k: int) -> torch.Tensor:
-        """Find this round's grammar drafts, row b's up to limits[b]; returns their lengths [batch] (0: the
-        row drafts with ``inner``, k tokens at most)."""
+    def prepare(self, state, num_drafts: torch.Tensor, limits: torch.Tensor, k: int):
+        """Find this round's grammar drafts, row b's up to limits[b]; k: the drafts inner makes a row. Returns
+        the drafts each row takes [batch] (its grammar's where it has some, else num_drafts[b]) and counted
+        [batch]: the rows drafting with inner, whose acceptance is the draft model's (``speculative_step``)."""
         runs = self.grammar.forced(state, MAX_FORCED)
         self.runs = [run[: max(limit, 0)] for run, limit in zip(runs, limits.tolist())]
         self.k = k
-        return torch.tensor([len(r) for r in self.runs], device=limits.device)
+        lengths = torch.tensor([len(r) for r in self.runs], device=num_drafts.device)
+        return torch.where(lengths > 0, lengths, num_drafts), lengths == 0
 
     def propose(self, state, k: int):
         forced = torch.tensor([len(r) > 0 for r in self.runs], device=state.tokens.device) & state.active
@@ -251,7 +263,3 @@ class ForcedDrafts:
         """After the round: count the grammar's drafts kept, num_accepted [batch] as ``verify`` gives it."""
         kept = [min(len(run), n) for run, n in zip(self.runs, num_accepted.tolist())]
         state.stats.forced += sum(kept)
-
-    def grammar_rows(self, device) -> torch.Tensor:
-        """[batch] the rows drafting from their grammar this round (their acceptance is not the model's)."""
-        return torch.tensor([len(r) > 0 for r in self.runs], dtype=torch.bool, device=device)

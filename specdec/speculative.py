@@ -47,7 +47,8 @@ def speculative_step(target, cache, proposer, state: DecodeState, num_drafts, ge
             num_drafts [batch] as offered (a proposer may offer fewer)
     """
     asked = num_drafts if counted is None else num_drafts * counted
-    k, requested = torch.stack((num_drafts.max(), asked.sum())).tolist()  # one host sync
+    others = num_drafts.new_zeros(()) if counted is None else (state.active & ~counted).sum()  # grammar-drafting rows
+    k, requested, grammar_rows = torch.stack((num_drafts.max(), asked.sum(), others)).tolist()  # one host sync
     state.stats.requested += requested
     passes = state.stats.draft_passes  # (a draft with weights has not run on these rows yet while 0)
     tick = time.perf_counter()
@@ -78,12 +79,10 @@ def speculative_step(target, cache, proposer, state: DecodeState, num_drafts, ge
     # whole prompt (a draft head's comes in the second step: the head drafts from features the first one makes).
     # Timed, a head's prefill over a 40-token prompt read as c = 0.34-0.40 instead of ~0.07 and kept "auto"
     # from drafting at all on some prompts.
-    # The draft steps a round's drafting time paid for: the passes a draft with weights ran (not k where a
-    # grammar gave some drafts: specdec/grammar.ForcedDrafts), or k for a proposer without weights (n-gram).
-    steps = state.stats.draft_passes - passes
-    if state.stats.target_passes > 0 and not (passes == 0 and steps > 0):
-        state.stats.record_pass(k, target_seconds=time.perf_counter() - tock, draft_seconds=tock - tick,
-                                draft_steps=steps if getattr(proposer, "model", None) is not None else k)
+    # A round where a grammar gave some rows their drafts is not timed either: its width is not a k the
+    # controller chose, and its drafting is not the draft model's (specdec/grammar.ForcedDrafts).
+    if state.stats.target_passes > 0 and not (passes == 0 and state.stats.draft_passes > 0) and not grammar_rows:
+        state.stats.record_pass(k, target_seconds=time.perf_counter() - tock, draft_seconds=tock - tick)
     return emitted, num_accepted, num_drafts
 
 
@@ -483,9 +482,8 @@ def _decode(target, proposer, state: DecodeState, length, streamer, feature_hook
             num_drafts = torch.where(state.active, (remaining - 1).clamp(min=0, max=k), 0)  # [batch]
             counted = None
             if drafter is not proposer:  # the grammar's drafts ride along, as many as fit
-                wanted = proposer.prepare(state, torch.where(state.active, remaining - 1, 0), k)
-                num_drafts = torch.where(wanted > 0, wanted, num_drafts)
-                counted = ~proposer.grammar_rows(num_drafts.device)
+                num_drafts, counted = proposer.prepare(state, num_drafts, torch.where(state.active, remaining - 1, 0),
+                                                       k)
             emitted, num_accepted, num_drafts = speculative_step(target, cache, proposer, state, num_drafts,
                                                                  counted=counted)
             if counted is not None:

@@ -115,13 +115,12 @@ class SpecStats:
         self.target_passes += 1
         self.steps_by_k[k] = self.steps_by_k.get(k, 0) + 1
 
-    def record_pass(self, k: int, target_seconds: float, draft_seconds: float, draft_steps: int | None = None) -> None:
-        """Timing of one decode step (not the prefill) that verified k drafts, of which the draft model made
-        draft_steps in as many passes (None: k; fewer where a grammar gave some rows their drafts)."""
+    def record_pass(self, k: int, target_seconds: float, draft_seconds: float) -> None:
+        """Timing of one decode step (not the prefill) that drafted k tokens."""
         self.target_seconds += target_seconds
         self.draft_seconds += draft_seconds
         self.timed_target_passes += 1
-        self.timed_draft_passes += k if draft_steps is None else draft_steps
+        self.timed_draft_passes += k
         self.pass_seconds_by_k[k] = self.pass_seconds_by_k.get(k, 0.0) + target_seconds
         self.passes_by_k[k] = self.passes_by_k.get(k, 0) + 1
 

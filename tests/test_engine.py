@@ -575,5 +575,22 @@ def test_per_request_penalties_bias_and_grammars_equal_generate(kind):
     assert 11 not in tokens["r1"]
     assert tok.decode(tokens["r0"][:-1]).startswith('{"name": ') and tokens["r0"][-1] == 2
     assert engine.pool.num_used == 0
-    if kind != "none":  # the grammar's drafts ride within k, kept ones counted apart from the model's
-        assert engine.stats.forced > 0
+    assert engine.stats.forced > 0  # the grammar's drafts ride along (a plain engine's too), counted apart
+
+
+@pytest.mark.parametrize("kv_blocks", [7, 9, 40])
+def test_grammar_drafts_take_the_blocks_the_pool_has(kv_blocks):
+    """Grammar drafts beyond the step's k take blocks from the pool as far as it has them (a pool of 7
+    blocks of 4 holds the request and nothing more): the output is generate()'s, and every block comes back."""
+    from test_grammar import SCHEMA
+
+    tok = toy_tokenizer()
+    params = RequestParams(max_new_tokens=24, grammar={"json_schema": SCHEMA})
+    engine = Engine(tiny_model("llama"), None, max_num_seqs=2, kv_blocks=kv_blocks, block_size=4, tokenizer=tok,
+                    eos_token_id=2)
+    tokens, _ = run(engine, [((5, 6, 7), params), ((8,), params)])
+    for i, prompt in enumerate([(5, 6, 7), (8,)]):
+        want = specdec.generate(tiny_model("llama"), torch.tensor([prompt]), max_new_tokens=24, eos_token_id=2,
+                                grammar=params.grammar, tokenizer=tok)[0, len(prompt):].tolist()
+        assert tokens[f"r{i}"] == want[: len(tokens[f"r{i}"])] and len(tokens[f"r{i}"]) == len(want)
+    assert engine.pool.num_used == 0 and engine.stats.forced > 0

@@ -73,6 +73,7 @@ def test_forced_tokens_are_free_drafts_counted_in_the_stats(tokenizer):
     assert stats.forced > 5 and stats.forced_offered >= stats.forced and stats.proposed == stats.accepted == 0
     assert stats.tokens_per_target_forward > 1.5
     assert "grammar drafts offered / kept" in str(stats)
+    assert set(stats.passes_by_k) <= {0}  # rounds with grammar drafts are not timed: no k a controller chose
     value = json.loads(_text(tokenizer, out.sequences[0], 3))  # it finishes: valid JSON of the schema
     assert set(value) == {"name", "ok", "tag"} and value["tag"] in ("ab", "cd")
     bare = specdec.generate(target, torch.tensor([[5, 6, 7]]), max_new_tokens=60, eos_token_id=2,
@@ -118,6 +119,7 @@ def test_regex_ebnf_and_any_json(tokenizer, grammar, fits):
     (dict(grammar={"regex": "(ab"}), "grammar regex does not compile"),
     (dict(grammar={"json_schema": "{not json"}), "grammar json_schema does not compile"),
     (dict(grammar={"regex": 3}), "grammar regex must be text"),
+    (dict(grammar={"json_object": False}), "json_object takes True"),
     (dict(grammar={"regex": "a+"}, tokenizer=None), "tokenizer="),
     (dict(grammar={"regex": "a+"}, eos_token_id=None), "eos_token_id")])
 def test_bad_grammars_are_refused_naming_the_argument(tokenizer, kwargs, match):

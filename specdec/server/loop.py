@@ -70,6 +70,9 @@ class EngineLoop:
                 except ValueError as err:  # validated before submission; a late refusal still reaches the client
                     sink(ApiError(400, str(err)))
                     continue
+                except Exception as err:  # (a grammar's matcher failing to build): this request's, not the loop's
+                    sink(ApiError(500, f"request failed: {type(err).__name__}: {err}", type="server_error"))
+                    continue
                 self._sinks[request_id] = sink
                 if self.metrics is not None:
                     self.metrics.prompt.inc(len(prompt_ids))

@@ -83,7 +83,7 @@ def _logit_bias(value: dict[str, float] | None) -> dict[int, float] | None:
         return None
     out = {}
     for key, bias in value.items():
-        if not key.isdigit():
+        if not (key.isascii() and key.isdigit()):
             raise ValueError(f"keys must be token ids, got {key!r}")
         if not -100 <= bias <= 100:
             raise ValueError(f"biases must lie in [-100, 100], got {bias} for token {key}")
@@ -102,7 +102,7 @@ class JsonSchema(BaseModel):
 
     name: str
     description: str | None = None
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")  # (an empty schema: any JSON)
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")  # (none or empty: any JSON object)
     strict: bool | None = None
 
 

@@ -72,8 +72,8 @@ async def respond(ctx: ServerContext, body: GenerationRequest, prompt_ids: list[
     bad = [t for t in params.logit_bias or {} if t >= vocab]
     if bad:
         raise ApiError(400, f"logit_bias: token id {bad[0]} is outside the vocabulary 0..{vocab - 1}", "logit_bias")
-    try:  # (compiled once: the engine's compiler keeps it)
-        ctx.engine.compiled_grammar(params)
+    try:  # off the event loop: a large schema takes a while; the engine's compiler keeps what it compiled
+        await asyncio.to_thread(ctx.engine.compiled_grammar, params)
     except (ValueError, ImportError) as err:
         raise ApiError(400, f"response_format: {err}", "response_format") from None
     try:  # (the KV pool's size: a request it cannot hold however long it waits)
