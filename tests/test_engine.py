@@ -594,3 +594,35 @@ def test_grammar_drafts_take_the_blocks_the_pool_has(kv_blocks):
                                 grammar=params.grammar, tokenizer=tok)[0, len(prompt):].tolist()
         assert tokens[f"r{i}"] == want[: len(tokens[f"r{i}"])] and len(tokens[f"r{i}"]) == len(want)
     assert engine.pool.num_used == 0 and engine.stats.forced > 0
+
+
+@pytest.mark.parametrize("kind", ["none", "perturbed"])
+def test_grammar_requests_survive_preemption_and_abort(kind):
+    """A pool that holds one grammar request grown: the younger ones are preempted and recomputed, one is
+    aborted mid-way; each finished output is generate()'s, and a grammar request added afterwards runs as if
+    alone (the matchers follow their own requests, whatever happens to the others)."""
+    from test_grammar import SCHEMA
+
+    tok = toy_tokenizer()
+    params = RequestParams(max_new_tokens=30, grammar={"json_schema": SCHEMA})
+    prompts = [(5, 6, 7), (8, 9), (10,), (11, 12)]
+    engine = Engine(tiny_model("llama"), draft_of(kind), num_draft_tokens=3, max_num_seqs=4, kv_blocks=12,
+                    block_size=4, tokenizer=tok, eos_token_id=2)
+    tokens = {}
+    for i, prompt in enumerate(prompts):
+        engine.add_request(list(prompt), params, f"r{i}")
+        tokens[f"r{i}"] = []
+    for step in range(200):
+        if step == 3:
+            assert engine.abort("r2")
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+        if not engine.has_unfinished():
+            break
+    assert engine.num_preemptions > 0 and engine.pool.num_used == 0
+    engine.add_request([13, 14], params, "late")
+    tokens["late"] = run(engine, [])[0]["late"]
+    for name, prompt in [("r0", prompts[0]), ("r1", prompts[1]), ("r3", prompts[3]), ("late", (13, 14))]:
+        want = specdec.generate(tiny_model("llama"), torch.tensor([prompt]), max_new_tokens=30, eos_token_id=2,
+                                grammar=params.grammar, tokenizer=tok)[0, len(prompt):].tolist()
+        assert tokens[name] == want[: len(tokens[name])] and len(tokens[name]) == len(want), name
