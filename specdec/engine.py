@@ -255,16 +255,20 @@ class Engine:
                              f"{self.pool.num_blocks} (block_size {self.pool.block_size})")
         bad = [t for t in params.logit_bias or {} if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"logit_bias holds id {bad[0]} outside the vocabulary 0..{vocab - 1}")
+            raise validate.ArgumentError("logit_bias", f"logit_bias holds id {bad[0]} outside the vocabulary "
+                                                       f"0..{vocab - 1}")
         self.compiled_grammar(params)
         return list(prompt_ids), params
 
     def compiled_grammar(self, params: RequestParams):
-        """The request's compiled grammar (None without one); ValueError naming ``grammar`` if it is wrong."""
+        """The request's compiled grammar (None without one); ArgumentError naming ``grammar`` if it is wrong."""
         if params.grammar is None:
             return None
-        grammar = check_grammar(params.grammar, self.tokenizer, self.eos_token_ids)
-        return compile_grammar(grammar, self.tokenizer, self.target.vocab_size)  # (xgrammar caches it)
+        try:
+            grammar = check_grammar(params.grammar, self.tokenizer, self.eos_token_ids)
+            return compile_grammar(grammar, self.tokenizer, self.target.vocab_size)  # (xgrammar caches it)
+        except ValueError as err:
+            raise validate.ArgumentError("grammar", str(err)) from None
 
     def add_request(self, prompt_ids, params: RequestParams | None = None, request_id: str | None = None) -> str:
         """Queue a request; it joins the running batch at a step boundary. Returns its id."""
@@ -345,22 +349,9 @@ class Engine:
             return []
         start = time.perf_counter()
         device = self.target.device
-        n = [len(s.tokens) for s in seqs]
         remaining = [s.params.max_new_tokens - s.num_output for s in seqs]
         room = self._grammar_room(seqs, remaining)  # [batch] grammar drafts each row may take
-        tokens = torch.zeros(len(seqs), max(n) + max(k, *room) + 2, dtype=torch.long)  # [batch, capacity + 1]
-        for i, s in enumerate(seqs):
-            tokens[i, : n[i]] = torch.tensor(s.tokens)
-        num_tokens = torch.tensor(n, device=device)
-        prompt_lengths = torch.tensor([s.prompt_len for s in seqs], device=device)
-        max_new = torch.tensor([s.params.max_new_tokens for s in seqs], device=device)
-        state = DecodeState(
-            tokens=tokens.to(device), num_tokens=num_tokens, prompt_lengths=prompt_lengths,
-            active=torch.ones(len(seqs), dtype=torch.bool, device=device),
-            sampling=_RowSampling([s.sampling for s in seqs]), generator=self._draft_generator,
-            vocab_size=self.target.vocab_size, max_len=tokens.shape[1], eos=self._eos, max_new_tokens=max_new,
-            stats=control[1] if control is not None else self._prefill_stats, processing=self._processing(seqs),
-        )
+        state = self._state(seqs, max(k, *room), control[1] if control is not None else self._prefill_stats)
         num_drafts = (torch.tensor(remaining, device=device) - 1).clamp(min=0, max=k)  # [batch] as generate() asks
         proposer, counted = self.proposer, None
         if any(room):  # the grammars' drafts, as many as the pool holds (blocks given now, trimmed after)
@@ -385,6 +376,22 @@ class Engine:
                                   seconds=time.perf_counter() - start)
         return outputs
 
+    def _state(self, seqs: list[_Sequence], drafts: int, stats: SpecStats) -> DecodeState:
+        """The step's DecodeState over ``seqs``, each row with room for ``drafts`` drafts and the bonus token."""
+        device = self.target.device
+        n = [len(s.tokens) for s in seqs]
+        tokens = torch.zeros(len(seqs), max(n) + drafts + 2, dtype=torch.long)  # [batch, capacity + 1]
+        for i, s in enumerate(seqs):
+            tokens[i, : n[i]] = torch.tensor(s.tokens)
+        return DecodeState(
+            tokens=tokens.to(device), num_tokens=torch.tensor(n, device=device),
+            prompt_lengths=torch.tensor([s.prompt_len for s in seqs], device=device),
+            active=torch.ones(len(seqs), dtype=torch.bool, device=device),
+            sampling=_RowSampling([s.sampling for s in seqs]), generator=self._draft_generator,
+            vocab_size=self.target.vocab_size, max_len=tokens.shape[1], eos=self._eos,
+            max_new_tokens=torch.tensor([s.params.max_new_tokens for s in seqs], device=device), stats=stats,
+            processing=self._processing(seqs))
+
     def _grammar_room(self, seqs: list[_Sequence], remaining: list[int]) -> list[int]:
         """The grammar drafts each row may take this step: up to MAX_FORCED and remaining - 1, as many as its
         blocks and the pool's free ones hold (the free ones shared out in order); 0 for rows without a grammar."""
@@ -408,9 +415,11 @@ class Engine:
             frequency = torch.tensor([float(p.frequency_penalty) for p in params], device=device)
             presence = torch.tensor([float(p.presence_penalty) for p in params], device=device)
             bias = torch.zeros(len(seqs), self.target.vocab_size, device=device)  # [batch, vocab]
-            for row, p in enumerate(params):
-                for token, value in (p.logit_bias or {}).items():
-                    bias[row, token] = value
+            entries = [(row, token, value) for row, p in enumerate(params) for token, value in
+                       (p.logit_bias or {}).items()]
+            if entries:
+                rows, tokens, values = zip(*entries)
+                bias[torch.tensor(rows), torch.tensor(tokens)] = torch.tensor(values, dtype=bias.dtype)
 
             def build(rows: list[int]) -> list:
                 return [OpenAIPenalties(frequency[rows], presence[rows], bias[rows])]

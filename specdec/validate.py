@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 
+class ArgumentError(ValueError):
+    """A ValueError that also names the argument at fault (``argument``), for a caller that reports it in its
+    own terms (the server names the request's field)."""
+
+    def __init__(self, argument: str, message: str):
+        super().__init__(message)
+        self.argument = argument
+
+
 def integer(name: str, value, minimum: int = 1):
     """``value`` if it is an int (not a bool) >= ``minimum``; else ValueError naming ``name``."""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:

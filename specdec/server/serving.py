@@ -37,6 +37,10 @@ class Shape:
         return None
 
 
+#: the engine's arguments (validate.ArgumentError) as a request's fields
+FIELDS = {"logit_bias": "logit_bias", "grammar": "response_format"}
+
+
 def request_params(body: GenerationRequest, prompt_len: int, ctx: ServerContext, shape: Shape) -> RequestParams:
     """The engine's parameters: the body's, the server's defaults where it has none, within the context."""
     max_model_len, config = ctx.engine.max_model_len, ctx.config
@@ -68,18 +72,14 @@ async def respond(ctx: ServerContext, body: GenerationRequest, prompt_ids: list[
     if len(body.stop) > ctx.config.max_stop:
         raise ApiError(400, f"stop: at most {ctx.config.max_stop} stop strings, got {len(body.stop)}", "stop")
     params = request_params(body, len(prompt_ids), ctx, shape)
-    vocab = ctx.engine.target.vocab_size
-    bad = [t for t in params.logit_bias or {} if t >= vocab]
-    if bad:
-        raise ApiError(400, f"logit_bias: token id {bad[0]} is outside the vocabulary 0..{vocab - 1}", "logit_bias")
-    try:  # off the event loop: a large schema takes a while; the engine's compiler keeps what it compiled
-        await asyncio.to_thread(ctx.engine.compiled_grammar, params)
-    except (ValueError, ImportError) as err:
+    try:  # off the event loop: compiling a response_format's grammar takes a while (the compiler keeps it)
+        await asyncio.to_thread(ctx.engine.check_request, prompt_ids, params)
+    except ImportError as err:  # (xgrammar missing)
         raise ApiError(400, f"response_format: {err}", "response_format") from None
-    try:  # (the KV pool's size: a request it cannot hold however long it waits)
-        ctx.engine.check_request(prompt_ids, params)
-    except ValueError as err:
-        raise ApiError(400, str(err), "max_tokens") from None
+    except ValueError as err:  # the engine's argument, as the request names it; else the KV pool's size
+        param = FIELDS.get(getattr(err, "argument", None), "max_tokens")
+        message = str(err) if param in str(err) else f"{param}: {err}"
+        raise ApiError(400, message, param) from None
     handle = RequestHandle(ctx, prompt_ids, params, body.stop)
     handle.start()
     if body.stream:
