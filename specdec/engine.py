@@ -407,7 +407,8 @@ class Engine:
         """The step's logits processing: each request's penalties and bias over its output so far (the
         processors see a row's new tokens alone: an empty prompt), its grammar; None where no request has any."""
         grammars = [s.grammar for s in seqs]
-        masks = GrammarMasks(grammars, self.target.vocab_size, self.tokenizer) if any(grammars) else None
+        masks = GrammarMasks(grammars, self.target.vocab_size, self.eos_token_ids, self.tokenizer) if any(
+            grammars) else None
         params = [s.params for s in seqs]
         build = None
         if any(p.processed for p in params):

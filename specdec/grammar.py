@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from dataclasses import replace
 
 import torch
@@ -74,7 +75,8 @@ def compile_grammar(grammar: dict, tokenizer, vocab_size: int):
             return compiler.compile_regex(value)
         return compiler.compile_grammar(value)
     except (RuntimeError, ValueError) as err:  # xgrammar's message says where the text is wrong
-        raise ValueError(f"grammar {form} does not compile: {err}") from None
+        why = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(err))  # (less its log prefix: time, C++ source)
+        raise ValueError(f"grammar {form} does not compile: {why}") from None
 
 
 def masked(logits: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
@@ -153,9 +155,15 @@ class GrammarMasks:
     tokenizer   the model's: text the grammar forces is tokenized with it into drafts (``forced``)
     """
 
-    def __init__(self, rows: list[RowGrammar | None], vocab_size: int, tokenizer=None):
+    def __init__(self, rows: list[RowGrammar | None], vocab_size: int, eos: list[int], tokenizer=None):
         self.rows, self.vocab_size, self.words = rows, vocab_size, (vocab_size + 31) // 32
         self.tokenizer = tokenizer
+        # a grammar left with no token it allows (a pattern nothing matches; a character the vocabulary cannot
+        # write) ends its row with an EOS id: the row stops there, the others go on
+        self.eos_bits = torch.zeros(self.words, dtype=torch.int64)
+        for token in eos:
+            self.eos_bits[token // 32] |= 1 << (token % 32)
+        self.eos_bits = self.eos_bits.to(torch.int32)  # (bit 31 wraps to the sign, as in xgrammar's words)
 
     def allowed(self, state, drafts: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
         """Positions start..stop-1 of every active row, position i after the row's tokens and drafts[:, :i]:
@@ -179,6 +187,7 @@ class GrammarMasks:
                     break
                 taken += 1
             matcher.rollback(taken)
+        bits[(bits == 0).all(dim=-1)] = self.eos_bits  # (a dead end: see __init__)
         return bits.to(state.tokens.device)
 
     def forced(self, state, limit: int) -> list[list[int]]:

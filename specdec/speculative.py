@@ -393,7 +393,7 @@ def generate(model, input_ids, attention_mask=None, *, draft_model=None, num_dra
     if grammar is not None:
         compiled = compile_grammar(check_grammar(grammar, tokenizer, eos), tokenizer, target.vocab_size)
         masks = GrammarMasks([RowGrammar(compiled, eos) for _ in range(input_ids.shape[0])], target.vocab_size,
-                             tokenizer)
+                             eos, tokenizer)
     draft_length(num_draft_tokens)
     proposer = make_proposer(draft_model, target)
     if masks is not None and forced_drafts:

@@ -626,3 +626,21 @@ def test_grammar_requests_survive_preemption_and_abort(kind):
         want = specdec.generate(tiny_model("llama"), torch.tensor([prompt]), max_new_tokens=30, eos_token_id=2,
                                 grammar=params.grammar, tokenizer=tok)[0, len(prompt):].tolist()
         assert tokens[name] == want[: len(tokens[name])] and len(tokens[name]) == len(want), name
+
+
+def test_a_request_whose_grammar_dead_ends_does_not_touch_the_others():
+    """A grammar with no way out (a pattern nothing matches) ends its own request with EOS; the requests beside
+    it, with a grammar or without, are what they are alone."""
+    from test_grammar import SCHEMA
+
+    tok = toy_tokenizer()
+    dead = RequestParams(max_new_tokens=10, grammar={"json_schema": {"type": "string", "pattern": "[^\\s\\S]"}})
+    fine = RequestParams(max_new_tokens=30, grammar={"json_schema": SCHEMA})
+    engine = Engine(tiny_model("llama"), "ngram", num_draft_tokens=3, max_num_seqs=4, kv_blocks=60, block_size=4,
+                    tokenizer=tok, eos_token_id=2)
+    tokens, reasons = run(engine, [((5, 6, 7), dead), ((8, 9), fine), ((10, 11), RequestParams(max_new_tokens=12))])
+    assert tokens["r0"] == [tok.convert_tokens_to_ids('"'), 2] and reasons["r0"] == "stop"
+    want = specdec.generate(tiny_model("llama"), torch.tensor([[8, 9]]), max_new_tokens=30, eos_token_id=2,
+                            grammar=fine.grammar, tokenizer=tok)[0, 2:].tolist()
+    assert tokens["r1"] == want[: len(tokens["r1"])] and len(tokens["r1"]) == len(want)
+    assert tokens["r2"] == single((10, 11), 12)

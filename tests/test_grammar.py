@@ -346,3 +346,15 @@ def test_the_grammar_distribution_test_sees_a_shift_of_a_point_and_a_half():
         assert _marginal_shift_powers(probs, 0.015, GRAMMAR_ROWS)[0] > 0.99, case
         one_point = _marginal_shift_powers(probs, 0.01, GRAMMAR_ROWS)
         assert one_point[len(one_point) // 2] > 0.95, case
+
+
+def test_a_grammar_left_with_no_token_ends_its_row_alone(tokenizer):
+    """A schema whose string pattern nothing matches allows no token after the opening quote: that row ends
+    there with EOS (the only way out), the other rows of the batch are what they are without it."""
+    target = tiny_model("llama")
+    dead = {"json_schema": {"type": "string", "pattern": "[^\\s\\S]"}}
+    ids = torch.tensor([[5, 6, 7]])
+    for draft in (None, perturbed_copy("llama")):
+        out = specdec.generate(target, ids, max_new_tokens=10, eos_token_id=2, grammar=dead, tokenizer=tokenizer,
+                               draft_model=draft, num_draft_tokens=3)
+        assert out[0, 3:5].tolist() == [tokenizer.convert_tokens_to_ids('"'), 2]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
@@ -25,6 +26,9 @@ class ServerContext:
     config: ServerConfig
     loop: EngineLoop
     admission: Admission
+    # where a response_format's grammar compiles: one thread of its own, so that schemas slow to compile wait
+    # for each other, not for the default pool that every request's checks use
+    compiler: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "specdec-grammar"))
 
     @property
     def metrics(self) -> Metrics:

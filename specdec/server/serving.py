@@ -73,7 +73,8 @@ async def respond(ctx: ServerContext, body: GenerationRequest, prompt_ids: list[
         raise ApiError(400, f"stop: at most {ctx.config.max_stop} stop strings, got {len(body.stop)}", "stop")
     params = request_params(body, len(prompt_ids), ctx, shape)
     try:  # off the event loop: compiling a response_format's grammar takes a while (the compiler keeps it)
-        await asyncio.to_thread(ctx.engine.check_request, prompt_ids, params)
+        await asyncio.get_running_loop().run_in_executor(ctx.compiler if params.grammar is not None else None,
+                                                         ctx.engine.check_request, prompt_ids, params)
     except ImportError as err:  # (xgrammar missing)
         raise ApiError(400, f"response_format: {err}", "response_format") from None
     except ValueError as err:  # the engine's argument, as the request names it; else the KV pool's size
