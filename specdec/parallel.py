@@ -1,0 +1,111 @@
+"""Tensor parallelism on torch.distributed: a native model's layers split over the ranks of a process group.
+
+Megatron's split: attention by heads (q, k and v column-parallel, each rank its share of the query and key/value
+heads; o_proj row-parallel over those heads' columns), the MLP by columns (gate and up) then rows (down), and one
+all-reduce after each row-parallel layer, which ``ShardRunner.linear`` adds (the model's forward is unchanged:
+kernels/runner.py). The KV cache and the paged pool shard with the heads (each rank's cache holds its own heads).
+The embedding, the norms and the output layer stay whole on every rank: every rank then holds the same logits
+and, running the same decoding with the same seeded generator, makes the same decisions, drafts and rollbacks
+included (a draft runs whole on every rank).
+
+    torch.distributed.init_process_group("gloo")          # or "nccl"; one process per rank
+    model, tokenizer = specdec.load(name)                 # the same weights on every rank
+    specdec.parallel.shard(model)                         # this rank's share, in place
+    out = specdec.generate(model, ids, ...)               # every rank calls it with the same arguments
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from specdec.kernels.runner import TorchRunner
+
+
+class ShardRunner(TorchRunner):
+    """The torch runner with the all-reduce a row-parallel layer needs: each rank's output of such a layer is
+    its share of the sum, which the all-reduce completes before the residual is added (once, not per rank).
+
+    rows    the row-parallel layers (o_proj, down_proj of every decoder layer)
+    group   the process group (None: the default one)
+    """
+
+    def __init__(self, device: str, rows: list, group=None):
+        super().__init__(device)
+        self.rows, self.group = {id(layer) for layer in rows}, group
+
+    def linear(self, layer, x, norm=None, gated: bool = False, residual=None):
+        if id(layer) not in self.rows:
+            return super().linear(layer, x, norm=norm, gated=gated, residual=residual)
+        y = super().linear(layer, x, norm=norm, gated=gated)  # [..., out]: this rank's share of the sum
+        dist.all_reduce(y, group=self.group)
+        return y if residual is None else residual + y
+
+
+def shard(model, group=None):
+    """Split a native Llama-family ``model`` (the same weights on every rank of ``group``, torch.distributed's
+    default group if None) in place: this rank keeps its share of every decoder layer (``share``: heads by
+    key/value head, MLP columns, as evenly as they go); returns the model. ValueError where there are fewer
+    key/value heads than ranks, or a layer is quantized."""
+    from specdec.models.llama import LlamaModel
+
+    if not isinstance(model, LlamaModel):
+        raise ValueError(f"model: tensor parallelism shards a native model (specdec.load), got {type(model).__name__}")
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    layers = model.model.layers
+    attn = layers[0].self_attn
+    if attn.num_kv_heads < world:
+        raise ValueError(f"the model's {attn.num_kv_heads} key/value heads are fewer than its {world} ranks: "
+                         "each rank needs one at least (replicating them is not supported)")
+    for layer in layers:
+        for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+            if type(linear) is not torch.nn.Linear:
+                raise ValueError(f"a {type(linear).__name__} layer does not shard yet: shard a float model")
+    with torch.no_grad():
+        for layer in layers:
+            _shard_attention(layer.self_attn, rank, world)
+            _shard_mlp(layer.mlp, rank, world)
+    rows = [m for layer in layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+    model.runner = ShardRunner(model.device.type, rows, group)
+    return model
+
+
+def share(count: int, rank: int, world: int) -> slice:
+    """Rank's share of ``count`` things split among ``world`` ranks as evenly as they go (the first count %
+    world ranks one more)."""
+    base, extra = divmod(count, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+def _shard_attention(attn, rank: int, world: int) -> None:
+    """qkv_proj keeps this rank's key/value heads and the query heads that read them (rows; SmolLM2's 3
+    key/value heads over 2 ranks: 2 and 1, with 6 and 3 of its 9 query heads), o_proj those query heads'
+    columns; the bias of o_proj, added once to the sum, stays on rank 0."""
+    d, group = attn.head_dim, attn.num_heads // attn.num_kv_heads
+    kv = share(attn.num_kv_heads, rank, world)
+    q = slice(kv.start * group, kv.stop * group)
+    parts = attn.qkv_proj.weight.split(attn.split)  # q [heads * d, hidden], k, v [kv_heads * d, hidden]
+    rows = (slice(q.start * d, q.stop * d), slice(kv.start * d, kv.stop * d))
+    q_heads, kv_heads = q.stop - q.start, kv.stop - kv.start
+    keep = (rows[0], rows[1], rows[1])
+    attn.qkv_proj.weight = torch.nn.Parameter(torch.cat([p[r] for p, r in zip(parts, keep)]))
+    if attn.qkv_proj.bias is not None:
+        biases = attn.qkv_proj.bias.split(attn.split)
+        attn.qkv_proj.bias = torch.nn.Parameter(torch.cat([b[r] for b, r in zip(biases, keep)]))
+    attn.o_proj.weight = torch.nn.Parameter(attn.o_proj.weight[:, rows[0]].contiguous())
+    if attn.o_proj.bias is not None and rank != 0:
+        attn.o_proj.bias.zero_()
+    attn.num_heads, attn.num_kv_heads = q_heads, kv_heads
+    attn.split = (q_heads * d, kv_heads * d, kv_heads * d)
+    attn.qkv_proj.out_features, attn.o_proj.in_features = sum(attn.split), q_heads * d
+
+
+def _shard_mlp(mlp, rank: int, world: int) -> None:
+    """gate_up_proj keeps this rank's columns of gate and of up (rows of its weight), down_proj their columns."""
+    cols = share(mlp.down_proj.in_features, rank, world)
+    inner = cols.stop - cols.start
+    gate, up = mlp.gate_up_proj.weight.chunk(2)  # [inner, hidden] each
+    mlp.gate_up_proj.weight = torch.nn.Parameter(torch.cat((gate[cols], up[cols])))
+    mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight[:, cols].contiguous())
+    mlp.gate_up_proj.out_features, mlp.down_proj.in_features = 2 * inner, inner

@@ -1,0 +1,124 @@
+"""Tensor parallelism (specdec/parallel.py): two ranks on gloo, spawned by the test, each holding half of every
+decoder layer, produce what one process produces: plain decoding, speculation with a draft model, a draft head
+and n-gram lookup, ragged batches with EOS, seeded sampling.
+
+Each case runs in both ranks (SPMD: the same call with the same arguments); rank 0 sends its outputs back. The
+tiny float64 models' sums over a split differ from the whole ones in the last bits only, far below any greedy
+margin of these models, so greedy outputs are compared token for token, as are the seeded sampled ones (the
+same logits to ~1e-15 and the same generator give the same draws). A model whose heads and MLP columns do
+not divide evenly (6 heads over 3 key/value heads, 111 columns) splits as evenly as they go."""
+
+import multiprocessing
+import os
+import socket
+
+import pytest
+import torch
+from conftest import perturbed_copy, tiny_head, tiny_model
+
+import specdec
+from specdec.models.loading import as_native
+
+TIMEOUT = 120  # seconds for both ranks to start, run every case and finish: a hung rank fails the test
+
+IDS = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])  # [batch, P], the first row left-padded
+MASK = (IDS != 0).long()
+CASES = {  # name: (draft, generate()'s arguments)
+    "plain": (None, dict(max_new_tokens=20)),
+    "draft-model": ("perturbed", dict(max_new_tokens=20, num_draft_tokens=3)),
+    "head": ("head", dict(max_new_tokens=20, num_draft_tokens=2)),
+    "ngram": ("ngram", dict(max_new_tokens=20, num_draft_tokens=4)),
+    "eos": ("perturbed", dict(max_new_tokens=30, num_draft_tokens=3, eos_token_id=[2, 17])),
+    "sampled": ("perturbed", dict(max_new_tokens=16, num_draft_tokens=3, do_sample=True, temperature=0.9)),
+}
+
+
+def uneven_model():
+    """6 query heads over 3 key/value heads and 111 MLP columns: over 2 ranks, 4 + 2 heads and 56 + 55 columns."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=111, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=512, eos_token_id=2)
+    model = LlamaForCausalLM(config).to(torch.float64).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return as_native(model)
+
+
+def _uneven(target) -> dict:
+    return {f"uneven-{kind}": specdec.generate(target, IDS, MASK, draft_model=kind, num_draft_tokens=3,
+                                              max_new_tokens=20) for kind in (None, "ngram")}
+
+
+def _run_cases(target, head) -> dict:
+    """Every case's output sequences on ``target``; ``head`` a draft head made from the whole model (the same
+    on every rank as in the single process)."""
+    drafts = {None: None, "ngram": "ngram", "perturbed": perturbed_copy("llama"), "head": head}
+    return {name: specdec.generate(target, IDS, MASK, draft_model=drafts[kind],
+                                   generator=torch.Generator().manual_seed(7), **kwargs)
+            for name, (kind, kwargs) in CASES.items()}
+
+
+def _rank(rank: int, world: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    from specdec.kernels.runner import TorchRunner
+    from specdec.parallel import shard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        target = as_native(tiny_model("llama"))
+        head = tiny_head(target, seed=1)  # (made before the split)
+        outputs = _run_cases(shard(target), head)
+        outputs["heads"] = target.model.layers[0].self_attn.num_heads  # this rank's share of the 4
+        outputs.update(_uneven(shard(uneven_model())))
+        # the companion: the split without its all-reduce (each rank's share taken for the sum) must differ
+        target.runner = TorchRunner(target.runner.device)
+        outputs["no all-reduce"] = specdec.generate(target, IDS, MASK, max_new_tokens=20)
+        if rank == 0:  # (as lists: a tensor would travel in shared memory that this process's exit removes)
+            results.put({name: value.tolist() if torch.is_tensor(value) else value for name, value in outputs.items()})
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_generate_what_one_process_generates():
+    target = as_native(tiny_model("llama"))
+    want = {**_run_cases(target, tiny_head(target, seed=1)), **_uneven(uneven_model())}
+    context = multiprocessing.get_context("spawn")
+    results, port = context.Queue(), _free_port()
+    ranks = [context.Process(target=_rank, args=(r, 2, port, results), daemon=True) for r in range(2)]
+    for p in ranks:
+        p.start()
+    try:
+        got = results.get(timeout=TIMEOUT)
+    finally:
+        for p in ranks:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    assert all(p.exitcode == 0 for p in ranks), [p.exitcode for p in ranks]
+    for name in [*CASES, "uneven-None", "uneven-ngram"]:
+        assert got[name] == want[name].tolist(), name
+    assert got["heads"] == 2 and got["no all-reduce"] != want["plain"].tolist()
+
+
+def test_shard_refuses_what_does_not_divide(monkeypatch):
+    import torch.distributed as dist
+
+    from specdec.parallel import shard
+
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 3)
+    target = as_native(tiny_model("llama", seed=5))  # 4 heads, 2 key/value heads
+    with pytest.raises(ValueError, match="2 key/value heads are fewer than its 3 ranks"):
+        shard(target)
+    with pytest.raises(ValueError, match="native model"):
+        shard(tiny_model("gpt2"))
+    assert os.environ.get("WORLD_SIZE") is None  # (nothing was initialised)
