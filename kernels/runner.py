@@ -48,6 +48,11 @@ class TorchRunner:
     def reset(self) -> None:
         """Drop kernel state; it is remade on the next forward."""
 
+    def agree(self, value: int) -> int:
+        """A decision every process running this model must share (a round's k, which "auto" takes from
+        timings): this process's; a tensor-parallel shard's is rank 0's (specdec/parallel.py)."""
+        return value
+
     @contextlib.contextmanager
     def steady(self):
         """A span in which the model's weights do not change (one ``generate()`` call): a runner may check its

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import os
 import sys
 import time
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
 DEFAULT_HEAD = "smollm2-135m-instruct-head"  # the default model's draft head (models/smollm2-135m-instruct-head)
+TP_TIMEOUT = 120  # seconds a rank waits for a silent peer in a collective (torchrun -m specdec generate)
 
 
 class _Timing:
@@ -65,10 +69,8 @@ def _prompt_ids(args, tokenizer):
 
 def _generate(args) -> int:
     """Speculative decoding streamed, its statistics, then plain decoding of the same prompt: the speedup, and
-    (greedy) whether the outputs are identical. One-time costs are reported apart from decoding speed."""
-    import torch
-    from transformers import TextStreamer
-
+    (greedy) whether the outputs are identical. One-time costs are reported apart from decoding speed.
+    Under torchrun (``torchrun --nproc-per-node N -m specdec generate ...``) the target is split over the ranks."""
     import specdec
     from specdec.kernels import cpu
     from specdec.models.loading import checkpoint_folder, load_draft
@@ -85,6 +87,42 @@ def _generate(args) -> int:
     if model.device.type == "cpu":
         cpu.available()  # builds the C kernels on a machine's first run
         costs["C kernels"], tick = time.perf_counter() - tick, time.perf_counter()
+    with _tensor_parallel(model):
+        return _compare(args, model, tokenizer, draft, draft_name, k, costs, tick)
+
+
+@contextlib.contextmanager
+def _tensor_parallel(model):
+    """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPUs, NCCL on GPUs; a peer silent for
+    TP_TIMEOUT seconds fails the collective), keep this rank's share of ``model`` (specdec/parallel.py), and
+    let rank 0 alone print; every rank computes alike. Without torchrun: nothing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    import torch.distributed as dist
+
+    from specdec.parallel import shard
+
+    dist.init_process_group("nccl" if model.device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=TP_TIMEOUT))
+    try:
+        shard(model)
+        with open(os.devnull, "w") as devnull, contextlib.ExitStack() as quiet:
+            if dist.get_rank() != 0:
+                quiet.enter_context(contextlib.redirect_stdout(devnull))
+                quiet.enter_context(contextlib.redirect_stderr(devnull))
+            yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _compare(args, model, tokenizer, draft, draft_name, k, costs, tick) -> int:
+    """generate's run and report, from the loaded models on (see _generate)."""
+    import torch
+    from transformers import TextStreamer
+
+    import specdec
+
     ids = _prompt_ids(args, tokenizer)
     sampling = dict(do_sample=args.temperature > 0, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.top_k)
@@ -94,7 +132,7 @@ def _generate(args) -> int:
                                 max_new_tokens=max_new_tokens, **sampling, streamer=streamer,
                                 generator=torch.Generator().manual_seed(args.seed), return_dict_in_generate=True)
 
-    for warm in {draft, None}:  # warm-up: the first call of each path that runs below
+    for warm in dict.fromkeys((draft, None)):  # warm-up: the first call of each path below (in order: ranks alike)
         run(warm, None, max_new_tokens=min(8, args.max_new_tokens))
     costs["warm-up"] = time.perf_counter() - tick
     timing = _Timing(TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))

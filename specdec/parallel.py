@@ -34,6 +34,14 @@ class ShardRunner(TorchRunner):
         super().__init__(device)
         self.rows, self.group = {id(layer) for layer in rows}, group
 
+    def agree(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank: decisions made from timings (a round's k under "auto") differ
+        between processes, and ranks that verify different widths would pair mismatched all-reduces."""
+        shared = torch.tensor([value])
+        dist.broadcast(shared, src=dist.get_global_rank(self.group, 0) if self.group is not None else 0,
+                       group=self.group)
+        return int(shared)
+
     def linear(self, layer, x, norm=None, gated: bool = False, residual=None):
         if id(layer) not in self.rows:
             return super().linear(layer, x, norm=norm, gated=gated, residual=residual)

@@ -476,6 +476,8 @@ def _decode(target, proposer, state: DecodeState, length, streamer, feature_hook
         drafter = proposer.inner if isinstance(proposer, ForcedDrafts) else proposer
         while bool(state.active.any()):
             k = length.next(state.stats) if drafter is not None else 0
+            if hasattr(target, "runner"):  # (a tensor-parallel target's ranks take rank 0's k)
+                k = target.runner.agree(k)
             if head and state.stats.target_passes == 0:
                 k = 0  # a draft head drafts from the target's features, which the prefill makes
             remaining = state.max_new_tokens - (state.num_tokens - prompt_lengths)

@@ -58,6 +58,16 @@ def test_generate_shows_speculation_and_its_speedup_by_default(checkpoint):
     assert "one-time costs" in out.stderr and "prefill" in out.stderr and "warm-up" in out.stderr
 
 
+def test_generate_under_torchrun_splits_the_model_and_rank_0_alone_speaks(checkpoint):
+    """torchrun --nproc-per-node 2 -m specdec generate: the target split over two gloo ranks, "auto" k agreed
+    on by the ranks; the text is one process's, printed once."""
+    args = ("generate", "w5 w6 w7 w5 w6", "--model", str(checkpoint), "--max-new-tokens", "8")
+    out = _run("--nproc-per-node", "2", "-m", "specdec", *args, module="torch.distributed.run")
+    alone = _run(*args)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == alone.stdout.strip() and out.stderr.count("identical, token for token") == 1
+
+
 def test_generate_with_draft_none_decodes_plainly(checkpoint):
     out = _run("generate", "w5 w6", "--model", str(checkpoint), "--max-new-tokens", "4", "--draft", "none")
     assert out.returncode == 0, out.stderr

@@ -30,6 +30,9 @@ CASES = {  # name: (draft, generate()'s arguments)
     "ngram": ("ngram", dict(max_new_tokens=20, num_draft_tokens=4)),
     "eos": ("perturbed", dict(max_new_tokens=30, num_draft_tokens=3, eos_token_id=[2, 17])),
     "sampled": ("perturbed", dict(max_new_tokens=16, num_draft_tokens=3, do_sample=True, temperature=0.9)),
+    # "auto" picks k from timings, which differ between processes: the ranks take rank 0's (its k sequence may
+    # differ from the single process's, but greedy output does not depend on k)
+    "auto": ("perturbed", dict(max_new_tokens=24, num_draft_tokens="auto")),
 }
 
 
