@@ -511,14 +511,22 @@ def peer_line(report: dict) -> str:
             f"{ratio}")
 
 
+def _cell(x, spec=".2f", suffix=""):
+    """A table cell: ``x`` formatted, or "-" for None."""
+    return "-" if x is None else f"{x:{spec}}{suffix}"
+
+
+def _check_cell(row: dict) -> str:
+    """A run's output check, a mismatch in red."""
+    check = row.get("check", "")
+    return f"\x1b[31m{check}\x1b[0m" if check.startswith("MISMATCH") else check
+
+
 def table(report: dict) -> str:
     """The terminal table: one line per run; mismatches in red."""
     head = ("| method | mode | batch | k | tokens/s | vs plain | vs hf | vs hf-assisted | tok/fwd | accept | c "
             "| predicted | round = verify + draft + rest | GB/s | roofline | ceiling | output |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-
-    def f(x, spec=".2f", suffix=""):
-        return "-" if x is None else f"{x:{spec}}{suffix}"
 
     for r in report["runs"]:
         k = "-" if r["k"] is None else str(r["k"])
@@ -527,17 +535,15 @@ def table(report: dict) -> str:
         budget = r.get("round_budget")
         budget = "-" if budget is None else (f"{budget['round']:.2f} = {budget['verify']:.2f} + {budget['draft']:.2f} "
                                              f"+ {budget['rest']:.2f}")
-        check = r.get("check", "")
-        if check.startswith("MISMATCH"):
-            check = f"\x1b[31m{check}\x1b[0m"
+        check = _check_cell(r)
         lines.append(
-            f"| {r['method']} | {r['mode']} | {r['batch']} | {k} | {r['tokens_per_s']:.1f} | {f(r['vs_plain'], '.2f', 'x')} "
-            f"| {f(r['vs_hf'], '.2f', 'x')} | {f(r['vs_hf_assisted'], '.2f', 'x')} "
-            f"| {f(r.get('tokens_per_target_forward'))} | {f(r.get('acceptance_rate'))} | {f(r.get('cost_ratio'), '.3f')} "
-            f"| {f(r.get('predicted_speedup'))} | {budget} "
-            f"| {f(r.get('weight_bytes_per_s') and r['weight_bytes_per_s'] / 1e9, '.1f')} "
-            f"| {f(r.get('bandwidth_fraction') and 100 * r['bandwidth_fraction'], '.0f', '%')} "
-            f"| {f(r.get('ceiling_tokens_per_s'), '.0f')} | {check} |")
+            f"| {r['method']} | {r['mode']} | {r['batch']} | {k} | {r['tokens_per_s']:.1f} | {_cell(r['vs_plain'], '.2f', 'x')} "
+            f"| {_cell(r['vs_hf'], '.2f', 'x')} | {_cell(r['vs_hf_assisted'], '.2f', 'x')} "
+            f"| {_cell(r.get('tokens_per_target_forward'))} | {_cell(r.get('acceptance_rate'))} | {_cell(r.get('cost_ratio'), '.3f')} "
+            f"| {_cell(r.get('predicted_speedup'))} | {budget} "
+            f"| {_cell(r.get('weight_bytes_per_s') and r['weight_bytes_per_s'] / 1e9, '.1f')} "
+            f"| {_cell(r.get('bandwidth_fraction') and 100 * r['bandwidth_fraction'], '.0f', '%')} "
+            f"| {_cell(r.get('ceiling_tokens_per_s'), '.0f')} | {check} |")
     return "\n".join(lines)
 
 
@@ -553,23 +559,18 @@ def structured_table(report: dict) -> str:
             f"| {' | '.join(shares)} | new tokens, mean (min-max) | valid JSON / finished | output |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
-    def f(x, spec=".2f", suffix=""):
-        return "-" if x is None else f"{x:{spec}}{suffix}"
-
     for r in report["runs"]:
         lengths = r.get("lengths") or [0]
         valid = f"{r['valid']} / {r['finished']}" if "valid" in r else "-"
         if r.get("invalid") and r.get("constraint") in GRAMMAR:
             valid = f"\x1b[31m{valid} ({r['invalid']} INVALID)\x1b[0m"
-        check = r.get("check", "")
-        if check.startswith("MISMATCH"):
-            check = f"\x1b[31m{check}\x1b[0m"
+        check = _check_cell(r)
         lines.append(
             f"| {r['method']} | {r['mode']} | {r['batch']} | {'-' if r['k'] is None else r['k']} "
-            f"| {r.get('constraint', '-')} | {r['tokens_per_s']:.1f} | {f(r.get('decode_tokens_per_s'), '.1f')} "
-            f"| {f(r.get('vs_free'), '.2f', 'x')} "
-            f"| {f(r['vs_plain'], '.2f', 'x')} | {f(r.get('tokens_per_target_forward'))} "
-            + "".join(f"| {f(r.get(f'{name}_share'), '.3f')} " for name in GRAMMAR_COUNTERS)
+            f"| {r.get('constraint', '-')} | {r['tokens_per_s']:.1f} | {_cell(r.get('decode_tokens_per_s'), '.1f')} "
+            f"| {_cell(r.get('vs_free'), '.2f', 'x')} "
+            f"| {_cell(r['vs_plain'], '.2f', 'x')} | {_cell(r.get('tokens_per_target_forward'))} "
+            + "".join(f"| {_cell(r.get(f'{name}_share'), '.3f')} " for name in GRAMMAR_COUNTERS)
             + f"| {r.get('mean_length', 0):.1f} ({min(lengths)}-{max(lengths)}) | {valid} | {check} |")
     return "\n".join(lines)
 
