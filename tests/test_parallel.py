@@ -125,3 +125,46 @@ def test_shard_refuses_what_does_not_divide(monkeypatch):
     with pytest.raises(ValueError, match="native model"):
         shard(tiny_model("gpt2"))
     assert os.environ.get("WORLD_SIZE") is None  # (nothing was initialised)
+
+
+def _dying_rank(rank: int, world: int, port: int, results) -> None:
+    """Rank 1 dies (os._exit) in its third decoding step; rank 0 reports what its generate() raised."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from specdec.parallel import shard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    calls = []
+
+    def die_on_third_call(input_ids, scores):
+        calls.append(1)
+        if rank == 1 and len(calls) == 3:
+            os._exit(3)
+        return scores
+
+    target = shard(as_native(tiny_model("llama")))
+    try:
+        specdec.generate(target, IDS, MASK, max_new_tokens=20, logits_processor=[die_on_third_call])
+        results.put("finished")
+    except RuntimeError as err:
+        results.put(f"raised: {err}")
+
+
+def test_a_rank_that_dies_fails_the_others_instead_of_hanging():
+    context = multiprocessing.get_context("spawn")
+    results, port = context.Queue(), _free_port()
+    ranks = [context.Process(target=_dying_rank, args=(r, 2, port, results), daemon=True) for r in range(2)]
+    for p in ranks:
+        p.start()
+    try:
+        said = results.get(timeout=TIMEOUT)
+    finally:
+        for p in ranks:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    assert said.startswith("raised:"), said  # (gloo: the connection to the dead peer was reset or closed)
+    assert ranks[1].exitcode == 3
