@@ -341,7 +341,8 @@ class Engine:
             k, control = (0 if needs_features(self.proposer) else self._last_k), None
         else:
             control = self._controller(len(seqs))
-            k = self._last_k = control[0].next(control[1])
+            # (a tensor-parallel target's ranks take rank 0's: "auto" decides from timings, which differ)
+            k = self._last_k = self.target.runner.agree(control[0].next(control[1]))
         k = self._fit_k(seqs, k)
         seqs = self._reserve(seqs, k)
         if not seqs:  # everything scheduled was preempted for the older sequences

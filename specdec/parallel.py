@@ -117,3 +117,64 @@ def _shard_mlp(mlp, rank: int, world: int) -> None:
     mlp.gate_up_proj.weight = torch.nn.Parameter(torch.cat((gate[cols], up[cols])))
     mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight[:, cols].contiguous())
     mlp.gate_up_proj.out_features, mlp.down_proj.in_features = 2 * inner, inner
+
+
+class EngineGroup:
+    """An Engine on every rank of a tensor-parallel group (its target split with ``shard``), driven from rank 0.
+
+    Every rank calls ``step`` alike; rank 0 alone calls ``add_request`` and ``abort``, which take effect at its
+    next step: that step begins with one broadcast of what rank 0 was asked since the last one, every rank
+    applies it to its engine, and the engines, fed alike, schedule, preempt and decide alike (a round's k is
+    rank 0's: ``runner.agree``; a sampled request without a seed gets one from rank 0, and the engine's own
+    draft generator must be seeded: ``Engine(seed=)``). ``step`` returns the engine's outputs on every rank.
+    """
+
+    def __init__(self, engine, group=None):
+        if engine._draft_generator.initial_seed() != _agreed_seed(engine._draft_generator.initial_seed(), group):
+            raise ValueError("engine: the ranks' engines sample drafts with different generators; build each with "
+                             "the same Engine(seed=)")
+        self.engine, self.group, self.pending = engine, group, []
+
+    def add_request(self, prompt_ids, params=None, request_id: str | None = None) -> str:
+        """Rank 0: queue a request (checked now; it joins every rank's engine at the next step)."""
+        from dataclasses import replace
+
+        prompt_ids, params = self.engine.check_request(prompt_ids, params)
+        if params.temperature != 0 and params.seed is None:  # (every rank must draw the same numbers)
+            params = replace(params, seed=int(torch.randint(0, 2**63 - 1, ())))
+        request_id = request_id if request_id is not None else f"req-{self.engine._arrivals + len(self.pending)}"
+        self.pending.append(("add", prompt_ids, params, request_id))
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Rank 0: drop a request at the next step, on every rank."""
+        self.pending.append(("abort", request_id))
+
+    def has_unfinished(self) -> bool:
+        """Whether any rank's engine has work, or rank 0 has queued some (the same answer on every rank)."""
+        busy = torch.tensor([int(self.engine.has_unfinished() or bool(self.pending))])
+        dist.all_reduce(busy, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(busy)
+
+    def step(self) -> list:
+        """Every rank: rank 0's queued requests and aborts, then one engine step."""
+        events = [self.pending]
+        dist.broadcast_object_list(events, src=_rank0(self.group), group=self.group)
+        self.pending = []
+        for event in events[0]:
+            if event[0] == "add":
+                self.engine.add_request(event[1], event[2], event[3])
+            else:
+                self.engine.abort(event[1])
+        return self.engine.step()
+
+
+def _rank0(group) -> int:
+    return dist.get_global_rank(group, 0) if group is not None else 0
+
+
+def _agreed_seed(seed: int, group) -> int:
+    """Rank 0's ``seed``."""
+    shared = torch.tensor([seed], dtype=torch.int64) if seed < 2**63 else torch.tensor([seed - 2**64])
+    dist.broadcast(shared, src=_rank0(group), group=group)
+    return int(shared) % 2**64

@@ -168,3 +168,77 @@ def test_a_rank_that_dies_fails_the_others_instead_of_hanging():
                 p.kill()
     assert said.startswith("raised:"), said  # (gloo: the connection to the dead peer was reset or closed)
     assert ranks[1].exitcode == 3
+
+
+# The engine on two ranks (EngineGroup): rank 0 is asked, every rank steps alike.
+SCRIPT = [  # (arrival step, prompt, params, request id)
+    (0, [5, 6, 7], dict(max_new_tokens=18), "greedy-a"),
+    (0, [8, 9], dict(max_new_tokens=12, temperature=0.9, seed=4), "seeded"),
+    (2, [10, 11, 12, 13], dict(max_new_tokens=20), "greedy-b"),
+    (3, [14], dict(max_new_tokens=16, temperature=1.0), "unseeded"),
+    (3, [15, 16], dict(max_new_tokens=25), "aborted"),
+]
+ABORT_AT = 6
+
+
+def _drive(group, is_rank0: bool) -> dict:
+    """The script through an EngineGroup (or a bare Engine, is_rank0 True): every request's tokens."""
+    from specdec.engine import RequestParams
+
+    tokens, step = {}, 0
+    while step <= ABORT_AT or group.has_unfinished():
+        if is_rank0:
+            for at, prompt, params, request_id in SCRIPT:
+                if at == step:
+                    group.add_request(prompt, RequestParams(**params), request_id)
+            if step == ABORT_AT:
+                group.abort("aborted")
+        for out in group.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        step += 1
+    return tokens
+
+
+def _engine(target):
+    from specdec.engine import Engine
+
+    # a pool of 8 blocks of 4 holds the longest request (27 positions) but not the others beside it: the younger
+    # ones are preempted
+    return Engine(target, "ngram", num_draft_tokens="auto", max_num_seqs=4, kv_blocks=8, block_size=4, seed=0)
+
+
+def _engine_rank(rank: int, world: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    from specdec.parallel import EngineGroup, shard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        engine = _engine(shard(as_native(tiny_model("llama"))))
+        tokens = _drive(EngineGroup(engine), rank == 0)
+        results.put((rank, tokens, engine.num_preemptions, engine.pool.num_used))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_engine_on_two_ranks_serves_what_one_engine_serves():
+    """Arrivals, preemption, an abort, "auto" k, greedy and sampled requests: both ranks' engines emit the same
+    tokens; the greedy and seeded ones are a single process's engine's, and every block comes back."""
+    want = _drive(_engine(as_native(tiny_model("llama"))), True)
+    context = multiprocessing.get_context("spawn")
+    results, port = context.Queue(), _free_port()
+    ranks = [context.Process(target=_engine_rank, args=(r, 2, port, results), daemon=True) for r in range(2)]
+    for p in ranks:
+        p.start()
+    try:
+        got = dict((rank, rest) for rank, *rest in (results.get(timeout=TIMEOUT) for _ in ranks))
+    finally:
+        for p in ranks:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    (tokens0, preempted, used), (tokens1, _, _) = got[0], got[1]
+    assert tokens0 == tokens1 and preempted > 0 and used == 0
+    for name in ("greedy-a", "seeded", "greedy-b"):
+        assert tokens0[name] == want[name], name
+    assert len(tokens0["aborted"]) < 25
