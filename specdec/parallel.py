@@ -151,10 +151,9 @@ class EngineGroup:
         self.pending.append(("abort", request_id))
 
     def has_unfinished(self) -> bool:
-        """Whether any rank's engine has work, or rank 0 has queued some (the same answer on every rank)."""
-        busy = torch.tensor([int(self.engine.has_unfinished() or bool(self.pending))])
-        dist.all_reduce(busy, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(busy)
+        """Whether this rank's engine has work, or (rank 0) requests are queued: no message, since the engines
+        agree; every rank's answer is rank 0's once a step has passed on what rank 0 queued."""
+        return self.engine.has_unfinished() or bool(self.pending)
 
     def step(self) -> list:
         """Every rank: rank 0's queued requests and aborts, then one engine step."""
