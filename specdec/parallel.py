@@ -37,9 +37,8 @@ class ShardRunner(TorchRunner):
     def agree(self, value: int) -> int:
         """Rank 0's ``value`` on every rank: decisions made from timings (a round's k under "auto") differ
         between processes, and ranks that verify different widths would pair mismatched all-reduces."""
-        shared = torch.tensor([value])
-        dist.broadcast(shared, src=dist.get_global_rank(self.group, 0) if self.group is not None else 0,
-                       group=self.group)
+        shared = torch.tensor([value], device=self.device)  # (NCCL sends CUDA tensors only)
+        dist.broadcast(shared, src=_rank0(self.group), group=self.group)
         return int(shared)
 
     def linear(self, layer, x, norm=None, gated: bool = False, residual=None):
@@ -130,7 +129,8 @@ class EngineGroup:
     """
 
     def __init__(self, engine, group=None):
-        if engine._draft_generator.initial_seed() != _agreed_seed(engine._draft_generator.initial_seed(), group):
+        seed = engine._draft_generator.initial_seed()
+        if seed != _agreed_seed(seed, group, engine.target.device):
             raise ValueError("engine: the ranks' engines sample drafts with different generators; build each with "
                              "the same Engine(seed=)")
         self.engine, self.group, self.pending = engine, group, []
@@ -172,8 +172,8 @@ def _rank0(group) -> int:
     return dist.get_global_rank(group, 0) if group is not None else 0
 
 
-def _agreed_seed(seed: int, group) -> int:
-    """Rank 0's ``seed``."""
-    shared = torch.tensor([seed], dtype=torch.int64) if seed < 2**63 else torch.tensor([seed - 2**64])
+def _agreed_seed(seed: int, group, device) -> int:
+    """Rank 0's ``seed`` (an unsigned 64-bit torch seed)."""
+    shared = torch.tensor([seed if seed < 2**63 else seed - 2**64], dtype=torch.int64, device=device)
     dist.broadcast(shared, src=_rank0(group), group=group)
     return int(shared) % 2**64
