@@ -91,22 +91,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_generate_what_one_process_generates():
-    target = as_native(tiny_model("llama"))
-    want = {**_run_cases(target, tiny_head(target, seed=1)), **_uneven(uneven_model())}
+def _spawn(rank_fn, reports: int, world: int = 2) -> tuple[list, list]:
+    """Run rank_fn(rank, world, port, results) in ``world`` spawned processes on a free loopback port; returns
+    the first ``reports`` items they put in ``results`` and the processes' exit codes (a rank still running
+    after TIMEOUT fails the test; every process is gone when this returns)."""
     context = multiprocessing.get_context("spawn")
     results, port = context.Queue(), _free_port()
-    ranks = [context.Process(target=_rank, args=(r, 2, port, results), daemon=True) for r in range(2)]
+    ranks = [context.Process(target=rank_fn, args=(r, world, port, results), daemon=True) for r in range(world)]
     for p in ranks:
         p.start()
     try:
-        got = results.get(timeout=TIMEOUT)
+        got = [results.get(timeout=TIMEOUT) for _ in range(reports)]
     finally:
         for p in ranks:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-    assert all(p.exitcode == 0 for p in ranks), [p.exitcode for p in ranks]
+    return got, [p.exitcode for p in ranks]
+
+
+def test_two_ranks_generate_what_one_process_generates():
+    target = as_native(tiny_model("llama"))
+    want = {**_run_cases(target, tiny_head(target, seed=1)), **_uneven(uneven_model())}
+    (got,), exitcodes = _spawn(_rank, 1)
+    assert exitcodes == [0, 0], exitcodes
     for name in [*CASES, "uneven-None", "uneven-ngram"]:
         assert got[name] == want[name].tolist(), name
     assert got["heads"] == 2 and got["no all-reduce"] != want["plain"].tolist()
@@ -154,20 +162,9 @@ def _dying_rank(rank: int, world: int, port: int, results) -> None:
 
 
 def test_a_rank_that_dies_fails_the_others_instead_of_hanging():
-    context = multiprocessing.get_context("spawn")
-    results, port = context.Queue(), _free_port()
-    ranks = [context.Process(target=_dying_rank, args=(r, 2, port, results), daemon=True) for r in range(2)]
-    for p in ranks:
-        p.start()
-    try:
-        said = results.get(timeout=TIMEOUT)
-    finally:
-        for p in ranks:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+    (said,), exitcodes = _spawn(_dying_rank, 1)
     assert said.startswith("raised:"), said  # (gloo: the connection to the dead peer was reset or closed)
-    assert ranks[1].exitcode == 3
+    assert exitcodes[1] == 3
 
 
 # The engine on two ranks (EngineGroup): rank 0 is asked, every rank steps alike.
@@ -225,19 +222,10 @@ def test_the_engine_on_two_ranks_serves_what_one_engine_serves():
     """Arrivals, preemption, an abort, "auto" k, greedy and sampled requests: both ranks' engines emit the same
     tokens; the greedy and seeded ones are a single process's engine's, and every block comes back."""
     want = _drive(_engine(as_native(tiny_model("llama"))), True)
-    context = multiprocessing.get_context("spawn")
-    results, port = context.Queue(), _free_port()
-    ranks = [context.Process(target=_engine_rank, args=(r, 2, port, results), daemon=True) for r in range(2)]
-    for p in ranks:
-        p.start()
-    try:
-        got = dict((rank, rest) for rank, *rest in (results.get(timeout=TIMEOUT) for _ in ranks))
-    finally:
-        for p in ranks:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+    reports, exitcodes = _spawn(_engine_rank, 2)
+    got = {rank: rest for rank, *rest in reports}
     (tokens0, preempted, used), (tokens1, _, _) = got[0], got[1]
+    assert exitcodes == [0, 0], exitcodes
     assert tokens0 == tokens1 and preempted > 0 and used == 0
     for name in ("greedy-a", "seeded", "greedy-b"):
         assert tokens0[name] == want[name], name
