@@ -130,7 +130,10 @@ class EngineGroup:
 
     def __init__(self, engine, group=None):
         seed = engine._draft_generator.initial_seed()
-        if seed != _agreed_seed(seed, group, engine.target.device):
+        differs = torch.tensor([int(seed != _agreed_seed(seed, group, engine.target.device))],
+                               device=engine.target.device)
+        dist.all_reduce(differs, op=dist.ReduceOp.MAX, group=group)  # (refused on every rank alike)
+        if int(differs):
             raise ValueError("engine: the ranks' engines sample drafts with different generators; build each with "
                              "the same Engine(seed=)")
         self.engine, self.group, self.pending = engine, group, []

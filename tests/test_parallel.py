@@ -196,12 +196,12 @@ def _drive(group, is_rank0: bool) -> dict:
     return tokens
 
 
-def _engine(target):
+def _engine(target, seed: int = 0):
     from specdec.engine import Engine
 
     # a pool of 8 blocks of 4 holds the longest request (27 positions) but not the others beside it: the younger
     # ones are preempted
-    return Engine(target, "ngram", num_draft_tokens="auto", max_num_seqs=4, kv_blocks=8, block_size=4, seed=0)
+    return Engine(target, "ngram", num_draft_tokens="auto", max_num_seqs=4, kv_blocks=8, block_size=4, seed=seed)
 
 
 def _engine_rank(rank: int, world: int, port: int, results) -> None:
@@ -211,9 +211,15 @@ def _engine_rank(rank: int, world: int, port: int, results) -> None:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        engine = _engine(shard(as_native(tiny_model("llama"))))
+        target = shard(as_native(tiny_model("llama")))
+        try:  # engines whose draft generators differ would sample different drafts: refused on every rank
+            EngineGroup(_engine(target, seed=rank))
+            refused = False
+        except ValueError:
+            refused = True
+        engine = _engine(target)
         tokens = _drive(EngineGroup(engine), rank == 0)
-        results.put((rank, tokens, engine.num_preemptions, engine.pool.num_used))
+        results.put((rank, tokens, engine.num_preemptions, engine.pool.num_used, refused))
     finally:
         dist.destroy_process_group()
 
@@ -224,8 +230,9 @@ def test_the_engine_on_two_ranks_serves_what_one_engine_serves():
     want = _drive(_engine(as_native(tiny_model("llama"))), True)
     reports, exitcodes = _spawn(_engine_rank, 2)
     got = {rank: rest for rank, *rest in reports}
-    (tokens0, preempted, used), (tokens1, _, _) = got[0], got[1]
+    (tokens0, preempted, used, refused0), (tokens1, _, _, refused1) = got[0], got[1]
     assert exitcodes == [0, 0], exitcodes
+    assert refused0 and refused1
     assert tokens0 == tokens1 and preempted > 0 and used == 0
     for name in ("greedy-a", "seeded", "greedy-b"):
         assert tokens0[name] == want[name], name
