@@ -156,7 +156,7 @@ class GrammarMasks:
     """
 
     def __init__(self, rows: list[RowGrammar | None], vocab_size: int, eos: list[int], tokenizer=None):
-        self.rows, self.vocab_size, self.words = rows, vocab_size, (vocab_size + 31) // 32
+        self.rows, self.words = rows, (vocab_size + 31) // 32
         self.tokenizer = tokenizer
         # a grammar left with no token it allows (a pattern nothing matches; a character the vocabulary cannot
         # write) ends its row with an EOS id: the row stops there, the others go on
@@ -173,9 +173,8 @@ class GrammarMasks:
         bits = torch.full((state.batch_size, n, self.words), -1, dtype=torch.int32)
         flat = bits.view(-1, self.words)  # [batch * n, words]: xgrammar fills a row of a 2-d mask
         rows = drafts.tolist() if drafts is not None else [[]] * state.batch_size
-        for b in self._constrained(state):
-            row = self.rows[b]
-            matcher, taken = self._synced(b, state), 0
+        for b, matcher in self._synced(state):
+            row, taken = self.rows[b], 0
             for i in range(stop):
                 if matcher.is_terminated():  # (after an EOS draft: the row ends there)
                     break
@@ -196,8 +195,8 @@ class GrammarMasks:
         as the grammar accepts those tokens (several tokenizations of a text are allowed, so these are
         drafts to verify)."""
         runs = [[] for _ in range(state.batch_size)]
-        for b in self._constrained(state):
-            matcher, run = self._synced(b, state), []
+        for b, matcher in self._synced(state):
+            run = []
             while len(run) < limit and not matcher.is_terminated():
                 token = single_token(self.rows[b].fill() if run else self.rows[b].at_committed())
                 if token is None or not matcher.accept_token(token):
@@ -214,13 +213,12 @@ class GrammarMasks:
             runs[b] = run
         return runs
 
-    def _constrained(self, state) -> list[int]:
-        return [b for b in state.active.nonzero().flatten().tolist() if self.rows[b] is not None]
-
-    def _synced(self, b: int, state):
-        """Row b's matcher, advanced over the tokens committed since it last saw the row."""
-        start, stop = int(state.prompt_lengths[b]), int(state.num_tokens[b])
-        return self.rows[b].sync(state.tokens[b, start:stop])
+    def _synced(self, state) -> list:
+        """(b, matcher) of every active row with a grammar, its matcher advanced over the tokens committed since
+        it last saw the row (the rows' lengths read in one transfer)."""
+        starts, stops, active = state.prompt_lengths.tolist(), state.num_tokens.tolist(), state.active.tolist()
+        return [(b, self.rows[b].sync(state.tokens[b, starts[b]:stops[b]])) for b in range(state.batch_size)
+                if active[b] and self.rows[b] is not None]
 
 
 class ForcedDrafts:
