@@ -132,7 +132,8 @@ def test_shard_refuses_what_does_not_divide(monkeypatch):
         shard(target)
     with pytest.raises(ValueError, match="native model"):
         shard(tiny_model("gpt2"))
-    assert os.environ.get("WORLD_SIZE") is None  # (nothing was initialised)
+    attn = target.model.layers[0].self_attn  # a refused split leaves the model whole
+    assert (attn.num_heads, attn.num_kv_heads, attn.qkv_proj.weight.shape[0]) == (4, 2, 128)
 
 
 def _dying_rank(rank: int, world: int, port: int, results) -> None:
