@@ -4,7 +4,8 @@ Types are strict, as OpenAI's are: ``"5"``, ``5.0`` and ``true`` are not a max_t
 temperature (``1`` is: an integer is a number), ``"yes"`` is not a stream. Every check of a field on its own
 lives here, so a bad body is refused before any work, with the field named as the client wrote it
 (``param_name``); the checks that need the server (its model, context, vocabulary, limits) are the endpoints'.
-Sampling parameters are checked by ``SamplingConfig``, the engine's own rule, not by a copy of it.
+Sampling parameters are checked by ``SamplingConfig``, penalties and logit_bias by ``RequestParams``: the
+engine's own rules, not copies of them.
 """
 
 from __future__ import annotations
@@ -71,10 +72,15 @@ UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": 
                "suffix": (None, ""), "tools": (None, [])}
 
 
-def _penalty(value: float | None) -> float | None:
-    if value is not None and not -2 <= value <= 2:
-        raise ValueError(f"must be a number in [-2, 2], got {value}")
-    return value
+def _request_param(name: str) -> AfterValidator:
+    """``name``'s value checked by RequestParams, the engine's own rule (None: the server's default)."""
+    def check(value):
+        if value is not None:
+            from specdec.engine import RequestParams
+
+            RequestParams(**{name: value})
+        return value
+    return AfterValidator(check)
 
 
 def _logit_bias(value: dict[str, float] | None) -> dict[int, float] | None:
@@ -85,13 +91,10 @@ def _logit_bias(value: dict[str, float] | None) -> dict[int, float] | None:
     for key, bias in value.items():
         if not (key.isascii() and key.isdigit()):
             raise ValueError(f"keys must be token ids, got {key!r}")
-        if not -100 <= bias <= 100:
-            raise ValueError(f"biases must lie in [-100, 100], got {bias} for token {key}")
         out[int(key)] = bias
     return out
 
 
-Penalty = Annotated[float | None, AfterValidator(_penalty)]
 
 
 class JsonSchema(BaseModel):
@@ -154,9 +157,9 @@ class GenerationRequest(BaseModel):
     top_logprobs: Any = None
     echo: Any = None
     best_of: Any = None
-    presence_penalty: Penalty = None
-    frequency_penalty: Penalty = None
-    logit_bias: Annotated[dict[str, float] | None, AfterValidator(_logit_bias)] = None  # -> {id: bias}
+    presence_penalty: Annotated[float | None, _request_param("presence_penalty")] = None
+    frequency_penalty: Annotated[float | None, _request_param("frequency_penalty")] = None
+    logit_bias: Annotated[dict[str, float] | None, AfterValidator(_logit_bias), _request_param("logit_bias")] = None
     response_format: ResponseFormat | None = None
     suffix: Any = None
     tools: Any = None
