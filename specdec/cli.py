@@ -230,7 +230,7 @@ def _serve(args) -> int:
     return serve(args.model, _draft_name(args.model, args.draft), host=args.host, port=args.port, num_draft_tokens=k,
                  max_num_seqs=args.max_num_seqs, kv_blocks=args.kv_blocks, block_size=args.block_size,
                  max_queued=args.max_queued, dtype=args.dtype, quantize=args.quantize,
-                 activations=args.activations, grace_seconds=args.grace)
+                 activations=args.activations, grace_seconds=args.grace, tensor_parallel=args.tensor_parallel)
 
 
 def _target_arguments(parser) -> None:
@@ -331,6 +331,8 @@ def _serve_parser(sub) -> None:
     srv.add_argument("--kv-blocks", type=int, default=1024, help="KV pool blocks (of --block-size positions)")
     srv.add_argument("--block-size", type=int, default=16)
     srv.add_argument("--grace", type=float, default=10.0, help="seconds running requests get after SIGTERM")
+    srv.add_argument("--tensor-parallel", type=int, default=1, dest="tensor_parallel",
+                     help="split the target over this many processes (gloo; this process is rank 0 and serves)")
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="specdec", description="Speculative decoding, lossless and fast.")

@@ -308,6 +308,10 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running)
 
+    def __contains__(self, request_id: str) -> bool:
+        """Whether the request is waiting or running."""
+        return request_id in self._ids
+
     @property
     def num_running(self) -> int:
         return len(self._running)

@@ -12,6 +12,9 @@ included (a draft runs whole on every rank).
     model, tokenizer = specdec.load(name)                 # the same weights on every rank
     specdec.parallel.shard(model)                         # this rank's share, in place
     out = specdec.generate(model, ids, ...)               # every rank calls it with the same arguments
+
+The engine across ranks is ``EngineGroup``: every rank steps alike (SPMD), or, under a server
+(``specdec serve --tensor-parallel N``: server/ranks.py), rank 0 steps and the others ``follow``.
 """
 
 from __future__ import annotations
@@ -118,6 +121,9 @@ def _shard_mlp(mlp, rank: int, world: int) -> None:
     mlp.gate_up_proj.out_features, mlp.down_proj.in_features = 2 * inner, inner
 
 
+STEP, IDLE, STOP = "step", "idle", "stop"  # what rank 0 tells the others with its queued events
+
+
 class EngineGroup:
     """An Engine on every rank of a tensor-parallel group (its target split with ``shard``), driven from rank 0.
 
@@ -149,9 +155,11 @@ class EngineGroup:
         self.pending.append(("add", prompt_ids, params, request_id))
         return request_id
 
-    def abort(self, request_id: str) -> None:
-        """Rank 0: drop a request at the next step, on every rank."""
+    def abort(self, request_id: str) -> bool:
+        """Rank 0: drop a request at the next step, on every rank. False if it is unknown or finished."""
+        queued = any(event[0] == "add" and event[3] == request_id for event in self.pending)
         self.pending.append(("abort", request_id))
+        return queued or request_id in self.engine
 
     def has_unfinished(self) -> bool:
         """Whether this rank's engine has work, or (rank 0) requests are queued: no message, since the engines
@@ -159,16 +167,39 @@ class EngineGroup:
         return self.engine.has_unfinished() or bool(self.pending)
 
     def step(self) -> list:
-        """Every rank: rank 0's queued requests and aborts, then one engine step."""
-        events = [self.pending]
-        dist.broadcast_object_list(events, src=_rank0(self.group), group=self.group)
+        """Every rank (or rank 0 while the others ``follow``): rank 0's queued requests and aborts, then one
+        engine step."""
+        self._exchange(STEP)
+        return self.engine.step()
+
+    def idle(self) -> None:
+        """Rank 0 of a served group: rank 0's queued requests and aborts on every rank, no step. A server calls
+        it while it has nothing to run, as a heartbeat: the followers wait in a collective that times out, and a
+        rank that died is found now rather than at the next request."""
+        self._exchange(IDLE)
+
+    def close(self) -> None:
+        """Rank 0 of a served group: the followers' ``follow`` returns."""
+        self._exchange(STOP)
+
+    def follow(self) -> None:
+        """Every rank but 0 of a served group: do what rank 0 does (``step``, ``idle``) until it ``close``s."""
+        while (action := self._exchange(None)) != STOP:
+            if action == STEP:
+                self.engine.step()
+
+    def _exchange(self, action: str | None) -> str:
+        """Rank 0's queued events and ``action``, applied on every rank; returns the action."""
+        message = [(self.pending, action)]
+        dist.broadcast_object_list(message, src=_rank0(self.group), group=self.group)
         self.pending = []
-        for event in events[0]:
+        events, action = message[0]
+        for event in events:
             if event[0] == "add":
                 self.engine.add_request(event[1], event[2], event[3])
             else:
                 self.engine.abort(event[1])
-        return self.engine.step()
+        return action
 
 
 def _rank0(group) -> int:

@@ -520,32 +520,45 @@ def test_sampling_parameters_are_accepted_with_a_sampling_draft(server):
         assert 1 <= out.usage.completion_tokens <= 16 and out.choices[0].finish_reason in ("stop", "length")
 
 
-def test_sigterm_stops_accepting_finishes_running_requests_and_exits_0(tmp_path):
-    """`specdec serve` as a subprocess (started here, signalled by its own PID): SIGTERM during a streaming
-    request lets it finish within the grace period, then the process exits 0."""
+def _tiny_folder(tmp_path):
     folder = tmp_path / "tiny"
     tiny_model("llama").save_pretrained(folder)
     TOKENIZER.save_pretrained(folder)
+    return folder
+
+
+def _start_serve(folder, *flags) -> tuple[subprocess.Popen, str, list[str]]:
+    """`specdec serve` on the tiny model as a subprocess on a free loopback port, up (GET /health 200); its
+    output lines are collected by a thread into the returned list."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "specdec.cli", "serve", "--model", str(folder), "--port", str(port),
-                             "--dtype", "float64", "--draft", "none", "--grace", "20", "--kv-blocks", "64"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "--dtype", "float64", "--kv-blocks", "64", *flags], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        assert proc.poll() is None, "".join(lines)
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url, lines
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline, "server did not come up:\n" + "".join(lines)
+        time.sleep(0.2)
+
+
+def test_sigterm_stops_accepting_finishes_running_requests_and_exits_0(tmp_path):
+    """`specdec serve` as a subprocess (started here, signalled by its own PID): SIGTERM during a streaming
+    request lets it finish within the grace period, then the process exits 0."""
+    folder = _tiny_folder(tmp_path)
+    proc, url, _ = _start_serve(folder, "--draft", "none", "--grace", "20")
     try:
-        deadline = time.time() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.2)
         ids = [5, 6, 7]
         body = {"model": str(folder), "prompt": ids, "max_tokens": 60, "temperature": 0, "stream": True}
         with httpx.Client(timeout=60) as http, http.stream("POST", url + "/v1/completions", json=body) as response:
@@ -560,6 +573,65 @@ def test_sigterm_stops_accepting_finishes_running_requests_and_exits_0(tmp_path)
         assert proc.wait(timeout=30) == 0
         with pytest.raises(httpx.TransportError):
             httpx.get(url + "/health", timeout=1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_tensor_parallel_serve_answers_as_one_process_and_a_dead_rank_stops_it_loudly(tmp_path):
+    """`specdec serve --tensor-parallel 2` (rank 0 serves, rank 1 spawned by it; n-gram drafts, "auto" k):
+    concurrent greedy requests from the openai client, streamed and whole, answer exactly as single-process
+    generate; an idle pause (heartbeats) changes nothing; then rank 1, killed by its PID, stops the server
+    within seconds with exit code 1 and the reason in its log (no hang)."""
+    folder = _tiny_folder(tmp_path)
+    proc, url, lines = _start_serve(folder, "--tensor-parallel", "2", "--draft", "ngram")
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        prompts = ["abcabcabc", "Hello there", "x", "the cat the cat"]
+
+        def ask(i, prompt):
+            if i % 2:
+                stream = client.completions.create(model=str(folder), prompt=prompt, max_tokens=24, temperature=0,
+                                                   stream=True)
+                return "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+            return client.completions.create(model=str(folder), prompt=prompt, max_tokens=24, temperature=0
+                                             ).choices[0].text
+
+        for pause in (0, 1.0):  # the second round after a second of heartbeats
+            time.sleep(pause)
+            results = [None] * len(prompts)
+            threads = [threading.Thread(target=lambda i=i, p=p: results.__setitem__(i, ask(i, p)))
+                       for i, p in enumerate(prompts)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            for prompt, text in zip(prompts, results):
+                assert text == text_of(greedy(TOKENIZER(prompt)["input_ids"], 24)), (prompt, text)
+        pids = [int(line.rsplit(" ", 1)[1]) for line in lines if "tensor-parallel rank 1 of 2: pid" in line]
+        assert len(pids) == 1, "".join(lines)
+        os.kill(pids[0], signal.SIGKILL)
+        assert proc.wait(timeout=60) == 1
+        time.sleep(0.2)  # (the reader thread's last lines)
+        assert any("stopped: tensor-parallel group failed" in line for line in lines), "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_tensor_parallel_serve_exits_0_on_sigterm(tmp_path):
+    """SIGTERM to rank 0: the server shuts down, tells rank 1 to stop, and both exit 0."""
+    folder = _tiny_folder(tmp_path)
+    proc, url, lines = _start_serve(folder, "--tensor-parallel", "2", "--draft", "none")
+    try:
+        out = httpx.post(url + "/v1/completions", json={"model": str(folder), "prompt": "abc", "max_tokens": 8,
+                                                        "temperature": 0}, timeout=60).json()
+        assert out["choices"][0]["text"] == text_of(greedy(TOKENIZER("abc")["input_ids"], 8))
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, "".join(lines)
+        assert not any("failed" in line for line in lines), "".join(lines)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -10,8 +10,8 @@ Modules: ``protocol`` (request bodies and the error object, strictly typed), ``c
 ``models``, ``health`` (the endpoints), ``serving`` (one generation request, answered whole or streamed),
 ``handle`` (a request's life: admission, outputs, text, latency, release), ``loop`` (the engine's thread),
 ``stream`` (detokenization with stop strings), ``metrics``, ``errors`` (OpenAI's error object for every
-failure), ``middleware`` (the body limit), ``config``, ``context``, ``app`` (``create_app``) and ``run``
-(uvicorn: ``serve``, ``InProcessServer``).
+failure), ``middleware`` (the body limit), ``config``, ``context``, ``app`` (``create_app``), ``run``
+(uvicorn: ``serve``, ``InProcessServer``) and ``ranks`` (the server over tensor-parallel ranks).
 """
 
 from specdec.server.app import create_app

@@ -11,6 +11,8 @@ from specdec.engine import Engine, RequestParams
 from specdec.server.errors import ApiError, shutting_down
 from specdec.server.metrics import Metrics
 
+IDLE_WAIT = 0.1  # seconds the loop sleeps while it has nothing to run (woken early by a request)
+
 
 class EngineLoop:
     """Owns the engine and drives it from one thread; everything else talks to it through ``submit``/``abort``.
@@ -25,11 +27,19 @@ class EngineLoop:
     holds more workers than CPUs it stops letting them spin between parallel regions — every matmul then
     waits for a sleeping worker to wake. Measured on a 2-core CPU, SmolLM2-135M float32: an engine step
     takes 38-48 ms on the main thread and 69-114 ms on a second thread after the main one has run the model.
+
+    Under tensor parallelism (``group``: an EngineGroup over ``engine``, specdec/parallel.py) requests go
+    through the group, which hands them to every rank at its next step; while idle the loop sends the group a
+    heartbeat every IDLE_WAIT seconds. A failed step or heartbeat leaves the ranks out of step: the requests in
+    flight end with a 500, and the loop stops with the error in ``failure``.
     """
 
-    def __init__(self, engine: Engine, metrics: Metrics | None = None):
+    def __init__(self, engine: Engine, metrics: Metrics | None = None, group=None):
         self.engine = engine
         self.metrics = metrics
+        self.group = group
+        self._driver = engine if group is None else group  # what requests, aborts and steps go through
+        self.failure: Exception | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._sinks: dict[str, Any] = {}
@@ -66,7 +76,7 @@ class EngineLoop:
             if item[0] == "add":
                 _, request_id, prompt_ids, params, sink = item
                 try:
-                    self.engine.add_request(prompt_ids, params, request_id)
+                    self._driver.add_request(prompt_ids, params, request_id)
                 except ValueError as err:  # validated before submission; a late refusal still reaches the client
                     sink(ApiError(400, str(err)))
                     continue
@@ -78,26 +88,23 @@ class EngineLoop:
                     self.metrics.prompt.inc(len(prompt_ids))
             else:  # ("abort", request_id, reason): "stop" when a stop string ended it, else "abort"
                 _, request_id, reason = item
-                if self.engine.abort(request_id) and self.metrics is not None:
+                if self._driver.abort(request_id) and self.metrics is not None:
                     self.metrics.finished.labels(finish_reason=reason).inc()
                 self._sinks.pop(request_id, None)
 
     def run(self) -> None:
         while not self._stopping:
             self._drain()
-            if not self.engine.has_unfinished():
+            if not self._driver.has_unfinished():
                 if self.metrics is not None:  # aborts and finishes change the gauges too
                     self.metrics.gauges(self.engine)
-                self._wake.wait(0.1)
+                self._wake.wait(IDLE_WAIT)
                 self._wake.clear()
+                if self.group is not None and not self._stopping:
+                    self._guarded(self.group.idle)
                 continue
-            try:
-                outputs = self.engine.step()
-            except Exception as err:  # noqa: BLE001 - a failed step fails its requests, not the server
-                for request_id, sink in list(self._sinks.items()):  # (the server's fault, not the requests')
-                    self.engine.abort(request_id)
-                    sink(ApiError(500, f"generation failed: {err}", type="server_error"))
-                self._sinks.clear()
+            outputs = self._guarded(self._driver.step)
+            if outputs is None:
                 continue
             if self.metrics is not None:
                 self.metrics.after_step(self.engine)
@@ -111,7 +118,24 @@ class EngineLoop:
                         self.metrics.finished.labels(finish_reason=out.finish_reason).inc()
         # shutting down: whatever is left is aborted, its blocks freed
         self._drain()
+        self._fail_all(shutting_down())
+
+    def _guarded(self, call):
+        """``call()``; if it raises, every request in flight ends with a 500 (the server's fault, not the
+        requests') and None is returned; a group's failure also stops the loop."""
+        try:
+            return call()
+        except Exception as err:  # noqa: BLE001 - a failed step fails its requests, not the server
+            if self.group is not None:
+                self.failure, self._stopping = err, True
+                message = f"tensor-parallel group failed: {type(err).__name__}: {err}"
+            else:
+                message = f"generation failed: {err}"
+            self._fail_all(ApiError(500, message, type="server_error"))
+            return None
+
+    def _fail_all(self, error: ApiError) -> None:
         for request_id, sink in list(self._sinks.items()):
-            self.engine.abort(request_id)
-            sink(shutting_down())
+            self._driver.abort(request_id)
+            sink(error)
         self._sinks.clear()

@@ -10,6 +10,7 @@ import asyncio
 import functools
 import signal
 import socket
+import sys
 import threading
 import time
 
@@ -24,6 +25,7 @@ from specdec.server.app import create_app
 from specdec.server.config import ServerConfig
 from specdec.server.loop import EngineLoop
 from specdec.server.metrics import Metrics
+from specdec.validate import integer
 
 DRAIN_SECONDS = 2.0  # after the grace period: for the requests ended then to send their error and close
 
@@ -128,21 +130,37 @@ class InProcessServer:
 def serve(model: str, draft: str | None = "ngram", host: str = "127.0.0.1", port: int = 8000, *,
           num_draft_tokens="auto", max_num_seqs: int = 32, kv_blocks: int | None = None, block_size: int = 16,
           max_queued: int = 64, dtype: str | None = None, quantize: str | None = None, activations: str = "int8",
-          grace_seconds: float = 10.0) -> int:
+          grace_seconds: float = 10.0, tensor_parallel: int = 1) -> int:
     """Load the model (and draft), build the engine, and serve until SIGINT/SIGTERM.
 
     On SIGTERM the server stops accepting connections and lets running requests finish for ``grace_seconds``;
     those still running then end with a 503 error (their requests aborted, their blocks freed), and the
-    process exits 0.
+    process exits 0. ``tensor_parallel`` > 1: the target split over that many processes (server/ranks.py).
     """
-    target, tokenizer = specdec.load(model, dtype=dtype, quantize=quantize, activations=activations)
-    draft_model = None if draft is None else load_draft(draft, dtype)
-    engine = Engine(target, draft_model, num_draft_tokens=num_draft_tokens if draft else 1, max_num_seqs=max_num_seqs,
-                    kv_blocks=kv_blocks, block_size=block_size, tokenizer=tokenizer)
+    build = dict(model=model, draft=draft, num_draft_tokens=num_draft_tokens, max_num_seqs=max_num_seqs,
+                 kv_blocks=kv_blocks, block_size=block_size, dtype=dtype, quantize=quantize, activations=activations)
+    config = ServerConfig(model_name=model, max_queued=max_queued)
+    if integer("tensor_parallel", tensor_parallel, 1) > 1:
+        from specdec.server.ranks import serve_ranks
+
+        return serve_ranks(tensor_parallel, build, config, grace_seconds, host=host, port=port)
+    engine, tokenizer = build_engine(**build)
     worker = EngineLoop(engine, Metrics())
-    app = create_app(engine, tokenizer, ServerConfig(model_name=model, max_queued=max_queued), worker=worker)
-    server = Server(app, grace_seconds, host=host, port=port)
-    return _run(server, worker)
+    return _run(Server(create_app(engine, tokenizer, config, worker=worker), grace_seconds, host=host, port=port),
+                worker)
+
+
+def build_engine(model: str, draft: str | None, *, num_draft_tokens, max_num_seqs: int, kv_blocks: int | None,
+                 block_size: int, dtype: str | None, quantize: str | None, activations: str, split=None,
+                 seed: int | None = None) -> tuple[Engine, object]:
+    """The served engine (its target, ``split(target)`` first where given: a tensor-parallel rank's share; its
+    draft) and the target's tokenizer."""
+    target, tokenizer = specdec.load(model, dtype=dtype, quantize=quantize, activations=activations)
+    if split is not None:
+        split(target)
+    draft_model = None if draft is None else load_draft(draft, dtype)
+    return Engine(target, draft_model, num_draft_tokens=num_draft_tokens if draft else 1, max_num_seqs=max_num_seqs,
+                  kv_blocks=kv_blocks, block_size=block_size, tokenizer=tokenizer, seed=seed), tokenizer
 
 
 def _run(server: Server, worker: EngineLoop) -> int:
@@ -164,8 +182,14 @@ def _run(server: Server, worker: EngineLoop) -> int:
     try:
         thread.start()
         worker.run()
+        if worker.failure is not None:  # (its requests have their 500 already)
+            server.should_exit = True
         thread.join()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if worker.failure is not None:
+        print(f"specdec serve: stopped: tensor-parallel group failed: {type(worker.failure).__name__}: "
+              f"{worker.failure}", file=sys.stderr, flush=True)
+        return 1
     return 0 if server.started else 1  # never started: the port was taken, uvicorn said why
