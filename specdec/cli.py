@@ -230,7 +230,8 @@ def _serve(args) -> int:
     return serve(args.model, _draft_name(args.model, args.draft), host=args.host, port=args.port, num_draft_tokens=k,
                  max_num_seqs=args.max_num_seqs, kv_blocks=args.kv_blocks, block_size=args.block_size,
                  max_queued=args.max_queued, dtype=args.dtype, quantize=args.quantize,
-                 activations=args.activations, grace_seconds=args.grace, tensor_parallel=args.tensor_parallel)
+                 activations=args.activations, grace_seconds=args.grace, tensor_parallel=args.tensor_parallel,
+                 replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas)
 
 
 def _target_arguments(parser) -> None:
@@ -333,6 +334,10 @@ def _serve_parser(sub) -> None:
     srv.add_argument("--grace", type=float, default=10.0, help="seconds running requests get after SIGTERM")
     srv.add_argument("--tensor-parallel", type=int, default=1, dest="tensor_parallel",
                      help="split the target over this many processes (gloo; this process is rank 0 and serves)")
+    srv.add_argument("--replicas", type=int, default=1,
+                     help="engine replicas behind Ray Serve's HTTP proxy (each a process with its own engine)")
+    srv.add_argument("--min-replicas", type=int, dest="min_replicas", help="Ray Serve autoscaling: fewest replicas")
+    srv.add_argument("--max-replicas", type=int, dest="max_replicas", help="Ray Serve autoscaling: most replicas")
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="specdec", description="Speculative decoding, lossless and fast.")

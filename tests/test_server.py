@@ -527,7 +527,7 @@ def _tiny_folder(tmp_path):
     return folder
 
 
-def _start_serve(folder, *flags) -> tuple[subprocess.Popen, str, list[str]]:
+def _start_serve(folder, *flags, start_timeout: float = 120) -> tuple[subprocess.Popen, str, list[str]]:
     """`specdec serve` on the tiny model as a subprocess on a free loopback port, up (GET /health 200); its
     output lines are collected by a thread into the returned list."""
     sock = socket.socket()
@@ -541,7 +541,7 @@ def _start_serve(folder, *flags) -> tuple[subprocess.Popen, str, list[str]]:
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + start_timeout
     while True:
         assert proc.poll() is None, "".join(lines)
         try:

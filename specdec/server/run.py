@@ -130,17 +130,27 @@ class InProcessServer:
 def serve(model: str, draft: str | None = "ngram", host: str = "127.0.0.1", port: int = 8000, *,
           num_draft_tokens="auto", max_num_seqs: int = 32, kv_blocks: int | None = None, block_size: int = 16,
           max_queued: int = 64, dtype: str | None = None, quantize: str | None = None, activations: str = "int8",
-          grace_seconds: float = 10.0, tensor_parallel: int = 1) -> int:
+          grace_seconds: float = 10.0, tensor_parallel: int = 1, replicas: int = 1,
+          min_replicas: int | None = None, max_replicas: int | None = None) -> int:
     """Load the model (and draft), build the engine, and serve until SIGINT/SIGTERM.
 
     On SIGTERM the server stops accepting connections and lets running requests finish for ``grace_seconds``;
     those still running then end with a 503 error (their requests aborted, their blocks freed), and the
     process exits 0. ``tensor_parallel`` > 1: the target split over that many processes (server/ranks.py).
+    ``replicas`` > 1, or ``min_replicas`` / ``max_replicas`` (Ray Serve's autoscaling bounds): engine replicas
+    behind Ray Serve's proxy (server/replicas.py).
     """
     build = dict(model=model, draft=draft, num_draft_tokens=num_draft_tokens, max_num_seqs=max_num_seqs,
                  kv_blocks=kv_blocks, block_size=block_size, dtype=dtype, quantize=quantize, activations=activations)
     config = ServerConfig(model_name=model, max_queued=max_queued)
-    if integer("tensor_parallel", tensor_parallel, 1) > 1:
+    autoscaling = _autoscaling(replicas, min_replicas, max_replicas)
+    if integer("tensor_parallel", tensor_parallel, 1) > 1 and (replicas > 1 or autoscaling):
+        raise ValueError(f"tensor_parallel={tensor_parallel} with replicas={replicas}: serve one or the other")
+    if replicas > 1 or autoscaling:
+        from specdec.server.replicas import serve_replicas
+
+        return serve_replicas(replicas, build, config, grace_seconds, host, port, autoscaling)
+    if tensor_parallel > 1:
         from specdec.server.ranks import serve_ranks
 
         return serve_ranks(tensor_parallel, build, config, grace_seconds, host=host, port=port)
@@ -148,6 +158,19 @@ def serve(model: str, draft: str | None = "ngram", host: str = "127.0.0.1", port
     worker = EngineLoop(engine, Metrics())
     return _run(Server(create_app(engine, tokenizer, config, worker=worker), grace_seconds, host=host, port=port),
                 worker)
+
+
+def _autoscaling(replicas: int, min_replicas: int | None, max_replicas: int | None) -> dict | None:
+    """Ray Serve's autoscaling bounds, checked (None: a fixed number of replicas)."""
+    integer("replicas", replicas, 1)
+    if min_replicas is None and max_replicas is None:
+        return None
+    low = integer("min_replicas", min_replicas if min_replicas is not None else 1, 0)
+    high = integer("max_replicas", max_replicas if max_replicas is not None else max(replicas, low), 1)
+    if not low <= replicas <= high:
+        raise ValueError(f"replicas must lie within min_replicas..max_replicas, got replicas={replicas}, "
+                         f"min_replicas={low}, max_replicas={high}")
+    return {"min_replicas": low, "max_replicas": high}
 
 
 def build_engine(model: str, draft: str | None, *, num_draft_tokens, max_num_seqs: int, kv_blocks: int | None,
