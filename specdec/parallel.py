@@ -4,9 +4,12 @@ Megatron's split: attention by heads (q, k and v column-parallel, each rank its 
 heads; o_proj row-parallel over those heads' columns), the MLP by columns (gate and up) then rows (down), and one
 all-reduce after each row-parallel layer, which ``ShardRunner.linear`` adds (the model's forward is unchanged:
 kernels/runner.py). The KV cache and the paged pool shard with the heads (each rank's cache holds its own heads).
-The embedding, the norms and the output layer stay whole on every rank: every rank then holds the same logits
-and, running the same decoding with the same seeded generator, makes the same decisions, drafts and rollbacks
-included (a draft runs whole on every rank).
+The output layer splits by vocabulary, each rank its rows, and an all-gather gives every rank all the logits
+(SmolLM2's, 2 gloo ranks on a 2-core CPU: 7.1-7.5 ms a call at batch 1 against 11.7-12.2 ms for the whole
+layer on each rank; bench/tensor_parallel.py); the embedding (one row read a token) and the norms stay whole. Every rank then holds
+the same logits and, running the same decoding with the same seeded generator, makes the same decisions, drafts
+and rollbacks included: a draft runs whole on every rank, which sends nothing (proposals broadcast from rank 0
+would cost ~0.15 ms a step for the tokens and, for sampling, 0.4-2.7 ms for their probabilities).
 
     torch.distributed.init_process_group("gloo")          # or "nccl"; one process per rank
     model, tokenizer = specdec.load(name)                 # the same weights on every rank
@@ -26,16 +29,20 @@ from specdec.kernels.runner import TorchRunner
 
 
 class ShardRunner(TorchRunner):
-    """The torch runner with the all-reduce a row-parallel layer needs: each rank's output of such a layer is
-    its share of the sum, which the all-reduce completes before the residual is added (once, not per rank).
+    """The torch runner with the collectives a split model needs: each rank's output of a row-parallel layer is
+    its share of the sum, which an all-reduce completes before the residual is added (once, not per rank); the
+    output layer's is its share of the vocabulary, which an all-gather completes (every rank then holds all the
+    logits, the same bits on every rank).
 
     rows    the row-parallel layers (o_proj, down_proj of every decoder layer)
+    output  the output layer, this rank's rows of it (``share(vocab_size, rank, world)``)
+    vocab   the whole vocabulary's size
     group   the process group (None: the default one)
     """
 
-    def __init__(self, device: str, rows: list, group=None):
+    def __init__(self, device: str, rows: list, output=None, vocab: int = 0, group=None):
         super().__init__(device)
-        self.rows, self.group = {id(layer) for layer in rows}, group
+        self.rows, self.output, self.vocab, self.group = {id(layer) for layer in rows}, output, vocab, group
 
     def agree(self, value: int) -> int:
         """Rank 0's ``value`` on every rank: decisions made from timings (a round's k under "auto") differ
@@ -45,11 +52,23 @@ class ShardRunner(TorchRunner):
         return int(shared)
 
     def linear(self, layer, x, norm=None, gated: bool = False, residual=None):
+        if layer is self.output:
+            return self._gather(super().linear(layer, x, norm=norm))
         if id(layer) not in self.rows:
             return super().linear(layer, x, norm=norm, gated=gated, residual=residual)
         y = super().linear(layer, x, norm=norm, gated=gated)  # [..., out]: this rank's share of the sum
         dist.all_reduce(y, group=self.group)
         return y if residual is None else residual + y
+
+    def _gather(self, y):
+        """[..., this rank's share of the vocabulary] -> [..., vocab] on every rank (shares padded to the
+        largest: gloo gathers tensors of one size)."""
+        world = dist.get_world_size(self.group)
+        widest = -(-self.vocab // world)
+        padded = torch.nn.functional.pad(y, (0, widest - y.shape[-1]))
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded.contiguous(), group=self.group)
+        return torch.cat([p[..., : _size(share(self.vocab, r, world))] for r, p in enumerate(parts)], dim=-1)
 
 
 def shard(model, group=None):
@@ -75,9 +94,18 @@ def shard(model, group=None):
         for layer in layers:
             _shard_attention(layer.self_attn, rank, world)
             _shard_mlp(layer.mlp, rank, world)
+        vocab = share(model.vocab_size, rank, world)
+        output = torch.nn.Linear(model.lm_head.in_features, _size(vocab), bias=False, device=model.device,
+                                 dtype=model.lm_head.weight.dtype)
+        output.weight.copy_(model.lm_head.weight[vocab])  # (a tied embedding stays whole)
+        model.lm_head = output
     rows = [m for layer in layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
-    model.runner = ShardRunner(model.device.type, rows, group)
+    model.runner = ShardRunner(model.device.type, rows, model.lm_head, model.vocab_size, group)
     return model
+
+
+def _size(part: slice) -> int:
+    return part.stop - part.start
 
 
 def share(count: int, rank: int, world: int) -> slice:
