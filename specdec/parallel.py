@@ -6,10 +6,11 @@ all-reduce after each row-parallel layer, which ``ShardRunner.linear`` adds (the
 kernels/runner.py). The KV cache and the paged pool shard with the heads (each rank's cache holds its own heads).
 The output layer splits by vocabulary, each rank its rows, and an all-gather gives every rank all the logits
 (SmolLM2's, 2 gloo ranks on a 2-core CPU: 7.1-7.5 ms a call at batch 1 against 11.7-12.2 ms for the whole
-layer on each rank; bench/tensor_parallel.py); the embedding (one row read a token) and the norms stay whole. Every rank then holds
-the same logits and, running the same decoding with the same seeded generator, makes the same decisions, drafts
-and rollbacks included: a draft runs whole on every rank, which sends nothing (proposals broadcast from rank 0
-would cost ~0.15 ms a step for the tokens and, for sampling, 0.4-2.7 ms for their probabilities).
+layer on each rank; bench/tensor_parallel.py); the embedding (one row read a token) and the norms stay whole.
+Every rank then holds the same logits and, running the same decoding with the same seeded generator, makes the
+same decisions, drafts and rollbacks included: a draft runs whole on every rank, which sends nothing (proposals
+broadcast from rank 0 would cost ~0.15 ms a step for the tokens and, for sampling, 0.4-2.7 ms for their
+probabilities).
 
     torch.distributed.init_process_group("gloo")          # or "nccl"; one process per rank
     model, tokenizer = specdec.load(name)                 # the same weights on every rank

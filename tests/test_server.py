@@ -6,6 +6,7 @@ character-level tokenizer, so every output can be checked exactly against specde
 
 import asyncio
 import json
+import re
 import os
 import signal
 import socket
@@ -941,3 +942,39 @@ def test_penalties_and_logit_bias_are_openais(server):
                                              frequency_penalty=0.7, presence_penalty=1.5,
                                              logit_bias={str(banned): -100})
     assert out.choices[0].text == text_of(want) and banned not in want
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    (dict(replicas=0), "replicas"), (dict(tensor_parallel=0), "tensor_parallel"),
+    (dict(tensor_parallel=2, replicas=2), "tensor_parallel=2 with replicas=2"),
+    (dict(replicas=3, max_replicas=2), "replicas must lie within"), (dict(min_replicas=-1), "min_replicas"),
+])
+def test_scale_out_settings_are_refused_before_anything_loads(kwargs, named):
+    from specdec.server import serve
+
+    with pytest.raises(ValueError, match=re.escape(named)):
+        serve("no-such-model", None, **kwargs)
+
+
+def test_replica_metrics_merge_into_one_exposition_labelled_by_replica():
+    """GET /metrics under --replicas: every family once, each sample with its replica's label, and an info
+    sample naming each replica's process (specdec/server/replicas.py)."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from specdec.server import Metrics
+    from specdec.server.replicas import merge_metrics
+
+    a, b = Metrics(), Metrics()
+    a.generated.inc(3)
+    b.generated.inc(5)
+    b.finished.labels(finish_reason="stop").inc()
+    text = merge_metrics([("r1", 11, generate_latest(a.registry).decode()),
+                          ("r2", 12, generate_latest(b.registry).decode())]).decode()
+    families = list(text_string_to_metric_families(text))
+    assert len({f.name for f in families}) == len(families)  # each family once
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+    assert samples[("specdec_generation_tokens_total", (("replica", "r1"),))] == 3
+    assert samples[("specdec_generation_tokens_total", (("replica", "r2"),))] == 5
+    assert samples[("specdec_requests_finished_total", (("finish_reason", "stop"), ("replica", "r2")))] == 1
+    assert samples[("specdec_replica_info", (("pid", "12"), ("replica", "r2")))] == 1

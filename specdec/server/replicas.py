@@ -82,12 +82,13 @@ def application(build: dict, config: ServerConfig, replicas: int = 1, *, autosca
                 cpus_per_replica: float | None = None, grace_seconds: float = 10.0, max_num_seqs: int = 32):
     """The Ray Serve application: ``replicas`` engine replicas (``build``: ``build_engine``'s arguments), or
     Ray Serve's autoscaling between ``autoscaling["min_replicas"]`` and ``["max_replicas"]`` (its other keys
-    passed through); each replica reserves ``cpus_per_replica`` of Ray's CPUs and runs torch on as many
-    threads (default: the machine's cores shared among the most replicas there can be)."""
+    passed through); each replica reserves ``cpus_per_replica`` of Ray's CPUs (default: the machine's cores
+    shared among the most replicas there can be, a fraction where they are more) and runs torch on as many
+    threads (one at least)."""
     from ray import serve
 
     most = (autoscaling or {}).get("max_replicas", replicas)
-    cpus = cpus_per_replica if cpus_per_replica is not None else max(1.0, (os.cpu_count() or 1) / most)
+    cpus = cpus_per_replica if cpus_per_replica is not None else (os.cpu_count() or 1) / most
     options = dict(ray_actor_options={"num_cpus": cpus}, graceful_shutdown_timeout_s=grace_seconds,
                    max_ongoing_requests=max_num_seqs + config.max_queued)
     if autoscaling:

@@ -20,7 +20,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import specdec
 from specdec.engine import Engine
-from specdec.models.loading import load_draft
+from specdec.models.loading import checkpoint_folder, load_draft
 from specdec.server.app import create_app
 from specdec.server.config import ServerConfig
 from specdec.server.loop import EngineLoop
@@ -148,6 +148,8 @@ def serve(model: str, draft: str | None = "ngram", host: str = "127.0.0.1", port
         raise ValueError(f"tensor_parallel={tensor_parallel} with replicas={replicas}: serve one or the other")
     if replicas > 1 or autoscaling:
         from specdec.server.replicas import serve_replicas
+
+        checkpoint_folder(model)  # a missing model is refused here, a GGUF converted once, before any replica starts
 
         return serve_replicas(replicas, build, config, grace_seconds, host, port, autoscaling)
     if tensor_parallel > 1:
