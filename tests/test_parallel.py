@@ -200,9 +200,10 @@ def _drive(group, is_rank0: bool) -> dict:
 def _engine(target, seed: int = 0):
     from specdec.engine import Engine
 
-    # a pool of 8 blocks of 4 holds the longest request (27 positions) but not the others beside it: the younger
-    # ones are preempted
-    return Engine(target, "ngram", num_draft_tokens="auto", max_num_seqs=4, kv_blocks=8, block_size=4, seed=seed)
+    # a pool of 7 blocks of 4 (28 positions) holds the longest request (27) but not the three that run together
+    # from step 2 (their prompts and outputs need 21 + 14 + 24 positions): the younger ones are preempted, at
+    # whatever k "auto" picks (8 blocks let them through without a preemption when "auto" drafted little)
+    return Engine(target, "ngram", num_draft_tokens="auto", max_num_seqs=4, kv_blocks=7, block_size=4, seed=seed)
 
 
 def _engine_rank(rank: int, world: int, port: int, results) -> None:
