@@ -313,6 +313,11 @@ class Engine:
         return request_id in self._ids
 
     @property
+    def draft_seed(self) -> int:
+        """The seed of the generator that samples drafts (``seed``, or the random one drawn for None)."""
+        return self._draft_generator.initial_seed()
+
+    @property
     def num_running(self) -> int:
         return len(self._running)
 

@@ -164,7 +164,7 @@ class EngineGroup:
     """
 
     def __init__(self, engine, group=None):
-        seed = engine._draft_generator.initial_seed()
+        seed = engine.draft_seed
         differs = torch.tensor([int(seed != _agreed_seed(seed, group, engine.target.device))],
                                device=engine.target.device)
         dist.all_reduce(differs, op=dist.ReduceOp.MAX, group=group)  # (refused on every rank alike)
@@ -172,6 +172,7 @@ class EngineGroup:
             raise ValueError("engine: the ranks' engines sample drafts with different generators; build each with "
                              "the same Engine(seed=)")
         self.engine, self.group, self.pending = engine, group, []
+        self.named = 0  # requests named here (those added without an id: "req-0", "req-1", ...)
 
     def add_request(self, prompt_ids, params=None, request_id: str | None = None) -> str:
         """Rank 0: queue a request (checked now; it joins every rank's engine at the next step)."""
@@ -180,7 +181,8 @@ class EngineGroup:
         prompt_ids, params = self.engine.check_request(prompt_ids, params)
         if params.temperature != 0 and params.seed is None:  # (every rank must draw the same numbers)
             params = replace(params, seed=int(torch.randint(0, 2**63 - 1, ())))
-        request_id = request_id if request_id is not None else f"req-{self.engine._arrivals + len(self.pending)}"
+        if request_id is None:
+            request_id, self.named = f"req-{self.named}", self.named + 1
         self.pending.append(("add", prompt_ids, params, request_id))
         return request_id
 
