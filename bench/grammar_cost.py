@@ -21,7 +21,7 @@ import specdec
 import specdec.grammar as grammar
 import specdec.processing as processing
 from specdec.models.gguf import keep_blocks
-from specdec.models.loading import _source
+from specdec.models.loading import source_path
 
 MODEL, HEAD = "smollm2-135m-instruct", "smollm2-135m-instruct-head"
 
@@ -69,7 +69,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     model, tokenizer = specdec.load(MODEL)
-    keep_blocks(model, _source(MODEL), "int8")
+    keep_blocks(model, source_path(MODEL), "int8")
     head, _ = specdec.load(HEAD, quantize="int8")
     print(machine())
     print("| schema | draft | new tokens | grammar ms/token | decode ms/token | grammar share |")

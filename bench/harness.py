@@ -490,9 +490,9 @@ class Bench:
 # ---------------------------------------------------------------------------------------------- output
 
 def _llama_cpp(config: BenchConfig) -> dict:
-    from specdec.models.loading import _source
+    from specdec.models.loading import source_path
 
-    source = _source(config.model)
+    source = source_path(config.model)
     if source.suffix != ".gguf":
         return {"skipped": f"model={config.model!r} is not a .gguf file"}
     return llama_cpp.measure(source, config.max_new_tokens, torch.get_num_threads())
@@ -748,10 +748,10 @@ def with_weights(native, config: BenchConfig):
     and "int4" quantize the float weights (per channel; groups of 32, symmetric). The transformers methods keep
     the float model: they are the float baseline."""
     from specdec.models.gguf import keep_blocks
-    from specdec.models.loading import _source
+    from specdec.models.loading import source_path
 
     if config.weights == "gguf":
-        source = _source(config.model)
+        source = source_path(config.model)
         if source.suffix != ".gguf":
             raise ValueError(f"weights='gguf' needs a .gguf model, got model={config.model!r}")
         keep_blocks(native, source, config.activations)

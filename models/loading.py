@@ -227,7 +227,7 @@ def load(name_or_path, dtype=None, device=None, quantize=None, group_size=..., z
         model = DraftHead.load(folder, dtype=dtype, device=device)
     else:
         model = load_checkpoint(folder, dtype=dtype, device=device)
-        source = _source(name_or_path)
+        source = source_path(name_or_path)
         if (source.suffix == ".gguf" and dtype is None and quantize is None and isinstance(model, LlamaModel)
                 and model.device.type == "cpu"):
             keep_blocks(model, source, activations)
@@ -269,7 +269,7 @@ def load_draft(name_or_path, target_dtype=None, device=None):
     return load_checkpoint(folder, dtype=target_dtype, device=device)  # (a draft needs no tokenizer of its own)
 
 
-def _source(name_or_path) -> Path:
+def source_path(name_or_path) -> Path:
     """The file or folder behind a registered name or a path."""
     return REGISTRY[name_or_path]() if name_or_path in REGISTRY else Path(name_or_path)
 
@@ -277,7 +277,7 @@ def _source(name_or_path) -> Path:
 def checkpoint_folder(name_or_path, argument: str = "name_or_path") -> Path:
     """The transformers checkpoint folder behind a registered name, a folder, or a .gguf file (dequantized
     into the cache on first use). ``argument`` names the caller's parameter in error messages."""
-    path = _source(name_or_path)
+    path = source_path(name_or_path)
     if not path.exists():
         raise FileNotFoundError(f"{argument}={str(name_or_path)!r}: no such file or folder, and not a "
                                 f"registered name (registered: {sorted(REGISTRY)})")

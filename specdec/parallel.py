@@ -160,7 +160,9 @@ class EngineGroup:
     next step: that step begins with one broadcast of what rank 0 was asked since the last one, every rank
     applies it to its engine, and the engines, fed alike, schedule, preempt and decide alike (a round's k is
     rank 0's: ``runner.agree``; a sampled request without a seed gets one from rank 0, and the engine's own
-    draft generator must be seeded: ``Engine(seed=)``). ``step`` returns the engine's outputs on every rank.
+    draft generator must be seeded: ``Engine(seed=)``). ``step`` returns the engine's outputs on every rank; a
+    request that every engine refused as it joined (its grammar's matcher failing to build) is left out on every
+    rank and named, with the error, in ``refused``.
     """
 
     def __init__(self, engine, group=None):
@@ -173,6 +175,7 @@ class EngineGroup:
                              "the same Engine(seed=)")
         self.engine, self.group, self.pending = engine, group, []
         self.named = 0  # requests named here (those added without an id: "req-0", "req-1", ...)
+        self.refused: dict[str, Exception] = {}  # requests the engines refused as they joined, and why
 
     def add_request(self, prompt_ids, params=None, request_id: str | None = None) -> str:
         """Rank 0: queue a request (checked now; it joins every rank's engine at the next step)."""
@@ -227,7 +230,10 @@ class EngineGroup:
         events, action = message[0]
         for event in events:
             if event[0] == "add":
-                self.engine.add_request(event[1], event[2], event[3])
+                try:
+                    self.engine.add_request(event[1], event[2], event[3])
+                except Exception as err:  # noqa: BLE001 - every rank refuses it alike (a grammar's matcher
+                    self.refused[event[3]] = err  # failing to build): the request's error, not the group's
             else:
                 self.engine.abort(event[1])
         return action

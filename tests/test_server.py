@@ -583,8 +583,9 @@ def test_sigterm_stops_accepting_finishes_running_requests_and_exits_0(tmp_path)
 def test_tensor_parallel_serve_answers_as_one_process_and_a_dead_rank_stops_it_loudly(tmp_path):
     """`specdec serve --tensor-parallel 2` (rank 0 serves, rank 1 spawned by it; n-gram drafts, "auto" k):
     concurrent greedy requests from the openai client, streamed and whole, answer exactly as single-process
-    generate; an idle pause (heartbeats) changes nothing; then rank 1, killed by its PID, stops the server
-    within seconds with exit code 1 and the reason in its log (no hang)."""
+    generate; an idle pause (heartbeats) changes nothing; then rank 1, killed by its PID while a request streams,
+    ends that request with a 500 error event and stops the server within seconds with exit code 1 and the
+    reason in its log (no hang)."""
     folder = _tiny_folder(tmp_path)
     proc, url, lines = _start_serve(folder, "--tensor-parallel", "2", "--draft", "ngram")
     try:
@@ -612,10 +613,30 @@ def test_tensor_parallel_serve_answers_as_one_process_and_a_dead_rank_stops_it_l
                 assert text == text_of(greedy(TOKENIZER(prompt)["input_ids"], 24)), (prompt, text)
         pids = [int(line.rsplit(" ", 1)[1]) for line in lines if "tensor-parallel rank 1 of 2: pid" in line]
         assert len(pids) == 1, "".join(lines)
-        os.kill(pids[0], signal.SIGKILL)
+        body = {"model": str(folder), "prompt": "abc", "max_tokens": 400, "temperature": 0, "stream": True}
+        with httpx.Client(timeout=60) as http, http.stream("POST", url + "/v1/completions", json=body) as response:
+            events = response.iter_lines()
+            assert next(events).startswith("data: {")  # generating: now rank 1 dies
+            os.kill(pids[0], signal.SIGKILL)
+            rest = list(events)
+        errors = [json.loads(e[6:])["error"] for e in rest if e.startswith("data: {") and '"error"' in e]
+        assert errors and "tensor-parallel group failed" in errors[0]["message"], rest[-3:]
         assert proc.wait(timeout=60) == 1
         time.sleep(0.2)  # (the reader thread's last lines)
         assert any("stopped: tensor-parallel group failed" in line for line in lines), "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_tensor_parallel_serve_finds_a_rank_dead_while_idle(tmp_path):
+    """No request in flight: the idle heartbeat finds rank 1 gone, and the server exits 1 within seconds."""
+    proc, url, lines = _start_serve(_tiny_folder(tmp_path), "--tensor-parallel", "2", "--draft", "none")
+    try:
+        pid = next(int(line.rsplit(" ", 1)[1]) for line in lines if "tensor-parallel rank 1 of 2: pid" in line)
+        os.kill(pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == 1
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -948,6 +969,7 @@ def test_penalties_and_logit_bias_are_openais(server):
     (dict(replicas=0), "replicas"), (dict(tensor_parallel=0), "tensor_parallel"),
     (dict(tensor_parallel=2, replicas=2), "tensor_parallel=2 with replicas=2"),
     (dict(replicas=3, max_replicas=2), "replicas must lie within"), (dict(min_replicas=-1), "min_replicas"),
+    (dict(tensor_parallel=2, quantize="int8"), "quantize='int8' is not supported"),
 ])
 def test_scale_out_settings_are_refused_before_anything_loads(kwargs, named):
     from specdec.server import serve

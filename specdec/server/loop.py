@@ -81,7 +81,7 @@ class EngineLoop:
                     sink(ApiError(400, str(err)))
                     continue
                 except Exception as err:  # (a grammar's matcher failing to build): this request's, not the loop's
-                    sink(ApiError(500, f"request failed: {type(err).__name__}: {err}", type="server_error"))
+                    sink(_failed(err))
                     continue
                 self._sinks[request_id] = sink
                 if self.metrics is not None:
@@ -102,8 +102,11 @@ class EngineLoop:
                 self._wake.clear()
                 if self.group is not None and not self._stopping:
                     self._guarded(self.group.idle)
+                    self._refused()
                 continue
             outputs = self._guarded(self._driver.step)
+            if self.group is not None:
+                self._refused()
             if outputs is None:
                 continue
             if self.metrics is not None:
@@ -134,8 +137,21 @@ class EngineLoop:
             self._fail_all(ApiError(500, message, type="server_error"))
             return None
 
+    def _refused(self) -> None:
+        """A group's requests that the engines refused as they joined: each its 500, as _drain gives one."""
+        while self.group.refused:
+            request_id, err = self.group.refused.popitem()
+            sink = self._sinks.pop(request_id, None)
+            if sink is not None:
+                sink(_failed(err))
+
     def _fail_all(self, error: ApiError) -> None:
         for request_id, sink in list(self._sinks.items()):
             self._driver.abort(request_id)
             sink(error)
         self._sinks.clear()
+
+
+def _failed(err: Exception) -> ApiError:
+    """The 500 of a request the engine could not take."""
+    return ApiError(500, f"request failed: {type(err).__name__}: {err}", type="server_error")

@@ -1,8 +1,8 @@
 """``specdec serve --tensor-parallel N``: the server on rank 0 of N processes that split the target.
 
 The serving process is rank 0. It spawns ranks 1..N-1 (multiprocessing's spawn start method), and every rank
-joins one process group on a free loopback port (gloo on CPUs, NCCL on GPUs with one device a rank), loads the
-target, keeps its share (``specdec.parallel.shard``) and builds the same engine with the same draft seed.
+joins one gloo process group on a free loopback port (on the CPU, where ``specdec serve`` runs its model),
+loads the target, keeps its share (``specdec.parallel.shard``) and builds the same engine with the same draft seed.
 Rank 0 serves HTTP and drives an ``EngineGroup``: each step, and a heartbeat every 0.1 s while it is idle,
 begins with one broadcast of what it was asked; the other ranks ``follow``.
 
@@ -10,7 +10,8 @@ Failures end the whole group, never hang it: a rank that dies fails rank 0's nex
 heartbeat when idle), the requests in flight end with a 500, and rank 0 stops the server and exits 1 with
 the reason on stderr; when rank 0 dies, the others' collective fails and they exit 1; a collective that waits
 on a silent peer fails after TP_TIMEOUT seconds. SIGTERM / SIGINT go to rank 0 alone (the others ignore them):
-it shuts down as one server does, then tells the others to stop, and every process exits 0.
+it shuts down as one server does, then tells the others to stop, and every process exits 0 (rank 0 exits 1
+where another did not).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def serve_ranks(world: int, build: dict, config: ServerConfig, grace_seconds: fl
         process.start()
         print(f"specdec serve: tensor-parallel rank {rank} of {world}: pid {process.pid}",
               file=sys.stderr, flush=True)
+    stopped = False  # the others told to stop: they exit on their own
     try:
         engine, tokenizer = _join(0, world, address, build)
         group = EngineGroup(engine)
@@ -55,15 +57,23 @@ def serve_ranks(world: int, build: dict, config: ServerConfig, grace_seconds: fl
         code = _run(Server(create_app(engine, tokenizer, config, worker=worker), grace_seconds, **where), worker)
         if worker.failure is None:
             group.close()
-        return code
+            stopped = True
     finally:
-        for process in ranks:
-            process.join(JOIN_SECONDS)
-            if process.is_alive():  # (only after a failure: a healthy rank exits when told to stop)
-                process.kill()
-                process.join()
+        if not stopped and dist.is_initialized():  # a rank waiting on rank 0 in a collective fails now
+            dist.destroy_process_group()
+        codes = [_ended(process, JOIN_SECONDS if stopped else 5) for process in ranks]
         if dist.is_initialized():
             dist.destroy_process_group()
+    return code if all(c == 0 for c in codes) else 1
+
+
+def _ended(process, seconds: float) -> int:
+    """The process's exit code, once it has ended within ``seconds`` or been killed."""
+    process.join(seconds)
+    if process.is_alive():
+        process.kill()
+        process.join()
+    return process.exitcode
 
 
 def _follower(rank: int, world: int, address: str, build: dict) -> None:

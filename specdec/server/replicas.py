@@ -34,6 +34,7 @@ from specdec.server.run import build_engine
 
 DEPLOYMENT = "specdec"
 HEADER = "x-specdec-replica"
+METRICS_SECONDS = 5.0  # GET /metrics waits this long for the other replicas' figures
 
 
 class Replica:
@@ -60,15 +61,27 @@ class Replica:
         @app.middleware("http")
         async def replica(request, call_next):  # (before routing: GET /metrics is answered here for all)
             if request.method == "GET" and request.url.path == "/metrics":
-                handle = serve.get_deployment_handle(context.deployment, context.app_name)
-                texts = await handle.broadcast("metrics_text").results_async()
-                response = Response(merge_metrics(texts), media_type=CONTENT_TYPE_LATEST)
+                response = Response(merge_metrics(await self._every_replica(context)), media_type=CONTENT_TYPE_LATEST)
             else:
                 response = await call_next(request)
             response.headers[HEADER] = context.replica_tag
             return response
 
         return app
+
+    async def _every_replica(self, context) -> list[tuple[str, int, str]]:
+        """Every replica's ``metrics_text`` that answers within METRICS_SECONDS (this one's at least): a replica
+        that died or hangs is left out, not the whole answer."""
+        from ray import serve
+
+        handle = serve.get_deployment_handle(context.deployment, context.app_name)
+        try:
+            answers = await handle.broadcast("metrics_text").results_async(timeout_s=METRICS_SECONDS,
+                                                                            return_exceptions=True)
+        except TimeoutError:
+            answers = []
+        texts = [a for a in answers if isinstance(a, tuple)]
+        return texts if any(name == context.replica_tag for name, _, _ in texts) else [self.metrics_text(), *texts]
 
     def metrics_text(self) -> tuple[str, int, str]:
         """This replica's name, PID and Prometheus text."""
@@ -86,11 +99,15 @@ def application(build: dict, config: ServerConfig, replicas: int = 1, *, autosca
     shared among the most replicas there can be, a fraction where they are more) and runs torch on as many
     threads (one at least)."""
     from ray import serve
+    from ray.serve.config import BackpressureConfig
 
     most = (autoscaling or {}).get("max_replicas", replicas)
     cpus = cpus_per_replica if cpus_per_replica is not None else (os.cpu_count() or 1) / most
+    # a replica takes what its engine runs and queues; beyond that Ray's proxy queues config.max_queued more per
+    # deployment and answers the rest 429, as one server does
     options = dict(ray_actor_options={"num_cpus": cpus}, graceful_shutdown_timeout_s=grace_seconds,
-                   max_ongoing_requests=max_num_seqs + config.max_queued)
+                   max_ongoing_requests=max_num_seqs + config.max_queued, max_queued_requests=config.max_queued,
+                   backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1))
     if autoscaling:
         options["autoscaling_config"] = {"initial_replicas": replicas, **autoscaling}
     else:

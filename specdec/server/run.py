@@ -20,7 +20,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import specdec
 from specdec.engine import Engine
-from specdec.models.loading import checkpoint_folder, load_draft
+from specdec.models.loading import checkpoint_folder, load_draft, source_path
 from specdec.server.app import create_app
 from specdec.server.config import ServerConfig
 from specdec.server.loop import EngineLoop
@@ -155,11 +155,24 @@ def serve(model: str, draft: str | None = "ngram", host: str = "127.0.0.1", port
     if tensor_parallel > 1:
         from specdec.server.ranks import serve_ranks
 
+        _check_splittable(model, dtype, quantize, tensor_parallel)
+
         return serve_ranks(tensor_parallel, build, config, grace_seconds, host=host, port=port)
     engine, tokenizer = build_engine(**build)
     worker = EngineLoop(engine, Metrics())
     return _run(Server(create_app(engine, tokenizer, config, worker=worker), grace_seconds, host=host, port=port),
                 worker)
+
+
+def _check_splittable(model: str, dtype, quantize, tensor_parallel: int) -> None:
+    """What ``shard`` would refuse on every rank, refused before the ranks start (and a GGUF converted once)."""
+    if quantize is not None:
+        raise ValueError(f"tensor_parallel={tensor_parallel} splits float weights; quantize={quantize!r} is not "
+                         "supported with it")
+    if dtype in (None, "auto") and source_path(model).suffix == ".gguf":
+        raise ValueError(f"tensor_parallel={tensor_parallel} splits float weights; a .gguf file keeps its quantized "
+                         "blocks unless a dtype is given (dtype='float32' or 'bfloat16')")
+    checkpoint_folder(model)
 
 
 def _autoscaling(replicas: int, min_replicas: int | None, max_replicas: int | None) -> dict | None:
@@ -207,8 +220,8 @@ def _run(server: Server, worker: EngineLoop) -> int:
     try:
         thread.start()
         worker.run()
-        if worker.failure is not None:  # (its requests have their 500 already)
-            server.should_exit = True
+        if worker.failure is not None:  # its requests have their 500; any that came after end now, with a 503
+            server.grace, server.should_exit = 0.0, True
         thread.join()
     finally:
         for sig, handler in previous.items():
