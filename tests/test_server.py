@@ -268,6 +268,7 @@ BAD_REQUESTS = [
     ({**GOOD, "logit_bias": {"a": 1}}, 400, "logit_bias"),
     ({**GOOD, "logit_bias": {"5": 101}}, 400, "logit_bias"),
     ({**GOOD, "logit_bias": {"500": 1}}, 400, "logit_bias"),  # the tiny models' vocabulary is 101
+    ({**GOOD, "logit_bias": {"5": 1, "05": 2}}, 400, "logit_bias"),  # one token twice
     ({**GOOD, "response_format": {"type": "xml"}}, 400, "response_format"),
     ({**GOOD, "response_format": {"type": "json_schema"}}, 400, "response_format"),
     ({**GOOD, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
@@ -807,6 +808,9 @@ def test_a_busy_server_says_when_to_retry():
             busy = _post(s.url + "/v1/completions", {**body, "stream": False})
             _error(busy, 429)
             assert busy.headers["retry-after"].isdigit() and int(busy.headers["retry-after"]) >= 1
+            # refused before its grammar is looked at (this engine has no tokenizer to compile one with: 400)
+            schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+            _error(_post(s.url + "/v1/completions", {**body, "stream": False, "response_format": schema}), 429)
 
 
 def test_a_model_can_be_retrieved_by_its_id(server):

@@ -23,11 +23,16 @@ class Admission:
         self.handles: set[RequestHandle] = set()
         self.closing = False
 
-    def admit(self, handle: RequestHandle) -> None:
+    def check(self) -> None:
+        """Raise what ``admit`` would raise now: a request it would refuse is refused before work is done for it
+        (a response_format's grammar compiled)."""
         if self.closing:
             raise shutting_down()
         if len(self.handles) >= self.max_running + self.max_queued:
             raise too_many_requests(self.max_running, self.max_queued)
+
+    def admit(self, handle: RequestHandle) -> None:
+        self.check()
         self.handles.add(handle)
 
     def release(self, handle: RequestHandle) -> None:

@@ -91,6 +91,8 @@ def _logit_bias(value: dict[str, float] | None) -> dict[int, float] | None:
     for key, bias in value.items():
         if not (key.isascii() and key.isdigit()):
             raise ValueError(f"keys must be token ids, got {key!r}")
+        if int(key) in out:
+            raise ValueError(f"keys name token {int(key)} twice (one is {key!r})")
         out[int(key)] = bias
     return out
 

@@ -72,6 +72,7 @@ async def respond(ctx: ServerContext, body: GenerationRequest, prompt_ids: list[
     if len(body.stop) > ctx.config.max_stop:
         raise ApiError(400, f"stop: at most {ctx.config.max_stop} stop strings, got {len(body.stop)}", "stop")
     params = request_params(body, len(prompt_ids), ctx, shape)
+    ctx.admission.check()  # (429 or 503 now, not after compiling its grammar; admitted below, after the checks)
     try:  # off the event loop: compiling a response_format's grammar takes a while (the compiler keeps it)
         await asyncio.get_running_loop().run_in_executor(ctx.compiler if params.grammar is not None else None,
                                                          ctx.engine.check_request, prompt_ids, params)
