@@ -228,6 +228,10 @@ class Engine:
 
     def check_request(self, prompt_ids, params: RequestParams | None = None) -> tuple[list[int], RequestParams]:
         """Validate a request without touching the engine (safe from any thread); returns (ids, params)."""
+        return self._checked(prompt_ids, params)[:2]
+
+    def _checked(self, prompt_ids, params: RequestParams | None):
+        """check_request's work: (ids, params, the compiled grammar or None)."""
         if params is None:
             params = RequestParams()
         if not isinstance(params, RequestParams):
@@ -257,8 +261,7 @@ class Engine:
         if bad:
             raise validate.ArgumentError("logit_bias", f"logit_bias holds id {bad[0]} outside the vocabulary "
                                                        f"0..{vocab - 1}")
-        self.compiled_grammar(params)
-        return list(prompt_ids), params
+        return list(prompt_ids), params, self.compiled_grammar(params)
 
     def compiled_grammar(self, params: RequestParams):
         """The request's compiled grammar (None without one); ArgumentError naming ``grammar`` if it is wrong."""
@@ -272,7 +275,7 @@ class Engine:
 
     def add_request(self, prompt_ids, params: RequestParams | None = None, request_id: str | None = None) -> str:
         """Queue a request; it joins the running batch at a step boundary. Returns its id."""
-        prompt_ids, params = self.check_request(prompt_ids, params)
+        prompt_ids, params, compiled = self._checked(prompt_ids, params)
         if request_id is None:
             request_id = f"req-{self._arrivals}"
         if not isinstance(request_id, str) or request_id in self._ids:
@@ -286,8 +289,8 @@ class Engine:
             else:
                 generator.manual_seed(params.seed)
         seq = _Sequence(request_id, self._arrivals, list(prompt_ids), len(prompt_ids), params, sampling, generator)
-        if params.grammar is not None:
-            seq.grammar = RowGrammar(self.compiled_grammar(params), self.eos_token_ids)
+        if compiled is not None:
+            seq.grammar = RowGrammar(compiled, self.eos_token_ids)
         self._arrivals += 1
         self._ids[request_id] = seq
         self._waiting.append(seq)
