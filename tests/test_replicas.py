@@ -137,3 +137,16 @@ def test_sigterm_shuts_the_replicas_down_and_exits_0(replicas):
     assert proc.wait(timeout=90) == 0, "".join(lines[-30:])
     with pytest.raises(httpx.TransportError):
         httpx.get(url + "/health", timeout=2)
+
+
+def test_the_application_for_a_ray_cluster_of_your_own():
+    """`serve run specdec.server.replicas:app_builder model=... num_replicas=2`: its settings as text, an unknown
+    one refused by name."""
+    from ray.serve import Application
+
+    from specdec.server.replicas import app_builder
+
+    app = app_builder({"model": "some-model", "num_replicas": "2", "draft": "ngram", "num_draft_tokens": "3"})
+    assert isinstance(app, Application)
+    with pytest.raises(ValueError, match="replica_count"):
+        app_builder({"model": "some-model", "replica_count": "2"})
