@@ -106,7 +106,8 @@ def application(build: dict, config: ServerConfig, replicas: int = 1, *, autosca
     # a replica takes what its engine runs and queues; beyond that Ray's proxy queues config.max_queued more per
     # deployment and answers the rest 429, as one server does
     options = dict(ray_actor_options={"num_cpus": cpus}, graceful_shutdown_timeout_s=grace_seconds,
-                   max_ongoing_requests=max_num_seqs + config.max_queued, max_queued_requests=config.max_queued,
+                   max_ongoing_requests=max_num_seqs + config.max_queued,
+                   max_queued_requests=max(1, config.max_queued),  # (Ray takes no 0)
                    backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1))
     if autoscaling:
         options["autoscaling_config"] = {"initial_replicas": replicas, **autoscaling}
