@@ -498,6 +498,32 @@ def _llama_cpp(config: BenchConfig) -> dict:
     return llama_cpp.measure(source, config.max_new_tokens, torch.get_num_threads())
 
 
+def _llama_cpp_lookup(config: BenchConfig, tokenizer, prompts: dict) -> dict:
+    """llama.cpp's prompt lookup over the same chat-formatted prompts, as many new tokens, k drafts at most."""
+    from specdec.models.loading import source_path
+
+    source = source_path(config.model)
+    if source.suffix != ".gguf":
+        return {"skipped": f"model={config.model!r} is not a .gguf file"}
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=False) for group in prompts.values() for p in group]
+    return llama_cpp.lookup(source, texts, config.max_new_tokens, torch.get_num_threads(), max(config.ks))
+
+
+def lookup_line(report: dict) -> str:
+    """llama.cpp's prompt lookup beside specdec's n-gram drafts (batch 1, greedy or the first mode)."""
+    peer = report["llama_cpp_lookup"]
+    if "skipped" in peer:
+        return f"llama.cpp prompt lookup: skipped ({peer['skipped']})"
+    ngram = [r for r in report["runs"] if r["method"] == "ngram" and r["batch"] == 1]
+    ratio = "".join(f"; specdec ngram k = {r['k']} {r['tokens_per_s']:.1f} tok/s = "
+                    f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" for r in ngram)
+    acceptance = "-" if peer["acceptance"] is None else f"{peer['acceptance']:.2f}"
+    return (f"llama.cpp prompt lookup (`{peer['command']}`, each prompt to its end or the token limit, prompt "
+            f"encoding left out, where specdec's figures include the prefill): {peer['tokens_per_s']:.1f} tok/s, "
+            f"{peer['tokens']} tokens, acceptance {acceptance}{ratio}")
+
+
 def peer_line(report: dict) -> str:
     """llama.cpp's plain decoding of the same file beside specdec's plain (batch 1, greedy or the first mode)."""
     peer = report["llama_cpp"]
@@ -777,6 +803,8 @@ def main(config: BenchConfig, json_path: Path | None = None, plot_dir: Path | No
     report = Bench(config, target, draft, ids, progress, head=head, peer=peer, tokenizer=tokenizer,
                    schemas=schemas).run()
     report["prompts"] = prompts
+    if config.llama_cpp and "ngram" in config.methods and not config.constraints:
+        report["llama_cpp_lookup"] = _llama_cpp_lookup(config, tokenizer, prompts)
     if schemas is not None:
         report["schemas"] = {item["name"]: item["schema"] for item in structured}
     if torch.cuda.is_available():  # GPU mode: the same questions at a realistic size (bench/large_model.py)
@@ -789,6 +817,8 @@ def main(config: BenchConfig, json_path: Path | None = None, plot_dir: Path | No
     print(structured_table(report) if config.constraints else table(report))
     if "llama_cpp" in report:
         print(peer_line(report))
+    if "llama_cpp_lookup" in report:
+        print(lookup_line(report))
     if report["mismatches"]:
         print(f"\x1b[31m{report['mismatches']} greedy call(s) departed from plain greedy output\x1b[0m",
               file=sys.stderr)

@@ -236,6 +236,30 @@ def test_quantized_weights_self_speculation_and_the_llama_cpp_line(tmp_path, mon
     assert line.startswith("llama.cpp: skipped (llama-bench failed")
 
 
+def test_llama_cpp_prompt_lookup_is_summed_over_prompts_and_set_beside_ngram(tmp_path, monkeypatch):
+    """llama-lookup's report read from its output and summed over the prompts (decoded tokens over decoding
+    seconds, drafts accepted over drafted); the line beside specdec's n-gram runs; a missing binary skipped."""
+    from specdec.bench import llama_cpp
+    from specdec.bench.harness import lookup_line
+
+    fake = tmp_path / "llama-lookup"  # a stand-in that prints (on stderr) what llama-lookup reports
+    fake.write_text("#!/bin/sh\necho 'I decoded   40 tokens in    0.500 seconds, speed:  80.0 t/s' >&2\n"
+                    "echo 'I n_drafted    = 30' >&2\necho 'I n_accept     = 12' >&2\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("SPECDEC_LLAMA_LOOKUP", str(fake))
+    peer = llama_cpp.lookup(tmp_path / "m.gguf", ["a", "b"], 8, 2)
+    assert (peer["tokens"], peer["tokens_per_s"], peer["acceptance"]) == (80, 80.0, 0.4)
+    report = {"runs": [{"method": "ngram", "batch": 1, "k": "auto", "tokens_per_s": 100.0}]}
+    line = lookup_line({**report, "llama_cpp_lookup": peer})
+    assert "80.0 tok/s" in line and "acceptance 0.40" in line and "specdec ngram k = auto 100.0 tok/s = 1.25x" in line
+    fake.write_text("#!/bin/sh\necho nothing\n")
+    assert llama_cpp.lookup(tmp_path / "m.gguf", ["a"], 8, 2)["skipped"].startswith("llama-lookup failed")
+    monkeypatch.setenv("SPECDEC_LLAMA_LOOKUP", "")
+    monkeypatch.setenv("SPECDEC_LLAMA_BENCH", str(tmp_path / "nowhere" / "llama-bench"))
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert "no llama-lookup" in llama_cpp.lookup(tmp_path / "m.gguf", ["a"], 8, 2)["skipped"]
+
+
 def test_wrong_speculative_output_is_reported(capsys):
     class Corrupting(Bench):
         def call(self, run, work, reference, seed):
