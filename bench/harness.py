@@ -489,21 +489,23 @@ class Bench:
 
 # ---------------------------------------------------------------------------------------------- output
 
-def _llama_cpp(config: BenchConfig) -> dict:
+def _gguf(config: BenchConfig) -> Path | None:
+    """The model's .gguf file, which llama.cpp runs (None: the model is not one)."""
     from specdec.models.loading import source_path
 
     source = source_path(config.model)
-    if source.suffix != ".gguf":
+    return source if source.suffix == ".gguf" else None
+
+
+def _llama_cpp(config: BenchConfig) -> dict:
+    if (source := _gguf(config)) is None:
         return {"skipped": f"model={config.model!r} is not a .gguf file"}
     return llama_cpp.measure(source, config.max_new_tokens, torch.get_num_threads())
 
 
 def _llama_cpp_lookup(config: BenchConfig, tokenizer, prompts: dict) -> dict:
     """llama.cpp's prompt lookup over the same chat-formatted prompts, as many new tokens, k drafts at most."""
-    from specdec.models.loading import source_path
-
-    source = source_path(config.model)
-    if source.suffix != ".gguf":
+    if (source := _gguf(config)) is None:
         return {"skipped": f"model={config.model!r} is not a .gguf file"}
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                            tokenize=False) for group in prompts.values() for p in group]
@@ -774,11 +776,9 @@ def with_weights(native, config: BenchConfig):
     and "int4" quantize the float weights (per channel; groups of 32, symmetric). The transformers methods keep
     the float model: they are the float baseline."""
     from specdec.models.gguf import keep_blocks
-    from specdec.models.loading import source_path
 
     if config.weights == "gguf":
-        source = source_path(config.model)
-        if source.suffix != ".gguf":
+        if (source := _gguf(config)) is None:
             raise ValueError(f"weights='gguf' needs a .gguf model, got model={config.model!r}")
         keep_blocks(native, source, config.activations)
     elif config.weights in ("int8", "int4"):

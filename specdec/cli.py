@@ -12,7 +12,6 @@ import time
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
 DEFAULT_HEAD = "smollm2-135m-instruct-head"  # the default model's draft head (models/smollm2-135m-instruct-head)
-TP_TIMEOUT = 120  # seconds a rank waits for a silent peer in a collective (torchrun -m specdec generate)
 
 
 class _Timing:
@@ -94,17 +93,17 @@ def _generate(args) -> int:
 @contextlib.contextmanager
 def _tensor_parallel(model):
     """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPUs, NCCL on GPUs; a peer silent for
-    TP_TIMEOUT seconds fails the collective), keep this rank's share of ``model`` (specdec/parallel.py), and
+    parallel.TIMEOUT seconds fails the collective), keep this rank's share of ``model`` (specdec/parallel.py), and
     let rank 0 alone print; every rank computes alike. Without torchrun: nothing."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield
         return
     import torch.distributed as dist
 
-    from specdec.parallel import shard
+    from specdec.parallel import TIMEOUT, shard
 
     dist.init_process_group("nccl" if model.device.type == "cuda" else "gloo",
-                            timeout=datetime.timedelta(seconds=TP_TIMEOUT))
+                            timeout=datetime.timedelta(seconds=TIMEOUT))
     try:
         shard(model)
         with open(os.devnull, "w") as devnull, contextlib.ExitStack() as quiet:

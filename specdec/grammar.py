@@ -195,6 +195,7 @@ class GrammarMasks:
         as the grammar accepts those tokens (several tokenizations of a text are allowed, so these are
         drafts to verify)."""
         runs = [[] for _ in range(state.batch_size)]
+        lasts = state.tokens.gather(1, (state.num_tokens - 1).clamp(min=0)[:, None]).flatten().tolist()  # [batch]
         for b, matcher in self._synced(state):
             run = []
             while len(run) < limit and not matcher.is_terminated():
@@ -202,7 +203,7 @@ class GrammarMasks:
                 if token is None or not matcher.accept_token(token):
                     break
                 run.append(token)
-            last = run[-1] if run else int(state.tokens[b, state.num_tokens[b] - 1])
+            last = run[-1] if run else lasts[b]
             if len(run) < limit and not matcher.is_terminated() and self.tokenizer is not None:
                 text = matcher.find_jump_forward_string()
                 for token in (forced_tokens(self.tokenizer, last, text) if text else ())[: limit - len(run)]:

@@ -48,9 +48,7 @@ class ShardRunner(TorchRunner):
     def agree(self, value: int) -> int:
         """Rank 0's ``value`` on every rank: decisions made from timings (a round's k under "auto") differ
         between processes, and ranks that verify different widths would pair mismatched all-reduces."""
-        shared = torch.tensor([value], device=self.device)  # (NCCL sends CUDA tensors only)
-        dist.broadcast(shared, src=_rank0(self.group), group=self.group)
-        return int(shared)
+        return _from_rank0(value, self.group, self.device)
 
     def linear(self, layer, x, norm=None, gated: bool = False, residual=None):
         if layer is self.output:
@@ -151,6 +149,7 @@ def _shard_mlp(mlp, rank: int, world: int) -> None:
 
 
 STEP, IDLE, STOP = "step", "idle", "stop"  # what rank 0 tells the others with its queued events
+TIMEOUT = 120  # seconds a rank waits for a silent peer in a collective (torchrun -m specdec, serve --tensor-parallel)
 
 
 class EngineGroup:
@@ -219,6 +218,7 @@ class EngineGroup:
     def follow(self) -> None:
         """Every rank but 0 of a served group: do what rank 0 does (``step``, ``idle``) until it ``close``s."""
         while (action := self._exchange(None)) != STOP:
+            self.refused.clear()  # (rank 0 answers for them)
             if action == STEP:
                 self.engine.step()
 
@@ -243,8 +243,13 @@ def _rank0(group) -> int:
     return dist.get_global_rank(group, 0) if group is not None else 0
 
 
+def _from_rank0(value: int, group, device) -> int:
+    """Rank 0's ``value`` (a signed 64-bit integer) on every rank."""
+    shared = torch.tensor([value], dtype=torch.int64, device=device)  # (NCCL sends CUDA tensors only)
+    dist.broadcast(shared, src=_rank0(group), group=group)
+    return int(shared)
+
+
 def _agreed_seed(seed: int, group, device) -> int:
     """Rank 0's ``seed`` (an unsigned 64-bit torch seed)."""
-    shared = torch.tensor([seed if seed < 2**63 else seed - 2**64], dtype=torch.int64, device=device)
-    dist.broadcast(shared, src=_rank0(group), group=group)
-    return int(shared) % 2**64
+    return _from_rank0(seed if seed < 2**63 else seed - 2**64, group, device) % 2**64

@@ -97,8 +97,6 @@ def _logit_bias(value: dict[str, float] | None) -> dict[int, float] | None:
     return out
 
 
-
-
 class JsonSchema(BaseModel):
     """``response_format.json_schema``: the schema the output follows (OpenAI's name and strict are read,
     and the output follows the schema in either case)."""

@@ -9,7 +9,7 @@ begins with one broadcast of what it was asked; the other ranks ``follow``.
 Failures end the whole group, never hang it: a rank that dies fails rank 0's next collective (within a
 heartbeat when idle), the requests in flight end with a 500, and rank 0 stops the server and exits 1 with
 the reason on stderr; when rank 0 dies, the others' collective fails and they exit 1; a collective that waits
-on a silent peer fails after TP_TIMEOUT seconds. SIGTERM / SIGINT go to rank 0 alone (the others ignore them):
+on a silent peer fails after parallel.TIMEOUT seconds. SIGTERM / SIGINT go to rank 0 alone (the others ignore them):
 it shuts down as one server does, then tells the others to stop, and every process exits 0 (rank 0 exits 1
 where another did not).
 """
@@ -27,14 +27,13 @@ import sys
 import torch
 import torch.distributed as dist
 
-from specdec.parallel import EngineGroup, shard
+from specdec.parallel import TIMEOUT, EngineGroup, shard
 from specdec.server.app import create_app
 from specdec.server.config import ServerConfig
 from specdec.server.loop import EngineLoop
 from specdec.server.metrics import Metrics
 from specdec.server.run import Server, _run, build_engine
 
-TP_TIMEOUT = 120  # seconds a rank waits for a silent peer in a collective
 JOIN_SECONDS = 30  # that rank 0 waits for the others to exit after telling them to stop
 
 
@@ -97,7 +96,7 @@ def _join(rank: int, world: int, address: str, build: dict):
     ``specdec serve`` runs its model: gloo, the cores shared among the ranks)."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=TP_TIMEOUT))
+                            timeout=datetime.timedelta(seconds=TIMEOUT))
     return build_engine(**build, split=shard)
 
 
