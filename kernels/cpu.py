@@ -1,5 +1,5 @@
-"""specdec's C kernels for the CPU (``cpu_linear.c``, ``cpu_attention.c``, ``cpu_layers.c``), built once per
-machine and loaded with ctypes.
+"""specdec's C kernels for the CPU (``cpu_linear.c``, ``cpu_attention.c``, ``cpu_layers.c``, ``cpu_head.c``),
+built once per machine and loaded with ctypes.
 
 They are compiled together with the system C compiler (``cc``, or ``$CC``) into the user cache
 (``~/.cache/specdec/kernels``); where that is impossible — no compiler, no AVX-512, not x86 — or
@@ -21,7 +21,7 @@ from pathlib import Path
 from specdec.kernels.dispatch import _flag
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "cpu_linear.c", HERE / "cpu_attention.c", HERE / "cpu_layers.c"]
+SOURCES = [HERE / "cpu_linear.c", HERE / "cpu_attention.c", HERE / "cpu_layers.c", HERE / "cpu_head.c"]
 # -ffp-contract=off: a product and a sum that torch rounds separately must not become one FMA here
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", f"-I{HERE}"]
 HEADERS = [HERE / "cpu_common.h", HERE / "cpu_args.h"]
@@ -29,8 +29,8 @@ P, L, I, F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 
 
 class LinearArgs(ctypes.Structure):  # cpu_args.h: the same fields in the same order, shapes there
-    _fields_ = [("x", P), ("weight", P), ("bias", P), ("norm", P), ("residual", P), ("y", P), ("rows", L),
-                ("out", L), ("in_", L), ("eps", F), ("gated", I), ("bf16", I), ("bits", I), ("group_size", L),
+    _fields_ = [("x", P), ("weight", P), ("bias", P), ("norm", P), ("norm_parts", L), ("residual", P), ("y", P),
+                ("rows", L), ("out", L), ("in_", L), ("eps", F), ("gated", I), ("bf16", I), ("bits", I), ("group_size", L),
                 ("act8", I)]
 
 
@@ -47,8 +47,16 @@ class LayersArgs(ctypes.Structure):
                 ("attention", AttentionArgs)]
 
 
+class HeadArgs(ctypes.Structure):
+    _fields_ = [("positions", P), ("last", P), ("next", P), ("batch", L), ("T", L), ("steps", L), ("embedding", P),
+                ("embedding_bf16", I), ("vocab_ids", P), ("cos_table", P), ("sin_table", P), ("rope_len", L),
+                ("fc", LinearArgs), ("lm_head", LinearArgs), ("layers", LayersArgs), ("input", P), ("cos", P),
+                ("sin", P), ("features", P), ("logits", P), ("step_positions", P), ("drafts", P)]
+
+
 #: each kernel takes a pointer to its arguments and returns 0; -1: no memory for its scratch; -2: bad input
-SIGNATURES = {"specdec_linear": LinearArgs, "specdec_attention": AttentionArgs, "specdec_layers": LayersArgs}
+SIGNATURES = {"specdec_linear": LinearArgs, "specdec_attention": AttentionArgs, "specdec_layers": LayersArgs,
+              "specdec_head_drafts": HeadArgs}
 
 
 def _cache_dir() -> Path:

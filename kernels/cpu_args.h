@@ -9,6 +9,8 @@ typedef struct { /* y = residual + fused_input(x) @ weight^T + bias (cpu_linear.
     const void *weight;   /* [out, in] in the packed layout (cpu_linear.py: pack, quantized.py: pack) */
     const void *bias;     /* [out] or NULL */
     const void *norm;     /* [in] RMSNorm weight, or NULL */
+    long norm_parts;      /* the norm normalises each of this many equal slices of x's row on its own (0, 1: the
+                             whole row; 2: a draft head's token and feature halves); not with gated */
     const void *residual; /* [rows, out] or NULL; may be y itself */
     void *y;              /* [rows, out] */
     long rows, out, in;
@@ -48,8 +50,32 @@ typedef struct { /* every decoder layer (cpu_layers.c) */
     AttentionArgs attention; /* layer 0's; per layer its pools move by layer_stride, qkv and out are the scratch */
 } LayersArgs;
 
+typedef struct { /* a draft head's greedy drafts (cpu_head.c); rows = batch * T, the first step's */
+    const long *positions;   /* [batch, T]: the first step's, -1: padding */
+    const long *last;        /* [batch]: which of its first-step tokens each row drafts from */
+    const long *next;        /* [batch]: the position of each row's second step; -1: a row that does not draft */
+    long batch, T, steps;    /* steps: drafts per row */
+    const void *embedding;   /* [vocab, hidden]: the target's token embedding, bfloat16 if embedding_bf16 else
+                                float32 */
+    int embedding_bf16;
+    const long *vocab_ids;   /* [kept]: the target id of each of the head's outputs */
+    const void *cos_table, *sin_table; /* [rope_len, head_dim]: RoPE at every position (models/llama.py: rope) */
+    long rope_len;
+    LinearArgs fc, lm_head;  /* weight, norm and format of each: x, y and rows are set per step */
+    LayersArgs layers;       /* the head's decoder layers over x = its residual stream [rows, hidden], scratch
+                                for rows; attention's positions, cos, sin, batch and T are set per step */
+    void *input;             /* [rows, 2 hidden]: per row its token's embedding, then its predecessor's feature;
+                                the first step's given, the later ones' written here */
+    void *cos, *sin;         /* [rows, head_dim] scratch */
+    void *features;          /* [batch, hidden] scratch: the feature each row drafts from */
+    void *logits;            /* [batch, kept] scratch */
+    long *step_positions;    /* [batch] scratch */
+    long *drafts;            /* [batch, steps]: the drafted target ids */
+} HeadArgs;
+
 int specdec_linear(const LinearArgs *args);
 int specdec_attention(const AttentionArgs *args);
 int specdec_layers(const LayersArgs *args);
+int specdec_head_drafts(const HeadArgs *args);
 
 #endif

@@ -61,4 +61,5 @@ void specdec_args_sizes(long *sizes) {
     sizes[0] = sizeof(LinearArgs);
     sizes[1] = sizeof(AttentionArgs);
     sizes[2] = sizeof(LayersArgs);
+    sizes[3] = sizeof(HeadArgs);
 }

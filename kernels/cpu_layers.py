@@ -25,7 +25,19 @@ def decoder_layers(x, addresses, eps: float, cos, sin, positions, cache, num_hea
     cos, sin, positions as for cpu_attention.rope_write_attend. bits, group_size: every weight's, where they are
     quantized (QuantizedWeight; 0, 0: float weights of x's dtype), and act8: packed for int8 activations.
     """
-    lib = library()
+    x = x.clone(memory_format=torch.contiguous_format)  # the residual stream, updated in place by C
+    args = layers_args(x, addresses, eps, cos, sin, positions, cache, num_heads, num_kv_heads, head_dim, inner,
+                       bits, group_size, act8)
+    failed = library().specdec_layers(args)
+    raise_failure("decoder_layers", failed, cache.pools(0)[0], *x.shape[:2])
+    return x
+
+
+def layers_args(x, addresses, eps: float, cos, sin, positions, cache, num_heads: int, num_kv_heads: int,
+                head_dim: int, inner: int, bits: int = 0, group_size: int = 0, act8: bool = False) -> LayersArgs:
+    """specdec_layers' arguments for the residual stream x [batch, T, hidden] (contiguous: C updates it in
+    place), everything C would trust checked (``decoder_layers`` says what); the scratch they point to, and
+    the tensors made contiguous, held by ``args.held``."""
     batch, T, hidden = x.shape
     layers = addresses.shape[0]
     widths = (hidden, num_heads * head_dim, inner)  # the input widths of q/k/v and gate/up, o, down
@@ -47,16 +59,16 @@ def decoder_layers(x, addresses, eps: float, cos, sin, positions, cache, num_hea
             raise ValueError("decoder_layers: the cache's layers are not evenly spaced slices of one tensor")
     width = (num_heads + 2 * num_kv_heads) * head_dim
     qkv = torch.empty(batch, T, width, dtype=x.dtype)  # [batch, T, (q + k + v heads) * head_dim]
-    args = checked("decoder_layers", qkv, cos, sin, positions, k_pool, v_pool, table, num_heads, num_kv_heads)
+    attention = checked("decoder_layers", qkv, cos, sin, positions, k_pool, v_pool, table, num_heads, num_kv_heads)
     if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
         raise ValueError(f"decoder_layers: x must be a float32 or bfloat16 CPU tensor, got {x.dtype} on {x.device}")
-    x = x.clone(memory_format=torch.contiguous_format)  # the residual stream, updated in place by C
+    if not x.is_contiguous():
+        raise ValueError("decoder_layers: the residual stream x must be contiguous")
     attn = torch.empty(batch, T, num_heads * head_dim, dtype=x.dtype)  # [batch, T, heads * head_dim]
     h = torch.empty(batch, T, 2 * inner, dtype=x.dtype)  # [batch, T, gate and up]
     addresses = addresses.contiguous()
-    failed = lib.specdec_layers(LayersArgs(x=x.data_ptr(), hidden=hidden, inner=inner, layers=layers,
-                                           weights=addresses.data_ptr(), eps=eps, bits=bits,
-                                           group_size=group_size, act8=act8, qkv=qkv.data_ptr(),
-                                           attn=attn.data_ptr(), h=h.data_ptr(), layer_stride=stride, attention=args))
-    raise_failure("decoder_layers", failed, k_pool, batch, T)
-    return x
+    args = LayersArgs(x=x.data_ptr(), hidden=hidden, inner=inner, layers=layers, weights=addresses.data_ptr(),
+                      eps=eps, bits=bits, group_size=group_size, act8=act8, qkv=qkv.data_ptr(), attn=attn.data_ptr(),
+                      h=h.data_ptr(), layer_stride=stride, attention=attention)
+    args.held = (qkv, attn, h, addresses, attention.held)
+    return args

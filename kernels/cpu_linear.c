@@ -418,7 +418,8 @@ static int int8_passes(const LinearArgs *a, const float *xf, long K2, long GB) {
 }
 
 /* x [M, K] (bfloat16 bits if bf16, else float32; [M, 2K] if gated), packed weights p (see the layouts
- * above), bias [N] of the same type or NULL, norm [K] (RMSNorm weight) or NULL with its eps, residual [M, N]
+ * above), bias [N] of the same type or NULL, norm [K] (RMSNorm weight, over norm_parts slices of the row) or
+ * NULL with its eps, residual [M, N]
  * or NULL, y [M, N]. Returns 0; -1 without memory for the float32 copy of x; -2 for a format it cannot take. */
 int specdec_linear(const LinearArgs *a) {
     const long M = a->rows, K = a->in, K2 = (K + 1) / 2, elem = a->bf16 ? 2 : 4, x_row = (a->gated ? 2 : 1) * K;
@@ -429,15 +430,21 @@ int specdec_linear(const LinearArgs *a) {
     /* int8 activations: groups of whole blocks of 32 features (per channel: all the blocks) */
     const long GB = a->group_size ? a->group_size / QBLOCK : (K + QBLOCK - 1) / QBLOCK;
     if (a->act8 && (!bits || a->group_size % QBLOCK)) return -2;
+    /* a norm over equal slices of the row: each an even number of features (no padding between them) */
+    const long parts = a->norm_parts > 1 ? a->norm_parts : 1, P = K / parts;
+    if (parts > 1 && (K % parts || P % 2 || a->gated)) return -2;
     /* x as float32 rows of 2*K2, read 2*N/32 times per row by the passes below, so made once here */
     float *xf = malloc(sizeof(float) * (M * 2 * K2 + 1));
     if (!xf) return -1;
     for (long m = 0; m < M; m++) {
-        const void *xm = (const char *)a->x + m * x_row * elem;
-        if (a->bf16)
-            input_row(1, xm, K, a->gated, a->norm, a->eps, xf + m * 2 * K2);
-        else
-            input_row(0, xm, K, a->gated, a->norm, a->eps, xf + m * 2 * K2);
+        for (long p = 0; p < parts; p++) {
+            const void *xm = (const char *)a->x + (m * x_row + p * P) * elem;
+            const void *norm = a->norm ? (const char *)a->norm + p * P * elem : NULL;
+            if (a->bf16)
+                input_row(1, xm, P, a->gated, norm, a->eps, xf + m * 2 * K2 + p * P);
+            else
+                input_row(0, xm, P, a->gated, norm, a->eps, xf + m * 2 * K2 + p * P);
+        }
     }
     int failed = 0;
     if (a->act8) failed = int8_passes(a, xf, K2, GB);

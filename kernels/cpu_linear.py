@@ -48,11 +48,12 @@ def pack(weight: torch.Tensor) -> PackedWeight:
 
 def linear(x: torch.Tensor, weight: PackedWeight | QuantizedWeight, bias: torch.Tensor | None = None, *,
            norm: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
-           residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``residual + fused_input(x, norm, eps, gated) @ weight^T + bias``, through the packed weight.
+           residual: torch.Tensor | None = None, norm_parts: int = 1) -> torch.Tensor:
+    """``residual + fused_input(x, norm, eps, gated, norm_parts) @ weight^T + bias``, through the packed weight.
 
     x [..., in] of the weight's dtype ([..., 2 * in] if gated: gate then up); norm [in] an RMSNorm weight or
-    None; bias [out] or None; residual [..., out] or None -> [..., out].
+    None, over ``norm_parts`` equal slices of the features, each normalised on its own (each an even number
+    of features; not with gated); bias [out] or None; residual [..., out] or None -> [..., out].
     Each output row depends only on its input row (one fixed FMA chain per element): the same token gives
     the same bits in a 1-row decode step, a (k + 1)-row verification pass and a batch of requests.
     """
@@ -67,6 +68,9 @@ def linear(x: torch.Tensor, weight: PackedWeight | QuantizedWeight, bias: torch.
         raise ValueError(f"linear: x [..., {x.shape[-1]}] of dtype {x.dtype} on {x.device} does not fit a weight "
                          f"[{n}, {k}] of dtype {dtype}"
                          + (" (gated: x holds gate and up, 2 x in features)" if gated else ""))
+    if norm_parts != 1 and (norm_parts < 1 or gated or k % (2 * norm_parts)):
+        raise ValueError(f"linear: norm_parts={norm_parts} must be 1, or split in={k} into slices of an even "
+                         f"number of features (not with gated={gated})")
     size = packed_size(n, k, weight.bits, weight.group_size, weight.act8) if quantized else None
     if quantized and weight.data.numel() != size:  # C reads exactly that many bytes
         raise ValueError(f"linear: a quantized weight [{n}, {k}] of int{weight.bits}, group_size {weight.group_size}, "
@@ -83,7 +87,7 @@ def linear(x: torch.Tensor, weight: PackedWeight | QuantizedWeight, bias: torch.
             held.append(t.contiguous())
             pointers[i] = held[-1].data_ptr()
     args = LinearArgs(x=x.data_ptr(), weight=weight.data.data_ptr(), bias=pointers[0], norm=pointers[1],
-                      residual=pointers[2], y=out.data_ptr(), rows=x.numel() // x.shape[-1], out=n, in_=k, eps=eps,
+                      norm_parts=norm_parts, residual=pointers[2], y=out.data_ptr(), rows=x.numel() // x.shape[-1], out=n, in_=k, eps=eps,
                       gated=gated, bf16=dtype == torch.bfloat16, bits=weight.bits if quantized else 0,
                       group_size=weight.group_size if quantized else 0, act8=quantized and weight.act8)
     failed = lib.specdec_linear(args)
@@ -95,9 +99,13 @@ def linear(x: torch.Tensor, weight: PackedWeight | QuantizedWeight, bias: torch.
     return out
 
 
-def fused_input(x, norm=None, eps=0.0, gated=False):
+def fused_input(x, norm=None, eps=0.0, gated=False, norm_parts=1):
     """The kernel's prologue in torch ops (the CPU fallback and the oracle): SiLU(gate) * up if gated, then
-    RMSNorm with weight ``norm``, normalised in float32 and scaled in x's dtype, as transformers does."""
+    RMSNorm with weight ``norm``, normalised in float32 and scaled in x's dtype, as transformers does; with
+    ``norm_parts`` > 1 each of that many equal slices of the features is normalised on its own."""
+    if norm_parts > 1 and norm is not None:
+        return torch.cat([fused_input(*pair, eps) for pair in zip(x.chunk(norm_parts, -1), norm.chunk(norm_parts))],
+                         dim=-1)
     if gated:
         gate, up = x.chunk(2, dim=-1)
         x = F.silu(gate) * up
@@ -107,10 +115,10 @@ def fused_input(x, norm=None, eps=0.0, gated=False):
     return x
 
 
-def linear_reference(x, weight, bias=None, *, norm=None, eps=0.0, gated=False, residual=None):
+def linear_reference(x, weight, bias=None, *, norm=None, eps=0.0, gated=False, residual=None, norm_parts=1):
     """The oracle: the prologue in torch ops, then float64 products and sums, one rounding to x's dtype, and
     the residual added in x's dtype (as the torch ops round the layer's output before adding)."""
-    x = fused_input(x, norm, eps, gated)
+    x = fused_input(x, norm, eps, gated, norm_parts)
     y = x.double() @ weight.double().t()
     if bias is not None:
         y = y + bias.double()

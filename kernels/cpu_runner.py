@@ -18,9 +18,9 @@ import weakref
 
 import torch
 
-from specdec.kernels import cpu_attention, cpu_layers, cpu_linear
+from specdec.kernels import cpu_attention, cpu_head, cpu_layers, cpu_linear
 from specdec.kernels.quantized import QuantizedWeight
-from specdec.kernels.runner import TorchRunner, weight_key
+from specdec.kernels.runner import TorchRunner, norm_operands, weight_key
 
 KERNEL_WEIGHTS = (cpu_linear.PackedWeight, QuantizedWeight)  # what cpu_linear.linear takes
 
@@ -48,6 +48,7 @@ class CpuRunner(TorchRunner):
         self._packs = weakref.WeakKeyDictionary()
         self._addresses = None  # (table, the packed weights it was made from, the key of the rest)
         self._trusted = None  # inside steady(): False until the table was checked once, then True
+        self._rope = None  # (key, cos, sin): a draft head's RoPE table (head_drafts)
 
     @contextlib.contextmanager
     def steady(self):
@@ -63,12 +64,14 @@ class CpuRunner(TorchRunner):
         # called once per linear layer per step from the Python loop (~121 times for SmolLM2): one C call
         # with the norm, the gate and the residual fused, because each torch op around it costs 5-80 us there
         packed = self.packed(layer, x.dtype)
-        if type(packed) in KERNEL_WEIGHTS and (residual is None or residual.dtype == x.dtype):
-            return cpu_linear.linear(x, packed, layer.bias, norm=None if norm is None else norm.weight,
-                                     eps=0.0 if norm is None else norm.eps, gated=gated, residual=residual)
+        weight, eps, parts = norm_operands(norm)
+        if (type(packed) in KERNEL_WEIGHTS and (residual is None or residual.dtype == x.dtype)
+                and (parts == 1 or x.shape[-1] % (2 * parts) == 0)):
+            return cpu_linear.linear(x, packed, layer.bias, norm=weight, eps=eps, gated=gated, residual=residual,
+                                     norm_parts=parts)
         if type(packed) is not torch.Tensor:
             return super().linear(layer, x, norm, gated, residual)
-        x = cpu_linear.fused_input(x, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps, gated)
+        x = cpu_linear.fused_input(x, weight, eps, gated, parts)
         y = torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
         return y if residual is None else residual + y
 
@@ -128,6 +131,45 @@ class CpuRunner(TorchRunner):
         return cpu_layers.decoder_layers(x, addresses, model.model.norm.eps, step.cos, step.sin, step.positions,
                                          cache, attn.num_heads, attn.num_kv_heads, attn.head_dim,
                                          model.config.intermediate_size, bits=bits, group_size=group_size, act8=act8)
+
+    def head_drafts(self, head, embed, input_ids, features, positions, last, ready, cache, steps: int):
+        """A draft head's greedy drafts [batch, steps] in one C call (kernels/cpu_head.py), equal to its Python
+        loop's (specdec/proposers.py: HeadProposer, which says what the arguments are); the head's cache
+        advanced as that loop's first step does. None where the call cannot take this head (the caller runs
+        the loop): off the one-call path, float64, a bias on fc or the output layer, norms of other eps."""
+        body, dtype = head.body, head.dtype
+        attn, norms = body.model.layers[0].self_attn, (head.embed_norm, head.feature_norm, body.model.norm)
+        if (not self.one_call or torch.is_grad_enabled() or dtype not in cpu_linear.DTYPES
+                or embed.weight.dtype not in cpu_linear.DTYPES or embed.weight.device.type != "cpu"
+                or head.fc.bias is not None or body.lm_head.bias is not None or len({n.eps for n in norms}) != 1
+                or not cpu_attention.usable(features, attn.head_dim, attn.num_heads // attn.num_kv_heads)):
+            return None
+        addresses = self.layer_addresses(body)
+        fc, lm_head = self._packed(head.fc, dtype), self._packed(body.lm_head, dtype)
+        if addresses is None or type(fc) not in KERNEL_WEIGHTS or type(lm_head) not in KERNEL_WEIGHTS:
+            return None
+        lengths = torch.maximum(cache.lengths, positions.amax(dim=1) + 1)  # after the first step, as it advances them
+        next_positions = torch.where(ready, lengths, -1)  # [batch] each drafting row's second step
+        span = max(cache.check_room(positions), cache.check_room(next_positions[:, None] + steps - 2))
+        inputs = torch.cat((embed(input_ids).to(dtype), features.to(dtype)), -1)  # [batch, T, 2 hidden]
+        bits, group_size, act8 = self._addresses[3]
+        layers = dict(addresses=addresses, eps=body.model.norm.eps, cache=cache, num_heads=attn.num_heads,
+                      num_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim, inner=body.config.intermediate_size,
+                      bits=bits, group_size=group_size, act8=act8)
+        drafts = cpu_head.head_drafts(inputs, positions, last, next_positions, steps, embed.weight, head.vocab_ids,
+                                      self._rope_table(body, span, dtype), fc,
+                                      torch.cat((head.embed_norm.weight, head.feature_norm.weight)), lm_head,
+                                      body.model.norm.weight, body.model.norm.eps, layers)
+        cache.advance(positions)
+        return drafts
+
+    def _rope_table(self, model, length: int, dtype: torch.dtype):
+        """(cos, sin) [n >= length, head_dim] of ``model.rope`` at positions 0..n-1, kept for the next call."""
+        key = (weight_key(model.inv_freq), model.rope_scaling, dtype)
+        if self._rope is None or self._rope[0] != key or self._rope[1].shape[0] < length:
+            cos, sin = model.rope(torch.arange(max(256, 1 << (length - 1).bit_length()))[None], dtype)
+            self._rope = (key, cos[0, :, 0], sin[0, :, 0])
+        return self._rope[1:]
 
     def layer_addresses(self, model) -> torch.Tensor | None:
         """int64 [layers, 8] for kernels/cpu_layers.py, or None where some weight is not on the kernels' path.

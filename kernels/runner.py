@@ -61,10 +61,17 @@ class TorchRunner:
 
     def linear(self, layer, x, norm=None, gated: bool = False, residual=None):
         """``residual + layer(norm(x))``, or of SiLU(gate) * up if gated (x holds gate then up).
-        layer: an nn.Linear; norm: an RMSNorm module or None; x [..., in] -> [..., out]"""
-        x = cpu_linear.fused_input(x, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps, gated)
+        layer: an nn.Linear; norm: an RMSNorm module, a tuple of them (each normalises its equal slice of x's
+        features: a draft head's token and feature halves) or None; x [..., in] -> [..., out]"""
+        weight, eps, parts = norm_operands(norm)
+        x = cpu_linear.fused_input(x, weight, eps, gated, parts)
         y = layer(x)  # nn.Linear: F.linear; QuantizedLinear: its reference (models/quantized.py)
         return y if residual is None else residual + y
+
+    def head_drafts(self, head, embed, input_ids, features, positions, last, ready, cache, steps: int):
+        """A draft head's greedy drafts [batch, steps] in one call, where a runner has one (CpuRunner); None:
+        the caller runs the head step by step."""
+        return None
 
     def attention(self, attn, qkv, step, cache):
         """qkv [batch, T, (heads + 2 kv_heads) * head_dim] -> [batch, T, heads * head_dim]; the rotated keys and
@@ -97,6 +104,18 @@ class TorchRunner:
         if not use_triton(x):
             step.span, step.mask, step.row_ok = attention_span_and_mask(step.context_lens, step.query_lens,
                                                                         step.positions.shape[1], step.span)
+
+
+def norm_operands(norm) -> tuple:
+    """A linear layer's ``norm`` (an RMSNorm, a tuple of them over equal slices of the features, or None) as
+    the kernels take it: (weight [in] or None, eps, norm_parts)."""
+    if norm is None:
+        return None, 0.0, 1
+    if not isinstance(norm, tuple):
+        return norm.weight, norm.eps, 1
+    if len({n.eps for n in norm}) != 1:
+        raise ValueError(f"norms over slices of one input need one eps, got {[n.eps for n in norm]}")
+    return torch.cat([n.weight for n in norm]), norm[0].eps, len(norm)
 
 
 def rotate(x, cos, sin):

@@ -86,8 +86,9 @@ class DraftHead(nn.Module):
         feature of each token's predecessor (the target's, or the head's own when drafting further);
         positions, cache (from ``new_cache``: its features receive the predicted ones), logits_index as for
         the target. returns logits [batch, T or n, kept] (float32; float64 for a float64 head)"""
-        x = torch.cat((self.embed_norm(embeds.to(self.dtype)), self.feature_norm(features.to(self.dtype))), -1)
-        fused = self.body.runner.linear(self.fc, x)  # [batch, T, hidden]
+        x = torch.cat((embeds.to(self.dtype), features.to(self.dtype)), -1)  # [batch, T, 2 hidden]
+        # each half normalised by its own norm, fused into the fc layer (runner.linear)
+        fused = self.body.runner.linear(self.fc, x, norm=(self.embed_norm, self.feature_norm))  # [batch, T, hidden]
         return self.body(None, positions, cache, logits_index, inputs_embeds=fused)
 
     def save(self, folder) -> None:

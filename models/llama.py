@@ -243,15 +243,21 @@ class LlamaModel(nn.Module):
             x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))
         return select(step.runner.linear(self.lm_head, x, norm=self.model.norm))
 
-    def _step(self, positions, cache: KVCache, dtype: torch.dtype) -> Step:
-        """The RoPE angles and lengths of this forward's new tokens (positions [batch, T], -1: padding)."""
-        _follow_weights(self)  # (a parameter replaced by hand on another device: ~0.2 us to see that it was not)
-        span = cache.check_room(positions)  # keys attended: slots 0..span-1 (the forward's one host sync)
+    def rope(self, positions, dtype: torch.dtype):
+        """RoPE's cos and sin [batch, T, 1, head_dim] in ``dtype`` at positions [batch, T] (-1: as 0). Each
+        element is computed on its own: a table over many positions holds the same bits as one step's."""
         angles = positions.clamp(min=0).float()[..., None] * self.inv_freq  # [batch, T, head_dim / 2]
         cos = (angles.cos() * self.rope_scaling).to(dtype)
         sin = (angles.sin() * self.rope_scaling).to(dtype)
         cos = torch.cat((cos, cos), dim=-1)[:, :, None]  # [batch, T, 1, head_dim]
         sin = torch.cat((-sin, sin), dim=-1)[:, :, None]  # the sign of rotate_half lives here (runner.rotate)
+        return cos, sin
+
+    def _step(self, positions, cache: KVCache, dtype: torch.dtype) -> Step:
+        """The RoPE angles and lengths of this forward's new tokens (positions [batch, T], -1: padding)."""
+        _follow_weights(self)  # (a parameter replaced by hand on another device: ~0.2 us to see that it was not)
+        span = cache.check_room(positions)  # keys attended: slots 0..span-1 (the forward's one host sync)
+        cos, sin = self.rope(positions, dtype)
         # The cache is compact (slot == position): the query at position p sees slots 0..p, and stale entries
         # past a row's length — rolled-back drafts, other rows' tails — are never seen.
         context_lens = positions[:, 0].clamp(min=0)  # [batch] each row's new tokens follow its cache

@@ -149,6 +149,22 @@ class HeadProposer:
         positions = positions.masked_fill(~ready[:, None], -1)
         features = target.features_at(positions - 1).masked_fill((positions < 1)[..., None], 0)  # position 0: none
         last = (num_new - 1).clamp(min=0)[:, None]  # [batch, 1]
+        drafts = probs = None
+        if state.processing is None and state.sampling.greedy:  # _steps in one call, where the runner has one
+            drafts = self.head.body.runner.head_drafts(self.head, self.embed, input_ids, features, positions,
+                                                       last[:, 0], ready, cache, k)
+        if drafts is None:
+            drafts, probs = self._steps(state, cache, input_ids, features, positions, last, ready, k)
+        # keep what the target's features made; the positions drafted on the head's own are redone next round
+        # (a row that did not draft keeps its cache as it was: all of it came from the target's features)
+        cache.rollback(torch.where(ready, torch.minimum(cache.lengths, state.num_tokens), cache.lengths))
+        state.stats.draft_passes += k
+        return drafts.masked_fill(~ready[:, None], -1), probs
+
+    def _steps(self, state, cache, input_ids, features, positions, last, ready, k: int):
+        """k head steps from Python: drafts [batch, k] and their distributions [batch, k, vocab] (None when
+        greedy). The first step runs the unseen tokens input_ids [batch, W] at positions [batch, W] (features
+        [batch, W, hidden]: their predecessors'), drafting from each row's token ``last`` [batch, 1]."""
         drafts, probs = [], []
         drafting = ready.clone()
         for _ in range(k):
@@ -175,9 +191,4 @@ class HeadProposer:
             features = cache.features_at(positions.gather(1, last))  # [batch, 1, hidden]
             input_ids, positions = token.clamp(min=0)[:, None], cache.next_positions(ready.long(), 1)
             last = torch.zeros_like(last)
-        # keep what the target's features made; the positions drafted on the head's own are redone next round
-        # (a row that did not draft keeps its cache as it was: all of it came from the target's features)
-        cache.rollback(torch.where(ready, torch.minimum(cache.lengths, state.num_tokens), cache.lengths))
-        state.stats.draft_passes += k
-        drafts = torch.stack(drafts, dim=1).masked_fill(~ready[:, None], -1)
-        return drafts, (torch.stack(probs, dim=1) if probs else None)
+        return torch.stack(drafts, dim=1), (torch.stack(probs, dim=1) if probs else None)

@@ -4,13 +4,14 @@ it was fed the target's features, save/load, and clear errors."""
 import pytest
 import torch
 from conftest import tiny_head, tiny_model
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from distribution import check, reference_joint
 from test_sampling import ALL, PROMPT, _sampled, _toy
 from test_speculative import batches
 
 import specdec
+from specdec.kernels import cpu_linear
 from specdec.models.head import DraftHead
 from specdec.models.loading import as_native
 from specdec.models.loading import load_draft
@@ -101,6 +102,113 @@ def test_in_the_engine_the_paged_head_drafts_as_from_scratch(block_size):
     assert tokens == plain[0, len(prompt):].tolist()
     assert proposer.calls >= 30 // 4 and set(engine.stats.accepted_at) != {0}
     assert engine.pool.num_used == 0 and engine.draft_pool.num_used == 0
+
+
+class RecordingHeadProposer(HeadProposer):
+    """Keeps every round's drafts."""
+
+    def __init__(self, head, target):
+        super().__init__(head, target)
+        self.drafts = []
+
+    def propose(self, state, k):
+        drafts, probs = super().propose(state, k)
+        self.drafts.append(drafts.clone())
+        return drafts, probs
+
+
+def _drafts_both_ways(run):
+    """run(proposer_factory) with the head's steps in one C call, then in the Python loop: (the two outputs,
+    the two proposers' drafts, how often the one call ran)."""
+    from specdec.kernels import cpu_head
+    from specdec.kernels.cpu_runner import CpuRunner
+
+    calls, results = [], []
+    one_call = cpu_head.head_drafts
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_head, "head_drafts", lambda *a, **kw: calls.append(1) or one_call(*a, **kw))
+        for flag in (True, False):  # (the target's layers too: the same kernels, the same bits either way)
+            patch.setattr(CpuRunner, "one_call", flag)
+            results.append(run())
+    (out_c, c), (out_py, py) = results
+    return (out_c, out_py), (c.drafts, py.drafts), len(calls)
+
+
+needs_kernels = pytest.mark.skipif(not cpu_linear.available(), reason="no AVX-512 CPU or no C compiler")
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch", ["smollm2", "qwen2"])  # (qwen2: a q/k/v bias)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@settings(max_examples=6, deadline=None)
+@given(data=st.data())
+def test_the_heads_steps_in_one_call_draft_as_its_python_loop(arch, dtype, quantize, data):
+    """Greedy drafting runs the head's k steps in one C call (kernels/cpu_head.c): the same drafts as the
+    Python loop over the same kernels, bit for bit, every round of a ragged batch; output == plain."""
+    target = tiny_model(arch, dtype)
+    ids, mask = data.draw(batches(target.config.vocab_size), label="prompts")
+    k = data.draw(st.integers(1, 6), label="k")
+    head = tiny_head(target, list(range(0, target.config.vocab_size, 3)), seed=data.draw(st.integers(0, 3)))
+    if quantize:
+        head = specdec.quantize(head, quantize)
+    plain = specdec.generate(target, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[2])
+
+    def run():
+        proposer = RecordingHeadProposer(head, as_native(target))
+        out = specdec.generate(target, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[2],
+                               draft_model=proposer, num_draft_tokens=k)
+        return out, proposer
+
+    outs, (one_call, looped), calls = _drafts_both_ways(run)
+    assert calls == len(one_call) > 0
+    assert len(one_call) == len(looped) and all(torch.equal(a, b) for a, b in zip(one_call, looped))
+    assert torch.equal(outs[0], plain) and torch.equal(outs[1], plain)
+
+
+@needs_kernels
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_in_the_engine_the_heads_one_call_drafts_as_its_python_loop(block_size):
+    """The same through the engine's paged pools, requests joining and leaving (batch 1 to 3)."""
+    from specdec import Engine, RequestParams
+
+    target = tiny_model("smollm2", torch.float32)
+    head = tiny_head(target, seed=2)
+    prompts = {"a": [3, 17, 5, 40, 9], "b": [8, 8, 30], "c": [50, 4, 4, 4, 61, 7, 12]}
+
+    def run():
+        proposer = RecordingHeadProposer(head, as_native(target))
+        engine = Engine(target, proposer, num_draft_tokens=4, max_num_seqs=3, kv_blocks=64, block_size=block_size,
+                        eos_token_id=[])
+        out = {}
+        for i, (name, prompt) in enumerate(prompts.items()):
+            engine.add_request(prompt, RequestParams(max_new_tokens=12 + 6 * i), name)
+            for _ in range(2):
+                for o in engine.step():
+                    out.setdefault(o.request_id, []).extend(o.new_token_ids)
+        while engine.has_unfinished():
+            for o in engine.step():
+                out.setdefault(o.request_id, []).extend(o.new_token_ids)
+        return out, proposer
+
+    outs, (one_call, looped), calls = _drafts_both_ways(run)
+    assert calls == len(one_call) > 0 and outs[0] == outs[1]
+    assert len(one_call) == len(looped) and all(torch.equal(a, b) for a, b in zip(one_call, looped))
+    for name, prompt in prompts.items():
+        plain = specdec.generate(target, torch.tensor([prompt]), max_new_tokens=len(outs[0][name]), eos_token_id=[])
+        assert outs[0][name] == plain[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rope_table_holds_each_steps_bits(dtype):
+    """The one-call drafts read RoPE from a table of the model's angles at every position: its rows are what a
+    step computes for its own positions."""
+    model = as_native(tiny_model("smollm2", torch.float32))
+    cos, sin = model.rope(torch.arange(3000)[None], dtype)
+    positions = torch.tensor([[0, 1, 2, 997], [2047, 2048, 2999, -1]])
+    step_cos, step_sin = model.rope(positions, dtype)
+    rows = positions.clamp(min=0)
+    assert torch.equal(step_cos, cos[0, rows]) and torch.equal(step_sin, sin[0, rows])
 
 
 def _toy_head(target, seed):

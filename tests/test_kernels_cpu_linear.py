@@ -92,6 +92,36 @@ def test_the_fused_bound_catches_a_missing_step():
     assert not ((got.double() - want.double()).abs() <= bound).all()  # a residual left out is caught too
 
 
+@settings(max_examples=15, deadline=None)
+@given(m=st.integers(1, 14), n=st.integers(1, 40), half=st.integers(1, 40), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 2**31 - 1))
+def test_a_norm_over_two_halves_matches_the_torch_ops(m, n, half, dtype, seed):
+    # a draft head's fc input: its token half and feature half, each under its own RMSNorm (norm_parts=2);
+    # the bound of the fused-norm test above
+    g = torch.Generator().manual_seed(seed)
+    k = 4 * half  # slices of an even number of features
+    x = (torch.randn(m, k, generator=g) * torch.tensor([1.0, 30.0]).repeat_interleave(k // 2)).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    norm = (1 + torch.rand(k, generator=g)).to(dtype)
+    got = cpu_linear.linear(x, cpu_linear.pack(w), norm=norm, eps=1e-5, norm_parts=2)
+    want = cpu_linear.linear_reference(x, w, norm=norm, eps=1e-5, norm_parts=2)
+    inputs = cpu_linear.fused_input(x, norm, 1e-5, norm_parts=2)
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-22
+    bound = _bound(inputs, w, None) + ulp * (inputs.double().abs() @ w.double().abs().t())
+    assert ((got.double() - want.double()).abs() <= bound).all()
+    # its companion: one norm over the whole row (the halves' scales differ 30-fold) is caught by that bound
+    whole = cpu_linear.linear_reference(x, w, norm=norm, eps=1e-5)
+    assert not ((whole.double() - want.double()).abs() <= bound).all()
+
+
+def test_a_norm_over_slices_refuses_what_c_cannot_split():
+    w = cpu_linear.pack(torch.randn(8, 6))
+    for parts, gated in ((2, False), (0, False), (3, True)):  # slices of 3 features; no parts; with a gate
+        x = torch.randn(2, 12 if gated else 6)
+        with pytest.raises(ValueError, match="norm_parts"):
+            cpu_linear.linear(x, w, norm=torch.ones(6), eps=1e-5, gated=gated, norm_parts=parts)
+
+
 def test_fused_residual_is_added_after_the_layer_rounds():
     # bfloat16: y = round(round(x @ w) + r), as the two torch ops; a single rounding of the exact sum differs
     x = torch.tensor([[1.0]], dtype=torch.bfloat16)
