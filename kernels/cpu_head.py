@@ -26,9 +26,12 @@ def head_drafts(inputs, positions, last, next_positions, steps: int, embedding, 
     """The greedy drafts [batch, steps] (target ids) of a draft head.
 
     inputs [batch, T, 2 hidden] in the head's dtype: each unseen token's embedding, then its predecessor's
-    feature; positions [batch, T] (-1: padding); last [batch]: the token each row drafts from;
-    next_positions [batch]: the position of each row's second step (-1: the row does not draft); embedding
-    [vocab, hidden] the target's (float32 or bfloat16); vocab_ids [kept]; rope (cos, sin) [n, head_dim] of the
+    feature (written over by the later steps' rows); positions [batch, T] (-1: padding); last [batch]: the
+    token each row drafts from; next_positions [batch]: the position of each row's second step (-1: the row
+    does not draft); embedding [vocab, hidden] the target's (float32 or bfloat16); vocab_ids [kept]; what C
+    cannot see is the caller's to guarantee (HeadProposer's, which checks the head against its target once):
+    last in 0..T-1, vocab_ids in 0..vocab-1, every position within the RoPE table and the cache (a position
+    past either is refused, but only after the steps before it ran). rope (cos, sin) [n, head_dim] of the
     head's dtype, position p's at row p; fc [hidden, 2 hidden] and lm_head [kept, hidden] packed weights
     (kernels/cpu_runner.py: packed) with their norms: input_norm [2 hidden] (the token's norm, then the
     feature's), final_norm [hidden], all of one eps; layers: decoder_layers' keyword arguments but x, cos, sin
@@ -50,8 +53,6 @@ def head_drafts(inputs, positions, last, next_positions, steps: int, embedding, 
     if positions.shape != (batch, T) or last.shape != (batch,) or next_positions.shape != (batch,):
         raise ValueError(f"head_drafts: positions {tuple(positions.shape)}, last {tuple(last.shape)} and "
                          f"next_positions {tuple(next_positions.shape)} for {batch} rows of {T} tokens")
-    if bool((last < 0).any() | (last >= T).any()) or int(vocab_ids.min()) < 0 or int(vocab_ids.max()) >= len(embedding):
-        raise ValueError(f"head_drafts: last must lie in 0..{T - 1} and vocab_ids in 0..{len(embedding) - 1}")
     x = torch.empty(batch, T, hidden, dtype=dtype)  # [rows, hidden]: the residual stream
     cos = torch.empty(batch, T, 1, cos_table.shape[1], dtype=dtype)  # [rows, head_dim]: each step's angles
     sin = torch.empty_like(cos)

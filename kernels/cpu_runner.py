@@ -150,7 +150,7 @@ class CpuRunner(TorchRunner):
             return None
         lengths = torch.maximum(cache.lengths, positions.amax(dim=1) + 1)  # after the first step, as it advances them
         next_positions = torch.where(ready, lengths, -1)  # [batch] each drafting row's second step
-        span = max(cache.check_room(positions), cache.check_room(next_positions[:, None] + steps - 2))
+        span = cache.check_room(torch.cat((positions, next_positions[:, None] + steps - 2), 1))  # every step's
         inputs = torch.cat((embed(input_ids).to(dtype), features.to(dtype)), -1)  # [batch, T, 2 hidden]
         bits, group_size, act8 = self._addresses[3]
         layers = dict(addresses=addresses, eps=body.model.norm.eps, cache=cache, num_heads=attn.num_heads,
