@@ -230,6 +230,10 @@ static inline __attribute__((always_inline)) void dispatch(const int BF16, const
  * linear_int8_activations computes the same operations in torch, the reference this is tested against. */
 #define QBLOCK 32
 #define MAX_Q8_ROWS 4 /* per pass: 8 int32 + 8 float32 accumulators, the partial sums and weights beside them */
+/* per pass where a group is one block (GGUF's Q4_0, Q4_1 and Q8_0; groups of 32): a block's partial sum goes
+ * straight into the accumulators, so 6 rows fit, and a verification pass of 5 or 6 tokens reads each weight
+ * vector once instead of twice */
+#define MAX_Q8_ROWS_ONE_BLOCK 6
 #define BLOCK_BYTES(BITS) ((BITS) * QBLOCK * TILE / 8)
 
 /* acc + the products of lane i's 4 unsigned bytes of w with its 4 signed bytes of x, summed per lane (vpdpbusd);
@@ -282,7 +286,7 @@ static inline __attribute__((always_inline)) void tile_pass_q8(const int ROWS, c
                                                                long N, long n0) {
     const long group_bytes = HEADER_BYTES(BITS) + GB * BLOCK_BYTES(BITS), groups = KB / GB;
     const __m512i low = _mm512_set1_epi8(15);
-    __m512 acc[MAX_Q8_ROWS][2], p[MAX_Q8_ROWS][2];
+    __m512 acc[MAX_Q8_ROWS_ONE_BLOCK][2], p[MAX_Q8_ROWS_ONE_BLOCK][2];
     for (int i = 0; i < ROWS; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (long g = 0; g < groups; g++) {
         const unsigned char *group = (const unsigned char *)tile + g * group_bytes;
@@ -295,7 +299,7 @@ static inline __attribute__((always_inline)) void tile_pass_q8(const int ROWS, c
             if (PREFETCH)
                 for (long line = 0; line < BLOCK_BYTES(BITS); line += 64)
                     _mm_prefetch((const char *)block + PREFETCH_BYTES + line, _MM_HINT_T1);
-            __m512i isum[MAX_Q8_ROWS][2]; /* both halves of the tile per row: each broadcast serves two */
+            __m512i isum[MAX_Q8_ROWS_ONE_BLOCK][2]; /* both halves of the tile per row: each broadcast serves two */
             for (int i = 0; i < ROWS; i++) isum[i][0] = isum[i][1] = _mm512_setzero_si512();
             const int per_half = BITS == 4 ? 4 : 8; /* 64-byte vectors per half of the tile */
             for (int j = 0; j < per_half; j++) {
@@ -352,6 +356,16 @@ static inline __attribute__((always_inline)) void dispatch_q8(const int BF16, co
     switch (rows) { PASS_Q8(1) PASS_Q8(2) PASS_Q8(3) PASS_Q8(4) }
 }
 
+/* dispatch_q8 for groups of one block: GB a constant 1, up to MAX_Q8_ROWS_ONE_BLOCK rows */
+static inline __attribute__((always_inline)) void dispatch_q8_one_block(const int BF16, const int BITS, long rows,
+                                                                        int first, const int8_t *xq, const float *dx,
+                                                                        const float *S, long KB, const void *tile,
+                                                                        const void *bias, const void *residual,
+                                                                        void *y, long N, long n0) {
+    const long GB = 1;
+    switch (rows) { PASS_Q8(1) PASS_Q8(2) PASS_Q8(3) PASS_Q8(4) PASS_Q8(5) PASS_Q8(6) }
+}
+
 /* The passes over every tile for float activations xf [M, 2*K2] (rows of tile_pass). */
 static void float_passes(const LinearArgs *a, const float *xf, long K2, long G2) {
     const long M = a->rows, N = a->out, tiles = (N + TILE - 1) / TILE, elem = a->bf16 ? 2 : 4;
@@ -388,7 +402,8 @@ static int int8_passes(const LinearArgs *a, const float *xf, long K2, long GB) {
     const long M = a->rows, N = a->out, K = a->in, tiles = (N + TILE - 1) / TILE, elem = a->bf16 ? 2 : 4;
     const long KB = (K + QBLOCK - 1) / QBLOCK, groups = KB / GB;
     const long tile_bytes = groups * (HEADER_BYTES(a->bits) + GB * BLOCK_BYTES(a->bits));
-    const long passes = (M + MAX_Q8_ROWS - 1) / MAX_Q8_ROWS, rows = passes ? (M + passes - 1) / passes : 1;
+    const long most = GB == 1 ? MAX_Q8_ROWS_ONE_BLOCK : MAX_Q8_ROWS;
+    const long passes = (M + most - 1) / most, rows = passes ? (M + passes - 1) / passes : 1;
     int8_t *xq = malloc(M * KB * QBLOCK + 1);
     float *dx = malloc(sizeof(float) * (M * (KB + groups) + 1)), *S = dx + M * KB;
     if (!xq || !dx) {
@@ -408,7 +423,11 @@ static int int8_passes(const LinearArgs *a, const float *xf, long K2, long GB) {
             const void *res = a->residual ? (const char *)a->residual + m0 * N * elem : NULL;
             const int8_t *xm = xq + m0 * KB * QBLOCK;
             const float *dm = dx + m0 * KB, *Sm = S + m0 * groups;
-#define FORMAT(BF16, BITS) dispatch_q8(BF16, BITS, r, m0 == 0, xm, dm, Sm, KB, GB, tile, bias, res, ym, N, t * TILE)
+#define FORMAT(BF16, BITS) \
+    do { \
+        if (GB == 1) dispatch_q8_one_block(BF16, BITS, r, m0 == 0, xm, dm, Sm, KB, tile, bias, res, ym, N, t * TILE); \
+        else dispatch_q8(BF16, BITS, r, m0 == 0, xm, dm, Sm, KB, GB, tile, bias, res, ym, N, t * TILE); \
+    } while (0)
             if (bf16) {
                 if (bits == 4) FORMAT(1, 4);
                 else FORMAT(1, 8);
