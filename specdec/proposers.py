@@ -113,7 +113,8 @@ class HeadProposer:
     head's own prediction while drafting. So the head's cache is kept only up to where it was fed the
     target's features; the positions it drafted on its own features are recomputed next round from the
     target's: one head pass over the accepted tokens (for SmolLM2 a head step, catch-up included, costs
-    0.05-0.10 of a target step: bench/RESULTS.md).
+    0.05-0.10 of a target step: bench/RESULTS.md). Greedy drafting without processors runs all k steps in one
+    call where the runner has one (the CPU runner's C kernels: kernels/cpu_head.c), with the same drafts.
     """
 
     needs_features = True
