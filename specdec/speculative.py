@@ -118,13 +118,14 @@ def commit(state: DecodeState, emitted, num_accepted, num_drafts, counted=None):
     done = hit | (state.num_tokens - state.prompt_lengths >= state.max_new_tokens)
     state.active &= ~done
     # statistics, one host transfer per step
-    i = torch.arange(k1 - 1, device=emitted.device)  # draft positions
+    n = k1 - 1
     drafted = rows if counted is None else rows & counted  # [batch] rows whose drafts are the model's
-    reached = ((num_drafts[:, None] > i) & (num_accepted[:, None] >= i) & drafted[:, None]).sum(0)
-    accepted = ((num_accepted[:, None] > i) & drafted[:, None]).sum(0)
-    summary = torch.cat((torch.stack(((num_drafts * drafted).sum(), counts.sum(), rows.sum())), reached, accepted))
-    values = summary.tolist()
-    n = len(i)
+    summary = [torch.stack(((num_drafts * drafted).sum(), counts.sum(), rows.sum()))]
+    if n:  # per draft position i: rows that reached it, rows that kept it
+        i = torch.arange(n, device=emitted.device)
+        reached = ((num_drafts[:, None] > i) & (num_accepted[:, None] >= i) & drafted[:, None]).sum(0)
+        summary += [reached, ((num_accepted[:, None] > i) & drafted[:, None]).sum(0)]
+    values = torch.cat(summary).tolist()
     state.stats.record(values[0], values[3:3 + n], values[3 + n:], emitted=values[1], rows=values[2],
                        k=k1 - 1)
     return counts
