@@ -30,8 +30,8 @@ P, L, I, F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 
 class LinearArgs(ctypes.Structure):  # cpu_args.h: the same fields in the same order, shapes there
     _fields_ = [("x", P), ("weight", P), ("bias", P), ("norm", P), ("norm_parts", L), ("residual", P), ("y", P),
-                ("rows", L), ("out", L), ("in_", L), ("eps", F), ("gated", I), ("bf16", I), ("bits", I), ("group_size", L),
-                ("act8", I)]
+                ("rows", L), ("out", L), ("in_", L), ("eps", F), ("gated", I), ("bf16", I), ("bits", I),
+                ("group_size", L), ("act8", I)]
 
 
 class AttentionArgs(ctypes.Structure):

@@ -87,8 +87,9 @@ def linear(x: torch.Tensor, weight: PackedWeight | QuantizedWeight, bias: torch.
             held.append(t.contiguous())
             pointers[i] = held[-1].data_ptr()
     args = LinearArgs(x=x.data_ptr(), weight=weight.data.data_ptr(), bias=pointers[0], norm=pointers[1],
-                      norm_parts=norm_parts, residual=pointers[2], y=out.data_ptr(), rows=x.numel() // x.shape[-1], out=n, in_=k, eps=eps,
-                      gated=gated, bf16=dtype == torch.bfloat16, bits=weight.bits if quantized else 0,
+                      norm_parts=norm_parts, residual=pointers[2], y=out.data_ptr(), rows=x.numel() // x.shape[-1],
+                      out=n, in_=k, eps=eps, gated=gated, bf16=dtype == torch.bfloat16,
+                      bits=weight.bits if quantized else 0,
                       group_size=weight.group_size if quantized else 0, act8=quantized and weight.act8)
     failed = lib.specdec_linear(args)
     if failed == -2:

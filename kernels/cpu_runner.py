@@ -49,6 +49,7 @@ class CpuRunner(TorchRunner):
         self._addresses = None  # (table, the packed weights it was made from, the key of the rest)
         self._trusted = None  # inside steady(): False until the table was checked once, then True
         self._rope = None  # (key, cos, sin): a draft head's RoPE table (head_drafts)
+        self._vocab_ids = None  # the key of the head's ids last checked against the target's embedding
 
     @contextlib.contextmanager
     def steady(self):
@@ -136,21 +137,26 @@ class CpuRunner(TorchRunner):
         """A draft head's greedy drafts [batch, steps] in one C call (kernels/cpu_head.py), equal to its Python
         loop's (specdec/proposers.py: HeadProposer, which says what the arguments are); the head's cache
         advanced as that loop's first step does. None where the call cannot take this head (the caller runs
-        the loop): off the one-call path, float64, a bias on fc or the output layer, norms of other eps."""
+        the loop): off the one-call path, float64, a body of another dtype than the head's norms, a bias on fc
+        or the output layer, norms of other eps."""
         body, dtype = head.body, head.dtype
         attn, norms = body.model.layers[0].self_attn, (head.embed_norm, head.feature_norm, body.model.norm)
-        if (not self.one_call or torch.is_grad_enabled() or dtype not in cpu_linear.DTYPES
-                or embed.weight.dtype not in cpu_linear.DTYPES or embed.weight.device.type != "cpu"
+        weight = embed.weight  # [vocab, hidden] the target's
+        if (not self.one_call or torch.is_grad_enabled() or dtype not in cpu_linear.DTYPES or body.dtype != dtype
+                or weight.dtype not in cpu_linear.DTYPES or weight.device.type != "cpu"
                 or head.fc.bias is not None or body.lm_head.bias is not None or len({n.eps for n in norms}) != 1
-                or not cpu_attention.usable(features, attn.head_dim, attn.num_heads // attn.num_kv_heads)):
+                or not cpu_attention.usable(head.embed_norm.weight, attn.head_dim,
+                                            attn.num_heads // attn.num_kv_heads)):
             return None
         addresses = self.layer_addresses(body)
         fc, lm_head = self._packed(head.fc, dtype), self._packed(body.lm_head, dtype)
         if addresses is None or type(fc) not in KERNEL_WEIGHTS or type(lm_head) not in KERNEL_WEIGHTS:
             return None
+        self._check_vocab_ids(head.vocab_ids, len(weight))
         lengths = torch.maximum(cache.lengths, positions.amax(dim=1) + 1)  # after the first step, as it advances them
         next_positions = torch.where(ready, lengths, -1)  # [batch] each drafting row's second step
-        span = cache.check_room(torch.cat((positions, next_positions[:, None] + steps - 2), 1))  # every step's
+        last_positions = torch.where(ready, next_positions + steps - 2, -1)  # [batch] each drafting row's last step
+        span = cache.check_room(torch.cat((positions, last_positions[:, None]), 1))  # every step's
         inputs = torch.cat((embed(input_ids).to(dtype), features.to(dtype)), -1)  # [batch, T, 2 hidden]
         bits, group_size, act8 = self._addresses[3]
         layers = dict(addresses=addresses, eps=body.model.norm.eps, cache=cache, num_heads=attn.num_heads,
@@ -162,6 +168,15 @@ class CpuRunner(TorchRunner):
                                       body.model.norm.weight, body.model.norm.eps, layers)
         cache.advance(positions)
         return drafts
+
+    def _check_vocab_ids(self, vocab_ids, vocab: int) -> None:
+        """C reads the embedding row of every id it drafts: the head's ids must lie in 0..vocab-1 (checked once
+        per head and embedding, and again whenever the ids change)."""
+        key = (weight_key(vocab_ids), vocab)
+        if self._vocab_ids != key:
+            if len(vocab_ids) and (int(vocab_ids.min()) < 0 or int(vocab_ids.max()) >= vocab):
+                raise ValueError(f"draft head proposes ids outside the target's embedding of {vocab} rows")
+            self._vocab_ids = key
 
     def _rope_table(self, model, length: int, dtype: torch.dtype):
         """(cos, sin) [n >= length, head_dim] of ``model.rope`` at positions 0..n-1, kept for the next call."""

@@ -29,7 +29,7 @@ def greedy_accept(draft_tokens, target_scores, num_drafts):
     """draft_tokens [batch, k]; target_scores [batch, k + 1, vocab] (logits: any monotone scores);
     returns emitted [batch, k + 1] (-1 in unused slots) and num_accepted [batch]"""
     if draft_tokens.shape[1] == 0:  # a plain step: the argmax (the reference's answer, in 2 ops instead of 14)
-        return target_scores.argmax(dim=-1), num_drafts.new_zeros(num_drafts.shape)
+        return target_scores.argmax(dim=-1), num_drafts.new_zeros(num_drafts.shape, dtype=torch.long)
     if use_triton(target_scores) and target_scores.dtype != torch.float64:  # the kernel compares in float32
         return greedy_accept_triton(draft_tokens, target_scores, num_drafts)
     return greedy_accept_reference(draft_tokens, target_scores, num_drafts)

@@ -199,6 +199,21 @@ def test_in_the_engine_the_heads_one_call_drafts_as_its_python_loop(block_size):
         assert outs[0][name] == plain[0, len(prompt):].tolist()
 
 
+@needs_kernels
+def test_the_one_call_refuses_ids_past_the_targets_embedding():
+    """C reads the embedding row of each id it drafts: ids changed in place after the proposer checked them
+    are refused with a clear error, not read past the table."""
+    target = tiny_model("llama", torch.float32)
+    head = tiny_head(target, list(range(0, 90, 2)), seed=1)
+    proposer = HeadProposer(head, as_native(target))
+    ids = torch.tensor([[3, 17, 5, 40, 9]])
+    specdec.generate(target, ids, max_new_tokens=4, draft_model=proposer, num_draft_tokens=2)  # fine
+    with torch.no_grad():
+        head.vocab_ids[-1] = target.config.vocab_size
+    with pytest.raises(ValueError, match="outside the target's embedding"):
+        specdec.generate(target, ids, max_new_tokens=4, draft_model=proposer, num_draft_tokens=2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_rope_table_holds_each_steps_bits(dtype):
     """The one-call drafts read RoPE from a table of the model's angles at every position: its rows are what a
