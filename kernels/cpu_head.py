@@ -5,20 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from specdec.kernels.cpu import HeadArgs, LinearArgs, library
+from specdec.kernels.cpu import HeadArgs, library
 from specdec.kernels.cpu_attention import raise_failure
 from specdec.kernels.cpu_layers import layers_args
-from specdec.kernels.quantized import QuantizedWeight
-
-
-def linear_args(weight, dtype: torch.dtype, norm=None, eps: float = 0.0, norm_parts: int = 1) -> LinearArgs:
-    """specdec_linear's arguments for a packed weight (PackedWeight or QuantizedWeight) but x, y and rows;
-    norm [in] of ``dtype`` or None."""
-    quantized = type(weight) is QuantizedWeight
-    return LinearArgs(weight=weight.data.data_ptr(), norm=0 if norm is None else norm.data_ptr(),
-                      norm_parts=norm_parts, out=weight.out_features, in_=weight.in_features, eps=eps,
-                      bf16=dtype == torch.bfloat16, bits=weight.bits if quantized else 0,
-                      group_size=weight.group_size if quantized else 0, act8=quantized and weight.act8)
+from specdec.kernels.cpu_linear import linear_args
 
 
 def head_drafts(inputs, positions, last, next_positions, steps: int, embedding, vocab_ids, rope, fc, input_norm,
@@ -69,7 +59,8 @@ def head_drafts(inputs, positions, last, next_positions, steps: int, embedding, 
                     batch=batch, T=T, steps=steps, embedding=embedding.data_ptr(),
                     embedding_bf16=embedding.dtype == torch.bfloat16, vocab_ids=vocab_ids.data_ptr(),
                     cos_table=cos_table.data_ptr(), sin_table=sin_table.data_ptr(), rope_len=cos_table.shape[0],
-                    fc=linear_args(fc, dtype, input_norm, eps, 2), lm_head=linear_args(lm_head, dtype, final_norm, eps),
+                    fc=linear_args(fc, dtype, norm=input_norm.data_ptr(), eps=eps, norm_parts=2),
+                    lm_head=linear_args(lm_head, dtype, norm=final_norm.data_ptr(), eps=eps),
                     layers=body, input=inputs.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(),
                     features=features.data_ptr(), logits=logits.data_ptr(), step_positions=step_positions.data_ptr(),
                     drafts=drafts.data_ptr())

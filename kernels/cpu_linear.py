@@ -86,11 +86,9 @@ def linear(x: torch.Tensor, weight: PackedWeight | QuantizedWeight, bias: torch.
                                  f"fit; expected a CPU tensor {tuple(shape)} of {dtype}")
             held.append(t.contiguous())
             pointers[i] = held[-1].data_ptr()
-    args = LinearArgs(x=x.data_ptr(), weight=weight.data.data_ptr(), bias=pointers[0], norm=pointers[1],
-                      norm_parts=norm_parts, residual=pointers[2], y=out.data_ptr(), rows=x.numel() // x.shape[-1],
-                      out=n, in_=k, eps=eps, gated=gated, bf16=dtype == torch.bfloat16,
-                      bits=weight.bits if quantized else 0,
-                      group_size=weight.group_size if quantized else 0, act8=quantized and weight.act8)
+    args = linear_args(weight, dtype, norm=pointers[1], eps=eps, norm_parts=norm_parts, x=x.data_ptr(),
+                       bias=pointers[0], residual=pointers[2], y=out.data_ptr(), rows=x.numel() // x.shape[-1],
+                       gated=gated)
     failed = lib.specdec_linear(args)
     if failed == -2:
         raise ValueError(f"linear: a quantized weight's group_size {args.group_size} does not divide its {k} "
@@ -98,6 +96,17 @@ def linear(x: torch.Tensor, weight: PackedWeight | QuantizedWeight, bias: torch.
     if failed:
         raise MemoryError(f"linear: no memory for a float32 copy of x {tuple(x.shape)}")
     return out
+
+
+def linear_args(weight: PackedWeight | QuantizedWeight, dtype: torch.dtype, *, norm: int = 0, eps: float = 0.0,
+                norm_parts: int = 1, **fields) -> LinearArgs:
+    """specdec_linear's arguments for a packed weight and activations of ``dtype``: the weight's own fields
+    (address, shape, format), the norm's address (0: none) and the rest (x, y, rows, ...) as given."""
+    quantized = type(weight) is QuantizedWeight
+    return LinearArgs(weight=weight.data.data_ptr(), norm=norm, norm_parts=norm_parts, out=weight.out_features,
+                      in_=weight.in_features, eps=eps, bf16=dtype == torch.bfloat16,
+                      bits=weight.bits if quantized else 0, group_size=weight.group_size if quantized else 0,
+                      act8=quantized and weight.act8, **fields)
 
 
 def fused_input(x, norm=None, eps=0.0, gated=False, norm_parts=1):

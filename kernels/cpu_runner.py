@@ -158,14 +158,14 @@ class CpuRunner(TorchRunner):
         last_positions = torch.where(ready, next_positions + steps - 2, -1)  # [batch] each drafting row's last step
         span = cache.check_room(torch.cat((positions, last_positions[:, None]), 1))  # every step's
         inputs = torch.cat((embed(input_ids).to(dtype), features.to(dtype)), -1)  # [batch, T, 2 hidden]
+        input_norm, eps, _ = norm_operands((head.embed_norm, head.feature_norm))  # [2 hidden], as head.forward's
         bits, group_size, act8 = self._addresses[3]
         layers = dict(addresses=addresses, eps=body.model.norm.eps, cache=cache, num_heads=attn.num_heads,
                       num_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim, inner=body.config.intermediate_size,
                       bits=bits, group_size=group_size, act8=act8)
         drafts = cpu_head.head_drafts(inputs, positions, last, next_positions, steps, embed.weight, head.vocab_ids,
-                                      self._rope_table(body, span, dtype), fc,
-                                      torch.cat((head.embed_norm.weight, head.feature_norm.weight)), lm_head,
-                                      body.model.norm.weight, body.model.norm.eps, layers)
+                                      self._rope_table(body, span, dtype), fc, input_norm, lm_head,
+                                      body.model.norm.weight, eps, layers)
         cache.advance(positions)
         return drafts
 
